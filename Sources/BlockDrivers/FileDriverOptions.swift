@@ -1,0 +1,33 @@
+import BlockLayer
+
+/// How the `file` driver does I/O: QEMU's `aio` option.
+public enum FileAIOMode: String, Sendable, CaseIterable {
+    /// pread/pwrite on a thread pool (with a page-cache fast path).
+    case threads
+    /// Linux AIO (io_submit); needs O_DIRECT.
+    case native
+}
+
+/// QEMU's `locking` option of the file driver.
+public enum FileLockingMode: String, Sendable, CaseIterable {
+    case auto, on, off
+}
+
+/// Options of a `file` node, named as QEMU names them.
+public struct FileDriverOptions: Sendable, Equatable {
+    public var filename: String
+    public var readOnly: Bool = false
+    /// `cache.direct`: O_DIRECT.
+    public var direct: Bool = false
+    public var aio: FileAIOMode = .threads
+    public var locking: FileLockingMode = .auto
+
+    public init(filename: String, readOnly: Bool = false, direct: Bool = false,
+                aio: FileAIOMode = .threads, locking: FileLockingMode = .auto) {
+        self.filename = filename
+        self.readOnly = readOnly
+        self.direct = direct
+        self.aio = aio
+        self.locking = locking
+    }
+}

@@ -1,0 +1,172 @@
+import NIOCore
+
+/// The user at the top of a graph branch: an NBD export, later a job
+/// (QEMU's BlockBackend). It holds permissions on its root node, counts
+/// requests in flight and queues new ones while drained, so the graph below
+/// can change under live clients.
+public final class BlockBackend: BlockParent {
+    public let name: String
+    public unowned let graph: BlockGraph
+    public internal(set) var root: BlockChild?
+    /// Writes get FUA (`cache=writethrough`/`directsync`).
+    public var writeThrough = false
+
+    public private(set) var inFlight = 0
+    private var quiesceCount = 0
+    private var queued: [() -> Void] = []
+    private var drainPromises: [EventLoopPromise<Void>] = []
+
+    init(name: String, graph: BlockGraph) {
+        self.name = name
+        self.graph = graph
+    }
+
+    public var parentDescription: String { "block device '\(name)'" }
+    public var node: BlockNode? { root?.node }
+    public var length: Int64 { root?.node.length ?? 0 }
+    public var isQuiesced: Bool { quiesceCount > 0 }
+
+    // MARK: requests
+
+    @inline(__always)
+    private func begin(_ retry: @escaping () -> Void) -> BlockNode? {
+        if quiesceCount > 0 {
+            queued.append(retry)
+            return nil
+        }
+        guard let node = root?.node else { return nil }
+        inFlight += 1
+        return node
+    }
+
+    @inline(__always)
+    private func end() {
+        inFlight -= 1
+        if inFlight == 0, !drainPromises.isEmpty {
+            let promises = drainPromises
+            drainPromises = []
+            promises.forEach { $0.succeed(()) }
+        }
+    }
+
+    private var noMedium: BlockError { BlockError(errno: 123 /* ENOMEDIUM */, "no medium") }
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer,
+                     flags: BlockRequestFlags = [], completion: @escaping BlockCompletion) {
+        guard let node = begin({ self.read(at: offset, into: buffer, flags: flags, completion: completion) }) else {
+            if quiesceCount == 0 { completion(noMedium) }
+            return
+        }
+        node.read(at: offset, into: buffer, flags: flags) { error in
+            self.end()
+            completion(error)
+        }
+    }
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer,
+                      flags: BlockRequestFlags = [], completion: @escaping BlockCompletion) {
+        guard let node = begin({ self.write(at: offset, from: buffer, flags: flags, completion: completion) }) else {
+            if quiesceCount == 0 { completion(noMedium) }
+            return
+        }
+        let flags = writeThrough ? flags.union(.fua) : flags
+        node.write(at: offset, from: buffer, flags: flags) { error in
+            self.end()
+            completion(error)
+        }
+    }
+
+    public func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags,
+                            completion: @escaping BlockCompletion) {
+        guard let node = begin({ self.writeZeroes(at: offset, length: length, flags: flags, completion: completion) }) else {
+            if quiesceCount == 0 { completion(noMedium) }
+            return
+        }
+        let flags = writeThrough ? flags.union(.fua) : flags
+        node.writeZeroes(at: offset, length: length, flags: flags) { error in
+            self.end()
+            completion(error)
+        }
+    }
+
+    public func discard(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
+        guard let node = begin({ self.discard(at: offset, length: length, completion: completion) }) else {
+            if quiesceCount == 0 { completion(noMedium) }
+            return
+        }
+        node.discard(at: offset, length: length) { error in
+            self.end()
+            completion(error)
+        }
+    }
+
+    public func flush(completion: @escaping BlockCompletion) {
+        guard let node = begin({ self.flush(completion: completion) }) else {
+            if quiesceCount == 0 { completion(noMedium) }
+            return
+        }
+        node.flush { error in
+            self.end()
+            completion(error)
+        }
+    }
+
+    public func prefetch(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
+        guard let node = begin({ self.prefetch(at: offset, length: length, completion: completion) }) else {
+            if quiesceCount == 0 { completion(noMedium) }
+            return
+        }
+        node.prefetch(at: offset, length: length) { error in
+            self.end()
+            completion(error)
+        }
+    }
+
+    public func blockStatus(at offset: Int64, length: Int64,
+                            completion: @escaping (Result<BlockStatus, BlockError>) -> Void) {
+        guard let node = begin({ self.blockStatus(at: offset, length: length, completion: completion) }) else {
+            if quiesceCount == 0 { completion(.failure(noMedium)) }
+            return
+        }
+        node.blockStatus(at: offset, length: length) { result in
+            self.end()
+            completion(result)
+        }
+    }
+
+    public func allocationDepth(at offset: Int64, length: Int64,
+                                completion: @escaping (Result<(depth: UInt32, length: Int64), BlockError>) -> Void) {
+        guard let node = begin({ self.allocationDepth(at: offset, length: length, completion: completion) }) else {
+            if quiesceCount == 0 { completion(.failure(noMedium)) }
+            return
+        }
+        node.allocationDepth(at: offset, length: length) { result in
+            self.end()
+            completion(result)
+        }
+    }
+
+    // MARK: drained sections
+
+    /// Stops new requests (they queue) and succeeds once none is in flight.
+    /// Pair every call with `endDrain()`.
+    public func beginDrain() -> EventLoopFuture<Void> {
+        graph.eventLoop.assertInEventLoop()
+        quiesceCount += 1
+        if inFlight == 0 { return graph.eventLoop.makeSucceededFuture(()) }
+        let promise = graph.eventLoop.makePromise(of: Void.self)
+        drainPromises.append(promise)
+        return promise.futureResult
+    }
+
+    /// Ends a drained section; queued requests start in arrival order.
+    public func endDrain() {
+        graph.eventLoop.assertInEventLoop()
+        precondition(quiesceCount > 0, "endDrain without beginDrain")
+        quiesceCount -= 1
+        guard quiesceCount == 0 else { return }
+        let work = queued
+        queued = []
+        work.forEach { $0() }
+    }
+}

@@ -1,0 +1,78 @@
+/// Reads, prefetch and block status: the read side of the request path.
+extension BlockNode {
+    /// Reads `buffer.count` bytes at `offset`. Requests below the node's
+    /// alignment are padded through an aligned bounce buffer.
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer,
+                     flags: BlockRequestFlags = [], completion: @escaping BlockCompletion) {
+        let length = buffer.count
+        guard contains(offset: offset, length: Int64(length)) else { return completion(.einval) }
+        guard length > 0 else { return completion(nil) }
+        let align = limits.requestAlignment
+        let memoryAligned = Int(bitPattern: buffer.baseAddress) % limits.memoryAlignment == 0
+        if offset % Int64(align) == 0, length % align == 0, memoryAligned {
+            driver.read(at: offset, into: buffer, flags: flags, completion: completion)
+            return
+        }
+        let start = alignDown(offset, align)
+        let end = alignUp(offset + Int64(length), align)
+        guard let bounce = AlignedBuffer.allocate(count: Int(end - start),
+                                                  alignment: max(limits.memoryAlignment, align)) else {
+            return completion(.enomem)
+        }
+        driver.read(at: start, into: bounce.mutableBytes, flags: flags) { error in
+            if error == nil {
+                buffer.baseAddress!.copyMemory(from: bounce.pointer + Int(offset - start), byteCount: length)
+            }
+            bounce.deallocate()
+            completion(error)
+        }
+    }
+
+    /// NBD_CMD_CACHE: asks the driver to warm a range.
+    public func prefetch(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
+        guard contains(offset: offset, length: length) else { return completion(.einval) }
+        guard length > 0 else { return completion(nil) }
+        driver.prefetch(at: offset, length: length, completion: completion)
+    }
+
+    /// The allocation state from `offset`, covering at most `length` bytes.
+    public func blockStatus(at offset: Int64, length: Int64,
+                            completion: @escaping (Result<BlockStatus, BlockError>) -> Void) {
+        guard offset >= 0, length > 0, offset < self.length else { return completion(.failure(.einval)) }
+        let length = min(length, self.length - offset)
+        driver.blockStatus(at: offset, length: length) { result in
+            switch result {
+            case .success(var status):
+                // Guard against drivers that overshoot or report nothing.
+                status.length = max(1, min(status.length, length))
+                completion(.success(status))
+            case .failure(let error):
+                completion(.failure(error))
+            }
+        }
+    }
+
+    /// How deep in the backing chain `offset` is allocated: 1 for this node,
+    /// 2 for its backing file and so on, 0 if nowhere
+    /// (`qemu:allocation-depth`). Returns the depth and the length it holds for.
+    public func allocationDepth(at offset: Int64, length: Int64,
+                                completion: @escaping (Result<(depth: UInt32, length: Int64), BlockError>) -> Void) {
+        blockStatus(at: offset, length: length) { result in
+            switch result {
+            case .failure(let error):
+                completion(.failure(error))
+            case .success(let status):
+                if status.flags.contains(.allocated) {
+                    return completion(.success((1, status.length)))
+                }
+                guard let backing = self.backing?.node, offset < backing.length else {
+                    return completion(.success((0, status.length)))
+                }
+                let below = min(status.length, backing.length - offset)
+                backing.allocationDepth(at: offset, length: below) { inner in
+                    completion(inner.map { ($0.depth == 0 ? 0 : $0.depth + 1, $0.length) })
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,76 @@
+#ifndef STRATA_CLINUXAIO_H
+#define STRATA_CLINUXAIO_H
+
+// A thin shim over the Linux calls Strata's file driver needs: libaio,
+// eventfd, statx DIOALIGN, fallocate, block-device ioctls, OFD locks and
+// preadv2/pwritev2 flags. Constants that need _GNU_SOURCE are exported as
+// values so Swift never has to define it.
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+#include <libaio.h>
+
+extern const int strata_O_DIRECT;
+extern const int strata_O_DSYNC;
+
+// --- Linux AIO ---------------------------------------------------------
+
+/// Prepares `iocb` for a read (`is_write` = 0) or write (1) and ties its
+/// completion to `eventfd`. `rw_flags` are RWF_* flags (RWF_DSYNC for FUA).
+void strata_iocb_prep(struct iocb *iocb, int fd, int is_write, void *buf,
+                      size_t count, int64_t offset, int eventfd,
+                      int rw_flags, uint64_t tag);
+/// Prepares `iocb` for an fdatasync.
+void strata_iocb_prep_fdsync(struct iocb *iocb, int fd, int eventfd, uint64_t tag);
+uint64_t strata_io_event_tag(const struct io_event *event);
+/// The result of an event: bytes transferred, or a negative errno.
+int64_t strata_io_event_result(const struct io_event *event);
+/// io_getevents with a zero timeout: never blocks.
+int strata_io_getevents_nowait(io_context_t ctx, long max, struct io_event *events);
+
+extern const int strata_RWF_DSYNC;
+extern const int strata_RWF_NOWAIT;
+
+// --- eventfd -------------------------------------------------------------
+int strata_eventfd(void);
+
+// --- statx DIOALIGN --------------------------------------------------------
+/// Fills the O_DIRECT memory and offset alignment of `fd`; returns 0 when the
+/// kernel reported them, -1 otherwise (older kernel or filesystem).
+int strata_dio_alignment(int fd, uint32_t *mem_align, uint32_t *offset_align);
+
+// --- sizes and devices -----------------------------------------------------
+/// 1 if `fd` is a block device, 0 if a regular file, -errno on error.
+int strata_is_block_device(int fd);
+/// Size in bytes of a block device or regular file; -errno on error.
+int64_t strata_fd_size(int fd);
+/// Logical sector size of a block device, or 0.
+int strata_block_sector_size(int fd);
+
+// --- fallocate ------------------------------------------------------------
+/// Zeroes a range keeping it allocated (FALLOC_FL_ZERO_RANGE); -errno.
+int strata_zero_range(int fd, int64_t offset, int64_t length);
+/// Punches a hole keeping the size (PUNCH_HOLE|KEEP_SIZE); -errno.
+int strata_punch_hole(int fd, int64_t offset, int64_t length);
+
+// --- seek data / hole --------------------------------------------------------
+/// lseek(SEEK_DATA) / lseek(SEEK_HOLE); the offset or -errno.
+int64_t strata_seek_data(int fd, int64_t offset);
+int64_t strata_seek_hole(int fd, int64_t offset);
+
+// --- positional I/O with flags ------------------------------------------------
+/// preadv2/pwritev2 of one buffer; bytes or -errno.
+ssize_t strata_pread(int fd, void *buf, size_t count, int64_t offset, int flags);
+ssize_t strata_pwrite(int fd, const void *buf, size_t count, int64_t offset, int flags);
+int strata_fdatasync(int fd);
+
+// --- OFD locks ------------------------------------------------------------
+/// Takes (`exclusive` 0: shared, 1: exclusive) or drops (`unlock` 1) a
+/// one-byte OFD lock at `offset`; 0 or -errno.
+int strata_ofd_lock(int fd, int64_t offset, int exclusive, int unlock);
+/// 1 if another open file description holds a lock that conflicts with an
+/// exclusive lock of the byte at `offset`, 0 if none, -errno on error.
+int strata_ofd_lock_conflicts(int fd, int64_t offset);
+
+#endif

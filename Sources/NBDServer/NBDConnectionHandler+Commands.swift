@@ -1,0 +1,172 @@
+import BlockLayer
+import NBDProtocol
+import NIOCore
+
+/// Running transmission-phase commands against the export's backend.
+extension NBDConnectionHandler {
+    func handle(_ request: NBDRequest) {
+        if let (error, message) = NBDRequestValidation.check(request, session: session) {
+            log("request \(request.type) at \(request.offset)+\(request.length) refused: \(message)")
+            beginRequest()
+            sendError(cookie: request.cookie, error: error, message: message)
+            endRequest()
+            return
+        }
+        let backend = export.backend
+        let offset = Int64(request.offset)
+        let length = Int64(request.length)
+        let cookie = request.cookie
+        switch request.command! {
+        case .read:
+            read(request)
+        case .write:
+            beginRequest()
+            let payload = request.payload!
+            let bytes = payload.withUnsafeReadableBytes { $0 }
+            let flags: BlockRequestFlags = request.flags.contains(.fua) ? [.fua] : []
+            backend.write(at: offset, from: bytes, flags: flags) { error in
+                withExtendedLifetime(payload) {}
+                self.complete(cookie: cookie, error: error)
+            }
+        case .writeZeroes:
+            beginRequest()
+            var flags: BlockRequestFlags = []
+            if !request.flags.contains(.noHole) { flags.insert(.mayUnmap) }
+            if request.flags.contains(.fastZero) { flags.insert(.noFallback) }
+            if request.flags.contains(.fua) { flags.insert(.fua) }
+            backend.writeZeroes(at: offset, length: length, flags: flags) { error in
+                self.complete(cookie: cookie, error: error)
+            }
+        case .trim:
+            beginRequest()
+            backend.discard(at: offset, length: length) { error in
+                if error == nil, request.flags.contains(.fua) {
+                    backend.flush { self.complete(cookie: cookie, error: $0) }
+                } else {
+                    self.complete(cookie: cookie, error: error)
+                }
+            }
+        case .flush:
+            beginRequest()
+            backend.flush { error in self.complete(cookie: cookie, error: error) }
+        case .cache:
+            beginRequest()
+            backend.prefetch(at: offset, length: length) { error in self.complete(cookie: cookie, error: error) }
+        case .blockStatus:
+            blockStatus(request)
+        case .disconnect:
+            log("client sent NBD_CMD_DISC")
+            disconnectWhenIdle()
+        }
+    }
+
+    /// Replies to a command without payload and ends it.
+    private func complete(cookie: UInt64, error: BlockError?) {
+        if let error {
+            sendError(cookie: cookie, error: NBDError(error), message: error.description)
+        } else {
+            var reply = allocator.buffer(capacity: NBDReplyEncoder.simpleReplyHeaderSize)
+            NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &reply)
+            send(reply)
+        }
+        endRequest()
+    }
+
+    /// An error reply: an error chunk once structured replies are on (the
+    /// spec asks that for READ and recommends it for the rest).
+    func sendError(cookie: UInt64, error: NBDError, message: String) {
+        var reply = allocator.buffer(capacity: 32 + message.utf8.count)
+        if session.structuredReplies {
+            NBDReplyEncoder.writeErrorChunk(error: error, message: message, cookie: cookie, into: &reply)
+        } else {
+            NBDReplyEncoder.writeSimpleReply(error: error.rawValue, cookie: cookie, into: &reply)
+        }
+        send(reply)
+    }
+
+    /// READ: data straight into the reply buffer (aligned for O_DIRECT);
+    /// with structured replies an all-zero result goes out as a hole chunk.
+    private func read(_ request: NBDRequest) {
+        beginRequest()
+        let cookie = request.cookie
+        let offset = request.offset
+        let length = Int(request.length)
+        let structured = session.structuredReplies
+        if length == 0 {
+            var reply = allocator.buffer(capacity: NBDReplyEncoder.chunkHeaderSize)
+            if structured {
+                NBDReplyEncoder.writeNoneChunk(cookie: cookie, into: &reply)
+            } else {
+                NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &reply)
+            }
+            send(reply)
+            return endRequest()
+        }
+        let alignment = export.backend.node?.limits.memoryAlignment ?? 1
+        var data = allocator.buffer(capacity: length + alignment)
+        let base = data.withUnsafeMutableWritableBytes { $0.baseAddress! }
+        let padding = (alignment - Int(bitPattern: base) % alignment) % alignment
+        data.moveWriterIndex(forwardBy: padding + length)
+        data.moveReaderIndex(forwardBy: padding)
+        let target = UnsafeMutableRawBufferPointer(start: base + padding, count: length)
+        export.backend.read(at: Int64(offset), into: target) { error in
+            if let error {
+                self.sendError(cookie: cookie, error: NBDError(error), message: error.description)
+                return self.endRequest()
+            }
+            if structured {
+                var header = self.allocator.buffer(capacity: 32)
+                if isAllZero(UnsafeRawBufferPointer(target)) {
+                    NBDReplyEncoder.writeHoleChunk(done: true, cookie: cookie, offset: offset,
+                                                   length: UInt32(length), into: &header)
+                    self.send(header)
+                } else {
+                    NBDReplyEncoder.writeDataChunkHeader(done: true, cookie: cookie, offset: offset,
+                                                         dataLength: length, into: &header)
+                    self.send(header)
+                    self.send(data)
+                }
+            } else {
+                var header = self.allocator.buffer(capacity: NBDReplyEncoder.simpleReplyHeaderSize)
+                NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &header)
+                self.send(header)
+                self.send(data)
+            }
+            self.endRequest()
+        }
+    }
+
+    /// BLOCK_STATUS: one chunk per selected context, the last marked done.
+    private func blockStatus(_ request: NBDRequest) {
+        beginRequest()
+        let cookie = request.cookie
+        let contexts = session.metaContexts
+        let one = request.flags.contains(.reqOne)
+        var chunks: [(UInt32, [(length: UInt32, flags: UInt32)])] = []
+        func next(_ index: Int) {
+            guard index < contexts.count else {
+                var reply = allocator.buffer(capacity: 64)
+                for (position, (id, extents)) in chunks.enumerated() {
+                    NBDReplyEncoder.writeBlockStatusChunk(done: position == chunks.count - 1, cookie: cookie,
+                                                          contextID: id, extents: extents, into: &reply)
+                }
+                send(reply)
+                return endRequest()
+            }
+            let context = contexts[index]
+            let kind: ExtentCollector.Kind = context.name == NBDExport.qemuAllocationDepth ? .allocationDepth : .allocation
+            ExtentCollector.collect(kind, backend: export.backend, offset: Int64(request.offset),
+                                    length: Int64(request.length), maxExtents: one ? 1 : ExtentCollector.maxExtents) { result in
+                switch result {
+                case .failure(let error):
+                    self.sendError(cookie: cookie, error: NBDError(error), message: error.description)
+                    self.endRequest()
+                case .success(let extents):
+                    chunks.append((context.id, extents))
+                    next(index + 1)
+                }
+            }
+        }
+        next(0)
+    }
+}

@@ -1,0 +1,251 @@
+import BlockLayer
+import NBDProtocol
+import NIOCore
+
+/// One client connection: negotiation, then requests to the export's
+/// backend and replies back, all on the graph's event loop.
+///
+/// Requests are parsed straight out of the inbound buffer (WRITE payloads
+/// are slices of it, never copied); replies complete out of order and are
+/// flushed once per loop tick. Reading pauses while too many requests are
+/// in flight, so a client cannot make the server buffer without bound.
+final class NBDConnectionHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    struct Configuration {
+        var handshakeTimeout: TimeAmount = .seconds(10)
+        /// Requests in flight before reading pauses.
+        var maxInFlight = 256
+        var log: ((String) -> Void)?
+    }
+
+    private enum Phase {
+        case negotiating
+        case transmission
+        case closed
+    }
+
+    let registry: NBDExportRegistry
+    let configuration: Configuration
+    private var phase: Phase = .negotiating
+    private var handshakeDecoder = NBDHandshakeDecoder()
+    private var negotiation = NBDNegotiation()
+    private var requestDecoder = NBDRequestDecoder()
+    private var cumulation: ByteBuffer?
+    private var handshakeDeadline: Scheduled<Void>?
+    private(set) var context: ChannelHandlerContext!
+
+    // Transmission state.
+    private(set) var session: NBDSession!
+    private(set) var export: NBDExport!
+    private(set) var inFlight = 0
+    private var readsPaused = false
+    private var readPending = false
+    /// DISC received or the server is shutting down: no new requests.
+    private var disconnecting = false
+    private var inReadBatch = false
+    private var flushScheduled = false
+
+    init(registry: NBDExportRegistry, configuration: Configuration) {
+        self.registry = registry
+        self.configuration = configuration
+    }
+
+    var allocator: ByteBufferAllocator { context.channel.allocator }
+
+    func log(_ message: @autoclosure () -> String) {
+        configuration.log?(message())
+    }
+
+    // MARK: channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        var greeting = context.channel.allocator.buffer(capacity: 18)
+        NBDNegotiation.writeGreeting(into: &greeting)
+        context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
+        handshakeDeadline = context.eventLoop.scheduleTask(in: configuration.handshakeTimeout) { [weak self] in
+            guard let self, self.phase == .negotiating else { return }
+            self.log("closing connection: negotiation took longer than \(self.configuration.handshakeTimeout)")
+            self.close()
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        phase = .closed
+        handshakeDeadline?.cancel()
+        cumulation = nil
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        guard phase != .closed else { return }
+        if cumulation == nil || cumulation!.readableBytes == 0 {
+            cumulation = incoming
+        } else {
+            cumulation!.writeBuffer(&incoming)
+        }
+        inReadBatch = true
+        process()
+        inReadBatch = false
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        context.flush()
+        if let buffer = cumulation {
+            if buffer.readableBytes == 0 {
+                cumulation = nil
+            } else if buffer.readerIndex > 1 << 20 {
+                cumulation!.discardReadBytes()
+            }
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        log("connection error: \(error)")
+        close()
+    }
+
+    /// Outbound read: held back while too many requests are in flight.
+    func read(context: ChannelHandlerContext) {
+        if readsPaused {
+            readPending = true
+        } else {
+            context.read()
+        }
+    }
+
+    // MARK: parsing
+
+    private func process() {
+        while cumulation != nil {
+            switch phase {
+            case .closed:
+                return
+            case .negotiating:
+                guard negotiateStep() else { return }
+            case .transmission:
+                transmissionStep()
+                return
+            }
+        }
+    }
+
+    /// Handles one negotiation message; false when more bytes are needed
+    /// or the connection ended.
+    private func negotiateStep() -> Bool {
+        let message: NBDHandshakeDecoder.Message
+        do {
+            guard let next = try handshakeDecoder.next(&cumulation!) else { return false }
+            message = next
+        } catch {
+            log("closing connection: \(error)")
+            close()
+            return false
+        }
+        var out = allocator.buffer(capacity: 256)
+        let action = negotiation.receive(message, catalog: registry, into: &out)
+        if out.readableBytes > 0 {
+            context.write(wrapOutboundOut(out), promise: nil)
+        }
+        switch action {
+        case .proceed:
+            return true
+        case .startTransmission(let session):
+            guard let export = registry.export(named: session.export.name) else {
+                close()
+                return false
+            }
+            handshakeDeadline?.cancel()
+            self.session = session
+            self.export = export
+            phase = .transmission
+            log("client entered transmission on export '\(export.name)' (structured replies: \(session.structuredReplies))")
+            return true
+        case .close(let reason):
+            log("closing connection: \(reason)")
+            context.flush()
+            close()
+            return false
+        }
+    }
+
+    private func transmissionStep() {
+        while !disconnecting, inFlight < configuration.maxInFlight, phase == .transmission {
+            let request: NBDRequest
+            do {
+                guard let next = try requestDecoder.next(&cumulation!) else { break }
+                request = next
+            } catch {
+                log("closing connection: \(error)")
+                close()
+                return
+            }
+            handle(request)
+        }
+        if inFlight >= configuration.maxInFlight, !readsPaused {
+            readsPaused = true
+        }
+    }
+
+    // MARK: request lifetime
+
+    func beginRequest() {
+        inFlight += 1
+    }
+
+    /// Called when a request's reply has been written.
+    func endRequest() {
+        inFlight -= 1
+        scheduleFlush()
+        if disconnecting {
+            if inFlight == 0 { close() }
+            return
+        }
+        if readsPaused, inFlight <= configuration.maxInFlight / 2 {
+            readsPaused = false
+            if cumulation != nil, !inReadBatch { process() }
+            if readPending {
+                readPending = false
+                context.read()
+            }
+        }
+    }
+
+    /// Writes a reply part; flushing is batched per tick.
+    func send(_ buffer: ByteBuffer) {
+        context.write(wrapOutboundOut(buffer), promise: nil)
+    }
+
+    private func scheduleFlush() {
+        guard !inReadBatch, !flushScheduled else { return }
+        flushScheduled = true
+        context.eventLoop.execute { [weak self] in
+            guard let self else { return }
+            self.flushScheduled = false
+            if self.phase != .closed { self.context.flush() }
+        }
+    }
+
+    /// NBD_CMD_DISC or server shutdown: finish what is in flight, then close.
+    func disconnectWhenIdle() {
+        disconnecting = true
+        if inFlight == 0 {
+            context.flush()
+            close()
+        }
+    }
+
+    func close() {
+        guard phase != .closed else { return }
+        phase = .closed
+        context.close(promise: nil)
+    }
+}

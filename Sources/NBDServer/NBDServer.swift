@@ -1,0 +1,108 @@
+import BlockLayer
+import NBDProtocol
+import NIOCore
+import NIOPosix
+
+/// Listens for NBD clients and hands each connection to an
+/// `NBDConnectionHandler`, on the graph's event loop.
+///
+/// Enforces the connection cap (`-e`): at the cap, listeners stop
+/// accepting and new clients wait in the backlog, as with qemu-nbd.
+public final class NBDServer {
+    public struct Configuration {
+        /// Most clients at once; 0 for no limit.
+        public var maxConnections = 1
+        public var handshakeTimeout: TimeAmount = .seconds(10)
+        public var log: ((String) -> Void)?
+        public init() {}
+    }
+
+    public let eventLoop: EventLoop
+    public let registry: NBDExportRegistry
+    public let configuration: Configuration
+    private var listeners: [Channel] = []
+    private var connections: [ObjectIdentifier: (Channel, NBDConnectionHandler)] = [:]
+    private var acceptingPaused = false
+    public private(set) var totalConnections = 0
+    /// Called on the loop when the last client disconnects.
+    public var onIdle: (() -> Void)?
+
+    public init(eventLoop: EventLoop, registry: NBDExportRegistry, configuration: Configuration) {
+        self.eventLoop = eventLoop
+        self.registry = registry
+        self.configuration = configuration
+    }
+
+    public var connectionCount: Int { connections.count }
+
+    private func bootstrap() -> ServerBootstrap {
+        ServerBootstrap(group: eventLoop, childGroup: eventLoop)
+            .serverChannelOption(.backlog, value: 128)
+            .serverChannelOption(.maxMessagesPerRead, value: 1)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.allowRemoteHalfClosure, value: false)
+            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 1 << 21))
+            .childChannelInitializer { [unowned self] channel in
+                self.accepted(channel)
+            }
+    }
+
+    /// Listens on a unix socket, replacing a stale socket file.
+    public func listen(unixSocket path: String) -> EventLoopFuture<Void> {
+        bootstrap().bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).map { self.listeners.append($0) }
+    }
+
+    public func listen(host: String, port: Int) -> EventLoopFuture<Void> {
+        bootstrap().bind(host: host, port: port).map { self.listeners.append($0) }
+    }
+
+    /// Adopts a listening socket passed by systemd (LISTEN_FDS).
+    public func listen(adopting descriptor: CInt) -> EventLoopFuture<Void> {
+        bootstrap().withBoundSocket(descriptor).map { self.listeners.append($0) }
+    }
+
+    public var localAddresses: [SocketAddress] { listeners.compactMap(\.localAddress) }
+
+    private func accepted(_ channel: Channel) -> EventLoopFuture<Void> {
+        let handlerConfiguration = NBDConnectionHandler.Configuration(
+            handshakeTimeout: configuration.handshakeTimeout, log: configuration.log)
+        let handler = NBDConnectionHandler(registry: registry, configuration: handlerConfiguration)
+        let id = ObjectIdentifier(channel)
+        connections[id] = (channel, handler)
+        totalConnections += 1
+        configuration.log?("client connected (\(connections.count) now)")
+        updateAccepting()
+        channel.closeFuture.whenComplete { [weak self] _ in
+            guard let self else { return }
+            self.connections[id] = nil
+            self.configuration.log?("client disconnected (\(self.connections.count) left)")
+            self.updateAccepting()
+            if self.connections.isEmpty { self.onIdle?() }
+        }
+        return channel.pipeline.addHandler(handler)
+    }
+
+    private func updateAccepting() {
+        let full = configuration.maxConnections > 0 && connections.count >= configuration.maxConnections
+        guard full != acceptingPaused else { return }
+        acceptingPaused = full
+        for listener in listeners {
+            listener.setOption(.autoRead, value: !full).whenSuccess {
+                if !full { listener.read() }
+            }
+        }
+    }
+
+    /// Stops listening, lets every client finish its requests in flight,
+    /// then closes them. Succeeds when all are gone.
+    public func shutdown() -> EventLoopFuture<Void> {
+        let closingListeners = listeners.map { $0.close() }
+        listeners = []
+        let clients = connections.values.map { channel, handler -> EventLoopFuture<Void> in
+            handler.disconnectWhenIdle()
+            return channel.closeFuture
+        }
+        return EventLoopFuture.andAllComplete(closingListeners + clients, on: eventLoop)
+    }
+}

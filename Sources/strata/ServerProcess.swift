@@ -1,0 +1,186 @@
+import BlockDrivers
+import BlockLayer
+import Dispatch
+import Foundation
+import NBDServer
+import NIOCore
+import NIOPosix
+
+/// The running `strata serve`: one event loop owning the graph and the
+/// server, a thread pool for blocking file calls, and an orderly shutdown
+/// on SIGINT/SIGTERM or when the last client leaves (without -t).
+final class ServerProcess {
+    let options: Serve
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let threadPool = NIOThreadPool(numberOfThreads: 16)
+    var loop: EventLoop { group.next() }
+    private var graph: BlockGraph!
+    private var io: FileIOContext!
+    private var server: NBDServer?
+    private var backend: BlockBackend?
+    private var shuttingDown = false
+    private let finished: EventLoopPromise<Int32>
+    private var signalSources: [DispatchSourceSignal] = []
+
+    init(options: Serve) {
+        self.options = options
+        finished = group.next().makePromise(of: Int32.self)
+    }
+
+    static func printError(_ message: String) {
+        FileHandle.standardError.write(Data("strata: \(message)\n".utf8))
+    }
+
+    func log(_ message: String) {
+        guard options.verbose else { return }
+        FileHandle.standardError.write(Data("strata: \(message)\n".utf8))
+    }
+
+    /// Runs until shutdown; returns the exit status.
+    func run() -> Int32 {
+        threadPool.start()
+        installSignalHandlers()
+        let loop = self.loop
+        let started = loop.flatSubmit { self.start() }
+        do {
+            try started.wait()
+        } catch {
+            ServerProcess.printError(Self.describe(error))
+            cleanUp()
+            return 1
+        }
+        Daemon.notifyReady()
+        let status = (try? finished.futureResult.wait()) ?? 1
+        cleanUp()
+        return status
+    }
+
+    private func start() -> EventLoopFuture<Void> {
+        graph = BlockGraph(eventLoop: loop)
+        io = FileIOContext(eventLoop: loop, threadPool: threadPool)
+        var image = ImageOptions(filename: options.filename, format: options.format)
+        image.readOnly = options.readOnly
+        image.cache = options.cache
+        image.aio = options.aio
+        image.discard = options.discard.mode
+        image.detectZeroes = options.detectZeroes
+        if options.forceShare { image.locking = .off }
+        return ImageOpener.open(image, graph: graph, io: io, warn: { ServerProcess.printError($0) })
+            .flatMapThrowing { node in try self.export(node) }
+            .flatMap { self.listen() }
+            .flatMapThrowing {
+                if let pidFile = self.options.pidFile {
+                    do {
+                        try "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
+                    } catch {
+                        throw BlockError(errno: EIO, "Failed to write pid file '\(pidFile)': \(error.localizedDescription)")
+                    }
+                }
+            }
+    }
+
+    private func export(_ node: BlockNode) throws {
+        let perm: BlockPermission
+        let shared: BlockPermission
+        if options.forceShare {
+            perm = []
+            shared = .all
+        } else if options.readOnly {
+            perm = .consistentRead
+            shared = [.consistentRead, .writeUnchanged]
+        } else {
+            perm = [.consistentRead, .write]
+            shared = [.consistentRead, .writeUnchanged]
+        }
+        let backend = try graph.attachBackend(name: options.exportName.isEmpty ? "export" : options.exportName,
+                                              to: node, perm: perm, shared: shared)
+        backend.writeThrough = options.cache.writeThrough
+        self.backend = backend
+        let export = NBDExport(name: options.exportName, description: options.description, backend: backend,
+                               readOnly: options.readOnly, allocationDepth: options.allocationDepth,
+                               multiConn: options.shared != 1)
+        let registry = NBDExportRegistry()
+        try registry.add(export)
+        var configuration = NBDServer.Configuration()
+        configuration.maxConnections = options.shared
+        configuration.handshakeTimeout = options.handshakeLimit == 0 ? .hours(24 * 365) : .seconds(Int64(options.handshakeLimit))
+        if options.verbose { configuration.log = { [weak self] in self?.log($0) } }
+        let server = NBDServer(eventLoop: loop, registry: registry, configuration: configuration)
+        server.onIdle = { [weak self, weak server] in
+            guard let self, let server, !self.options.persistent, server.totalConnections > 0 else { return }
+            self.log("last client disconnected; exiting (use -t to keep serving)")
+            self.shutdown(status: 0)
+        }
+        self.server = server
+    }
+
+    private func listen() -> EventLoopFuture<Void> {
+        guard let server else { return loop.makeSucceededVoidFuture() }
+        if let fds = SocketActivation.listeningDescriptors() {
+            guard options.socket == nil, options.port == nil, options.bind == nil else {
+                return loop.makeFailedFuture(BlockError(errno: EINVAL,
+                    "-k, -p and -b cannot be used with systemd socket activation (LISTEN_FDS)"))
+            }
+            let adopted = fds.map { server.listen(adopting: $0) }
+            return EventLoopFuture.andAllSucceed(adopted, on: loop)
+        }
+        if let socket = options.socket {
+            return server.listen(unixSocket: socket).flatMapErrorThrowing { error in
+                throw BlockError(errno: EINVAL, "Failed to listen on unix socket '\(socket)': \(error)")
+            }
+        }
+        let host = options.bind ?? "0.0.0.0"
+        let port = options.port ?? 10809
+        return server.listen(host: host, port: port).flatMapErrorThrowing { error in
+            throw BlockError(errno: EINVAL, "Failed to listen on \(host):\(port): \(error)")
+        }
+    }
+
+    private func installSignalHandlers() {
+        for signo in [SIGINT, SIGTERM] {
+            signal(signo, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: signo, queue: .global())
+            source.setEventHandler { [weak self] in
+                guard let self else { return }
+                self.loop.execute { self.shutdown(status: 0) }
+            }
+            source.resume()
+            signalSources.append(source)
+        }
+        signal(SIGPIPE, SIG_IGN)
+    }
+
+    /// Stops listening, lets clients finish, flushes and closes the image.
+    private func shutdown(status: Int32) {
+        guard !shuttingDown else { return }
+        shuttingDown = true
+        log("shutting down")
+        let stopped = server?.shutdown() ?? loop.makeSucceededVoidFuture()
+        stopped.flatMap { () -> EventLoopFuture<Void> in
+            guard let backend = self.backend else { return self.loop.makeSucceededVoidFuture() }
+            let promise = self.loop.makePromise(of: Void.self)
+            backend.flush { error in
+                if let error { ServerProcess.printError("flush on shutdown failed: \(error)") }
+                promise.succeed(())
+            }
+            return promise.futureResult
+        }.flatMap { () -> EventLoopFuture<Void> in
+            self.graph.closeAll()
+            return self.io.shutdown()
+        }.whenComplete { _ in
+            self.finished.succeed(status)
+        }
+    }
+
+    private func cleanUp() {
+        if let socket = options.socket { unlink(socket) }
+        if let pidFile = options.pidFile { unlink(pidFile) }
+        try? threadPool.syncShutdownGracefully()
+        try? group.syncShutdownGracefully()
+    }
+
+    static func describe(_ error: Error) -> String {
+        if let error = error as? BlockError { return error.description }
+        return "\(error)"
+    }
+}
