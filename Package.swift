@@ -94,7 +94,7 @@ let package = Package(
         .testTarget(
             name: "InteropTests",
             dependencies: [],
-            resources: [.copy("Scripts")]
+            exclude: ["Scripts"]
         ),
     ],
     swiftLanguageModes: [.v5]

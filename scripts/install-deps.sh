@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages Strata needs. With --test, also the tools the
-# interop tests and benchmarks use as oracles (qemu-utils, libnbd, fio…).
+# Installs the Debian packages Strata needs to build (libaio). With --demo,
+# also nbdinfo to look at the demo export; with --test, the tools the interop
+# tests and benchmarks use as oracles (qemu-utils, libnbd, nbdkit, fio).
 # Packages already present are skipped, so a second run is quick.
 set -euo pipefail
 
@@ -8,7 +9,12 @@ build_pkgs=(libaio-dev pkg-config)
 test_pkgs=(qemu-utils libnbd-bin python3-libnbd nbdkit fio)
 
 want=("${build_pkgs[@]}")
-if [ "${1:-}" = "--test" ]; then want+=("${test_pkgs[@]}"); fi
+case "${1:-}" in
+  --test) want+=("${test_pkgs[@]}") ;;
+  --demo) want+=(libnbd-bin) ;;
+  "") ;;
+  *) echo "usage: $0 [--test|--demo]" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${want[@]}"; do

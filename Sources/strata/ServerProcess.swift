@@ -19,6 +19,8 @@ final class ServerProcess {
     private var server: NBDServer?
     private var backend: BlockBackend?
     private var shuttingDown = false
+    /// Set once our unix socket exists, so cleanup never removes another's.
+    private var ownsSocketFile = false
     private let finished: EventLoopPromise<Int32>
     private var signalSources: [DispatchSourceSignal] = []
 
@@ -46,6 +48,7 @@ final class ServerProcess {
             try started.wait()
         } catch {
             ServerProcess.printError(Self.describe(error))
+            finished.succeed(1)
             cleanUp()
             return 1
         }
@@ -80,17 +83,18 @@ final class ServerProcess {
     }
 
     private func export(_ node: BlockNode) throws {
+        // QEMU's NBD export permissions: it reads consistently, writes when
+        // writable, and lets others read and write but not resize. So, as
+        // with qemu-nbd, `qemu-img resize` is refused while the image is
+        // served, and `-U` takes nothing and shares everything.
         let perm: BlockPermission
         let shared: BlockPermission
         if options.forceShare {
             perm = []
             shared = .all
-        } else if options.readOnly {
-            perm = .consistentRead
-            shared = [.consistentRead, .writeUnchanged]
         } else {
-            perm = [.consistentRead, .write]
-            shared = [.consistentRead, .writeUnchanged]
+            perm = options.readOnly ? .consistentRead : [.consistentRead, .write]
+            shared = [.consistentRead, .write, .writeUnchanged]
         }
         let backend = try graph.attachBackend(name: options.exportName.isEmpty ? "export" : options.exportName,
                                               to: node, perm: perm, shared: shared)
@@ -125,7 +129,7 @@ final class ServerProcess {
             return EventLoopFuture.andAllSucceed(adopted, on: loop)
         }
         if let socket = options.socket {
-            return server.listen(unixSocket: socket).flatMapErrorThrowing { error in
+            return server.listen(unixSocket: socket).map { self.ownsSocketFile = true }.flatMapErrorThrowing { error in
                 throw BlockError(errno: EINVAL, "Failed to listen on unix socket '\(socket)': \(error)")
             }
         }
@@ -173,7 +177,7 @@ final class ServerProcess {
     }
 
     private func cleanUp() {
-        if let socket = options.socket { unlink(socket) }
+        if ownsSocketFile, let socket = options.socket { unlink(socket) }
         if let pidFile = options.pidFile { unlink(pidFile) }
         try? threadPool.syncShutdownGracefully()
         try? group.syncShutdownGracefully()

@@ -1,0 +1,626 @@
+#!/usr/bin/env bash
+# Strata benchmark: Strata vs qemu-nbd vs nbdkit vs the bare disk.
+#
+# Every server gets its own unix socket and runs alone: started, waited for,
+# measured, stopped, then the next one. Each job runs twice: cold (page cache
+# dropped right before) and warm (repeated at once). Server CPU is read from
+# /proc/PID/stat around each job and divided by the number of requests.
+#
+# See Benchmarks/README.md for how to run it and how to read the tables.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$SCRIPT_DIR/.." && pwd)
+
+usage() {
+  cat <<EOF
+Usage: Benchmarks/run.sh [options]
+
+  --size SIZE       image size (default 2G; K/M/G/T suffixes, multiple of 1M)
+  --runtime SECS    seconds per fio job (default 10)
+  --quick           --size 256M --runtime 3 (explicit --size/--runtime win)
+  --only REGEX      run only SERVER:JOB pairs matching this extended regex,
+                    e.g. 'qemu-nbd', ':randread', '^strata(-none)?:randread-4k-qd32$'
+  --dir DIR         work dir (default: fresh mktemp -d under /var/tmp)
+  --build           build Strata (swift build -c release) if the binary is missing
+  --keep-image      keep the test image in the work dir after the run
+  --report DIR      only re-print the tables from an earlier run's work dir
+  -h, --help        this help
+
+Environment:
+  STRATA            Strata binary (default: \$REPO/.build/release/strata).
+                    Started as: \$STRATA serve -k SOCK -f raw -t [--cache=none --aio=native] IMAGE
+
+Servers: strata-none, qemu-nbd-none, disk (O_DIRECT mode);
+         strata, qemu-nbd, nbdkit-file, nbdkit-null (defaults mode).
+Jobs:    randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 read-1m-qd8
+         write-1m-qd8 nbdcopy
+EOF
+}
+
+log()  { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+warn() { printf 'run.sh: WARNING: %s\n' "$*" >&2; }
+die()  { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- options ---
+SIZE="" RUNTIME="" QUICK=0 ONLY="" WORK="" BUILD=0 KEEP_IMAGE=0 REPORT_ONLY=""
+need_arg() { [ $# -ge 2 ] || die "$1 needs an argument"; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size)       need_arg "$@"; SIZE=$2; shift 2 ;;
+    --size=*)     SIZE=${1#*=}; shift ;;
+    --runtime)    need_arg "$@"; RUNTIME=$2; shift 2 ;;
+    --runtime=*)  RUNTIME=${1#*=}; shift ;;
+    --quick)      QUICK=1; shift ;;
+    --only)       need_arg "$@"; ONLY=$2; shift 2 ;;
+    --only=*)     ONLY=${1#*=}; shift ;;
+    --dir)        need_arg "$@"; WORK=$2; shift 2 ;;
+    --dir=*)      WORK=${1#*=}; shift ;;
+    --build)      BUILD=1; shift ;;
+    --keep-image) KEEP_IMAGE=1; shift ;;
+    --report)     need_arg "$@"; REPORT_ONLY=$2; shift 2 ;;
+    --report=*)   REPORT_ONLY=${1#*=}; shift ;;
+    -h|--help)    usage; exit 0 ;;
+    *)            usage >&2; die "unknown option: $1" ;;
+  esac
+done
+if [ "$QUICK" = 1 ]; then
+  SIZE=${SIZE:-256M}; RUNTIME=${RUNTIME:-3}
+fi
+SIZE=${SIZE:-2G}; RUNTIME=${RUNTIME:-10}
+[[ "$RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer (seconds), got '$RUNTIME'"
+
+# ------------------------------------------------------------- the report ---
+# Reads WORK/results.tsv + WORK/meta.txt, writes WORK/report.txt, prints it.
+report() {
+  local dir=$1
+  python3 - "$dir" <<'PYEOF'
+import sys, os, csv
+
+work = sys.argv[1]
+meta = {}
+with open(os.path.join(work, "meta.txt")) as f:
+    for line in f:
+        if "=" in line:
+            k, v = line.rstrip("\n").split("=", 1)
+            meta[k] = v
+
+rows = {}   # (server, job, phase) -> dict
+with open(os.path.join(work, "results.tsv")) as f:
+    for r in csv.DictReader(f, delimiter="\t"):
+        rows[(r["server"], r["job"], r["phase"])] = r
+
+JOBS = ["randread-4k-qd1", "randread-4k-qd32", "randwrite-4k-qd32",
+        "read-1m-qd8", "write-1m-qd8", "nbdcopy"]
+UNIT = {"randread-4k-qd1": "IOPS", "randread-4k-qd32": "IOPS",
+        "randwrite-4k-qd32": "IOPS", "read-1m-qd8": "MiB/s",
+        "write-1m-qd8": "MiB/s", "nbdcopy": "MiB/s"}
+PHASES = ["cold", "warm"]
+MODES = [
+    ("O_DIRECT mode: --cache=none --aio=native "
+     "(disk = fio libaio --direct=1 on the image file, no NBD)",
+     ["strata-none", "qemu-nbd-none", "disk"], "strata-none"),
+    ("Defaults mode: no cache/aio options "
+     "(nbdkit-null = protocol ceiling, read jobs only)",
+     ["strata", "qemu-nbd", "nbdkit-file", "nbdkit-null"], "strata"),
+]
+
+def num(r, key):
+    try:
+        return float(r[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+def fmt_val(v, unit):
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if unit == "IOPS" else f"{v:,.1f}"
+
+def cell(server, job, phase):
+    r = rows.get((server, job, phase))
+    if r is None:
+        return "-", "-"
+    if r["status"] != "ok":
+        return "ERR", "ERR"
+    v = fmt_val(num(r, "value"), r["unit"])
+    us = num(r, "cpu_us_per_req")
+    u = "n/a" if us is None else f"{us:.1f}"
+    return v, u
+
+out = []
+p = out.append
+p(f"Strata NBD benchmark  {meta.get('date','')}")
+p(f"host: {meta.get('host','')}  cpus: {meta.get('cpus','')}  kernel: {meta.get('kernel','')}")
+p(f"image: {meta.get('size','')} ({meta.get('bytes','')} bytes) on {meta.get('fstype','')}  "
+  f"runtime: {meta.get('runtime','')} s/job  load at start: {meta.get('load','')}")
+p(f"tools: {meta.get('versions','')}")
+if meta.get("drop_ok") != "1":
+    p("NOTE: page cache could NOT be dropped (not root?): 'cold' rows are not cold.")
+for note in meta.get("notes", "").split("|"):
+    if note:
+        p("NOTE: " + note)
+p("")
+p("value = IOPS for 4k jobs, MiB/s for 1M jobs and nbdcopy (higher is better)")
+p("µs/req = server CPU (utime+stime, all threads) per request (lower is better); "
+  f"tick = {1e6/float(meta.get('clk_tck','100')):.0f} µs, so small counts are coarse")
+p("nbdcopy requests = image size / 256 KiB (its --request-size); "
+  "cold = page cache dropped right before the job, warm = same job repeated at once")
+
+present = {k[0] for k in rows}
+for title, servers, strata in MODES:
+    servers = [s for s in servers if s in present]
+    p("")
+    p("== " + title + " ==")
+    if not servers:
+        p("(nothing run in this mode)")
+        continue
+    w = 12
+    hdr1 = f"{'':<18} {'':<5} {'':<6}"
+    hdr2 = f"{'job':<18} {'phase':<5} {'unit':<6}"
+    for s in servers:
+        hdr1 += f" | {s:^{2*w+1}}"
+        hdr2 += f" | {'value':>{w}} {'µs/req':>{w}}"
+    p(hdr1)
+    p(hdr2)
+    p("-" * len(hdr2))
+    for job in JOBS:
+        for ph in PHASES:
+            if not any((s, job, ph) in rows for s in servers):
+                continue
+            line = f"{job:<18} {ph:<5} {UNIT[job]:<6}"
+            for s in servers:
+                v, u = cell(s, job, ph)
+                line += f" | {v:>{w}} {u:>{w}}"
+            p(line)
+
+    peers = [s for s in servers if s != strata]
+    p("")
+    if strata not in servers:
+        p(f"Strata ratios: skipped ({strata} was not run)")
+        continue
+    if not peers:
+        p("Strata ratios: skipped (no peer was run in this mode)")
+        continue
+    p(f"Strata ratios ({strata} / peer): perf >1 = Strata faster; cpu <1 = Strata uses less CPU per request")
+    hdr = f"{'job':<18} {'phase':<5}"
+    for s in peers:
+        hdr += f" | {('vs ' + s + ' perf'):>22} {'cpu':>6}"
+    p(hdr)
+    p("-" * len(hdr))
+    for job in JOBS:
+        for ph in PHASES:
+            a = rows.get((strata, job, ph))
+            if a is None:
+                continue
+            line = f"{job:<18} {ph:<5}"
+            for s in peers:
+                b = rows.get((s, job, ph))
+                perf = cpu = "-"
+                if a and b and a["status"] == "ok" and b["status"] == "ok":
+                    va, vb = num(a, "value"), num(b, "value")
+                    if va is not None and vb:
+                        perf = f"{va / vb:.2f}x"
+                    ca, cb = num(a, "cpu_us_per_req"), num(b, "cpu_us_per_req")
+                    if ca is not None and cb:
+                        cpu = f"{ca / cb:.2f}x"
+                line += f" | {perf:>22} {cpu:>6}"
+            p(line)
+    if strata == "strata-none":
+        for ph in PHASES:
+            a = rows.get(("strata-none", "randread-4k-qd32", ph))
+            b = rows.get(("disk", "randread-4k-qd32", ph))
+            if a and b and a["status"] == "ok" and b["status"] == "ok" and num(b, "value"):
+                pct = 100.0 * num(a, "value") / num(b, "value")
+                p(f"Strata O_DIRECT randread-4k-qd32 ({ph}): {pct:.1f}% of disk "
+                  f"({num(a,'value'):,.0f} vs {num(b,'value'):,.0f} IOPS)")
+
+text = "\n".join(out) + "\n"
+with open(os.path.join(work, "report.txt"), "w") as f:
+    f.write(text)
+sys.stdout.write(text)
+PYEOF
+}
+
+if [ -n "$REPORT_ONLY" ]; then
+  command -v python3 >/dev/null || die "python3 not found"
+  [ -f "$REPORT_ONLY/results.tsv" ] || die "no results.tsv in $REPORT_ONLY"
+  report "$REPORT_ONLY"
+  exit 0
+fi
+
+# ------------------------------------------------------------ tool checks ---
+missing=()
+for t in fio qemu-nbd nbdkit nbdcopy nbdinfo python3 timeout numfmt; do
+  command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+done
+[ ${#missing[@]} -eq 0 ] || die "missing tools: ${missing[*]} (Debian: qemu-utils nbdkit libnbd-bin fio python3 coreutils; scripts/install-deps.sh --test)"
+python3 -c 'import json, csv' 2>/dev/null || die "python3 does not work (needs the stdlib json/csv modules)"
+# (no `grep -q`/`head` on a pipe anywhere: with pipefail, the writer's SIGPIPE
+# would fail the pipeline at random)
+ENGINES=$(fio --enghelp 2>/dev/null || true)
+grep -qw nbd <<<"$ENGINES"    || die "this fio has no nbd ioengine (fio --enghelp); Debian's fio has it"
+grep -qw libaio <<<"$ENGINES" || die "this fio has no libaio ioengine"
+nbdkit --dump-plugin file >/dev/null 2>&1 || die "nbdkit file plugin not installed"
+nbdkit --dump-plugin null >/dev/null 2>&1 || die "nbdkit null plugin not installed"
+
+BYTES=$(numfmt --from=iec "$(tr '[:lower:]' '[:upper:]' <<<"${SIZE%iB}")" 2>/dev/null) \
+  || die "cannot parse --size '$SIZE' (use e.g. 256M, 2G)"
+[ "$BYTES" -ge $((64 << 20)) ] || die "--size must be at least 64M"
+[ $((BYTES % (1 << 20))) -eq 0 ] || die "--size must be a multiple of 1M"
+CLK_TCK=$(getconf CLK_TCK)
+
+# ----------------------------------------------------------------- strata ---
+STRATA=${STRATA:-$REPO/.build/release/strata}
+HAVE_STRATA=0
+if [ -x "$STRATA" ]; then
+  HAVE_STRATA=1
+elif [ "$BUILD" = 1 ]; then
+  command -v swift >/dev/null || die "--build: swift not found"
+  log "building Strata: (cd $REPO && swift build -c release)"
+  (cd "$REPO" && swift build -c release) || die "swift build -c release failed"
+  [ -x "$STRATA" ] || die "built, but no executable at STRATA=$STRATA"
+  HAVE_STRATA=1
+fi
+NOTES=()
+if [ "$HAVE_STRATA" = 0 ]; then
+  msg="Strata binary not found at '$STRATA': skipping the strata and strata-none rows (pass --build, or set STRATA=/path/to/strata)"
+  warn "$msg"
+  NOTES+=("strata rows skipped: no binary at $STRATA")
+fi
+
+# ------------------------------------------------------------ definitions ---
+# name|fio rw|bs|iodepth|unit|reads-only-ok
+JOBS=(
+  "randread-4k-qd1|randread|4k|1|IOPS|r"
+  "randread-4k-qd32|randread|4k|32|IOPS|r"
+  "randwrite-4k-qd32|randwrite|4k|32|IOPS|w"
+  "read-1m-qd8|read|1M|8|MiB/s|r"
+  "write-1m-qd8|write|1M|8|MiB/s|w"
+  "nbdcopy|-|-|-|MiB/s|r"
+)
+# id|mode
+SERVERS=(
+  "strata-none|odirect"
+  "qemu-nbd-none|odirect"
+  "disk|odirect"
+  "strata|defaults"
+  "qemu-nbd|defaults"
+  "nbdkit-file|defaults"
+  "nbdkit-null|defaults"
+)
+NBDCOPY_REQ=$((256 * 1024))
+
+server_cmd() {   # server_cmd ID SOCK -> sets CMD array
+  local id=$1 sock=$2
+  case "$id" in
+    strata-none)   CMD=("$STRATA" serve -k "$sock" -f raw -t --cache=none --aio=native "$IMG") ;;
+    strata)        CMD=("$STRATA" serve -k "$sock" -f raw -t "$IMG") ;;
+    qemu-nbd-none) CMD=(qemu-nbd -k "$sock" -f raw -t --cache=none --aio=native "$IMG") ;;
+    qemu-nbd)      CMD=(qemu-nbd -k "$sock" -f raw -t "$IMG") ;;
+    nbdkit-file)   CMD=(nbdkit -U "$sock" -f file "$IMG") ;;
+    nbdkit-null)   CMD=(nbdkit -U "$sock" -f null size="$BYTES") ;;
+    *) die "no command for server $id" ;;
+  esac
+}
+
+job_applies() {  # job_applies SERVER JOBSPEC
+  local server=$1 name rw bs qd unit ro
+  IFS='|' read -r name rw bs qd unit ro <<<"$2"
+  [ "$server" = nbdkit-null ] && [ "$ro" != r ] && return 1
+  [ "$server" = disk ] && [ "$name" = nbdcopy ] && return 1
+  if [ -n "$ONLY" ]; then grep -Eq -- "$ONLY" <<<"$server:$name" || return 1; fi
+  return 0
+}
+
+selected=0
+for sdef in "${SERVERS[@]}"; do
+  IFS='|' read -r server _ <<<"$sdef"
+  [[ "$server" == strata* ]] && [ "$HAVE_STRATA" = 0 ] && continue
+  for spec in "${JOBS[@]}"; do
+    if job_applies "$server" "$spec"; then selected=$((selected + 1)); fi
+  done
+done
+[ "$selected" -gt 0 ] || die "nothing to run: no SERVER:JOB matches --only '$ONLY' (servers: strata-none qemu-nbd-none disk strata qemu-nbd nbdkit-file nbdkit-null)"
+log "$selected server×job pairs to run, each cold then warm"
+
+# --------------------------------------------------------------- work dir ---
+if [ -z "$WORK" ]; then
+  WORK=$(mktemp -d /var/tmp/strata-bench.XXXXXX)
+else
+  mkdir -p "$WORK"
+fi
+WORK=$(cd "$WORK" && pwd)
+RAW=$WORK/raw LOGS=$WORK/logs
+mkdir -p "$RAW" "$LOGS"
+FSTYPE=$(stat -f -c %T "$WORK")
+case "$FSTYPE" in
+  tmpfs|ramfs) warn "$WORK is on $FSTYPE: that is RAM, so 'cold' means nothing and the disk row measures memory (older kernels also refuse O_DIRECT there); use --dir on a real disk"
+               NOTES+=("work dir is on $FSTYPE, not a real disk") ;;
+esac
+avail=$(df -P -B1 "$WORK" | awk 'NR==2 {print $4}')
+[ -f "$WORK/image.raw" ] && avail=$((avail + $(stat -c %s "$WORK/image.raw")))
+[ "$avail" -gt $((BYTES + (256 << 20))) ] || die "not enough space in $WORK for a $SIZE image ($avail bytes free)"
+
+IMG=$WORK/image.raw
+RESULTS=$WORK/results.tsv
+META=$WORK/meta.txt
+
+# ---------------------------------------------------------- cleanup trap ---
+declare -A SERVER_PIDS=()   # pid -> socket
+cleanup() {
+  local rc=$? pid
+  for pid in "${!SERVER_PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${!SERVER_PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    rm -f "${SERVER_PIDS[$pid]}"
+  done
+  if [ "$KEEP_IMAGE" = 0 ] && [ -n "${IMG:-}" ]; then rm -f "$IMG"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# -------------------------------------------------------------- page cache --
+DROP_OK=0
+drop_caches() {
+  sync
+  if [ "$DROP_OK" = 1 ]; then echo 3 > /proc/sys/vm/drop_caches; fi
+}
+if (echo 3 > /proc/sys/vm/drop_caches) 2>/dev/null; then
+  DROP_OK=1
+else
+  warn "cannot write /proc/sys/vm/drop_caches (run as root): 'cold' rows will not be cold"
+fi
+
+# ------------------------------------------------------------------ image ---
+# Random, non-zero, fully allocated: fio writes fresh random buffers
+# (--refill_buffers) with O_DIRECT, so nothing is sparse or all-zero and the
+# image is not left in the page cache.
+make_image() {
+  log "creating $SIZE image $IMG"
+  rm -f "$IMG"
+  fio --name=fill --filename="$IMG" --size="$BYTES" --rw=write --bs=1M \
+      --ioengine=libaio --direct=1 --iodepth=8 --refill_buffers \
+      --end_fsync=1 --eta=never --output="$LOGS/fill.txt" >/dev/null \
+    || die "creating the image with fio failed (see $LOGS/fill.txt)"
+  [ "$(stat -c %s "$IMG")" -eq "$BYTES" ] || die "image has the wrong size"
+  local alloc=$(( $(stat -c %b "$IMG") * $(stat -c %B "$IMG") ))
+  [ "$alloc" -ge "$BYTES" ] || die "image is sparse ($alloc of $BYTES bytes allocated)"
+  local nz
+  nz=$(head -c 1048576 "$IMG" | tr -d '\0' | wc -c)
+  [ "$nz" -gt 1000000 ] || die "image data looks like zeroes"
+}
+
+cpu_ticks() {    # utime+stime+cutime+cstime of PID (all threads), in clock ticks
+  local s
+  s=$(<"/proc/$1/stat") || return 1
+  s=${s##*) }
+  local -a f
+  read -ra f <<<"$s"
+  echo $(( f[11] + f[12] + f[13] + f[14] ))
+}
+
+start_server() { # start_server ID SOCK -> sets SPID
+  local id=$1 sock=$2 log=$LOGS/$1.log
+  rm -f "$sock"
+  server_cmd "$id" "$sock"
+  log "starting $id: ${CMD[*]}"
+  echo "# ${CMD[*]}" >"$log"
+  "${CMD[@]}" >>"$log" 2>&1 </dev/null &
+  SPID=$!
+  SERVER_PIDS[$SPID]=$sock
+  local uri="nbd+unix:///?socket=$sock" deadline=$((SECONDS + 30))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    if ! kill -0 "$SPID" 2>/dev/null; then
+      wait "$SPID" 2>/dev/null || true
+      unset "SERVER_PIDS[$SPID]"
+      warn "$id exited during startup; its log ($log):"
+      sed 's/^/    /' "$log" >&2
+      return 1
+    fi
+    if [ -S "$sock" ]; then
+      local prc=0 sz
+      sz=$(timeout 5 nbdinfo --size "$uri" 2>"$LOGS/$id.nbdinfo.err") || prc=$?
+      if [ "$prc" = 0 ]; then
+        [ "$sz" = "$BYTES" ] || warn "$id exports $sz bytes, expected $BYTES"
+        return 0
+      fi
+      [ "$prc" = 124 ] && echo "nbdinfo: no answer within 5 s" >>"$LOGS/$id.nbdinfo.err"
+    fi
+    sleep 0.1
+  done
+  warn "$id did not answer on $sock within 30 s (log: $log); last nbdinfo error:"
+  sed 's/^/    /' "$LOGS/$id.nbdinfo.err" >&2 || true
+  stop_server "$id" "$SPID"
+  return 1
+}
+
+stop_server() {  # stop_server ID PID
+  local id=$1 pid=$2 sock=${SERVER_PIDS[$2]:-}
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    warn "$id (pid $pid) ignored SIGTERM for 10 s; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+  unset "SERVER_PIDS[$pid]"
+  [ -n "$sock" ] && rm -f "$sock"
+  return 0
+}
+
+ERRORS=0
+record() {       # server mode job phase unit value ios ticks lat_us status
+  local us="n/a"
+  if [ "$8" != "n/a" ] && [ "$7" != "n/a" ] && [ "$7" -gt 0 ]; then
+    us=$(python3 -c "print(f'{$8 * 1e6 / $CLK_TCK / $7:.3f}')")
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$us" "$9" "${10}" >>"$RESULTS"
+  if [ "${10}" = ok ] && [ "$8" = "n/a" ]; then
+    log "  $1 $3 $4: $6 $5, $7 ios"
+  elif [ "${10}" = ok ]; then
+    log "  $1 $3 $4: $6 $5, $7 ios, server cpu $8 ticks ($us µs/req)"
+  else
+    ERRORS=$((ERRORS + 1))
+    warn "$1 $3 $4 failed: ${10}"
+  fi
+}
+
+fio_summary() {  # prints: value(iops or MiB/s) ios mean-lat-µs ; exits 1 on fio error
+  python3 - "$1" "$2" <<'PYEOF'
+import json, sys
+path, unit = sys.argv[1], sys.argv[2]
+with open(path) as f:
+    txt = f.read()
+j = json.loads(txt[txt.index("{"):])  # tolerate any banner before the JSON
+iops = mib = 0.0; ios = 0; lat_w = 0.0; err = 0
+for job in j["jobs"]:
+    err |= job.get("error", 0)
+    for d in ("read", "write"):
+        x = job[d]
+        iops += x["iops"]; mib += x["bw_bytes"] / 1048576.0; ios += x["total_ios"]
+        lat_w += x["clat_ns"]["mean"] * x["total_ios"]
+if err or ios == 0:
+    sys.exit(1)
+val = iops if unit == "IOPS" else mib
+print(f"{val:.3f} {ios} {lat_w / ios / 1000.0:.2f}")
+PYEOF
+}
+
+run_job() {      # run_job SERVER MODE PID JOBSPEC PHASE SOCK
+  local server=$1 mode=$2 pid=$3 spec=$4 phase=$5 sock=$6
+  local name rw bs qd unit ro
+  IFS='|' read -r name rw bs qd unit ro <<<"$spec"
+  local base=$RAW/$server.$name.$phase
+  local uri="nbd+unix:///?socket=$sock"
+
+  if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+    record "$server" "$mode" "$name" "$phase" "$unit" "" 0 0 "" "server-died"
+    return 1
+  fi
+  [ "$phase" = cold ] && drop_caches
+
+  local t0="n/a" t1="n/a" rc=0
+  [ -n "$pid" ] && t0=$(cpu_ticks "$pid")
+  if [ "$name" = nbdcopy ]; then
+    local s0 s1
+    s0=$(date +%s%N)
+    timeout -k 5 $((120 + BYTES / (5 << 20))) \
+      nbdcopy --request-size=$NBDCOPY_REQ "$uri" null: >"$base.txt" 2>&1 || rc=$?
+    s1=$(date +%s%N)
+  else
+    local io=(--ioengine=nbd --uri="$uri")
+    [ "$server" = disk ] && io=(--ioengine=libaio --direct=1 --filename="$IMG")
+    timeout -k 5 $((RUNTIME + 120)) \
+      fio --name="$name" "${io[@]}" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+          --time_based --runtime="$RUNTIME" --eta=never \
+          --output-format=json --output="$base.json" >"$base.stdout" 2>&1 || rc=$?
+  fi
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && t1=$(cpu_ticks "$pid")
+  local ticks="n/a"
+  if [ "$t0" != "n/a" ] && [ "$t1" != "n/a" ]; then ticks=$((t1 - t0)); fi
+
+  if [ "$rc" -ne 0 ]; then
+    record "$server" "$mode" "$name" "$phase" "$unit" "" 0 "$ticks" "" "exit-$rc"
+    return 0
+  fi
+  if [ "$name" = nbdcopy ]; then
+    local ns=$((s1 - s0)) ios=$(((BYTES + NBDCOPY_REQ - 1) / NBDCOPY_REQ)) val
+    val=$(python3 -c "print(f'{$BYTES / 1048576 / ($ns / 1e9):.3f}')")
+    printf 'bytes=%s seconds=%s MiB/s=%s GiB/s=%s\n' "$BYTES" \
+      "$(python3 -c "print($ns/1e9)")" "$val" \
+      "$(python3 -c "print(f'{$val/1024:.3f}')")" >>"$base.txt"
+    record "$server" "$mode" "$name" "$phase" "$unit" "$val" "$ios" "$ticks" "" ok
+  else
+    local summ
+    if summ=$(fio_summary "$base.json" "$unit" 2>>"$base.stdout"); then
+      local val ios lat
+      read -r val ios lat <<<"$summ"
+      record "$server" "$mode" "$name" "$phase" "$unit" "$val" "$ios" "$ticks" "$lat" ok
+    else
+      record "$server" "$mode" "$name" "$phase" "$unit" "" 0 "$ticks" "" "fio-error"
+    fi
+  fi
+}
+
+# ------------------------------------------------------------------- meta ---
+first_line() { "$@" 2>&1 | sed -n 1p; }
+versions="fio $(first_line fio --version | sed 's/^fio-//'); $(first_line qemu-nbd --version); $(first_line nbdkit --version); $(first_line nbdcopy --version)"
+[ "$HAVE_STRATA" = 1 ] && versions+="; strata: $STRATA"
+{
+  echo "date=$(date '+%F %T %z')"
+  echo "host=$(hostname) ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'))"
+  echo "cpus=$(nproc)"
+  echo "kernel=$(uname -r)"
+  echo "size=$SIZE"
+  echo "bytes=$BYTES"
+  echo "runtime=$RUNTIME"
+  echo "fstype=$FSTYPE ($(df -P "$WORK" | awk 'NR==2 {print $1}'))"
+  echo "load=$(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "clk_tck=$CLK_TCK"
+  echo "drop_ok=$DROP_OK"
+  echo "versions=$versions"
+  echo "only=$ONLY"
+  echo "notes=$(IFS='|'; echo "${NOTES[*]:-}")"
+} >"$META"
+printf 'server\tmode\tjob\tphase\tunit\tvalue\tios\tcpu_ticks\tcpu_us_per_req\tlat_us_mean\tstatus\n' >"$RESULTS"
+
+load1=$(cut -d' ' -f1 /proc/loadavg)
+if python3 -c "import sys; sys.exit(0 if $load1 > 0.5 else 1)"; then
+  warn "load average is $load1: something else is running, numbers will be noisy"
+fi
+log "work dir: $WORK  (size $SIZE, $RUNTIME s per job)"
+
+# -------------------------------------------------------------------- run ---
+make_image
+
+for sdef in "${SERVERS[@]}"; do
+  IFS='|' read -r server mode <<<"$sdef"
+  if [[ "$server" == strata* ]] && [ "$HAVE_STRATA" = 0 ]; then
+    log "skipping $server (no Strata binary)"
+    continue
+  fi
+  todo=()
+  for spec in "${JOBS[@]}"; do
+    job_applies "$server" "$spec" && todo+=("$spec")
+  done
+  [ ${#todo[@]} -gt 0 ] || continue
+
+  sock="" SPID=""
+  if [ "$server" != disk ]; then
+    sock=$WORK/$server.sock
+    if ! start_server "$server" "$sock"; then
+      for spec in "${todo[@]}"; do
+        for phase in cold warm; do
+          IFS='|' read -r name _ _ _ unit _ <<<"$spec"
+          record "$server" "$mode" "$name" "$phase" "$unit" "" 0 0 "" "server-failed-to-start"
+        done
+      done
+      continue
+    fi
+  fi
+  log "== $server =="
+  for spec in "${todo[@]}"; do
+    for phase in cold warm; do
+      run_job "$server" "$mode" "$SPID" "$spec" "$phase" "$sock" || break
+    done
+  done
+  if [ -n "$SPID" ]; then
+    stop_server "$server" "$SPID"
+  fi
+done
+
+echo
+report "$WORK"
+echo
+echo "Results: $WORK/report.txt  (raw fio json / nbdcopy timings: $RAW, per-job rows: $RESULTS, server logs: $LOGS)"
+if [ "$ERRORS" -gt 0 ]; then
+  warn "$ERRORS job(s) failed; see ERR cells and $RAW"
+  exit 1
+fi

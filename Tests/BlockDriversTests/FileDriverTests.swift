@@ -1,0 +1,206 @@
+@testable import BlockDrivers
+import BlockLayer
+import CLinuxAIO
+import Foundation
+import NIOCore
+import NIOPosix
+import Testing
+
+/// The file driver against real files, in both I/O modes, through a node
+/// so the request path's padding is exercised too.
+@Suite(.serialized) final class FileDriverTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let pool = NIOThreadPool(numberOfThreads: 2)
+    let directory: URL
+
+    init() throws {
+        pool.start()
+        directory = URL(fileURLWithPath: "/var/tmp").appendingPathComponent("strata-file-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    }
+
+    deinit {
+        try? FileManager.default.removeItem(at: directory)
+        try? pool.syncShutdownGracefully()
+        try? group.syncShutdownGracefully()
+    }
+
+    var loop: EventLoop { group.next() }
+
+    func makeFile(size: Int, name: String = "disk.raw") throws -> String {
+        let path = directory.appendingPathComponent(name).path
+        let bytes = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) }
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        return path
+    }
+
+    /// Opens `path` as a file node on the loop.
+    func open(_ path: String, direct: Bool, aio: FileAIOMode) throws -> (BlockGraph, BlockNode, FileIOContext) {
+        try loop.submit { () -> (BlockGraph, FileIOContext) in
+            (BlockGraph(eventLoop: self.loop), FileIOContext(eventLoop: self.loop, threadPool: self.pool))
+        }.flatMap { graph, io in
+            FileDriver.open(FileDriverOptions(filename: path, direct: direct, aio: aio), io: io).flatMapThrowing {
+                (graph, try graph.addNode(name: "file", driver: $0), io)
+            }
+        }.wait()
+    }
+
+    func read(_ node: BlockNode, _ offset: Int64, _ count: Int) throws -> [UInt8] {
+        try loop.flatSubmit { () -> EventLoopFuture<[UInt8]> in
+            let promise = self.loop.makePromise(of: [UInt8].self)
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
+            node.read(at: offset, into: buffer) { error in
+                defer { buffer.deallocate() }
+                if let error { return promise.fail(error) }
+                promise.succeed(Array(buffer))
+            }
+            return promise.futureResult
+        }.wait()
+    }
+
+    func write(_ node: BlockNode, _ offset: Int64, _ bytes: [UInt8], flags: BlockRequestFlags = []) throws {
+        try loop.flatSubmit { () -> EventLoopFuture<Void> in
+            let promise = self.loop.makePromise(of: Void.self)
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 1)
+            buffer.copyBytes(from: bytes)
+            node.write(at: offset, from: UnsafeRawBufferPointer(buffer), flags: flags) { error in
+                buffer.deallocate()
+                if let error { return promise.fail(error) }
+                promise.succeed(())
+            }
+            return promise.futureResult
+        }.wait()
+    }
+
+    func close(_ graph: BlockGraph, _ io: FileIOContext) throws {
+        try loop.flatSubmit { () -> EventLoopFuture<Void> in
+            graph.closeAll()
+            return io.shutdown()
+        }.wait()
+    }
+
+    @Test(arguments: [(false, FileAIOMode.threads), (true, .threads), (true, .native)])
+    func readsAndWritesRoundTripWithPadding(direct: Bool, aio: FileAIOMode) throws {
+        let path = try makeFile(size: 1 << 20, name: "rt-\(direct)-\(aio).raw")
+        let (graph, node, io) = try open(path, direct: direct, aio: aio)
+        if direct { #expect(node.limits.requestAlignment >= 512) }
+        let payload = (0..<3000).map { UInt8(truncatingIfNeeded: $0 ^ 0x5a) }
+        try write(node, 12345, payload)
+        try write(node, 65536, [UInt8](repeating: 7, count: 8192), flags: .fua)
+        #expect(try read(node, 12345, 3000) == payload)
+        #expect(try read(node, 65536, 8192) == [UInt8](repeating: 7, count: 8192))
+        let untouched = try read(node, 0, 100)
+        #expect(untouched == (0..<100).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) })
+        try close(graph, io)
+        let onDisk = try Data(contentsOf: URL(fileURLWithPath: path))
+        #expect(Array(onDisk[12345..<15345]) == payload)
+    }
+
+    @Test(arguments: [FileAIOMode.threads, .native])
+    func readsPastTheLastByteOfAnOddSizedFileAreZeroFilled(aio: FileAIOMode) throws {
+        // 1000 bytes: O_DIRECT must read a whole sector and gets a short read.
+        let path = try makeFile(size: 1000, name: "odd-\(aio).raw")
+        let (graph, node, io) = try open(path, direct: true, aio: aio)
+        #expect(node.length == 1000)
+        let bytes = try read(node, 900, 100)
+        #expect(bytes == (900..<1000).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) })
+        try close(graph, io)
+    }
+
+    @Test func failedAIOSurfacesAsAnErrorAndTheEngineGoesOn() throws {
+        let path = try makeFile(size: 1 << 16, name: "fail.raw")
+        let engine = try LinuxAIOEngine.make(on: loop).wait()
+        let fd = Glibc.open(path, O_RDWR | strata_O_DIRECT)
+        #expect(fd >= 0)
+        defer { Glibc.close(fd) }
+        let memory = UnsafeMutableRawPointer.allocate(byteCount: 8192, alignment: 4096)
+        defer { memory.deallocate() }
+        // An O_DIRECT read at a misaligned offset fails with EINVAL.
+        let failed = try loop.flatSubmit { () -> EventLoopFuture<Int> in
+            let promise = self.loop.makePromise(of: Int.self)
+            engine.submit(fd: fd, write: false, buffer: memory, count: 512, offset: 1) { promise.succeed($0) }
+            return promise.futureResult
+        }.wait()
+        #expect(failed == -Int(EINVAL))
+        // A short read at the end of the file.
+        let short = try loop.flatSubmit { () -> EventLoopFuture<Int> in
+            let promise = self.loop.makePromise(of: Int.self)
+            engine.submit(fd: fd, write: false, buffer: memory, count: 8192, offset: (1 << 16) - 4096) { promise.succeed($0) }
+            return promise.futureResult
+        }.wait()
+        #expect(short == 4096)
+        // Many at once, more than one batch.
+        let many = try loop.flatSubmit { () -> EventLoopFuture<[Int]> in
+            let futures = (0..<64).map { index -> EventLoopFuture<Int> in
+                let promise = self.loop.makePromise(of: Int.self)
+                engine.submit(fd: fd, write: false, buffer: memory, count: 512, offset: Int64(index * 512)) {
+                    promise.succeed($0)
+                }
+                return promise.futureResult
+            }
+            return EventLoopFuture.whenAllSucceed(futures, on: self.loop)
+        }.wait()
+        #expect(many.allSatisfy { $0 == 512 })
+        try loop.flatSubmit { engine.close() }.wait()
+    }
+
+    @Test func blockStatusFollowsHolesAndData() throws {
+        let path = directory.appendingPathComponent("sparse.raw").path
+        _ = FileManager.default.createFile(atPath: path, contents: nil)
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        try handle.truncate(atOffset: 4 << 20)
+        try handle.seek(toOffset: 1 << 20)
+        handle.write(Data(repeating: 1, count: 65536))
+        try handle.close()
+        let (graph, node, io) = try open(path, direct: false, aio: .threads)
+        let statuses = try loop.flatSubmit { () -> EventLoopFuture<[BlockStatus]> in
+            let promise = self.loop.makePromise(of: [BlockStatus].self)
+            var results: [BlockStatus] = []
+            func next(_ offset: Int64) {
+                guard offset < node.length else { return promise.succeed(results) }
+                node.blockStatus(at: offset, length: node.length - offset) { result in
+                    guard case .success(let status) = result else { return promise.fail(BlockError.eio) }
+                    results.append(status)
+                    next(offset + status.length)
+                }
+            }
+            next(0)
+            return promise.futureResult
+        }.wait()
+        #expect(statuses.count == 3)
+        #expect(statuses[0].flags.contains(.zero) && !statuses[0].flags.contains(.data))
+        #expect(statuses[1].flags.contains(.data) && statuses[1].length == 65536)
+        #expect(statuses[2].flags.contains(.zero))
+        try close(graph, io)
+    }
+
+    @Test func imageLocksConflictLikeQemus() throws {
+        let path = try makeFile(size: 4096, name: "locks.raw")
+        let first = Glibc.open(path, O_RDWR)
+        let second = Glibc.open(path, O_RDWR)
+        defer { Glibc.close(first); Glibc.close(second) }
+        var holder = ImageLocks(fd: first, filename: path)
+        try holder.apply(perm: [.consistentRead, .write], shared: [.consistentRead, .writeUnchanged])
+        var other = ImageLocks(fd: second, filename: path)
+        #expect {
+            try other.apply(perm: [.consistentRead, .write], shared: .all)
+        } throws: { error in
+            "\(error)".contains("Failed to get \"write\" lock") && "\(error)".contains("Is another process using the image")
+        }
+        #expect(throws: BlockError.self) {
+            try other.apply(perm: .consistentRead, shared: [.consistentRead])
+        }
+        // Reading while sharing writes is fine.
+        try other.apply(perm: .consistentRead, shared: .all)
+        try holder.apply(perm: [], shared: .all)
+        try other.apply(perm: [.consistentRead, .write], shared: [.consistentRead])
+    }
+
+    @Test func probeRecognisesFormatsByMagic() {
+        #expect(FormatProbe.detect(Array("QFI".utf8) + [0xfb, 0, 0, 0, 3]) == "qcow2")
+        #expect(FormatProbe.detect(Array("QFI".utf8) + [0xfb, 0, 0, 0, 1]) == "qcow")
+        #expect(FormatProbe.detect([UInt8](repeating: 0, count: 512)) == "raw")
+        #expect(FormatProbe.detect(Array("conectix".utf8)) == "vpc")
+        #expect(FormatProbe.detect([]) == "raw")
+    }
+}

@@ -1,0 +1,100 @@
+import BlockLayer
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An in-memory driver for request-path tests: checks that the node only
+/// ever hands it aligned requests, records calls, and can hold completions
+/// back so tests decide the order in which requests finish.
+final class MemoryDriver: BlockDriver {
+    let formatName = "memory"
+    var data: [UInt8]
+    let alignment: Int
+    var nativeFUA: Bool
+    var nativeZeroes: Bool
+    /// When true, completions wait in `held` until `release` runs them.
+    var holdCompletions = false
+    private(set) var held: [() -> Void] = []
+    private(set) var flushCount = 0
+    private(set) var writeCount = 0
+    private(set) var zeroCount = 0
+    private(set) var fuaWrites = 0
+    private(set) var misalignedRequests = 0
+    var failNextWrite: BlockError?
+
+    init(size: Int, alignment: Int = 1, nativeFUA: Bool = true, nativeZeroes: Bool = true) {
+        data = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+        self.alignment = alignment
+        self.nativeFUA = nativeFUA
+        self.nativeZeroes = nativeZeroes
+    }
+
+    var length: Int64 { Int64(data.count) }
+
+    func refreshLimits(_ limits: inout BlockLimits) {
+        limits.requestAlignment = alignment
+    }
+
+    var supportedWriteFlags: BlockRequestFlags { nativeFUA ? [.fua] : [] }
+    var supportedZeroFlags: BlockRequestFlags { [.mayUnmap] }
+
+    private func finish(_ body: @escaping () -> Void) {
+        if holdCompletions { held.append(body) } else { body() }
+    }
+
+    /// Runs held completions, in the given order of indices or as queued.
+    func release(order: [Int]? = nil) {
+        let pending = held
+        held = []
+        for index in order ?? Array(pending.indices) { pending[index]() }
+    }
+
+    private func checkAlignment(_ offset: Int64, _ count: Int) {
+        if offset % Int64(alignment) != 0 || count % alignment != 0 { misalignedRequests += 1 }
+    }
+
+    func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
+              completion: @escaping BlockCompletion) {
+        checkAlignment(offset, buffer.count)
+        // Snapshot at completion time, like a device that reads late.
+        finish {
+            for index in 0..<buffer.count {
+                let position = Int(offset) + index
+                buffer[index] = position < self.data.count ? self.data[position] : 0
+            }
+            completion(nil)
+        }
+    }
+
+    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
+               completion: @escaping BlockCompletion) {
+        checkAlignment(offset, buffer.count)
+        writeCount += 1
+        if flags.contains(.fua) { fuaWrites += 1 }
+        if let failure = failNextWrite {
+            failNextWrite = nil
+            return finish { completion(failure) }
+        }
+        let bytes = Array(buffer)
+        finish {
+            for (index, byte) in bytes.enumerated() { self.data[Int(offset) + index] = byte }
+            completion(nil)
+        }
+    }
+
+    func flush(completion: @escaping BlockCompletion) {
+        flushCount += 1
+        finish { completion(nil) }
+    }
+
+    func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags,
+                     completion: @escaping BlockCompletion) {
+        guard nativeZeroes else { return completion(.enotsup) }
+        checkAlignment(offset, Int(length))
+        zeroCount += 1
+        finish {
+            for index in Int(offset)..<Int(offset + length) { self.data[index] = 0 }
+            completion(nil)
+        }
+    }
+}

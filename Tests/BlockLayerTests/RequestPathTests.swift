@@ -1,0 +1,155 @@
+@testable import BlockLayer
+import NIOEmbedded
+import Testing
+
+/// The shared request path: padding, read-modify-write, zero fallback,
+/// FUA emulation, flush coalescing, detect-zeroes.
+@Suite struct RequestPathTests {
+    let loop = EmbeddedEventLoop()
+
+    func makeNode(_ driver: MemoryDriver, options: BlockNodeOptions = BlockNodeOptions()) throws -> (BlockGraph, BlockNode) {
+        let graph = BlockGraph(eventLoop: loop)
+        let node = try graph.addNode(name: "mem", driver: driver, options: options)
+        return (graph, node)
+    }
+
+    func write(_ node: BlockNode, _ offset: Int64, _ bytes: [UInt8], flags: BlockRequestFlags = []) -> BlockError?? {
+        var result: BlockError?? = .none
+        bytes.withUnsafeBytes { buffer in
+            node.write(at: offset, from: buffer, flags: flags) { result = .some($0) }
+        }
+        return result
+    }
+
+    func read(_ node: BlockNode, _ offset: Int64, _ count: Int) -> [UInt8]? {
+        var output = [UInt8](repeating: 0xee, count: count)
+        var failed = false
+        output.withUnsafeMutableBytes { buffer in
+            node.read(at: offset, into: buffer) { failed = $0 != nil }
+        }
+        return failed ? nil : output
+    }
+
+    @Test(arguments: [(513, 1000), (0, 1), (511, 2), (1024, 512), (100, 3000), (4095, 1)])
+    func unalignedWriteReadsBack(offset: Int, count: Int) throws {
+        let driver = MemoryDriver(size: 8192, alignment: 512)
+        let (graph, node) = try makeNode(driver); defer { withExtendedLifetime(graph) {} }
+        var expected = driver.data
+        let payload = (0..<count).map { UInt8(truncatingIfNeeded: $0 &+ 0x40) }
+        #expect(write(node, Int64(offset), payload) == .some(nil))
+        expected.replaceSubrange(offset..<offset + count, with: payload)
+        #expect(driver.data == expected)
+        #expect(read(node, Int64(offset), count) == payload)
+        #expect(read(node, 0, 8192) == expected)
+        #expect(driver.misalignedRequests == 0)
+    }
+
+    @Test func overlappingUnalignedWritesNeverTear() throws {
+        let driver = MemoryDriver(size: 4096, alignment: 512)
+        let (graph, node) = try makeNode(driver); defer { withExtendedLifetime(graph) {} }
+        driver.holdCompletions = true
+        var results: [BlockError?] = []
+        // Two writes into the same 512-byte block, different bytes.
+        let first = [UInt8](repeating: 0xaa, count: 100)
+        let second = [UInt8](repeating: 0xbb, count: 100)
+        first.withUnsafeBytes { buffer in node.write(at: 10, from: buffer) { results.append($0) } }
+        second.withUnsafeBytes { buffer in node.write(at: 300, from: buffer) { results.append($0) } }
+        // Finish in reverse order of arrival, repeatedly, until all is done.
+        while !driver.held.isEmpty { driver.release(order: Array(driver.held.indices.reversed())) }
+        #expect(results.count == 2)
+        #expect(Array(driver.data[10..<110]) == first)
+        #expect(Array(driver.data[300..<400]) == second)
+    }
+
+    @Test func writeZeroesFallsBackToZeroBuffers() throws {
+        let driver = MemoryDriver(size: 3 << 20, alignment: 512, nativeZeroes: false)
+        let (graph, node) = try makeNode(driver); defer { withExtendedLifetime(graph) {} }
+        var result: BlockError?? = .none
+        node.writeZeroes(at: 100, length: (2 << 20) + 5, flags: []) { result = .some($0) }
+        loop.run()
+        #expect(result == .some(nil))
+        #expect(driver.data[100..<(100 + (2 << 20) + 5)].allSatisfy { $0 == 0 })
+        #expect(driver.data[99] != 0 || driver.data[99] == UInt8(truncatingIfNeeded: 99 &* 7 &+ 3))
+        #expect(driver.data[(2 << 20) + 105] == UInt8(truncatingIfNeeded: ((2 << 20) + 105) &* 7 &+ 3))
+    }
+
+    @Test func fastZeroWithoutNativeSupportIsNotSupported() throws {
+        let driver = MemoryDriver(size: 8192, alignment: 512, nativeZeroes: false)
+        let (graph, node) = try makeNode(driver); defer { withExtendedLifetime(graph) {} }
+        let before = driver.data
+        var result: BlockError?? = .none
+        node.writeZeroes(at: 0, length: 4096, flags: [.noFallback]) { result = .some($0) }
+        #expect(result == .some(.enotsup))
+        #expect(driver.data == before)
+        // Unaligned edges would need data writes too.
+        let native = MemoryDriver(size: 8192, alignment: 512)
+        let (nativeGraph, nativeNode) = try makeNode(native); defer { withExtendedLifetime(nativeGraph) {} }
+        nativeNode.writeZeroes(at: 1, length: 4096, flags: [.noFallback]) { result = .some($0) }
+        #expect(result == .some(.enotsup))
+    }
+
+    @Test func fuaIsEmulatedWithFlushWhenTheDriverLacksIt() throws {
+        let driver = MemoryDriver(size: 4096, nativeFUA: false)
+        let (graph, node) = try makeNode(driver); defer { withExtendedLifetime(graph) {} }
+        #expect(write(node, 0, [1, 2, 3], flags: .fua) == .some(nil))
+        #expect(driver.flushCount == 1)
+        #expect(driver.fuaWrites == 0)
+        let native = MemoryDriver(size: 4096)
+        let (nativeGraph, nativeNode) = try makeNode(native); defer { withExtendedLifetime(nativeGraph) {} }
+        #expect(write(nativeNode, 0, [1, 2, 3], flags: .fua) == .some(nil))
+        #expect(native.flushCount == 0)
+        #expect(native.fuaWrites == 1)
+    }
+
+    @Test func flushesCoalesceByWriteGeneration() throws {
+        let driver = MemoryDriver(size: 4096)
+        let (graph, node) = try makeNode(driver); defer { withExtendedLifetime(graph) {} }
+        var done = 0
+        node.flush { _ in done += 1 }
+        #expect(driver.flushCount == 0, "nothing written: no flush reaches the driver")
+        _ = write(node, 0, [1])
+        driver.holdCompletions = true
+        node.flush { _ in done += 1 }
+        node.flush { _ in done += 1 }
+        node.flush { _ in done += 1 }
+        driver.release()
+        #expect(driver.flushCount == 1, "flushes waiting on one with no write since share it")
+        #expect(done == 4)
+        driver.holdCompletions = false
+        node.flush { _ in done += 1 }
+        #expect(driver.flushCount == 1)
+        _ = write(node, 1, [2])
+        node.flush { _ in done += 1 }
+        #expect(driver.flushCount == 2)
+    }
+
+    @Test func detectZeroesTurnsZeroWritesIntoWriteZeroes() throws {
+        let driver = MemoryDriver(size: 8192)
+        let (graph, node) = try makeNode(driver, options: BlockNodeOptions(detectZeroes: .on)); defer { withExtendedLifetime(graph) {} }
+        #expect(write(node, 0, [UInt8](repeating: 0, count: 4096)) == .some(nil))
+        #expect(driver.zeroCount == 1)
+        #expect(driver.writeCount == 0)
+        #expect(write(node, 0, [0, 0, 1]) == .some(nil))
+        #expect(driver.writeCount == 1)
+    }
+
+    @Test func rangesAndReadOnlyAreChecked() throws {
+        let driver = MemoryDriver(size: 4096)
+        let (graph, node) = try makeNode(driver); defer { withExtendedLifetime(graph) {} }
+        #expect(write(node, 4095, [1, 2]) == .some(.einval))
+        #expect(read(node, 4096, 1) == nil)
+        #expect(read(node, 4096, 0) == [])
+        let (readOnlyGraph, readOnly) = try makeNode(MemoryDriver(size: 4096), options: BlockNodeOptions(readOnly: true))
+        #expect(write(readOnly, 0, [1]) == .some(.eperm))
+        withExtendedLifetime(readOnlyGraph) {}
+    }
+
+    @Test func writeErrorsReachTheCaller() throws {
+        let driver = MemoryDriver(size: 4096, alignment: 512)
+        let (graph, node) = try makeNode(driver); defer { withExtendedLifetime(graph) {} }
+        driver.failNextWrite = .enospc
+        #expect(write(node, 0, [UInt8](repeating: 1, count: 512)) == .some(.enospc))
+        // The tracked request was released: the next write goes through.
+        #expect(write(node, 0, [UInt8](repeating: 1, count: 512)) == .some(nil))
+    }
+}

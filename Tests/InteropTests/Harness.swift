@@ -1,0 +1,121 @@
+import Foundation
+import Testing
+
+/// Runs the real `strata` binary and the real client tools for interop tests.
+enum Harness {
+    /// The `strata` built next to this test bundle (or `STRATA_BINARY`).
+    static var strata: String {
+        if let path = ProcessInfo.processInfo.environment["STRATA_BINARY"] { return path }
+        let bundle = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        var candidates = [bundle.appendingPathComponent("strata")]
+        // `swift test` may run the bundle from inside its .xctest directory.
+        candidates.append(bundle.deletingLastPathComponent().appendingPathComponent("strata"))
+        for candidate in candidates where FileManager.default.isExecutableFile(atPath: candidate.path) {
+            return candidate.path
+        }
+        return candidates[0].path
+    }
+
+    static let scripts = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Scripts")
+
+    struct Output {
+        var status: Int32
+        var stdout: String
+        var stderr: String
+    }
+
+    /// Runs a command to completion with a time limit; the process is killed
+    /// if it overstays.
+    static func run(_ executable: String, _ arguments: [String], timeout: TimeInterval = 120) throws -> Output {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        let out = Pipe()
+        let err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        // Both pipes drain concurrently so a chatty child never blocks.
+        final class Collected: @unchecked Sendable { var out = Data(); var err = Data() }
+        let collected = Collected()
+        let group = DispatchGroup()
+        group.enter()
+        DispatchQueue.global().async { collected.out = out.fileHandleForReading.readDataToEndOfFile(); group.leave() }
+        group.enter()
+        DispatchQueue.global().async { collected.err = err.fileHandleForReading.readDataToEndOfFile(); group.leave() }
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning, Date() < deadline { usleep(20_000) }
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+        }
+        process.waitUntilExit()
+        group.wait()
+        return Output(status: process.terminationStatus,
+                      stdout: String(decoding: collected.out, as: UTF8.self),
+                      stderr: String(decoding: collected.err, as: UTF8.self))
+    }
+
+    /// A fresh temporary directory, removed by `cleanUp`.
+    static func temporaryDirectory(_ tag: String) throws -> URL {
+        let url = URL(fileURLWithPath: NSTemporaryDirectory())
+            .appendingPathComponent("strata-test-\(tag)-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+        return url
+    }
+}
+
+/// A `strata serve` started for one test and always stopped after it.
+final class ServedImage {
+    let directory: URL
+    let socket: String
+    let process = Process()
+    private let errorPipe = Pipe()
+
+    var uri: String { "nbd+unix:///?socket=\(socket)" }
+
+    init(image: String, options: [String], directory: URL) throws {
+        self.directory = directory
+        socket = directory.appendingPathComponent("nbd.sock").path
+        process.executableURL = URL(fileURLWithPath: Harness.strata)
+        process.arguments = ["serve", "-k", socket, "-t"] + options + [image]
+        process.standardError = errorPipe
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        let deadline = Date().addingTimeInterval(20)
+        while !FileManager.default.fileExists(atPath: socket) {
+            guard process.isRunning, Date() < deadline else {
+                stop()
+                throw ServeFailure(message: "server did not start: \(errors())")
+            }
+            usleep(20_000)
+        }
+    }
+
+    struct ServeFailure: Error, CustomStringConvertible {
+        var message: String
+        var description: String { message }
+    }
+
+    func errors() -> String {
+        if process.isRunning { return "" }
+        return String(decoding: errorPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    }
+
+    /// SIGTERM, then SIGKILL if it has not gone within 10 s.
+    @discardableResult
+    func stop() -> Int32 {
+        if process.isRunning {
+            kill(process.processIdentifier, SIGTERM)
+            let deadline = Date().addingTimeInterval(10)
+            while process.isRunning, Date() < deadline { usleep(20_000) }
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        }
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    deinit {
+        stop()
+    }
+}

@@ -1,0 +1,129 @@
+import Foundation
+import Testing
+
+/// `strata serve` as a user meets it: option errors, locks against QEMU's
+/// tools, probing, --fork and --pid-file, clean shutdown.
+@Suite struct ServeCommandTests {
+    func makeImage(in directory: URL, size: String = "16M") throws -> String {
+        let path = directory.appendingPathComponent("disk.raw").path
+        let made = try Harness.run("/usr/bin/qemu-img", ["create", "-f", "raw", path, size])
+        try #require(made.status == 0, "qemu-img create: \(made.stderr)")
+        return path
+    }
+
+    @Test(arguments: [
+        (["--cache=bogus"], "--cache"),
+        (["--aio=native"], "--aio=native requires"),
+        (["--discard=maybe"], "--discard"),
+        (["--detect-zeroes=unmap"], "--discard to unmap"),
+        (["-U"], "--read-only"),
+        (["-f", "vmdk"], "--format"),
+        (["--shared=-1"], "--shared"),
+        (["-k", "/tmp/x.sock", "-p", "1234"], "--socket"),
+    ])
+    func badOptionsNameTheOption(arguments: [String], mentions: String) throws {
+        let result = try Harness.run(Harness.strata, ["serve"] + arguments + ["/nonexistent.raw"])
+        #expect(result.status != 0)
+        #expect(result.stderr.contains(mentions), "stderr: \(result.stderr)")
+    }
+
+    @Test func missingImageIsAClearError() throws {
+        let result = try Harness.run(Harness.strata, ["serve", "-f", "raw", "-k", "/tmp/strata-none.sock",
+                                                      "/nonexistent/disk.raw"])
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("Could not open '/nonexistent/disk.raw': No such file or directory"))
+    }
+
+    @Test func qemuImgResizeIsRefusedWhileServing() throws {
+        let directory = try Harness.temporaryDirectory("lock")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try makeImage(in: directory)
+        let served = try ServedImage(image: image, options: ["-f", "raw"], directory: directory)
+        let resize = try Harness.run("/usr/bin/qemu-img", ["resize", "-f", "raw", image, "32M"])
+        #expect(resize.status != 0)
+        #expect(resize.stderr.contains("Is another process using the image"), "\(resize.stderr)")
+        #expect(served.stop() == 0)
+        let after = try Harness.run("/usr/bin/qemu-img", ["resize", "-f", "raw", image, "32M"])
+        #expect(after.status == 0, "locks are released on exit: \(after.stderr)")
+    }
+
+    @Test func aSecondServerCoexistsAsWithQemuNbd() throws {
+        // A second Strata wants nothing QEMU would refuse, so it starts, as a
+        // second qemu-nbd does; with -U it takes no locks at all.
+        let directory = try Harness.temporaryDirectory("lock2")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try makeImage(in: directory)
+        let first = try ServedImage(image: image, options: ["-f", "raw"], directory: directory)
+        defer { first.stop() }
+        let otherDirectory = try Harness.temporaryDirectory("lock2b")
+        defer { try? FileManager.default.removeItem(at: otherDirectory) }
+        let second = try ServedImage(image: image, options: ["-f", "raw", "-r", "-U"], directory: otherDirectory)
+        let info = try Harness.run("/usr/bin/nbdinfo", ["--size", second.uri])
+        #expect(info.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "16777216")
+        second.stop()
+    }
+
+    @Test func probedRawRefusesWritingAnotherFormatsHeader() throws {
+        let directory = try Harness.temporaryDirectory("probe")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try makeImage(in: directory)
+        let served = try ServedImage(image: image, options: [], directory: directory)
+        defer { served.stop() }
+        // "QFI\xfb" at offset 0 would make the image probe as qcow2.
+        let header = directory.appendingPathComponent("header").path
+        try Data([0x51, 0x46, 0x49, 0xfb] + [UInt8](repeating: 0, count: 508)).write(to: URL(fileURLWithPath: header))
+        let copy = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x51 0 1", served.uri])
+        #expect(copy.status == 0, "a single byte that still probes raw is fine: \(copy.stderr)")
+        let qcow = try Harness.run("/usr/bin/nbdcopy", [header, served.uri])
+        #expect(qcow.status != 0, "writing a qcow2 magic to sector 0 must fail")
+        let elsewhere = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x51 4096 512", served.uri])
+        #expect(elsewhere.status == 0, "\(elsewhere.stderr)")
+    }
+
+    @Test func forkWritesPidFileAndSigtermShutsDownCleanly() throws {
+        let directory = try Harness.temporaryDirectory("fork")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try makeImage(in: directory)
+        let socket = directory.appendingPathComponent("s.sock").path
+        let pidFile = directory.appendingPathComponent("strata.pid").path
+        let started = try Harness.run(Harness.strata, ["serve", "--fork", "--pid-file", pidFile, "-t", "-f", "raw",
+                                                       "-k", socket, image], timeout: 30)
+        #expect(started.status == 0, "\(started.stderr)")
+        #expect(FileManager.default.fileExists(atPath: socket), "--fork returns once the socket listens")
+        let pidText = try String(contentsOfFile: pidFile, encoding: .utf8)
+        let pid = try #require(Int32(pidText.trimmingCharacters(in: .whitespacesAndNewlines)))
+        defer { kill(pid, SIGKILL) }
+        let write = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x77 0 1M",
+                                                         "nbd+unix:///?socket=\(socket)"])
+        #expect(write.status == 0, "\(write.stderr)")
+        kill(pid, SIGTERM)
+        let deadline = Date().addingTimeInterval(10)
+        while kill(pid, 0) == 0, Date() < deadline { usleep(20_000) }
+        #expect(kill(pid, 0) != 0, "the server exits on SIGTERM")
+        #expect(!FileManager.default.fileExists(atPath: socket), "the socket is removed")
+        #expect(!FileManager.default.fileExists(atPath: pidFile), "the pid file is removed")
+        let check = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "read -P 0x77 0 1M", image])
+        #expect(check.status == 0 && !check.stdout.contains("Pattern verification failed"), "\(check.stdout)")
+    }
+
+    @Test func serverSurvivesAbruptClientsAndKeepsServing() throws {
+        let directory = try Harness.temporaryDirectory("abrupt")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try makeImage(in: directory)
+        let served = try ServedImage(image: image, options: ["-f", "raw", "-e", "0"], directory: directory)
+        defer { served.stop() }
+        // Clients killed mid-transfer.
+        for _ in 0..<3 {
+            let copy = Process()
+            copy.executableURL = URL(fileURLWithPath: "/usr/bin/nbdcopy")
+            copy.arguments = [served.uri, "null:"]
+            try copy.run()
+            usleep(30_000)
+            kill(copy.processIdentifier, SIGKILL)
+            copy.waitUntilExit()
+        }
+        let info = try Harness.run("/usr/bin/nbdinfo", ["--size", served.uri])
+        #expect(info.status == 0)
+        #expect(served.process.isRunning)
+    }
+}

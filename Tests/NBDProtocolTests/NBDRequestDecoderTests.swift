@@ -1,0 +1,99 @@
+@testable import NBDProtocol
+import NIOCore
+import Testing
+
+@Suite struct NBDRequestDecoderTests {
+    func decodeAll(_ input: ByteBuffer, chunk: Int, maxPayload: Int = 1024) throws -> [NBDRequest] {
+        var decoder = NBDRequestDecoder(maxPayload: maxPayload)
+        var accumulated = ByteBuffer()
+        var input = input
+        var requests: [NBDRequest] = []
+        while input.readableBytes > 0 {
+            var piece = input.readSlice(length: min(chunk, input.readableBytes))!
+            accumulated.writeBuffer(&piece)
+            while let request = try decoder.next(&accumulated) { requests.append(request) }
+        }
+        return requests
+    }
+
+    @Test(arguments: [1, 13, 28, 4096])
+    func readsRequestsAndWritePayloadsInAnyChunking(chunk: Int) throws {
+        var bytes = Wire.request(type: 0, cookie: 7, offset: 4096, length: 512)
+        var write = Wire.request(type: 1, flags: 1, cookie: 8, offset: 0, length: 5, payload: [1, 2, 3, 4, 5])
+        bytes.writeBuffer(&write)
+        var flush = Wire.request(type: 3, cookie: 9)
+        bytes.writeBuffer(&flush)
+        let requests = try decodeAll(bytes, chunk: chunk)
+        #expect(requests.map(\.cookie) == [7, 8, 9])
+        #expect(requests[0].command == .read)
+        #expect(requests[0].length == 512)
+        #expect(requests[1].flags == .fua)
+        #expect(requests[1].payload.map { Array($0.readableBytesView) } == [1, 2, 3, 4, 5])
+        #expect(requests[2].command == .flush)
+    }
+
+    @Test(arguments: [1, 100, 10000])
+    func oversizedWritesAreSkippedAndTheStreamStaysInSync(chunk: Int) throws {
+        var bytes = Wire.request(type: 1, cookie: 1, length: 3000, payload: [UInt8](repeating: 9, count: 3000))
+        var read = Wire.request(type: 0, cookie: 2, length: 10)
+        bytes.writeBuffer(&read)
+        let requests = try decodeAll(bytes, chunk: chunk)
+        #expect(requests.count == 2)
+        #expect(requests[0].payloadDiscarded)
+        #expect(requests[0].payload == nil)
+        #expect(requests[1].cookie == 2)
+    }
+
+    @Test func badMagicThrows() {
+        var decoder = NBDRequestDecoder()
+        var bytes = Wire.request(type: 0, magic: 0xdead_beef)
+        #expect(throws: NBDRequestDecoder.DecodingError.badMagic(0xdead_beef)) { try decoder.next(&bytes) }
+    }
+}
+
+@Suite struct NBDRequestValidationTests {
+    func session(readOnly: Bool = false, structured: Bool = true, contexts: Bool = true) -> NBDSession {
+        var flags: NBDTransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendCache]
+        if structured { flags.insert(.sendDF) }
+        if readOnly { flags.insert(.readOnly) }
+        let export = NBDExportDescriptor(name: "", size: 1 << 20, transmissionFlags: flags)
+        return NBDSession(export: export, structuredReplies: structured,
+                          metaContexts: contexts ? [NBDMetaContext(id: 0, name: "base:allocation")] : [],
+                          transmissionFlags: flags)
+    }
+
+    func check(_ type: UInt16, flags: NBDCommandFlags = [], offset: UInt64 = 0, length: UInt32 = 512,
+               session: NBDSession) -> NBDError? {
+        NBDRequestValidation.check(NBDRequest(type: type, flags: flags, cookie: 1, offset: offset, length: length),
+                                   session: session)?.error
+    }
+
+    @Test func boundsGiveEinvalForReadsAndEnospcForWrites() {
+        let s = session()
+        #expect(check(0, offset: (1 << 20) - 100, session: s) == .einval)
+        #expect(check(1, offset: (1 << 20) - 100, session: s) == .enospc)
+        #expect(check(6, offset: 1 << 21, session: s) == .enospc)
+        #expect(check(4, offset: UInt64.max - 10, session: s) == .einval)
+        #expect(check(0, offset: (1 << 20) - 512, session: s) == nil)
+    }
+
+    @Test func flagsMustBeValidAndAdvertised() {
+        let s = session()
+        #expect(check(0, flags: .reqOne, session: s) == .einval)
+        #expect(check(0, flags: .dontFragment, session: s) == nil)
+        #expect(check(0, flags: .dontFragment, session: session(structured: false)) == .einval)
+        #expect(check(6, flags: .fastZero, session: s) == .einval, "FAST_ZERO was not advertised here")
+        #expect(check(6, flags: [.noHole, .fua], session: s) == nil)
+        #expect(check(1, flags: NBDCommandFlags(rawValue: 1 << 10), session: s) == .einval)
+        #expect(check(0, flags: .fua, session: s) == nil, "FUA is tolerated on every command")
+        #expect(check(42, session: s) == .einval)
+    }
+
+    @Test func readOnlyContextsAndSizes() {
+        #expect(check(1, session: session(readOnly: true)) == .eperm)
+        #expect(check(4, session: session(readOnly: true)) == .eperm)
+        #expect(check(7, session: session(contexts: false)) == .einval)
+        #expect(check(7, length: 0, session: session()) == .einval)
+        #expect(check(0, length: 33 << 20, session: session()) == .einval)
+    }
+}
