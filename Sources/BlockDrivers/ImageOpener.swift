@@ -17,6 +17,8 @@ public struct ImageOptions: Sendable {
     public var detectZeroes: DetectZeroesMode = .off
     public var locking: FileLockingMode = .auto
     public var nodeName: String?
+    /// Serve the image from this byte on (qemu-nbd's `--offset`).
+    public var offset: Int64 = 0
 
     public init(filename: String, format: String? = nil) {
         self.filename = filename
@@ -74,7 +76,12 @@ public enum ImageOpener {
                 driver.close()
                 throw error
             }
-            let raw = RawDriver(probed: probed)
+            guard options.offset >= 0, options.offset <= driver.length else {
+                graph.removeNode(fileNode)
+                throw BlockError(errno: EINVAL,
+                    "Offset \(options.offset) is past the end of '\(options.filename)' (\(driver.length) bytes)")
+            }
+            let raw = RawDriver(offset: options.offset, probed: probed)
             var formatOptions = fileNodeOptions
             formatOptions.detectZeroes = options.detectZeroes
             do {

@@ -8,7 +8,16 @@ import Glibc
 /// reads straight into the caller's memory and needs none.
 public struct AlignedBuffer {
     public let pointer: UnsafeMutableRawPointer
+    /// Bytes in use.
     public let count: Int
+    /// Bytes allocated (at least `count`).
+    public let capacity: Int
+
+    public init(pointer: UnsafeMutableRawPointer, count: Int, capacity: Int) {
+        self.pointer = pointer
+        self.count = count
+        self.capacity = capacity
+    }
 
     /// Allocates `count` bytes at `alignment` (a power of two); nil if the
     /// allocation fails.
@@ -16,7 +25,7 @@ public struct AlignedBuffer {
         var memory: UnsafeMutableRawPointer?
         let align = max(alignment, MemoryLayout<UnsafeRawPointer>.size)
         guard posix_memalign(&memory, align, max(count, 1)) == 0, let memory else { return nil }
-        return AlignedBuffer(pointer: memory, count: count)
+        return AlignedBuffer(pointer: memory, count: count, capacity: count)
     }
 
     /// As `allocate`, filled with zeroes.

@@ -10,6 +10,8 @@ public final class BlockGraph {
     public let eventLoop: EventLoop
     public private(set) var nodes: [BlockNode] = []
     public private(set) var backends: [BlockBackend] = []
+    /// Bounce buffers for every node of this graph.
+    public let bufferPool = AlignedBufferPool()
     private var nextAutoName = 0
 
     public init(eventLoop: EventLoop) {

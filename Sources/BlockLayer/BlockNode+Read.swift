@@ -15,7 +15,7 @@ extension BlockNode {
         }
         let start = alignDown(offset, align)
         let end = alignUp(offset + Int64(length), align)
-        guard let bounce = AlignedBuffer.allocate(count: Int(end - start),
+        guard let bounce = graph.bufferPool.take(count: Int(end - start),
                                                   alignment: max(limits.memoryAlignment, align)) else {
             return completion(.enomem)
         }
@@ -23,7 +23,7 @@ extension BlockNode {
             if error == nil {
                 buffer.baseAddress!.copyMemory(from: bounce.pointer + Int(offset - start), byteCount: length)
             }
-            bounce.deallocate()
+            self.graph.bufferPool.give(bounce)
             completion(error)
         }
     }

@@ -26,13 +26,13 @@ extension BlockNode {
         }
         if Int(bitPattern: buffer.baseAddress) % limits.memoryAlignment != 0 {
             // Aligned offsets, unaligned memory (O_DIRECT): copy, no RMW needed.
-            guard let bounce = AlignedBuffer.allocate(count: length, alignment: limits.memoryAlignment) else {
+            guard let bounce = graph.bufferPool.take(count: length, alignment: limits.memoryAlignment) else {
                 return completion(.enomem)
             }
             bounce.pointer.copyMemory(from: buffer.baseAddress!, byteCount: length)
             track(start: offset, end: end, serialising: false) { id in
                 self.writeTracked(id, at: offset, from: bounce.bytes, flags: flags) { error in
-                    bounce.deallocate()
+                    self.graph.bufferPool.give(bounce)
                     completion(error)
                 }
             }
@@ -66,12 +66,12 @@ extension BlockNode {
         let length = buffer.count
         let start = alignDown(offset, align)
         let end = alignUp(offset + Int64(length), align)
-        guard let bounce = AlignedBuffer.allocate(count: Int(end - start),
+        guard let bounce = graph.bufferPool.take(count: Int(end - start),
                                                   alignment: max(limits.memoryAlignment, align)) else {
             return completion(.enomem)
         }
         let finish: BlockCompletion = { error in
-            bounce.deallocate()
+            self.graph.bufferPool.give(bounce)
             completion(error)
         }
         track(start: start, end: end, serialising: true) { id in

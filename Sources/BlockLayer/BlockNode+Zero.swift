@@ -51,11 +51,11 @@ extension BlockNode {
 
     /// Zeroes a sub-alignment piece by writing zeroes (read-modify-write).
     private func zeroByWriting(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
-        guard let zeroes = AlignedBuffer.zeroed(count: Int(length), alignment: limits.memoryAlignment) else {
+        guard let zeroes = graph.bufferPool.takeZeroed(count: Int(length), alignment: limits.memoryAlignment) else {
             return completion(.enomem)
         }
         writeWithoutDetection(at: offset, from: zeroes.bytes, flags: []) { error in
-            zeroes.deallocate()
+            self.graph.bufferPool.give(zeroes)
             completion(error)
         }
     }
@@ -79,7 +79,7 @@ extension BlockNode {
     private func writeZeroBuffers(_ id: UInt64, at offset: Int64, length: Int64,
                                   completion: @escaping BlockCompletion) {
         let chunk = Int(min(length, Int64(Self.zeroFallbackChunk)))
-        guard let zeroes = AlignedBuffer.zeroed(count: chunk, alignment: limits.memoryAlignment) else {
+        guard let zeroes = graph.bufferPool.takeZeroed(count: chunk, alignment: limits.memoryAlignment) else {
             finishWrite(id)
             return completion(.enomem)
         }
@@ -91,7 +91,7 @@ extension BlockNode {
             driver.write(at: position, from: piece, flags: []) { error in
                 position += Int64(count)
                 if error != nil || position >= end {
-                    zeroes.deallocate()
+                    self.graph.bufferPool.give(zeroes)
                     self.finishWrite(id)
                     return completion(error)
                 }

@@ -31,6 +31,9 @@ struct Serve: ParsableCommand {
     @Option(name: [.customShort("b"), .long], help: "Address to listen on (default 0.0.0.0).")
     var bind: String?
 
+    @Option(name: [.customShort("o"), .long], help: "Serve the image from this byte offset on.")
+    var offset: Int64 = 0
+
     @Option(name: [.customShort("x"), .customLong("export-name")], help: "Export name (default empty).")
     var exportName: String = ""
 
@@ -104,6 +107,9 @@ struct Serve: ParsableCommand {
         }
         if exportName.utf8.count > 4096 {
             throw ValidationError("--export-name (-x) is longer than 4096 bytes")
+        }
+        if offset < 0 {
+            throw ValidationError("Invalid value '\(offset)' for --offset (-o): expected 0 or more")
         }
         if handshakeLimit < 0 {
             throw ValidationError("Invalid value '\(handshakeLimit)' for --handshake-limit: expected seconds, 0 or more")

@@ -67,6 +67,7 @@ final class ServerProcess {
         image.aio = options.aio
         image.discard = options.discard.mode
         image.detectZeroes = options.detectZeroes
+        image.offset = options.offset
         if options.forceShare { image.locking = .off }
         return ImageOpener.open(image, graph: graph, io: io, warn: { ServerProcess.printError($0) })
             .flatMapThrowing { node in try self.export(node) }
@@ -152,6 +153,9 @@ final class ServerProcess {
             signalSources.append(source)
         }
         signal(SIGPIPE, SIG_IGN)
+        // Past a file-size limit, writes must fail with EFBIG (an NBD
+        // ENOSPC), not kill the server.
+        signal(SIGXFSZ, SIG_IGN)
     }
 
     /// Stops listening, lets clients finish, flushes and closes the image.

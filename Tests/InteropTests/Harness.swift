@@ -74,11 +74,14 @@ final class ServedImage {
 
     var uri: String { "nbd+unix:///?socket=\(socket)" }
 
-    init(image: String, options: [String], directory: URL) throws {
+    /// Starts `strata serve -k SOCKET -t OPTIONS IMAGE`, through `launcher`
+    /// (a command that execs its arguments) when given.
+    init(image: String, options: [String], directory: URL, launcher: [String] = []) throws {
         self.directory = directory
         socket = directory.appendingPathComponent("nbd.sock").path
-        process.executableURL = URL(fileURLWithPath: Harness.strata)
-        process.arguments = ["serve", "-k", socket, "-t"] + options + [image]
+        let command = [Harness.strata, "serve", "-k", socket, "-t"] + options + [image]
+        process.executableURL = URL(fileURLWithPath: launcher.first ?? Harness.strata)
+        process.arguments = launcher.isEmpty ? Array(command.dropFirst()) : Array(launcher.dropFirst()) + command
         process.standardError = errorPipe
         process.standardOutput = FileHandle.nullDevice
         try process.run()

@@ -1,0 +1,112 @@
+import Foundation
+import Testing
+
+/// Failure handling and listening modes with real clients: a full disk,
+/// a stalled handshake, TCP, socket activation, --offset.
+@Suite struct ServerBehaviourTests {
+    func makeImage(in directory: URL, size: String = "16M") throws -> String {
+        let path = directory.appendingPathComponent("disk.raw").path
+        let made = try Harness.run("/usr/bin/qemu-img", ["create", "-f", "raw", path, size])
+        try #require(made.status == 0, "qemu-img create: \(made.stderr)")
+        return path
+    }
+
+    @Test func writesPastAFileSizeLimitFailWithEnospcAndServingGoesOn() throws {
+        let directory = try Harness.temporaryDirectory("enospc")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try makeImage(in: directory)
+        // RLIMIT_FSIZE of 1 MiB: writes beyond it fail with EFBIG, as on a full disk.
+        let limit = ["/usr/bin/python3", "-c",
+                     "import os,resource,sys; resource.setrlimit(resource.RLIMIT_FSIZE,(1<<20,1<<20)); os.execv(sys.argv[1], sys.argv[1:])"]
+        let served = try ServedImage(image: image, options: ["-f", "raw"], directory: directory, launcher: limit)
+        defer { served.stop() }
+        let failed = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x11 8M 64k", served.uri])
+        #expect((failed.stdout + failed.stderr).contains("No space left on device"), "\(failed.stdout)\(failed.stderr)")
+        let fine = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x22 0 64k", "-c", "read -P 0x22 0 64k",
+                                                        served.uri])
+        #expect(fine.status == 0 && !fine.stdout.contains("failed"), "\(fine.stdout)\(fine.stderr)")
+        #expect(served.process.isRunning)
+    }
+
+    @Test func stalledHandshakesAreDroppedAndOthersServed() throws {
+        let directory = try Harness.temporaryDirectory("stall")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try makeImage(in: directory)
+        let served = try ServedImage(image: image, options: ["-f", "raw", "--handshake-limit=1", "-e", "0"],
+                                     directory: directory)
+        defer { served.stop() }
+        // A client that reads the greeting and then says nothing.
+        let script = """
+            import socket, sys, time
+            s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.recv(18)
+            start = time.time(); data = s.recv(1)
+            print("closed" if data == b"" else "data", round(time.time() - start, 1))
+            """
+        let stalled = try Harness.run("/usr/bin/python3", ["-c", script, served.socket], timeout: 20)
+        #expect(stalled.stdout.hasPrefix("closed"), "\(stalled.stdout)\(stalled.stderr)")
+        let info = try Harness.run("/usr/bin/nbdinfo", ["--size", served.uri])
+        #expect(info.status == 0)
+    }
+
+    @Test func servesOverTCP() throws {
+        let directory = try Harness.temporaryDirectory("tcp")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try makeImage(in: directory)
+        let port = 20000 + Int.random(in: 0..<20000)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Harness.strata)
+        process.arguments = ["serve", "-f", "raw", "-t", "-b", "127.0.0.1", "-p", String(port), image]
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        defer { kill(process.processIdentifier, SIGTERM); process.waitUntilExit() }
+        var size = ""
+        for _ in 0..<100 {
+            let info = try Harness.run("/usr/bin/nbdinfo", ["--size", "nbd://127.0.0.1:\(port)"])
+            if info.status == 0 { size = info.stdout; break }
+            usleep(50_000)
+        }
+        #expect(size.trimmingCharacters(in: .whitespacesAndNewlines) == "16777216")
+    }
+
+    @Test func adoptsASocketPassedBySystemd() throws {
+        let directory = try Harness.temporaryDirectory("activate")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try makeImage(in: directory)
+        let socket = directory.appendingPathComponent("activated.sock").path
+        // What systemd does: listen, pass the socket as fd 3, name our pid.
+        let activate = """
+            import os, socket, sys
+            s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(8)
+            os.dup2(s.fileno(), 3); os.set_inheritable(3, True)
+            os.environ["LISTEN_PID"] = str(os.getpid()); os.environ["LISTEN_FDS"] = "1"
+            os.execv(sys.argv[2], sys.argv[2:])
+            """
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        process.arguments = ["-c", activate, socket, Harness.strata, "serve", "-f", "raw", "-t", image]
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        defer { kill(process.processIdentifier, SIGTERM); process.waitUntilExit() }
+        var size = ""
+        for _ in 0..<100 {
+            let info = try Harness.run("/usr/bin/nbdinfo", ["--size", "nbd+unix:///?socket=\(socket)"])
+            if info.status == 0 { size = info.stdout; break }
+            usleep(50_000)
+        }
+        #expect(size.trimmingCharacters(in: .whitespacesAndNewlines) == "16777216")
+    }
+
+    @Test func offsetServesTheRestOfTheImage() throws {
+        let directory = try Harness.temporaryDirectory("offset")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try makeImage(in: directory, size: "1M")
+        let write = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x3c 4096 4096", image])
+        try #require(write.status == 0)
+        let served = try ServedImage(image: image, options: ["-f", "raw", "-o", "4096"], directory: directory)
+        defer { served.stop() }
+        let info = try Harness.run("/usr/bin/nbdinfo", ["--size", served.uri])
+        #expect(info.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == String(1048576 - 4096))
+        let read = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "read -P 0x3c 0 4096", served.uri])
+        #expect(read.status == 0 && !read.stdout.contains("verification failed"), "\(read.stdout)")
+    }
+}
