@@ -62,9 +62,14 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        .target(
+            name: "NBDTestSupport",
+            dependencies: ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")],
+            path: "Tests/NBDTestSupport"
+        ),
         .testTarget(
             name: "NBDProtocolTests",
-            dependencies: ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["NBDProtocol", "NBDTestSupport", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .testTarget(
             name: "BlockLayerTests",
@@ -86,7 +91,7 @@ let package = Package(
         .testTarget(
             name: "NBDServerTests",
             dependencies: [
-                "NBDServer", "NBDProtocol", "BlockLayer",
+                "NBDServer", "NBDProtocol", "NBDTestSupport", "BlockLayer",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
             ]

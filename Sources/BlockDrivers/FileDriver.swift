@@ -12,7 +12,11 @@ import Glibc
 ///
 /// With `aio=threads` and the page cache in use, reads first try
 /// `preadv2(RWF_NOWAIT)` on the loop: a cached read completes at once with
-/// no thread hop; only a miss goes to the pool. Writes try the same.
+/// no thread hop; only a miss goes to the pool. Writes try RWF_NOWAIT too
+/// where the kernel supports it for buffered writes; where it does not
+/// (ext4 on 6.x), a buffered write, a copy into the page cache, is done on
+/// the loop unless the last one blocked for long (dirty-page throttling),
+/// which sends writes to the pool for a while.
 public final class FileDriver: BlockDriver {
     public let formatName = "file"
     public let options: FileDriverOptions
@@ -26,7 +30,18 @@ public final class FileDriver: BlockDriver {
     /// Cleared the first time the kernel says RWF_NOWAIT is not supported.
     var nowaitReads: Bool
     var nowaitWrites: Bool
+    /// Inline buffered writes are allowed again from this time on.
+    var inlineWritesResume = NIODeadline.uptimeNanoseconds(0)
     var locks: ImageLocks?
+    /// Once fdatasync fails, the kernel forgets the error and may have
+    /// dropped the dirty pages: every later flush fails too, so no client
+    /// is told that lost data is safe.
+    var flushFailure: BlockError?
+
+    /// An inline write slower than this means the kernel is throttling.
+    static let slowInlineWrite = TimeAmount.milliseconds(1)
+    /// How long writes go to the pool after a slow inline one.
+    static let inlineWriteBackoff = TimeAmount.seconds(1)
 
     init(options: FileDriverOptions, fd: Int32, io: FileIOContext, aio: LinuxAIOEngine?,
          isBlockDevice: Bool, size: Int64, offsetAlignment: Int, memoryAlignment: Int) {
@@ -100,7 +115,10 @@ public final class FileDriver: BlockDriver {
     public func refreshLimits(_ limits: inout BlockLimits) {
         limits.requestAlignment = max(limits.requestAlignment, offsetAlignment)
         limits.memoryAlignment = max(limits.memoryAlignment, memoryAlignment)
-        limits.discardAlignment = max(limits.discardAlignment, isBlockDevice ? offsetAlignment : 4096)
+        // fallocate on a block device works in whole sectors.
+        let sector = isBlockDevice ? max(Int(strata_block_sector_size(fd)), 512) : 1
+        limits.discardAlignment = max(limits.discardAlignment, isBlockDevice ? sector : 4096)
+        limits.zeroAlignment = max(limits.zeroAlignment, sector)
     }
 
     public var supportedWriteFlags: BlockRequestFlags { [.fua] }
@@ -139,8 +157,15 @@ public final class FileDriver: BlockDriver {
     private func readDone(_ result: Int, at offset: Int64, into pointer: UnsafeMutableRawPointer, count: Int,
                           completion: @escaping BlockCompletion) {
         if result < 0 {
-            if result == -Int(EINTR) || result == -Int(EAGAIN) {
+            if result == -Int(EINTR) {
                 return readRemaining(at: offset, into: pointer, count: count, completion: completion)
+            }
+            if result == -Int(EAGAIN) {
+                // The kernel is short of resources: retry shortly, without spinning.
+                io.eventLoop.scheduleTask(in: .milliseconds(1)) {
+                    self.readRemaining(at: offset, into: pointer, count: count, completion: completion)
+                }
+                return
             }
             return completion(BlockError(errno: Int32(-result)))
         }
@@ -172,12 +197,22 @@ public final class FileDriver: BlockDriver {
             }
             return
         }
-        if nowaitWrites, !fua {
-            let result = strata_pwrite(fd, pointer, count, offset, strata_RWF_NOWAIT)
-            if result >= 0 {
-                return writeDone(result, at: offset, from: pointer, count: count, fua: fua, completion: completion)
+        if !fua, !options.direct {
+            if nowaitWrites {
+                let result = strata_pwrite(fd, pointer, count, offset, strata_RWF_NOWAIT)
+                if result >= 0 {
+                    return writeDone(result, at: offset, from: pointer, count: count, fua: fua, completion: completion)
+                }
+                if result == -Int(EOPNOTSUPP) || result == -Int(EINVAL) { nowaitWrites = false }
+            } else {
+                let start = NIODeadline.now()
+                if start >= inlineWritesResume {
+                    let result = strata_pwrite(fd, pointer, count, offset, 0)
+                    let end = NIODeadline.now()
+                    if end - start > Self.slowInlineWrite { inlineWritesResume = end + Self.inlineWriteBackoff }
+                    return writeDone(result, at: offset, from: pointer, count: count, fua: fua, completion: completion)
+                }
             }
-            if result == -Int(EOPNOTSUPP) || result == -Int(EINVAL) { nowaitWrites = false }
         }
         let fd = self.fd
         let source = SendablePointer(raw: pointer)
@@ -189,8 +224,14 @@ public final class FileDriver: BlockDriver {
     private func writeDone(_ result: Int, at offset: Int64, from pointer: UnsafeMutableRawPointer, count: Int,
                            fua: Bool, completion: @escaping BlockCompletion) {
         if result < 0 {
-            if result == -Int(EINTR) || result == -Int(EAGAIN) {
+            if result == -Int(EINTR) {
                 return writeRemaining(at: offset, from: pointer, count: count, fua: fua, completion: completion)
+            }
+            if result == -Int(EAGAIN) {
+                io.eventLoop.scheduleTask(in: .milliseconds(1)) {
+                    self.writeRemaining(at: offset, from: pointer, count: count, fua: fua, completion: completion)
+                }
+                return
             }
             return completion(BlockError(errno: Int32(-result)))
         }
@@ -203,9 +244,13 @@ public final class FileDriver: BlockDriver {
     // MARK: flush, zeroes, discard, truncate
 
     public func flush(completion: @escaping BlockCompletion) {
+        if let flushFailure { return completion(flushFailure) }
         let fd = self.fd
         io.runBlocking({ Int(strata_fdatasync(fd)) }) { result in
-            completion(result < 0 ? BlockError(errno: Int32(-result)) : nil)
+            guard result < 0 else { return completion(nil) }
+            let error = BlockError(errno: Int32(-result))
+            self.flushFailure = BlockError(errno: EIO)
+            completion(error)
         }
     }
 
@@ -220,7 +265,11 @@ public final class FileDriver: BlockDriver {
             }
             return Int(strata_zero_range(fd, offset, length))
         }) { result in
-            completion(result < 0 ? BlockError(errno: Int32(-result)) : nil)
+            guard result < 0 else { return completion(nil) }
+            // A device or filesystem that cannot zero this range: let the
+            // node write zeroes instead.
+            let notSupported = [EOPNOTSUPP, ENOTSUP, EINVAL, ENODEV, ENOSYS].contains(Int32(-result))
+            completion(notSupported ? .enotsup : BlockError(errno: Int32(-result)))
         }
     }
 

@@ -93,15 +93,24 @@ public final class LinuxAIOEngine {
         completions[slot] = completion
         pending[pendingCount] = iocbs + slot
         pendingCount += 1
-        if !submitScheduled {
-            submitScheduled = true
-            eventLoop.execute { [unowned self] in self.submitPending() }
-        }
+        scheduleSubmit()
+    }
+
+    /// Requests the kernel has and has not completed yet.
+    private var submittedCount: Int { capacity - freeSlots.count - pendingCount }
+
+    private func scheduleSubmit() {
+        guard !submitScheduled else { return }
+        submitScheduled = true
+        eventLoop.execute { [unowned self] in self.submitPending() }
     }
 
     private func submitPending() {
         submitScheduled = false
+        guard !closed else { return }
         var start = 0
+        var failed: [(slot: Int, result: Int)] = []
+        var kernelBusy = false
         while start < pendingCount {
             let result = io_submit(context, pendingCount - start, pending + start)
             if result > 0 {
@@ -109,13 +118,12 @@ public final class LinuxAIOEngine {
                 continue
             }
             if result == -EAGAIN || result == 0 {
-                // The kernel queue is full: retry after completions free it.
+                kernelBusy = true
                 break
             }
-            // The first request is bad: fail it and go on with the rest.
-            let slot = pending[start]! - iocbs
+            // The first request is bad: fail it (below) and go on with the rest.
+            failed.append((pending[start]! - iocbs, Int(result)))
             start += 1
-            complete(slot: slot, result: Int(result))
         }
         if start > 0 {
             let remaining = pendingCount - start
@@ -126,6 +134,13 @@ public final class LinuxAIOEngine {
                     byteCount: remaining * MemoryLayout<UnsafeMutablePointer<iocb>?>.stride)
             }
             pendingCount = remaining
+        }
+        // Completions may submit more: run them only once `pending` is consistent.
+        for (slot, result) in failed { complete(slot: slot, result: result) }
+        if kernelBusy, pendingCount > 0, submittedCount == 0, !submitScheduled {
+            // Nothing of ours in flight will wake us: try again shortly.
+            submitScheduled = true
+            eventLoop.scheduleTask(in: .milliseconds(1)) { [unowned self] in self.submitPending() }
         }
     }
 
@@ -151,10 +166,7 @@ public final class LinuxAIOEngine {
             }
             if count < capacity { break }
         }
-        if pendingCount > 0, !submitScheduled {
-            submitScheduled = true
-            eventLoop.execute { [unowned self] in self.submitPending() }
-        }
+        if pendingCount > 0 { scheduleSubmit() }
     }
 
     /// Stops the engine; in-flight requests must have completed.

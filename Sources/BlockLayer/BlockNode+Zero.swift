@@ -16,7 +16,7 @@ extension BlockNode {
         var flags = flags
         if options.discard != .unmap { flags.remove(.mayUnmap) }
 
-        let align = Int64(max(limits.requestAlignment, 1))
+        let align = Int64(max(limits.requestAlignment, limits.zeroAlignment, 1))
         let end = offset + length
         let headEnd = min(alignUp(offset, Int(align)), end)
         let tailStart = max(alignDown(end, Int(align)), headEnd)

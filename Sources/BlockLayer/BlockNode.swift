@@ -59,10 +59,13 @@ public final class BlockNode: BlockParent {
         self.limits = limits
     }
 
-    /// True if `[offset, offset + length)` lies within the node.
+    /// True if `[offset, offset + length)` lies within the node, counting the
+    /// last partial alignment block as in: a parent padding a request for
+    /// O_DIRECT may read (zeroes) or write up to the aligned end, as in QEMU.
     @inline(__always)
     func contains(offset: Int64, length: Int64) -> Bool {
-        offset >= 0 && length >= 0 && offset <= self.length && length <= self.length - offset
+        let end = alignUp(self.length, limits.requestAlignment)
+        return offset >= 0 && length >= 0 && offset <= end && length <= end - offset
     }
 
     /// Ends a tracked write: counts it for flush coalescing and starts the

@@ -33,10 +33,20 @@ struct TrackedRequests {
         return false
     }
 
+    /// True if a waiting request queued before position `limit` blocks this
+    /// one: later requests never overtake an earlier overlapping one where
+    /// either serialises, so a read-modify-write cannot be starved.
+    private func queuedAhead(start: Int64, end: Int64, serialising: Bool, limit: Int) -> Bool {
+        for waiter in waiters.prefix(limit) where waiter.start < end && start < waiter.end {
+            if serialising || waiter.serialising { return true }
+        }
+        return false
+    }
+
     /// Registers the request if nothing overlapping blocks it.
     mutating func tryBegin(start: Int64, end: Int64, serialising: Bool) -> UInt64? {
-        guard waiters.isEmpty || !serialising,
-              !conflicts(start: start, end: end, serialising: serialising) else { return nil }
+        guard !conflicts(start: start, end: end, serialising: serialising),
+              !queuedAhead(start: start, end: end, serialising: serialising, limit: waiters.count) else { return nil }
         let id = nextID
         nextID &+= 1
         active.append(Entry(id: id, start: start, end: end, serialising: serialising))
@@ -60,7 +70,8 @@ struct TrackedRequests {
         var index = 0
         while index < waiters.count {
             let waiter = waiters[index]
-            if conflicts(start: waiter.start, end: waiter.end, serialising: waiter.serialising) {
+            if conflicts(start: waiter.start, end: waiter.end, serialising: waiter.serialising)
+                || queuedAhead(start: waiter.start, end: waiter.end, serialising: waiter.serialising, limit: index) {
                 index += 1
                 continue
             }

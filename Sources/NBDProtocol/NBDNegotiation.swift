@@ -136,6 +136,11 @@ extension NBDNegotiation.Negotiating {
         case .listMetaContext(let name, let queries), .setMetaContext(let name, let queries):
             let isSet: Bool
             if case .setMetaContext = option { isSet = true } else { isSet = false }
+            if isSet {
+                // SET replaces the selection even when it fails.
+                metaContexts = []
+                metaContextExport = nil
+            }
             guard structuredReplies else {
                 NBDReplyEncoder.writeOptionError(option: code, type: .errInvalid,
                                                  message: "metadata contexts need structured replies first", into: &out)
@@ -167,10 +172,22 @@ extension NBDNegotiation.Negotiating {
             return .proceed
 
         case .invalid(_, let reason):
+            if code == NBDOptionCode.setMetaContext.rawValue {
+                metaContexts = []
+                metaContextExport = nil
+            }
             NBDReplyEncoder.writeOptionError(option: code, type: .errInvalid, message: reason, into: &out)
             return .proceed
 
+        case .tooBig where code == NBDOptionCode.exportName.rawValue:
+            // EXPORT_NAME has no error reply; the client would misread one.
+            return .close(reason: "NBD_OPT_EXPORT_NAME too long")
+
         case .tooBig:
+            if code == NBDOptionCode.setMetaContext.rawValue {
+                metaContexts = []
+                metaContextExport = nil
+            }
             NBDReplyEncoder.writeOptionError(option: code, type: .errTooBig,
                                              message: "option \(code) is too long", into: &out)
             return .proceed

@@ -32,6 +32,9 @@ public enum NBDRequestValidation {
         guard let command = request.command else {
             return (.einval, "unknown command \(request.type)")
         }
+        if request.payloadDiscarded || (command == .write && request.payload == nil) {
+            return (.einval, "write of \(request.length) bytes is over the maximum payload")
+        }
         let flags = session.transmissionFlags
         let unexpected = request.flags.subtracting(allowedFlags(for: command, session: session))
         if !unexpected.isEmpty {

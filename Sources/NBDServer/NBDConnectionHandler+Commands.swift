@@ -7,69 +7,74 @@ extension NBDConnectionHandler {
     func handle(_ request: NBDRequest) {
         if let (error, message) = NBDRequestValidation.check(request, session: session) {
             log("request \(request.type) at \(request.offset)+\(request.length) refused: \(message)")
-            beginRequest()
+            beginRequest(bytes: 0)
             sendError(cookie: request.cookie, error: error, message: message)
-            endRequest()
+            endRequest(bytes: 0)
             return
         }
         let backend = export.backend
-        let offset = Int64(request.offset)
+        // Validation bounds offset + length by the export size for every
+        // command that uses them; FLUSH and DISC may carry anything.
+        let offset = Int64(truncatingIfNeeded: request.offset)
         let length = Int64(request.length)
-        let cookie = request.cookie
         switch request.command! {
         case .read:
             read(request)
         case .write:
-            beginRequest()
-            let payload = request.payload!
+            guard let payload = request.payload else {
+                beginRequest(bytes: 0)
+                return complete(request, error: .einval)
+            }
+            let size = payload.readableBytes
+            beginRequest(bytes: size)
             let bytes = payload.withUnsafeReadableBytes { $0 }
             let flags: BlockRequestFlags = request.flags.contains(.fua) ? [.fua] : []
             backend.write(at: offset, from: bytes, flags: flags) { error in
                 withExtendedLifetime(payload) {}
-                self.complete(cookie: cookie, error: error)
+                self.complete(request, error: error, bytes: size)
             }
         case .writeZeroes:
-            beginRequest()
+            beginRequest(bytes: 0)
             var flags: BlockRequestFlags = []
             if !request.flags.contains(.noHole) { flags.insert(.mayUnmap) }
             if request.flags.contains(.fastZero) { flags.insert(.noFallback) }
             if request.flags.contains(.fua) { flags.insert(.fua) }
             backend.writeZeroes(at: offset, length: length, flags: flags) { error in
-                self.complete(cookie: cookie, error: error)
+                self.complete(request, error: error)
             }
         case .trim:
-            beginRequest()
+            beginRequest(bytes: 0)
             backend.discard(at: offset, length: length) { error in
                 if error == nil, request.flags.contains(.fua) {
-                    backend.flush { self.complete(cookie: cookie, error: $0) }
+                    backend.flush { self.complete(request, error: $0) }
                 } else {
-                    self.complete(cookie: cookie, error: error)
+                    self.complete(request, error: error)
                 }
             }
         case .flush:
-            beginRequest()
-            backend.flush { error in self.complete(cookie: cookie, error: error) }
+            beginRequest(bytes: 0)
+            backend.flush { error in self.complete(request, error: error) }
         case .cache:
-            beginRequest()
-            backend.prefetch(at: offset, length: length) { error in self.complete(cookie: cookie, error: error) }
+            beginRequest(bytes: 0)
+            backend.prefetch(at: offset, length: length) { error in self.complete(request, error: error) }
         case .blockStatus:
             blockStatus(request)
         case .disconnect:
             log("client sent NBD_CMD_DISC")
-            disconnectWhenIdle()
+            clientDisconnected()
         }
     }
 
     /// Replies to a command without payload and ends it.
-    private func complete(cookie: UInt64, error: BlockError?) {
+    private func complete(_ request: NBDRequest, error: BlockError?, bytes: Int = 0) {
         if let error {
-            sendError(cookie: cookie, error: NBDError(error), message: error.description)
+            sendError(cookie: request.cookie, error: NBDError(error, for: request), message: error.description)
         } else {
             var reply = allocator.buffer(capacity: NBDReplyEncoder.simpleReplyHeaderSize)
-            NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &reply)
+            NBDReplyEncoder.writeSimpleReply(error: 0, cookie: request.cookie, into: &reply)
             send(reply)
         }
-        endRequest()
+        endRequest(bytes: bytes)
     }
 
     /// An error reply: an error chunk once structured replies are on (the
@@ -87,10 +92,10 @@ extension NBDConnectionHandler {
     /// READ: data straight into the reply buffer (aligned for O_DIRECT);
     /// with structured replies an all-zero result goes out as a hole chunk.
     private func read(_ request: NBDRequest) {
-        beginRequest()
+        let length = Int(request.length)
+        beginRequest(bytes: length)
         let cookie = request.cookie
         let offset = request.offset
-        let length = Int(request.length)
         let structured = session.structuredReplies
         if length == 0 {
             var reply = allocator.buffer(capacity: NBDReplyEncoder.chunkHeaderSize)
@@ -100,7 +105,7 @@ extension NBDConnectionHandler {
                 NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &reply)
             }
             send(reply)
-            return endRequest()
+            return endRequest(bytes: length)
         }
         let alignment = export.backend.node?.limits.memoryAlignment ?? 1
         var data = allocator.buffer(capacity: length + alignment)
@@ -111,8 +116,8 @@ extension NBDConnectionHandler {
         let target = UnsafeMutableRawBufferPointer(start: base + padding, count: length)
         export.backend.read(at: Int64(offset), into: target) { error in
             if let error {
-                self.sendError(cookie: cookie, error: NBDError(error), message: error.description)
-                return self.endRequest()
+                self.sendError(cookie: cookie, error: NBDError(error, for: request), message: error.description)
+                return self.endRequest(bytes: length)
             }
             if structured {
                 var header = self.allocator.buffer(capacity: 32)
@@ -132,13 +137,13 @@ extension NBDConnectionHandler {
                 self.send(header)
                 self.send(data)
             }
-            self.endRequest()
+            self.endRequest(bytes: length)
         }
     }
 
     /// BLOCK_STATUS: one chunk per selected context, the last marked done.
     private func blockStatus(_ request: NBDRequest) {
-        beginRequest()
+        beginRequest(bytes: 0)
         let cookie = request.cookie
         let contexts = session.metaContexts
         let one = request.flags.contains(.reqOne)
@@ -151,7 +156,7 @@ extension NBDConnectionHandler {
                                                           contextID: id, extents: extents, into: &reply)
                 }
                 send(reply)
-                return endRequest()
+                return endRequest(bytes: 0)
             }
             let context = contexts[index]
             let kind: ExtentCollector.Kind = context.name == NBDExport.qemuAllocationDepth ? .allocationDepth : .allocation
@@ -159,8 +164,8 @@ extension NBDConnectionHandler {
                                     length: Int64(request.length), maxExtents: one ? 1 : ExtentCollector.maxExtents) { result in
                 switch result {
                 case .failure(let error):
-                    self.sendError(cookie: cookie, error: NBDError(error), message: error.description)
-                    self.endRequest()
+                    self.sendError(cookie: cookie, error: NBDError(error, for: request), message: error.description)
+                    self.endRequest(bytes: 0)
                 case .success(let extents):
                     chunks.append((context.id, extents))
                     next(index + 1)

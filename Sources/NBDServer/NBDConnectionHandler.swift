@@ -7,8 +7,10 @@ import NIOCore
 ///
 /// Requests are parsed straight out of the inbound buffer (WRITE payloads
 /// are slices of it, never copied); replies complete out of order and are
-/// flushed once per loop tick. Reading pauses while too many requests are
-/// in flight, so a client cannot make the server buffer without bound.
+/// flushed once per loop tick. Parsing and reading pause while too many
+/// requests or bytes are in flight, or while the client is not reading its
+/// replies (the channel is not writable), so no client can make the server
+/// buffer without bound.
 final class NBDConnectionHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
@@ -18,6 +20,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         var handshakeTimeout: TimeAmount = .seconds(10)
         /// Requests in flight before reading pauses.
         var maxInFlight = 256
+        /// Payload bytes (read and written) in flight before reading pauses.
+        var maxInFlightBytes = 64 << 20
         var log: ((String) -> Void)?
     }
 
@@ -41,10 +45,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private(set) var session: NBDSession!
     private(set) var export: NBDExport!
     private(set) var inFlight = 0
+    private(set) var inFlightBytes = 0
     private var readsPaused = false
     private var readPending = false
-    /// DISC received or the server is shutting down: no new requests.
-    private var disconnecting = false
+    /// Why no new request is started: DISC received, the client closed its
+    /// side, or the server is shutting down.
+    private enum Ending { case client, server }
+    private var ending: Ending?
     private var inReadBatch = false
     private var flushScheduled = false
 
@@ -108,6 +115,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        updatePause()
+        context.fireChannelWritabilityChanged()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            // The client will send nothing more (half-close after DISC, or
+            // gone): answer what is in flight, then close.
+            disconnectWhenIdle(reason: .client)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         log("connection error: \(error)")
         close()
@@ -124,8 +145,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     // MARK: parsing
 
+    /// True while nothing more may be parsed: too much in flight, or the
+    /// client is not reading what was already sent.
+    private var mustPause: Bool {
+        inFlight >= configuration.maxInFlight || inFlightBytes >= configuration.maxInFlightBytes
+            || !context.channel.isWritable
+    }
+
     private func process() {
         while cumulation != nil {
+            if mustPause {
+                readsPaused = true
+                return
+            }
             switch phase {
             case .closed:
                 return
@@ -178,44 +210,63 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     private func transmissionStep() {
-        while !disconnecting, inFlight < configuration.maxInFlight, phase == .transmission {
+        while phase == .transmission {
+            if mustPause {
+                readsPaused = true
+                return
+            }
             let request: NBDRequest
             do {
-                guard let next = try requestDecoder.next(&cumulation!) else { break }
+                guard let next = try requestDecoder.next(&cumulation!) else { return }
                 request = next
             } catch {
                 log("closing connection: \(error)")
                 close()
                 return
             }
-            handle(request)
-        }
-        if inFlight >= configuration.maxInFlight, !readsPaused {
-            readsPaused = true
+            switch ending {
+            case nil:
+                handle(request)
+            case .server:
+                // Received before the shutdown but not started: the spec's answer.
+                if request.command != .disconnect {
+                    beginRequest(bytes: 0)
+                    sendError(cookie: request.cookie, error: .eshutdown, message: "server is shutting down")
+                    endRequest(bytes: 0)
+                }
+            case .client:
+                return
+            }
         }
     }
 
     // MARK: request lifetime
 
-    func beginRequest() {
+    func beginRequest(bytes: Int) {
         inFlight += 1
+        inFlightBytes += bytes
     }
 
     /// Called when a request's reply has been written.
-    func endRequest() {
+    func endRequest(bytes: Int) {
         inFlight -= 1
+        inFlightBytes -= bytes
         scheduleFlush()
-        if disconnecting {
-            if inFlight == 0 { close() }
+        if ending != nil {
+            if inFlight == 0 { finishAndClose() }
             return
         }
-        if readsPaused, inFlight <= configuration.maxInFlight / 2 {
-            readsPaused = false
-            if cumulation != nil, !inReadBatch { process() }
-            if readPending {
-                readPending = false
-                context.read()
-            }
+        if readsPaused { updatePause() }
+    }
+
+    /// Resumes parsing and reading once nothing holds them back.
+    private func updatePause() {
+        guard phase != .closed, readsPaused, !mustPause else { return }
+        readsPaused = false
+        if cumulation != nil, !inReadBatch { process() }
+        if !readsPaused, readPending {
+            readPending = false
+            context.read()
         }
     }
 
@@ -234,13 +285,36 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// NBD_CMD_DISC or server shutdown: finish what is in flight, then close.
-    func disconnectWhenIdle() {
-        disconnecting = true
-        if inFlight == 0 {
-            context.flush()
+    /// NBD_CMD_DISC, a half-closed client, or server shutdown: answer what
+    /// is in flight, then close.
+    private func disconnectWhenIdle(reason: Ending) {
+        guard ending == nil else { return }
+        ending = reason
+        if phase == .negotiating {
             close()
+            return
         }
+        if reason == .server, cumulation != nil, !inReadBatch { process() }
+        if inFlight == 0 { finishAndClose() }
+    }
+
+    /// NBD_CMD_DISC from the client.
+    func clientDisconnected() {
+        disconnectWhenIdle(reason: .client)
+    }
+
+    /// Called by the server when it shuts down.
+    func serverShutdown() {
+        disconnectWhenIdle(reason: .server)
+    }
+
+    /// Closes once every reply written so far has reached the socket: a
+    /// plain close would drop replies still queued.
+    private func finishAndClose() {
+        guard phase != .closed else { return }
+        let done = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(wrapOutboundOut(allocator.buffer(capacity: 0)), promise: done)
+        done.futureResult.whenComplete { [weak self] _ in self?.close() }
     }
 
     func close() {

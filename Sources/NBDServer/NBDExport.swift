@@ -47,15 +47,18 @@ public final class NBDExport {
 }
 
 extension NBDError {
-    /// The wire error for a block-layer errno, as QEMU maps them.
-    public init(_ error: BlockError) {
+    /// The wire error for a block-layer errno. The spec reserves ENOTSUP
+    /// for FAST_ZERO and EOVERFLOW for DF reads, and asks servers to avoid
+    /// ENOMEM, so those become EINVAL or EIO elsewhere.
+    public init(_ error: BlockError, for request: NBDRequest) {
         switch error.errno {
         case EPERM, EROFS, EACCES: self = .eperm
         case ENOSPC, EDQUOT, EFBIG: self = .enospc
         case EINVAL: self = .einval
-        case ENOTSUP, EOPNOTSUPP: self = .enotsup
-        case ENOMEM: self = .enomem
-        case EOVERFLOW: self = .eoverflow
+        case ENOTSUP, EOPNOTSUPP:
+            self = request.flags.contains(.fastZero) ? .enotsup : .einval
+        case EOVERFLOW:
+            self = request.flags.contains(.dontFragment) ? .eoverflow : .einval
         case ESHUTDOWN: self = .eshutdown
         default: self = .eio
         }

@@ -41,7 +41,8 @@ public final class NBDServer {
             .serverChannelOption(.maxMessagesPerRead, value: 1)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelOption(.allowRemoteHalfClosure, value: false)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 1 << 20, high: 4 << 20))
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 1 << 21))
             .childChannelInitializer { [unowned self] channel in
                 self.accepted(channel)
@@ -100,7 +101,7 @@ public final class NBDServer {
         let closingListeners = listeners.map { $0.close() }
         listeners = []
         let clients = connections.values.map { channel, handler -> EventLoopFuture<Void> in
-            handler.disconnectWhenIdle()
+            handler.serverShutdown()
             return channel.closeFuture
         }
         return EventLoopFuture.andAllComplete(closingListeners + clients, on: eventLoop)

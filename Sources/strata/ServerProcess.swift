@@ -165,8 +165,12 @@ final class ServerProcess {
         log("shutting down")
         let stopped = server?.shutdown() ?? loop.makeSucceededVoidFuture()
         stopped.flatMap { () -> EventLoopFuture<Void> in
+            // Clients that vanished may have left requests running: wait for them.
+            self.backend?.beginDrain() ?? self.loop.makeSucceededVoidFuture()
+        }.flatMap { () -> EventLoopFuture<Void> in
             guard let backend = self.backend else { return self.loop.makeSucceededVoidFuture() }
             let promise = self.loop.makePromise(of: Void.self)
+            backend.endDrain()
             backend.flush { error in
                 if let error { ServerProcess.printError("flush on shutdown failed: \(error)") }
                 promise.succeed(())

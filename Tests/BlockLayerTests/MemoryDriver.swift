@@ -77,7 +77,10 @@ final class MemoryDriver: BlockDriver {
         }
         let bytes = Array(buffer)
         finish {
-            for (index, byte) in bytes.enumerated() { self.data[Int(offset) + index] = byte }
+            // Bytes past the end (an O_DIRECT tail) are dropped, not appended.
+            for (index, byte) in bytes.enumerated() where Int(offset) + index < self.data.count {
+                self.data[Int(offset) + index] = byte
+            }
             completion(nil)
         }
     }

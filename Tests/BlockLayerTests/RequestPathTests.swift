@@ -44,6 +44,18 @@ import Testing
         #expect(driver.misalignedRequests == 0)
     }
 
+    @Test func theLastPartialBlockIsReadableAndWritable() throws {
+        // 1000 bytes with 512-byte alignment: padding reaches past the end.
+        let driver = MemoryDriver(size: 1000, alignment: 512)
+        let (graph, node) = try makeNode(driver); defer { withExtendedLifetime(graph) {} }
+        #expect(read(node, 900, 100) == Array(driver.data[900..<1000]))
+        #expect(write(node, 990, [UInt8](repeating: 0x42, count: 10)) == .some(nil))
+        #expect(Array(driver.data[990..<1000]) == [UInt8](repeating: 0x42, count: 10))
+        #expect(read(node, 1000, 24) == [UInt8](repeating: 0, count: 24), "the padding past the end reads as zeroes")
+        #expect(read(node, 1024, 1) == nil, "past the aligned end is refused")
+        #expect(driver.misalignedRequests == 0)
+    }
+
     @Test func overlappingUnalignedWritesNeverTear() throws {
         let driver = MemoryDriver(size: 4096, alignment: 512)
         let (graph, node) = try makeNode(driver); defer { withExtendedLifetime(graph) {} }

@@ -22,4 +22,18 @@ import Testing
         #expect(tracked.tryBegin(start: 100, end: 200, serialising: false) == nil,
                 "a plain write waits for the serialising one")
     }
+
+    @Test func aWaitingReadModifyWriteIsNotOvertaken() {
+        var tracked = TrackedRequests()
+        let first = tracked.tryBegin(start: 0, end: 512, serialising: false)!
+        var order: [String] = []
+        tracked.wait(start: 0, end: 512, serialising: true) { _ in order.append("rmw") }
+        #expect(tracked.tryBegin(start: 0, end: 512, serialising: false) == nil,
+                "a later plain write queues behind the waiting read-modify-write")
+        tracked.wait(start: 0, end: 512, serialising: false) { _ in order.append("plain") }
+        let ready = tracked.end(first)
+        #expect(ready.count == 1)
+        ready.forEach { $0.1($0.0) }
+        #expect(order == ["rmw"])
+    }
 }

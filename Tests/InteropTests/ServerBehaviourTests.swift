@@ -109,4 +109,25 @@ import Testing
         let read = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "read -P 0x3c 0 4096", served.uri])
         #expect(read.status == 0 && !read.stdout.contains("verification failed"), "\(read.stdout)")
     }
+
+    @Test(arguments: [["--cache=none", "--aio=native"], ["--cache=none"], []])
+    func anImageOfOddSizeIsServedWhole(options: [String]) throws {
+        let directory = try Harness.temporaryDirectory("odd")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = directory.appendingPathComponent("odd.raw").path
+        let bytes = (0..<1_000_000).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+        try Data(bytes).write(to: URL(fileURLWithPath: image))
+        let served = try ServedImage(image: image, options: ["-f", "raw"] + options, directory: directory)
+        let copy = directory.appendingPathComponent("copy.raw").path
+        let out = try Harness.run("/usr/bin/nbdcopy", [served.uri, copy])
+        #expect(out.status == 0, "\(out.stderr)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: copy)) == Data(bytes))
+        let tail = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x99 999990 10",
+                                                        "-c", "read -P 0x99 999990 10", served.uri])
+        #expect(tail.status == 0 && !tail.stdout.contains("failed"), "\(tail.stdout)\(tail.stderr)")
+        #expect(served.stop() == 0)
+        let onDisk = try Data(contentsOf: URL(fileURLWithPath: image))
+        #expect(onDisk.prefix(999_990) == Data(bytes).prefix(999_990))
+        #expect(Array(onDisk[999_990..<1_000_000]) == [UInt8](repeating: 0x99, count: 10))
+    }
 }

@@ -1,4 +1,5 @@
 @testable import NBDProtocol
+import NBDTestSupport
 import NIOCore
 import Testing
 

@@ -1,4 +1,5 @@
 @testable import NBDProtocol
+import NBDTestSupport
 import NIOCore
 import Testing
 
@@ -64,8 +65,9 @@ import Testing
 
     func check(_ type: UInt16, flags: NBDCommandFlags = [], offset: UInt64 = 0, length: UInt32 = 512,
                session: NBDSession) -> NBDError? {
-        NBDRequestValidation.check(NBDRequest(type: type, flags: flags, cookie: 1, offset: offset, length: length),
-                                   session: session)?.error
+        let payload = type == NBDCommand.write.rawValue ? ByteBuffer(repeating: 0, count: Int(length)) : nil
+        return NBDRequestValidation.check(NBDRequest(type: type, flags: flags, cookie: 1, offset: offset, length: length,
+                                                     payload: payload), session: session)?.error
     }
 
     @Test func boundsGiveEinvalForReadsAndEnospcForWrites() {
@@ -87,6 +89,11 @@ import Testing
         #expect(check(1, flags: NBDCommandFlags(rawValue: 1 << 10), session: s) == .einval)
         #expect(check(0, flags: .fua, session: s) == nil, "FUA is tolerated on every command")
         #expect(check(42, session: s) == .einval)
+    }
+
+    @Test func discardedPayloadsAreRefused() {
+        let request = NBDRequest(type: 1, flags: [], cookie: 1, offset: 0, length: 64 << 20, payloadDiscarded: true)
+        #expect(NBDRequestValidation.check(request, session: session())?.error == .einval)
     }
 
     @Test func readOnlyContextsAndSizes() {

@@ -1,0 +1,198 @@
+import BlockLayer
+import NBDProtocol
+@testable import NBDServer
+import NBDTestSupport
+import NIOCore
+import NIOEmbedded
+import Testing
+
+/// The connection handler end to end over an EmbeddedChannel: bytes in,
+/// bytes out, against an in-memory disk.
+@Suite final class NBDConnectionHandlerTests {
+    let loop = EmbeddedEventLoop()
+    let channel: EmbeddedChannel
+    let graph: BlockGraph
+    let driver = RAMDriver(size: 1 << 20)
+    let registry = NBDExportRegistry()
+
+    init() throws {
+        channel = EmbeddedChannel(loop: loop)
+        graph = BlockGraph(eventLoop: loop)
+        let node = try graph.addNode(name: "ram", driver: driver)
+        let backend = try graph.attachBackend(name: "disk", to: node, perm: [.consistentRead, .write], shared: .all)
+        try registry.add(NBDExport(name: "disk", backend: backend, readOnly: false))
+        let handler = NBDConnectionHandler(registry: registry, configuration: .init(maxInFlight: 4))
+        try channel.pipeline.syncOperations.addHandler(handler)
+        try channel.connect(to: SocketAddress(unixDomainSocketPath: "/x")).wait()
+    }
+
+    deinit {
+        _ = try? channel.finish()
+    }
+
+    func outbound() throws -> ByteBuffer {
+        var all = ByteBuffer()
+        while var part = try channel.readOutbound(as: ByteBuffer.self) { all.writeBuffer(&part) }
+        return all
+    }
+
+    func send(_ bytes: ByteBuffer, chunk: Int = .max) throws {
+        var bytes = bytes
+        while bytes.readableBytes > 0 {
+            let piece = bytes.readSlice(length: min(chunk, bytes.readableBytes))!
+            try channel.writeInbound(piece)
+        }
+        loop.run()
+    }
+
+    /// Negotiates structured replies and base:allocation, then GO.
+    func negotiate(chunk: Int = .max) throws {
+        var greeting = try outbound()
+        #expect(greeting.readInteger(as: UInt64.self) == NBDMagic.greeting)
+        var hello = ByteBuffer()
+        hello.writeInteger(UInt32(3))
+        for option in [Wire.option(8), Wire.option(10, Wire.metaPayload("disk", queries: ["base:allocation"])),
+                       Wire.option(7, Wire.goPayload("disk"))] {
+            var option = option
+            hello.writeBuffer(&option)
+        }
+        try send(hello, chunk: chunk)
+        let replies = Wire.replies(try outbound())
+        #expect(replies.last?.1 == NBDOptionReplyType.ack.rawValue)
+    }
+
+    struct Chunk {
+        var flags: UInt16
+        var type: UInt16
+        var cookie: UInt64
+        var payload: [UInt8]
+    }
+
+    func chunks(_ buffer: ByteBuffer) -> [Chunk] {
+        var buffer = buffer
+        var result: [Chunk] = []
+        while buffer.readableBytes >= 20, buffer.getInteger(at: buffer.readerIndex, as: UInt32.self) == NBDMagic.structuredReply {
+            _ = buffer.readInteger(as: UInt32.self)
+            let flags = buffer.readInteger(as: UInt16.self)!
+            let type = buffer.readInteger(as: UInt16.self)!
+            let cookie = buffer.readInteger(as: UInt64.self)!
+            let length = buffer.readInteger(as: UInt32.self)!
+            result.append(Chunk(flags: flags, type: type, cookie: cookie, payload: buffer.readBytes(length: Int(length))!))
+        }
+        return result
+    }
+
+    @Test(arguments: [1, 7, Int.max])
+    func writeThenReadBackAsDataAndHoles(chunk: Int) throws {
+        try negotiate(chunk: chunk)
+        try send(Wire.request(type: 1, cookie: 1, offset: 4096, length: 4, payload: [1, 2, 3, 4]), chunk: chunk)
+        var reply = try outbound()
+        #expect(reply.readInteger(as: UInt32.self) == NBDMagic.simpleReply)
+        #expect(reply.readInteger(as: UInt32.self) == 0)
+        #expect(reply.readInteger(as: UInt64.self) == 1)
+        try send(Wire.request(type: 0, cookie: 2, offset: 4094, length: 8), chunk: chunk)
+        let data = chunks(try outbound())
+        #expect(data.count == 1)
+        #expect(data[0].type == NBDChunkType.offsetData.rawValue && data[0].flags == 1)
+        #expect(Array(data[0].payload.dropFirst(8)) == [0, 0, 1, 2, 3, 4, 0, 0])
+        try send(Wire.request(type: 0, cookie: 3, offset: 65536, length: 4096), chunk: chunk)
+        let hole = chunks(try outbound())
+        #expect(hole.map(\.type) == [NBDChunkType.offsetHole.rawValue])
+    }
+
+    @Test func blockStatusRepliesPerContextWithMergedExtents() throws {
+        try negotiate()
+        try send(Wire.request(type: 1, cookie: 1, offset: 0, length: 1, payload: [9]))
+        _ = try outbound()
+        try send(Wire.request(type: 7, cookie: 5, offset: 0, length: 1 << 20))
+        let reply = chunks(try outbound())
+        #expect(reply.count == 1)
+        var payload = ByteBuffer(bytes: reply[0].payload)
+        #expect(payload.readInteger(as: UInt32.self) == 0)
+        var extents: [(UInt32, UInt32)] = []
+        while let length = payload.readInteger(as: UInt32.self), let flags = payload.readInteger(as: UInt32.self) {
+            extents.append((length, flags))
+        }
+        #expect(extents.map(\.0) == [65536, (1 << 20) - 65536])
+        #expect(extents.map(\.1) == [0, 3])
+        try send(Wire.request(type: 7, flags: NBDCommandFlags.reqOne.rawValue, cookie: 6, offset: 0, length: 1 << 20))
+        let one = chunks(try outbound())
+        #expect(one[0].payload.count == 4 + 8)
+    }
+
+    @Test func invalidRequestsGetErrorChunksAndTheConnectionGoesOn() throws {
+        try negotiate()
+        try send(Wire.request(type: 0, flags: NBDCommandFlags.fastZero.rawValue, cookie: 9, offset: 0, length: 8))
+        let error = chunks(try outbound())
+        #expect(error.first?.type == NBDChunkType.error.rawValue)
+        #expect(error.first?.payload.prefix(4) == [0, 0, 0, 22])
+        try send(Wire.request(type: 0, cookie: 10, offset: (1 << 20) - 4, length: 8))
+        #expect(chunks(try outbound()).first?.payload.prefix(4) == [0, 0, 0, 22])
+        try send(Wire.request(type: 1, cookie: 11, offset: (1 << 20) - 2, length: 4, payload: [1, 2, 3, 4]))
+        var enospc = try outbound()
+        #expect(chunks(enospc).first?.payload.prefix(4) == [0, 0, 0, 28])
+        enospc.clear()
+        try send(Wire.request(type: 0, cookie: 12, offset: 0, length: 8))
+        #expect(chunks(try outbound()).first?.type == NBDChunkType.offsetHole.rawValue)
+        #expect(channel.isActive)
+    }
+
+    @Test func badRequestMagicClosesTheConnection() throws {
+        try negotiate()
+        try send(Wire.request(type: 0, magic: 0xbad))
+        #expect(!channel.isActive)
+    }
+
+    @Test func disconnectWaitsForRequestsInFlight() throws {
+        try negotiate()
+        driver.holdCompletions = true
+        var requests = Wire.request(type: 0, cookie: 1, offset: 0, length: 512)
+        var disc = Wire.request(type: 2, cookie: 2)
+        requests.writeBuffer(&disc)
+        try send(requests)
+        #expect(channel.isActive, "the read is still in flight")
+        driver.release()
+        loop.run()
+        #expect(chunks(try outbound()).count == 1, "the read was answered before closing")
+        #expect(!channel.isActive)
+    }
+
+    @Test func readingPausesWhileTooManyRequestsAreInFlight() throws {
+        try negotiate()
+        driver.holdCompletions = true
+        var burst = ByteBuffer()
+        for cookie in 1...10 {
+            var read = Wire.request(type: 0, cookie: UInt64(cookie), offset: 0, length: 512)
+            burst.writeBuffer(&read)
+        }
+        try send(burst)
+        #expect(driver.held.count == 4, "only maxInFlight requests start")
+        while !driver.held.isEmpty {
+            driver.release()
+            loop.run()
+        }
+        #expect(chunks(try outbound()).count == 10, "the rest ran once the first finished")
+    }
+
+    @Test func flushAndDisconnectIgnoreHostileOffsets() throws {
+        try negotiate()
+        try send(Wire.request(type: 3, cookie: 1, offset: .max, length: .max))
+        var reply = try outbound()
+        #expect(reply.readInteger(as: UInt32.self) == NBDMagic.simpleReply)
+        #expect(reply.readInteger(as: UInt32.self) == 0)
+        try send(Wire.request(type: 2, cookie: 2, offset: .max, length: .max))
+        #expect(!channel.isActive)
+    }
+
+    @Test func repliesWaitWhileTheClientIsNotReading() throws {
+        try negotiate()
+        channel.isWritable = false
+        channel.pipeline.fireChannelWritabilityChanged()
+        try send(Wire.request(type: 0, cookie: 1, offset: 0, length: 512))
+        #expect(chunks(try outbound()).isEmpty, "nothing is started while the client does not read")
+        channel.isWritable = true
+        channel.pipeline.fireChannelWritabilityChanged()
+        loop.run()
+        #expect(chunks(try outbound()).count == 1)
+    }
+}

@@ -1,0 +1,53 @@
+import BlockLayer
+
+/// An in-memory disk for server tests: zeroes except what is written,
+/// with block status that reports untouched 64 KiB regions as holes.
+final class RAMDriver: BlockDriver {
+    let formatName = "ram"
+    var data: [UInt8]
+    var holdCompletions = false
+    var held: [() -> Void] = []
+
+    init(size: Int) {
+        data = [UInt8](repeating: 0, count: size)
+    }
+
+    var length: Int64 { Int64(data.count) }
+
+    private func finish(_ body: @escaping () -> Void) {
+        if holdCompletions { held.append(body) } else { body() }
+    }
+
+    func release() {
+        let pending = held
+        held = []
+        pending.forEach { $0() }
+    }
+
+    func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
+              completion: @escaping BlockCompletion) {
+        finish {
+            for index in 0..<buffer.count { buffer[index] = self.data[Int(offset) + index] }
+            completion(nil)
+        }
+    }
+
+    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
+               completion: @escaping BlockCompletion) {
+        let bytes = Array(buffer)
+        finish {
+            for (index, byte) in bytes.enumerated() { self.data[Int(offset) + index] = byte }
+            completion(nil)
+        }
+    }
+
+    func flush(completion: @escaping BlockCompletion) { finish { completion(nil) } }
+
+    func blockStatus(at offset: Int64, length: Int64,
+                     completion: @escaping (Result<BlockStatus, BlockError>) -> Void) {
+        let region = Int64(65536)
+        let end = min(offset + length, (offset / region + 1) * region)
+        let zero = data[Int(offset)..<Int(end)].allSatisfy { $0 == 0 }
+        completion(.success(BlockStatus(flags: zero ? [.zero, .allocated] : [.data, .allocated], length: end - offset)))
+    }
+}
