@@ -41,7 +41,7 @@ public final class FileDriver: BlockDriver {
     /// An inline write slower than this means the kernel is throttling.
     static let slowInlineWrite = TimeAmount.milliseconds(1)
     /// How long writes go to the pool after a slow inline one.
-    static let inlineWriteBackoff = TimeAmount.seconds(1)
+    static let inlineWriteBackoff = TimeAmount.milliseconds(50)
 
     init(options: FileDriverOptions, fd: Int32, io: FileIOContext, aio: LinuxAIOEngine?,
          isBlockDevice: Bool, size: Int64, offsetAlignment: Int, memoryAlignment: Int) {
