@@ -29,6 +29,10 @@ let package = Package(
             linkerSettings: [.linkedLibrary("aio")]
         ),
         .target(
+            name: "CCompression",
+            linkerSettings: [.linkedLibrary("z"), .linkedLibrary("zstd")]
+        ),
+        .target(
             name: "BlockLayer",
             dependencies: [
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -36,9 +40,17 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "QCOW2",
+            dependencies: [
+                "BlockLayer", "CCompression",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "BlockDrivers",
             dependencies: [
-                "BlockLayer", "CLinuxAIO",
+                "BlockLayer", "QCOW2", "CLinuxAIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
@@ -101,6 +113,10 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
             ]
+        ),
+        .testTarget(
+            name: "QCOW2Tests",
+            dependencies: ["QCOW2"]
         ),
         .testTarget(
             name: "InteropTests",

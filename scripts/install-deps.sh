@@ -5,7 +5,7 @@
 # Packages already present are skipped, so a second run is quick.
 set -euo pipefail
 
-build_pkgs=(libaio-dev pkg-config)
+build_pkgs=(libaio-dev zlib1g-dev libzstd-dev pkg-config)
 test_pkgs=(qemu-utils libnbd-bin python3-libnbd nbdkit fio)
 
 want=("${build_pkgs[@]}")

@@ -38,6 +38,10 @@ public final class FileDriver: BlockDriver {
     /// is told that lost data is safe.
     var flushFailure: BlockError?
 
+    /// Cached reads larger than this still go to the pool: copying them on
+    /// the loop would leave the other cores idle while it copies.
+    static let largestInlineRead = 128 << 10
+
     /// An inline write slower than this means the kernel is throttling.
     static let slowInlineWrite = TimeAmount.milliseconds(1)
     /// How long writes go to the pool after a slow inline one.
@@ -112,6 +116,11 @@ public final class FileDriver: BlockDriver {
 
     public var length: Int64 { size }
 
+    public var allocatedFileSize: Int64? {
+        let bytes = strata_fd_allocated_bytes(fd)
+        return bytes >= 0 ? bytes : nil
+    }
+
     public func refreshLimits(_ limits: inout BlockLimits) {
         limits.requestAlignment = max(limits.requestAlignment, offsetAlignment)
         limits.memoryAlignment = max(limits.memoryAlignment, memoryAlignment)
@@ -139,7 +148,7 @@ public final class FileDriver: BlockDriver {
             }
             return
         }
-        if nowaitReads {
+        if nowaitReads, count <= Self.largestInlineRead {
             let result = strata_pread(fd, pointer, count, offset, strata_RWF_NOWAIT)
             if result >= 0 {
                 return readDone(result, at: offset, into: pointer, count: count, completion: completion)

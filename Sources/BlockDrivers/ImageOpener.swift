@@ -1,5 +1,7 @@
 import BlockLayer
+import Foundation
 import NIOCore
+import QCOW2
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -19,6 +21,8 @@ public struct ImageOptions: Sendable {
     public var nodeName: String?
     /// Serve the image from this byte on (qemu-nbd's `--offset`).
     public var offset: Int64 = 0
+    /// A qcow2 internal snapshot to serve read-only (qemu-nbd's `-l`).
+    public var snapshot: String?
 
     public init(filename: String, format: String? = nil) {
         self.filename = filename
@@ -26,16 +30,27 @@ public struct ImageOptions: Sendable {
     }
 }
 
-/// Opens images into a graph.
+/// Opens images into a graph: a `file` node, the format node above it,
+/// and for qcow2 its external data file and backing chain.
 public enum ImageOpener {
     /// Formats Strata can open today.
-    public static let supportedFormats = ["raw"]
+    public static let supportedFormats = ["raw", "qcow2"]
+    /// Backing chains deeper than this are refused (a loop, or abuse).
+    public static let maxChainDepth = 64
 
-    /// Opens `options.filename` as a file node with the format node on top
-    /// and returns the format node. Errors carry QEMU-style messages.
+    /// Opens `options.filename` and returns the format node. Errors carry
+    /// QEMU-style messages.
     public static func open(_ options: ImageOptions, graph: BlockGraph, io: FileIOContext,
                             warn: @escaping (String) -> Void = { _ in }) -> EventLoopFuture<BlockNode> {
+        open(options, graph: graph, io: io, warn: warn, depth: 0)
+    }
+
+    private static func open(_ options: ImageOptions, graph: BlockGraph, io: FileIOContext,
+                             warn: @escaping (String) -> Void, depth: Int) -> EventLoopFuture<BlockNode> {
         let loop = graph.eventLoop
+        guard depth < maxChainDepth else {
+            return loop.makeFailedFuture(BlockError(errno: ELOOP, "Backing file chain of '\(options.filename)' is too deep (a loop?)"))
+        }
         let format: String
         let probed: Bool
         if let given = options.format {
@@ -51,47 +66,133 @@ public enum ImageOpener {
             }
         }
         guard supportedFormats.contains(format) else {
-            let known = ["qcow2", "qcow", "qed", "vmdk", "vpc", "vhdx", "vdi", "luks", "parallels", "bochs", "cloop"]
+            let known = ["qcow", "qed", "vmdk", "vpc", "vhdx", "vdi", "luks", "parallels", "bochs", "cloop"]
             let message = known.contains(format)
-                ? "Image format '\(format)' of '\(options.filename)' is not supported yet (supported: \(supportedFormats.joined(separator: ", ")))"
+                ? "Image format '\(format)' of '\(options.filename)' is not supported (supported: \(supportedFormats.joined(separator: ", ")))"
                 : "Unknown driver '\(format)'"
             return loop.makeFailedFuture(BlockError(errno: ENOTSUP, message))
         }
-        if probed, format == "raw" {
+        if format == "qcow2", !options.readOnly {
+            return loop.makeFailedFuture(BlockError(errno: ENOTSUP,
+                "qcow2 images can only be served read-only (-r) for now: writing qcow2 is not implemented yet"))
+        }
+        if probed, format == "raw", !options.readOnly {
             warn("""
                 WARNING: Image format was not specified for '\(options.filename)' and probing guessed raw.
                          Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.
                          Specify the 'raw' format explicitly to remove the restrictions.
                 """)
         }
-        let fileOptions = FileDriverOptions(filename: options.filename, readOnly: options.readOnly,
-                                            direct: options.cache.direct, aio: options.aio, locking: options.locking)
-        return FileDriver.open(fileOptions, io: io).flatMapThrowing { driver in
-            var fileNodeOptions = BlockNodeOptions(readOnly: options.readOnly, discard: options.discard)
-            fileNodeOptions.ignoreFlush = options.cache.noFlush
-            let fileNode: BlockNode
-            do {
-                fileNode = try graph.addNode(driver: driver, options: fileNodeOptions)
-            } catch {
-                driver.close()
-                throw error
+        return openFile(options.filename, options: options, graph: graph, io: io).flatMap { fileNode in
+            let opened: EventLoopFuture<BlockNode>
+            switch format {
+            case "qcow2":
+                opened = openQCOW2(above: fileNode, options: options, graph: graph, io: io, warn: warn, depth: depth)
+            default:
+                opened = loop.makeCompletedFuture { try openRaw(above: fileNode, options: options, probed: probed, graph: graph) }
             }
-            guard options.offset >= 0, options.offset <= driver.length else {
-                graph.removeNode(fileNode)
-                throw BlockError(errno: EINVAL,
-                    "Offset \(options.offset) is past the end of '\(options.filename)' (\(driver.length) bytes)")
-            }
-            let raw = RawDriver(offset: options.offset, probed: probed)
-            var formatOptions = fileNodeOptions
-            formatOptions.detectZeroes = options.detectZeroes
-            do {
-                return try graph.addNode(name: options.nodeName, driver: raw, options: formatOptions,
-                                         children: [.init(name: "file", role: raw.fileRole, node: fileNode)])
-            } catch {
+            return opened.flatMapErrorThrowing { error in
                 graph.removeNode(fileNode)
                 throw error
             }
         }
+    }
+
+    private static func nodeOptions(_ options: ImageOptions) -> BlockNodeOptions {
+        var nodeOptions = BlockNodeOptions(readOnly: options.readOnly, discard: options.discard)
+        nodeOptions.ignoreFlush = options.cache.noFlush
+        return nodeOptions
+    }
+
+    private static func openFile(_ filename: String, options: ImageOptions, graph: BlockGraph,
+                                 io: FileIOContext) -> EventLoopFuture<BlockNode> {
+        let fileOptions = FileDriverOptions(filename: filename, readOnly: options.readOnly,
+                                            direct: options.cache.direct, aio: options.aio, locking: options.locking)
+        return FileDriver.open(fileOptions, io: io).flatMapThrowing { driver in
+            do {
+                return try graph.addNode(driver: driver, options: nodeOptions(options))
+            } catch {
+                driver.close()
+                throw error
+            }
+        }
+    }
+
+    private static func openRaw(above fileNode: BlockNode, options: ImageOptions, probed: Bool,
+                                graph: BlockGraph) throws -> BlockNode {
+        guard options.offset >= 0, options.offset <= fileNode.length else {
+            throw BlockError(errno: EINVAL,
+                "Offset \(options.offset) is past the end of '\(options.filename)' (\(fileNode.length) bytes)")
+        }
+        let raw = RawDriver(offset: options.offset, probed: probed && !options.readOnly)
+        var formatOptions = nodeOptions(options)
+        formatOptions.detectZeroes = options.detectZeroes
+        return try graph.addNode(name: options.nodeName, driver: raw, options: formatOptions,
+                                 children: [.init(name: "file", role: raw.fileRole, node: fileNode)])
+    }
+
+    private static func openQCOW2(above fileNode: BlockNode, options: ImageOptions, graph: BlockGraph,
+                                  io: FileIOContext, warn: @escaping (String) -> Void,
+                                  depth: Int) -> EventLoopFuture<BlockNode> {
+        let loop = graph.eventLoop
+        let qcowOptions = QCOW2Options(readOnly: options.readOnly, snapshot: options.snapshot)
+        return QCOW2Driver.open(file: fileNode, options: qcowOptions).flatMap { driver in
+            let header = driver.header
+            let directory = (options.filename as NSString).deletingLastPathComponent
+            var children: [BlockGraph.ChildSpec] = [.init(name: "file", role: .image, node: fileNode)]
+            var opening: [EventLoopFuture<Void>] = []
+            if header.incompatibleFeatures.contains(.externalDataFile) {
+                guard let name = header.dataFile else {
+                    return loop.makeFailedFuture(BlockError(errno: EINVAL,
+                        "'\(options.filename)' needs an external data file but names none"))
+                }
+                let path = resolve(name, relativeTo: directory)
+                opening.append(openFile(path, options: options, graph: graph, io: io).map { node in
+                    children.append(.init(name: "data-file", role: [.data], node: node))
+                })
+            }
+            if let backingName = header.backingFile, !backingName.isEmpty {
+                guard !backingName.hasPrefix("json:") else {
+                    return loop.makeFailedFuture(BlockError(errno: ENOTSUP, "json: backing file names are not supported"))
+                }
+                var backingOptions = ImageOptions(filename: resolve(backingName, relativeTo: directory),
+                                                  format: header.backingFormat)
+                backingOptions.readOnly = true
+                backingOptions.cache = options.cache
+                backingOptions.aio = options.aio
+                backingOptions.locking = options.locking
+                opening.append(open(backingOptions, graph: graph, io: io, warn: warn, depth: depth + 1)
+                    .flatMapErrorThrowing { error in
+                        throw BlockError(errno: (error as? BlockError)?.errno ?? EIO,
+                            "Could not open backing file: \((error as? BlockError)?.description ?? "\(error)")")
+                    }
+                    .map { node in children.append(.init(name: "backing", role: .backing, node: node)) })
+            }
+            // Wait for all, so that on a failure what did open can be removed.
+            let outcomes = opening.map { $0.map { Optional<Error>.none }.recover { Optional($0) } }
+            return EventLoopFuture.whenAllSucceed(outcomes, on: loop).flatMapThrowing { errors in
+                if let error = errors.compactMap({ $0 }).first {
+                    for child in children.dropFirst() { graph.removeNode(child.node) }
+                    throw error
+                }
+                var formatOptions = nodeOptions(options)
+                formatOptions.readOnly = true
+                do {
+                    return try graph.addNode(name: options.nodeName, driver: driver, options: formatOptions,
+                                             children: children)
+                } catch {
+                    for child in children.dropFirst() { graph.removeNode(child.node) }
+                    throw error
+                }
+            }
+        }
+    }
+
+    /// QEMU resolves relative backing and data file names against the
+    /// directory of the image that names them.
+    static func resolve(_ name: String, relativeTo directory: String) -> String {
+        if name.hasPrefix("/") || directory.isEmpty { return name }
+        return directory + "/" + name
     }
 
     /// Reads the first bytes of `path` and names the format they show.

@@ -122,13 +122,14 @@ public final class BlockBackend: BlockParent {
         }
     }
 
+    /// What a reader sees, through the backing chain (`blockStatusAbove`).
     public func blockStatus(at offset: Int64, length: Int64,
                             completion: @escaping (Result<BlockStatus, BlockError>) -> Void) {
         guard let node = begin({ self.blockStatus(at: offset, length: length, completion: completion) }) else {
             if quiesceCount == 0 { completion(.failure(noMedium)) }
             return
         }
-        node.blockStatus(at: offset, length: length) { result in
+        node.blockStatusAbove(at: offset, length: length) { result in
             self.end()
             completion(result)
         }

@@ -17,6 +17,10 @@ public protocol BlockDriver: AnyObject {
     /// Guest-visible length in bytes.
     var length: Int64 { get }
 
+    /// Bytes the node really occupies on disk (a sparse file's allocated
+    /// blocks), if the driver knows.
+    var allocatedFileSize: Int64? { get }
+
     /// Lets the driver state its limits; children's are already inherited.
     func refreshLimits(_ limits: inout BlockLimits)
 
@@ -57,6 +61,7 @@ public protocol BlockDriver: AnyObject {
 
 extension BlockDriver {
     public func didAttach(to node: BlockNode) {}
+    public var allocatedFileSize: Int64? { nil }
     public func refreshLimits(_ limits: inout BlockLimits) {}
     public var supportedWriteFlags: BlockRequestFlags { [] }
     public var supportedZeroFlags: BlockRequestFlags { [] }

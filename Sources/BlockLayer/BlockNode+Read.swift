@@ -52,6 +52,32 @@ extension BlockNode {
         }
     }
 
+    /// The status of what a reader of this node sees, through the backing
+    /// chain: where this node has nothing, what its backing file has;
+    /// past the backing file's end, or without one, zeroes (QEMU's
+    /// block_status_above). `.allocated` still says whether this node
+    /// itself holds the range.
+    public func blockStatusAbove(at offset: Int64, length: Int64,
+                                 completion: @escaping (Result<BlockStatus, BlockError>) -> Void) {
+        blockStatus(at: offset, length: length) { result in
+            guard case .success(var status) = result, !status.flags.contains(.allocated) else {
+                return completion(result)
+            }
+            guard let backing = self.backing?.node, offset < backing.length else {
+                status.flags.insert(.zero)
+                return completion(.success(status))
+            }
+            let below = min(status.length, backing.length - offset)
+            backing.blockStatusAbove(at: offset, length: below) { inner in
+                completion(inner.map { innerStatus in
+                    var status = innerStatus
+                    status.flags.remove(.allocated)
+                    return status
+                })
+            }
+        }
+    }
+
     /// How deep in the backing chain `offset` is allocated: 1 for this node,
     /// 2 for its backing file and so on, 0 if nowhere
     /// (`qemu:allocation-depth`). Returns the depth and the length it holds for.

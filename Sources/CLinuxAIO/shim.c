@@ -96,6 +96,14 @@ int64_t strata_fd_size(int fd) {
     return (int64_t)stx.stx_size;
 }
 
+int64_t strata_fd_allocated_bytes(int fd) {
+    struct statx stx;
+    if (syscall(SYS_statx, fd, "", AT_EMPTY_PATH, STATX_BLOCKS, &stx) != 0) {
+        return -errno;
+    }
+    return (int64_t)stx.stx_blocks * 512;
+}
+
 int strata_block_sector_size(int fd) {
     int size = 0;
     if (ioctl(fd, BLKSSZGET, &size) != 0) return 0;

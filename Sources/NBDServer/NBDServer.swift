@@ -42,7 +42,10 @@ public final class NBDServer {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
-            .childChannelOption(.writeBufferWaterMark, value: .init(low: 1 << 20, high: 4 << 20))
+            // Replies queue up to 32 MiB before new requests wait: enough to
+            // keep a deep queue of large reads going (a unix socket buffer
+            // holds far less), bounded against clients that stop reading.
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 8 << 20, high: 32 << 20))
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 1 << 21))
             .childChannelInitializer { [unowned self] channel in
                 self.accepted(channel)

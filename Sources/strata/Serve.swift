@@ -31,6 +31,10 @@ struct Serve: ParsableCommand {
     @Option(name: [.customShort("b"), .long], help: "Address to listen on (default 0.0.0.0).")
     var bind: String?
 
+    @Option(name: [.customShort("l"), .customLong("load-snapshot")],
+            help: "Serve a qcow2 internal snapshot read-only: NAME, or snapshot.id=ID / snapshot.name=NAME.")
+    var loadSnapshot: String?
+
     @Option(name: [.customShort("o"), .long], help: "Serve the image from this byte offset on.")
     var offset: Int64 = 0
 
@@ -82,8 +86,21 @@ struct Serve: ParsableCommand {
     @Flag(name: [.customShort("v"), .long], help: "Log connections and errors to stderr.")
     var verbose = false
 
+    /// The snapshot named by `-l`, in either of qemu-nbd's spellings.
+    var snapshotName: String? {
+        guard let loadSnapshot else { return nil }
+        for part in loadSnapshot.split(separator: ",") {
+            for key in ["snapshot.id=", "snapshot.name="] where part.hasPrefix(key) {
+                return String(part.dropFirst(key.count))
+            }
+        }
+        return loadSnapshot
+    }
+
     mutating func validate() throws {
         if nocache { cache = .none }
+        // qemu-nbd -l exports the snapshot read-only.
+        if loadSnapshot != nil { readOnly = true }
         if socket != nil, port != nil || bind != nil {
             throw ValidationError("--socket (-k) cannot be combined with --port (-p) or --bind (-b)")
         }

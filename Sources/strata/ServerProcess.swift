@@ -12,7 +12,10 @@ import NIOPosix
 final class ServerProcess {
     let options: Serve
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-    let threadPool = NIOThreadPool(numberOfThreads: 16)
+    /// Blocking I/O (cache misses in aio=threads mode, fdatasync,
+    /// fallocate): 64 threads, QEMU's pool size, so a deep queue of cold
+    /// reads reaches the disk as a deep queue.
+    let threadPool = NIOThreadPool(numberOfThreads: 64)
     var loop: EventLoop { group.next() }
     private var graph: BlockGraph!
     private var io: FileIOContext!
@@ -68,6 +71,7 @@ final class ServerProcess {
         image.discard = options.discard.mode
         image.detectZeroes = options.detectZeroes
         image.offset = options.offset
+        image.snapshot = options.snapshotName
         if options.forceShare { image.locking = .off }
         return ImageOpener.open(image, graph: graph, io: io, warn: { ServerProcess.printError($0) })
             .flatMapThrowing { node in try self.export(node) }

@@ -130,4 +130,26 @@ import Testing
         #expect(onDisk.prefix(999_990) == Data(bytes).prefix(999_990))
         #expect(Array(onDisk[999_990..<1_000_000]) == [UInt8](repeating: 0x99, count: 10))
     }
+
+    @Test func theConnectionCapMakesExtraClientsWait() throws {
+        let directory = try Harness.temporaryDirectory("cap")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try makeImage(in: directory)
+        let served = try ServedImage(image: image, options: ["-f", "raw", "-e", "1"], directory: directory)
+        defer { served.stop() }
+        // The first client negotiates and stays; a second one is not served
+        // until the first leaves, as with qemu-nbd.
+        let script = """
+            import nbd, subprocess, sys, time
+            first = nbd.NBD(); first.connect_uri(sys.argv[1])
+            second = subprocess.Popen(["nbdinfo", "--size", sys.argv[1]], stdout=subprocess.PIPE)
+            time.sleep(1.5)
+            print("waiting" if second.poll() is None else "served-early")
+            first.shutdown(); del first
+            out, _ = second.communicate(timeout=20)
+            print(out.decode().strip())
+            """
+        let result = try Harness.run("/usr/bin/python3", ["-c", script, served.uri], timeout: 40)
+        #expect(result.stdout.split(separator: "\n") == ["waiting", "16777216"], "\(result.stdout)\(result.stderr)")
+    }
 }

@@ -45,6 +45,8 @@ int strata_dio_alignment(int fd, uint32_t *mem_align, uint32_t *offset_align);
 int strata_is_block_device(int fd);
 /// Size in bytes of a block device or regular file; -errno on error.
 int64_t strata_fd_size(int fd);
+/// Bytes allocated to `fd` on disk (st_blocks * 512), or -errno.
+int64_t strata_fd_allocated_bytes(int fd);
 /// Logical sector size of a block device, or 0.
 int strata_block_sector_size(int fd);
 

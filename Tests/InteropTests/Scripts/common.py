@@ -400,14 +400,15 @@ class Context:
     def start_server(self, image, *, persistent=True, readonly=False,
                      shared=None, name=None, desc=None, discard=None,
                      detect_zeroes=None, allocation_depth=False,
-                     nocache_native=False, wait=True, probe=True):
+                     nocache_native=False, wait=True, probe=True,
+                     fmt="raw", extra=()):
         """Start ``--server-cmd`` with qemu-nbd style options on ``image``.
 
         Returns a ready ``Server`` (unless ``wait=False``).
         """
         self._count += 1
         sock = self.path("nbd%d.sock" % self._count)
-        args = ["-k", sock, "-f", "raw"]
+        args = ["-k", sock] + (["-f", fmt] if fmt else []) + list(extra)
         if persistent:
             args.append("-t")
         if readonly:

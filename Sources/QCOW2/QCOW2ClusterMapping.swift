@@ -1,0 +1,59 @@
+/// What a guest range maps to, decoded from an L2 entry (and, with
+/// extended L2, its subcluster bitmap).
+public enum QCOW2ClusterMapping: Equatable, Sendable {
+    /// Nothing here: the backing file, or zeroes without one.
+    case unallocated
+    /// Reads as zeroes; `hostOffset` is non-nil when space stays allocated.
+    case zero(hostOffset: UInt64?)
+    /// Data at `hostOffset` in the data file.
+    case data(hostOffset: UInt64)
+    /// A compressed cluster: `size` bytes at `hostOffset` hold the whole cluster.
+    case compressed(hostOffset: UInt64, size: Int)
+}
+
+/// Bit layout of L1 and L2 entries.
+public enum QCOW2Entry {
+    public static let copied: UInt64 = 1 << 63
+    public static let compressed: UInt64 = 1 << 62
+    public static let zeroFlag: UInt64 = 1
+    /// Bits 9–55: a cluster-aligned host offset.
+    public static let offsetMask: UInt64 = 0x00ff_ffff_ffff_fe00
+    /// Bits that must be zero in a standard L2 entry (1–8, 56–61).
+    static let l2ReservedMask: UInt64 = 0x3f00_0000_0000_01fe
+    /// Bits that must be zero in an L1 entry (0–8, 56–62).
+    static let l1ReservedMask: UInt64 = 0x7f00_0000_0000_01ff
+
+    /// The mapping of subcluster `subcluster` of an entry; `bitmap` is the
+    /// extended-L2 bitmap (nil for standard L2). Returns nil for entries a
+    /// correct image cannot contain.
+    /// With an external data file, offset 0 is a real place: an entry is
+    /// allocated there when COPIED is set (QEMU's rule).
+    public static func mapping(entry: UInt64, bitmap: UInt64?, subcluster: Int,
+                               clusterBits: UInt32, externalData: Bool = false) -> QCOW2ClusterMapping? {
+        if entry & compressed != 0 {
+            // Bits 0..x-1: host byte offset; x..61: extra 512-byte sectors.
+            let x = UInt64(62 - (clusterBits - 8))
+            let hostOffset = entry & ((1 << x) - 1)
+            let sectors = ((entry >> x) & ((1 << UInt64(clusterBits - 8)) - 1)) + 1
+            let size = Int(sectors * 512) - Int(hostOffset & 511)
+            guard size > 0 else { return nil }
+            return .compressed(hostOffset: hostOffset, size: size)
+        }
+        let hostOffset = entry & offsetMask
+        if let bitmap {
+            let allocated = bitmap & (1 << UInt64(subcluster)) != 0
+            let zero = bitmap & (1 << UInt64(subcluster + 32)) != 0
+            if zero { return .zero(hostOffset: nil) }
+            if allocated {
+                guard hostOffset != 0 || externalData else { return nil }
+                return .data(hostOffset: hostOffset)
+            }
+            return .unallocated
+        }
+        if entry & zeroFlag != 0 {
+            return .zero(hostOffset: hostOffset == 0 ? nil : hostOffset)
+        }
+        if hostOffset == 0, !(externalData && entry & copied != 0) { return .unallocated }
+        return .data(hostOffset: hostOffset)
+    }
+}

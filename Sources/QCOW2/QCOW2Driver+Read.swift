@@ -1,0 +1,346 @@
+import BlockLayer
+import CCompression
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Mapping guest ranges and reading them.
+extension QCOW2Driver {
+    /// A run of guest bytes with one mapping; for `.data`, host offsets run
+    /// on contiguously across the run.
+    struct Run {
+        var mapping: QCOW2ClusterMapping
+        var length: Int64
+        /// For `.data`/`.zero(host)`: the host offset of the run's first byte.
+        var hostOffset: UInt64
+    }
+
+    // MARK: L2 tables
+
+    /// The L2 table for L1 index `index`, from the cache or the file; nil
+    /// (success) when the L1 entry is empty.
+    func l2Table(for index: Int, completion: @escaping (Result<QCOW2L2Table?, BlockError>) -> Void) {
+        guard index < l1.count else { return completion(.success(nil)) }
+        let entry = l1[index]
+        let offset = entry & QCOW2Entry.offsetMask
+        guard offset != 0 else { return completion(.success(nil)) }
+        if entry & QCOW2Entry.l1ReservedMask != 0 || offset % UInt64(header.clusterSize) != 0 {
+            return completion(.failure(BlockError(errno: EIO, "L2 table offset 0x\(String(offset, radix: 16)) unaligned or reserved bits set")))
+        }
+        if let table = l2Cache.get(offset) { return completion(.success(table)) }
+        if l2Loads[offset] != nil {
+            l2Loads[offset]!.append { completion($0.map { $0 }) }
+            return
+        }
+        guard Int64(offset) + Int64(header.clusterSize) <= file.length else {
+            return completion(.failure(BlockError(errno: EIO, "L2 table at 0x\(String(offset, radix: 16)) lies past the end of the image")))
+        }
+        guard let buffer = AlignedBuffer.allocate(count: header.clusterSize, alignment: 4096) else {
+            return completion(.failure(.enomem))
+        }
+        l2Loads[offset] = [{ completion($0.map { $0 }) }]
+        file.read(at: Int64(offset), into: buffer.mutableBytes) { error in
+            let waiters = self.l2Loads.removeValue(forKey: offset) ?? []
+            let result: Result<QCOW2L2Table, BlockError>
+            if let error {
+                buffer.deallocate()
+                result = .failure(error)
+            } else {
+                let table = QCOW2L2Table(offset: offset, buffer: buffer, entrySize: self.header.l2EntrySize)
+                self.l2Cache.insert(table)
+                result = .success(table)
+            }
+            waiters.forEach { $0(result) }
+        }
+    }
+
+    /// The run starting at guest `offset`, at most `maxLength` long and
+    /// never past the L2 table's coverage.
+    func run(at offset: Int64, maxLength: Int64, table: QCOW2L2Table?) throws -> Run {
+        let clusterBits = Int64(header.clusterBits)
+        let clusterSize = Int64(header.clusterSize)
+        let subclusterSize = Int64(header.subclusterSize)
+        let tableStart = offset / header.bytesPerL2 * header.bytesPerL2
+        let limit = min(offset + maxLength, tableStart + header.bytesPerL2)
+        guard let table else {
+            return Run(mapping: .unallocated, length: limit - offset, hostOffset: 0)
+        }
+        func mapping(at position: Int64) throws -> (QCOW2ClusterMapping, Int64) {
+            let index = Int((position - tableStart) >> clusterBits)
+            let entry = table.entry(index)
+            let bitmap = header.hasExtendedL2 ? table.bitmap(index) : nil
+            let inCluster = position & (clusterSize - 1)
+            let subcluster = Int(inCluster / subclusterSize)
+            guard let mapping = QCOW2Entry.mapping(entry: entry, bitmap: bitmap, subcluster: subcluster,
+                                                   clusterBits: header.clusterBits,
+                                                   externalData: header.incompatibleFeatures.contains(.externalDataFile)) else {
+                throw BlockError(errno: EIO, "Invalid L2 entry 0x\(String(entry, radix: 16)) for guest offset \(position)")
+            }
+            if case .data(let host) = mapping, host % UInt64(clusterSize) != 0 || entry & QCOW2Entry.l2ReservedMask & ~1 != 0 {
+                throw BlockError(errno: EIO, "Cluster allocation offset 0x\(String(host, radix: 16)) unaligned")
+            }
+            // The extent of this mapping: the rest of the subcluster, or of
+            // the whole cluster for compressed data.
+            let pieceEnd: Int64
+            if case .compressed = mapping {
+                pieceEnd = (position / clusterSize + 1) * clusterSize
+            } else {
+                pieceEnd = (position / subclusterSize + 1) * subclusterSize
+            }
+            return (mapping, pieceEnd - position)
+        }
+        let (first, firstLength) = try mapping(at: offset)
+        var hostStart: UInt64 = 0
+        switch first {
+        case .data(let host), .zero(.some(let host)):
+            hostStart = host + UInt64(offset & (clusterSize - 1))
+        default:
+            break
+        }
+        var length = min(firstLength, limit - offset)
+        if case .compressed = first { return Run(mapping: first, length: length, hostOffset: 0) }
+        // Extend over following pieces with the same kind (and contiguous data).
+        while offset + length < limit {
+            let position = offset + length
+            let (next, nextLength) = try mapping(at: position)
+            var same = false
+            switch (first, next) {
+            case (.unallocated, .unallocated), (.zero(nil), .zero(nil)):
+                same = true
+            case (.zero(.some), .zero(.some(let host))), (.data, .data(let host)):
+                same = host + UInt64(position & (clusterSize - 1)) == hostStart + UInt64(length)
+            default: same = false
+            }
+            guard same else { break }
+            length += min(nextLength, limit - position)
+        }
+        return Run(mapping: first, length: length, hostOffset: hostStart)
+    }
+
+    /// Runs covering `[offset, offset + length)`, loading L2 tables as needed.
+    func runs(at offset: Int64, length: Int64, completion: @escaping (Result<[(Int64, Run)], BlockError>) -> Void) {
+        var result: [(Int64, Run)] = []
+        let end = offset + length
+        func next(_ position: Int64) {
+            guard position < end else { return completion(.success(result)) }
+            let index = Int(position / header.bytesPerL2)
+            l2Table(for: index) { loaded in
+                switch loaded {
+                case .failure(let error):
+                    completion(.failure(error))
+                case .success(let table):
+                    do {
+                        var position = position
+                        let tableEnd = min(end, (Int64(index) + 1) * self.header.bytesPerL2)
+                        while position < tableEnd {
+                            let run = try self.run(at: position, maxLength: tableEnd - position, table: table)
+                            result.append((position, run))
+                            position += run.length
+                        }
+                        next(position)
+                    } catch {
+                        completion(.failure(error as? BlockError ?? .eio))
+                    }
+                }
+            }
+        }
+        next(offset)
+    }
+
+    // MARK: read
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
+                     completion: @escaping BlockCompletion) {
+        runs(at: offset, length: Int64(buffer.count)) { result in
+            switch result {
+            case .failure(let error):
+                completion(error)
+            case .success(let runs):
+                let group = PendingGroup(completion: completion)
+                for (position, run) in runs {
+                    let start = Int(position - offset)
+                    let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[start..<start + Int(run.length)])
+                    self.read(run, at: position, into: piece, group: group)
+                }
+                group.finishIssuing()
+            }
+        }
+    }
+
+    private func read(_ run: Run, at position: Int64, into piece: UnsafeMutableRawBufferPointer, group: PendingGroup) {
+        switch run.mapping {
+        case .zero:
+            piece.initializeMemory(as: UInt8.self, repeating: 0)
+        case .unallocated:
+            readBacking(at: position, into: piece, group: group)
+        case .data:
+            readClamped(dataFile, at: Int64(run.hostOffset), into: piece, group: group)
+        case .compressed(let host, let size):
+            readCompressed(host: host, size: size, guestOffset: position, into: piece, group: group)
+        }
+    }
+
+    /// Reads from the backing file what it has, zeroes past its end.
+    private func readBacking(at position: Int64, into piece: UnsafeMutableRawBufferPointer, group: PendingGroup) {
+        guard let backing = backingNode, position < backing.length else {
+            piece.initializeMemory(as: UInt8.self, repeating: 0)
+            return
+        }
+        let available = Int(min(Int64(piece.count), backing.length - position))
+        if available < piece.count {
+            UnsafeMutableRawBufferPointer(rebasing: piece[available...]).initializeMemory(as: UInt8.self, repeating: 0)
+        }
+        group.begin()
+        backing.read(at: position, into: UnsafeMutableRawBufferPointer(rebasing: piece[..<available])) { group.end($0) }
+    }
+
+    /// Reads host data; what lies past the end of the file reads as zeroes,
+    /// as it does through QEMU's file driver.
+    private func readClamped(_ node: BlockNode, at host: Int64, into piece: UnsafeMutableRawBufferPointer,
+                             group: PendingGroup) {
+        let available = Int(max(0, min(Int64(piece.count), node.length - host)))
+        if available < piece.count {
+            UnsafeMutableRawBufferPointer(rebasing: piece[available...]).initializeMemory(as: UInt8.self, repeating: 0)
+        }
+        guard available > 0 else { return }
+        group.begin()
+        node.read(at: host, into: UnsafeMutableRawBufferPointer(rebasing: piece[..<available])) { group.end($0) }
+    }
+
+    private func readCompressed(host: UInt64, size: Int, guestOffset: Int64,
+                                into piece: UnsafeMutableRawBufferPointer, group: PendingGroup) {
+        let clusterSize = header.clusterSize
+        let fileLength = file.length
+        guard Int64(host) < fileLength else {
+            return group.fail(BlockError(errno: EIO, "Compressed cluster at 0x\(String(host, radix: 16)) lies past the end of the image"))
+        }
+        // The size is rounded up to sectors: the last cluster may end past EOF.
+        let readSize = Int(min(Int64(size), fileLength - Int64(host)))
+        guard let compressed = AlignedBuffer.allocate(count: readSize, alignment: 4096),
+              let cluster = AlignedBuffer.allocate(count: clusterSize, alignment: 4096) else {
+            return group.fail(.enomem)
+        }
+        let type = header.compressionType
+        group.begin()
+        file.read(at: Int64(host), into: compressed.mutableBytes) { error in
+            defer {
+                compressed.deallocate()
+                cluster.deallocate()
+            }
+            if let error { return group.end(error) }
+            let status: Int32
+            switch type {
+            case .zlib: status = strata_inflate_raw(compressed.pointer, readSize, cluster.pointer, clusterSize)
+            case .zstd: status = strata_zstd_decompress(compressed.pointer, readSize, cluster.pointer, clusterSize)
+            }
+            guard status == 0 else {
+                return group.end(BlockError(errno: EIO, "Compressed cluster at 0x\(String(host, radix: 16)) is corrupt"))
+            }
+            let inCluster = Int(guestOffset & Int64(clusterSize - 1))
+            piece.baseAddress!.copyMemory(from: cluster.pointer + inCluster, byteCount: piece.count)
+            group.end(nil)
+        }
+    }
+
+    // MARK: block status
+
+    public func blockStatus(at offset: Int64, length: Int64,
+                            completion: @escaping (Result<BlockStatus, BlockError>) -> Void) {
+        let index = Int(offset / header.bytesPerL2)
+        l2Table(for: index) { loaded in
+            switch loaded {
+            case .failure(let error):
+                completion(.failure(error))
+            case .success(let table):
+                let run: Run
+                do {
+                    run = try self.run(at: offset, maxLength: length, table: table)
+                } catch {
+                    return completion(.failure(error as? BlockError ?? .eio))
+                }
+                switch run.mapping {
+                case .unallocated:
+                    completion(.success(BlockStatus(flags: [], length: run.length)))
+                case .zero(let host):
+                    let flags: BlockStatus.Flags = host == nil ? [.zero, .allocated] : [.zero, .allocated, .offsetValid]
+                    completion(.success(BlockStatus(flags: flags, length: run.length, offset: Int64(run.hostOffset))))
+                case .compressed:
+                    completion(.success(BlockStatus(flags: [.data, .allocated], length: run.length)))
+                case .data:
+                    let host = Int64(run.hostOffset)
+                    let plain = BlockStatus(flags: [.data, .allocated, .offsetValid], length: run.length, offset: host)
+                    self.isMetadataPreallocated { preallocated in
+                        guard preallocated else { return completion(.success(plain)) }
+                        // As QEMU: in a preallocated image, data over a hole
+                        // of the file reads as zero.
+                        let data = self.dataFile
+                        guard host < data.length else {
+                            return completion(.success(BlockStatus(flags: [.data, .zero, .allocated, .offsetValid],
+                                                                   length: run.length, offset: host)))
+                        }
+                        data.blockStatus(at: host, length: min(run.length, data.length - host)) { fileStatus in
+                            var status = plain
+                            if case .success(let inner) = fileStatus {
+                                if inner.flags.contains(.zero) { status.flags.insert(.zero) }
+                                status.length = min(status.length, inner.length)
+                            }
+                            completion(.success(status))
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+extension QCOW2Driver {
+    /// QEMU's test for metadata preallocation: far more clusters in use by
+    /// refcount than the file has blocks allocated.
+    func isMetadataPreallocated(_ completion: @escaping (Bool) -> Void) {
+        if let known = metadataPreallocation { return completion(known) }
+        preallocationWaiters.append(completion)
+        guard preallocationWaiters.count == 1 else { return }
+        let finish = { (value: Bool) in
+            self.metadataPreallocation = value
+            let waiters = self.preallocationWaiters
+            self.preallocationWaiters = []
+            waiters.forEach { $0(value) }
+        }
+        guard let allocated = file.driver.allocatedFileSize ?? file.primaryChild?.node.driver.allocatedFileSize else {
+            return finish(false)
+        }
+        let realClusters = allocated / Int64(header.clusterSize)
+        let threshold = max(realClusters * 10 / 9, realClusters + 2)
+        let endCluster = (file.length + Int64(header.clusterSize) - 1) / Int64(header.clusterSize)
+        QCOW2Refcounts.countReferenced(file: file, header: header, endCluster: endCluster, limit: threshold) { result in
+            if case .success(let count) = result { finish(count >= threshold) } else { finish(false) }
+        }
+    }
+}
+
+/// Counts the pieces of one request in flight; completes once, with the
+/// first error, when all have ended and no more will be issued.
+final class PendingGroup {
+    private var pending = 1
+    private var error: BlockError?
+    private let completion: BlockCompletion
+
+    init(completion: @escaping BlockCompletion) {
+        self.completion = completion
+    }
+
+    func begin() { pending += 1 }
+
+    func end(_ error: BlockError?) {
+        if self.error == nil { self.error = error }
+        pending -= 1
+        if pending == 0 { completion(self.error) }
+    }
+
+    /// Records a failure of a piece that was never begun.
+    func fail(_ error: BlockError) {
+        if self.error == nil { self.error = error }
+    }
+
+    func finishIssuing() { end(nil) }
+}

@@ -1,0 +1,152 @@
+import BlockLayer
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Options of a qcow2 node, named as QEMU names them.
+public struct QCOW2Options: Sendable {
+    public var readOnly = true
+    /// Serve this internal snapshot (name or id), read-only: `qemu-nbd -l`.
+    public var snapshot: String?
+    /// Bytes of L2 tables to cache; nil for QEMU's default (enough to map
+    /// the whole image, at most 32 MiB).
+    public var l2CacheSize: Int?
+
+    public init(readOnly: Bool = true, snapshot: String? = nil, l2CacheSize: Int? = nil) {
+        self.readOnly = readOnly
+        self.snapshot = snapshot
+        self.l2CacheSize = l2CacheSize
+    }
+}
+
+/// The qcow2 format driver.
+///
+/// Children: `file` (the image, role image), optionally `data-file` (an
+/// external data file) and `backing`. Reads map guest ranges through the
+/// L1 table and cached L2 tables, then read data, zeroes, the backing file
+/// or decompressed clusters; runs of neighbouring clusters become one read.
+public final class QCOW2Driver: BlockDriver {
+    public let formatName = "qcow2"
+    public private(set) var header: QCOW2Header
+    public let options: QCOW2Options
+    /// The L1 table in host byte order (the active one, or the snapshot's).
+    var l1: [UInt64]
+    public let snapshots: [QCOW2Snapshot]
+    let l2Cache: QCOW2L2Cache
+    /// L2 tables being read, with the requests waiting for them.
+    var l2Loads: [UInt64: [(Result<QCOW2L2Table, BlockError>) -> Void]] = [:]
+    private let guestSize: Int64
+    weak var node: BlockNode?
+    /// Whether the image looks metadata-preallocated (decided on the first
+    /// block status, as QEMU does): only then do data clusters over holes
+    /// of the file report as zero.
+    var metadataPreallocation: Bool?
+    var preallocationWaiters: [(Bool) -> Void] = []
+
+    init(header: QCOW2Header, l1: [UInt64], snapshots: [QCOW2Snapshot], guestSize: Int64, options: QCOW2Options) {
+        self.header = header
+        self.l1 = l1
+        self.snapshots = snapshots
+        self.guestSize = guestSize
+        self.options = options
+        let defaultCache = min(Int64(32 << 20), max(Int64(1 << 20), header.l1EntriesNeeded * Int64(header.clusterSize)))
+        let bytes = options.l2CacheSize.map(Int64.init) ?? defaultCache
+        l2Cache = QCOW2L2Cache(capacity: Int(bytes / Int64(header.clusterSize)))
+    }
+
+    public func didAttach(to node: BlockNode) {
+        self.node = node
+    }
+
+    var file: BlockNode { node!.child(named: "file")!.node }
+    /// Where data clusters live: the external data file, or the image.
+    var dataFile: BlockNode { node!.child(named: "data-file")?.node ?? file }
+    var backingNode: BlockNode? { node?.backing?.node }
+
+    public var length: Int64 { guestSize }
+
+    public var supportedWriteFlags: BlockRequestFlags { [] }
+
+    /// Opens a qcow2 image whose bytes `file` serves: reads and checks the
+    /// header, the L1 table and the snapshot table.
+    public static func open(file: BlockNode, options: QCOW2Options) -> EventLoopFuture<QCOW2Driver> {
+        let loop = file.eventLoop
+        let headerBytes = Int(min(file.length, Int64(2 << 20)))
+        return readBytes(file, at: 0, count: headerBytes).flatMapThrowing { bytes -> QCOW2Header in
+            let header = try QCOW2Header.parse(bytes)
+            if !options.readOnly || options.snapshot != nil {
+                if header.incompatibleFeatures.contains(.corrupt), !options.readOnly {
+                    throw QCOW2Error("qcow2: Image is corrupt; cannot be opened read/write")
+                }
+            }
+            return header
+        }.flatMap { header -> EventLoopFuture<(QCOW2Header, [QCOW2Snapshot])> in
+            guard header.snapshotCount > 0 else { return loop.makeSucceededFuture((header, [])) }
+            // The table's size is unknown until parsed: read what can hold it.
+            let available = max(0, file.length - Int64(header.snapshotsOffset))
+            let count = Int(min(available, Int64(QCOW2Snapshot.maxTableBytes)))
+            return readBytes(file, at: Int64(header.snapshotsOffset), count: count).flatMapThrowing { bytes in
+                (header, try QCOW2Snapshot.parseTable(bytes, count: Int(header.snapshotCount)))
+            }
+        }.flatMap { header, snapshots -> EventLoopFuture<QCOW2Driver> in
+            var l1Offset = header.l1TableOffset
+            var l1Size = header.l1Size
+            var size = Int64(header.size)
+            if let wanted = options.snapshot {
+                guard let snapshot = snapshots.first(where: { $0.id == wanted }) ?? snapshots.first(where: { $0.name == wanted }) else {
+                    return loop.makeFailedFuture(QCOW2Error("Can't find snapshot '\(wanted)'").blockError)
+                }
+                guard UInt64(snapshot.l1Size) * 8 <= QCOW2Header.maxL1Bytes, snapshot.l1TableOffset % UInt64(header.clusterSize) == 0 else {
+                    return loop.makeFailedFuture(QCOW2Error("Snapshot L1 table invalid").blockError)
+                }
+                l1Offset = snapshot.l1TableOffset
+                l1Size = snapshot.l1Size
+                if let diskSize = snapshot.diskSize, diskSize <= QCOW2Header.maxSize { size = Int64(diskSize) }
+                guard Int64(l1Size) * header.bytesPerL2 >= size else {
+                    return loop.makeFailedFuture(QCOW2Error("Snapshot L1 table is too small").blockError)
+                }
+            }
+            let l1Bytes = Int(l1Size) * 8
+            guard l1Bytes == 0 || Int64(l1Offset) + Int64(l1Bytes) <= file.length else {
+                return loop.makeFailedFuture(QCOW2Error("L1 table lies past the end of the image file").blockError)
+            }
+            let readL1 = l1Bytes == 0 ? loop.makeSucceededFuture([UInt8]()) : readBytes(file, at: Int64(l1Offset), count: l1Bytes)
+            return readL1.map { bytes in
+                let reader = BigEndianReader(bytes)
+                let l1 = (0..<Int(l1Size)).map { reader.u64(at: $0 * 8) }
+                return QCOW2Driver(header: header, l1: l1, snapshots: snapshots, guestSize: size, options: options)
+            }
+        }
+    }
+
+    /// Reads `count` bytes of metadata into an array (a cold path).
+    static func readBytes(_ node: BlockNode, at offset: Int64, count: Int) -> EventLoopFuture<[UInt8]> {
+        let promise = node.eventLoop.makePromise(of: [UInt8].self)
+        guard count > 0 else {
+            promise.succeed([])
+            return promise.futureResult
+        }
+        guard let buffer = AlignedBuffer.allocate(count: count, alignment: 4096) else {
+            promise.fail(BlockError.enomem)
+            return promise.futureResult
+        }
+        node.read(at: offset, into: buffer.mutableBytes) { error in
+            defer { buffer.deallocate() }
+            if let error { return promise.fail(error) }
+            promise.succeed(Array(buffer.bytes))
+        }
+        return promise.futureResult
+    }
+
+    // MARK: writes (not yet: images are served read-only)
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
+                      completion: @escaping BlockCompletion) {
+        completion(.eperm)
+    }
+
+    public func flush(completion: @escaping BlockCompletion) {
+        file.flush(completion: completion)
+    }
+}

@@ -1,0 +1,233 @@
+import BlockLayer
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The qcow2 header (QEMU's docs/interop/qcow2.rst), parsed and checked.
+///
+/// Everything here comes from an untrusted file: parsing never traps, and
+/// `validate` refuses what would make later arithmetic overflow or tables
+/// overlap the header, naming the problem.
+public struct QCOW2Header: Equatable, Sendable {
+    public static let magic: UInt32 = 0x5146_49fb  // "QFI\xfb"
+    public static let version2Length = 72
+    public static let version3Length = 104
+
+    public struct IncompatibleFeatures: OptionSet, Hashable, Sendable {
+        public let rawValue: UInt64
+        public init(rawValue: UInt64) { self.rawValue = rawValue }
+        public static let dirty = Self(rawValue: 1 << 0)
+        public static let corrupt = Self(rawValue: 1 << 1)
+        public static let externalDataFile = Self(rawValue: 1 << 2)
+        public static let compressionType = Self(rawValue: 1 << 3)
+        public static let extendedL2 = Self(rawValue: 1 << 4)
+        public static let known: Self = [.dirty, .corrupt, .externalDataFile, .compressionType, .extendedL2]
+    }
+
+    public struct CompatibleFeatures: OptionSet, Hashable, Sendable {
+        public let rawValue: UInt64
+        public init(rawValue: UInt64) { self.rawValue = rawValue }
+        public static let lazyRefcounts = Self(rawValue: 1 << 0)
+    }
+
+    public struct AutoclearFeatures: OptionSet, Hashable, Sendable {
+        public let rawValue: UInt64
+        public init(rawValue: UInt64) { self.rawValue = rawValue }
+        public static let bitmaps = Self(rawValue: 1 << 0)
+        public static let rawExternalData = Self(rawValue: 1 << 1)
+        public static let known: Self = [.bitmaps, .rawExternalData]
+    }
+
+    public enum CompressionType: UInt8, Sendable {
+        case zlib = 0
+        case zstd = 1
+    }
+
+    public var version: UInt32
+    public var backingFileOffset: UInt64
+    public var backingFileSize: UInt32
+    public var clusterBits: UInt32
+    public var size: UInt64
+    public var cryptMethod: UInt32
+    public var l1Size: UInt32
+    public var l1TableOffset: UInt64
+    public var refcountTableOffset: UInt64
+    public var refcountTableClusters: UInt32
+    public var snapshotCount: UInt32
+    public var snapshotsOffset: UInt64
+    public var incompatibleFeatures: IncompatibleFeatures = []
+    public var compatibleFeatures: CompatibleFeatures = []
+    public var autoclearFeatures: AutoclearFeatures = []
+    public var refcountOrder: UInt32 = 4
+    public var headerLength: UInt32
+    public var compressionType: CompressionType = .zlib
+    /// Header extensions in file order, unknown ones included, so a header
+    /// rewrite keeps them.
+    public var extensions: [QCOW2HeaderExtension] = []
+    /// The backing file name, if any.
+    public var backingFile: String?
+
+    public var clusterSize: Int { 1 << Int(clusterBits) }
+    public var hasExtendedL2: Bool { incompatibleFeatures.contains(.extendedL2) }
+    /// Bytes per L2 entry: 8, or 16 with extended L2 (entry + subcluster bitmap).
+    public var l2EntrySize: Int { hasExtendedL2 ? 16 : 8 }
+    public var l2Entries: Int { clusterSize / l2EntrySize }
+    public var subclustersPerCluster: Int { hasExtendedL2 ? 32 : 1 }
+    public var subclusterSize: Int { clusterSize / subclustersPerCluster }
+    public var refcountBits: Int { 1 << Int(refcountOrder) }
+    /// Bytes of guest data one L2 table maps.
+    public var bytesPerL2: Int64 { Int64(l2Entries) << Int64(clusterBits) }
+    /// L1 entries needed to map the whole guest size.
+    public var l1EntriesNeeded: Int64 {
+        let perL2 = bytesPerL2
+        return (Int64(size) + perL2 - 1) / perL2
+    }
+
+    public var backingFormat: String? {
+        extensions.first { $0.type == QCOW2HeaderExtension.backingFormat }.map { String(decoding: $0.data, as: UTF8.self) }
+    }
+
+    public var dataFile: String? {
+        extensions.first { $0.type == QCOW2HeaderExtension.dataFile }.map { String(decoding: $0.data, as: UTF8.self) }
+    }
+
+    /// Largest cluster size QEMU accepts (2 MiB), smallest (512 B).
+    public static let minClusterBits: UInt32 = 9
+    public static let maxClusterBits: UInt32 = 21
+    /// QEMU's limits: a 32 MiB L1 table, an 8 MiB refcount table.
+    public static let maxL1Bytes: UInt64 = 32 << 20
+    public static let maxRefcountTableBytes: UInt64 = 8 << 20
+    /// Guest sizes up to 2^61 bytes keep every offset computation in range.
+    public static let maxSize: UInt64 = 1 << 61
+}
+
+/// Errors opening a qcow2 image: every one names the problem.
+public struct QCOW2Error: Error, CustomStringConvertible {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+
+    var blockError: BlockError { BlockError(errno: EINVAL, message) }
+}
+
+extension QCOW2Header {
+    /// Parses the fixed header and its extensions from the first cluster of
+    /// the file (`bytes` may be shorter than a cluster near a small file's end).
+    public static func parse(_ bytes: [UInt8]) throws -> QCOW2Header {
+        let reader = BigEndianReader(bytes)
+        guard bytes.count >= version2Length, reader.u32(at: 0) == magic else {
+            throw QCOW2Error("Image is not in qcow2 format")
+        }
+        let version = reader.u32(at: 4)
+        guard version == 2 || version == 3 else {
+            throw QCOW2Error("Unsupported qcow2 version \(version)")
+        }
+        var header = QCOW2Header(
+            version: version,
+            backingFileOffset: reader.u64(at: 8), backingFileSize: reader.u32(at: 16),
+            clusterBits: reader.u32(at: 20), size: reader.u64(at: 24), cryptMethod: reader.u32(at: 32),
+            l1Size: reader.u32(at: 36), l1TableOffset: reader.u64(at: 40),
+            refcountTableOffset: reader.u64(at: 48), refcountTableClusters: reader.u32(at: 56),
+            snapshotCount: reader.u32(at: 60), snapshotsOffset: reader.u64(at: 64),
+            headerLength: UInt32(version2Length))
+        if version == 3 {
+            guard bytes.count >= version3Length else { throw QCOW2Error("qcow2 header truncated") }
+            header.incompatibleFeatures = IncompatibleFeatures(rawValue: reader.u64(at: 72))
+            header.compatibleFeatures = CompatibleFeatures(rawValue: reader.u64(at: 80))
+            header.autoclearFeatures = AutoclearFeatures(rawValue: reader.u64(at: 88))
+            header.refcountOrder = reader.u32(at: 96)
+            header.headerLength = reader.u32(at: 100)
+            guard header.headerLength >= UInt32(version3Length) else {
+                throw QCOW2Error("qcow2 header length \(header.headerLength) is invalid")
+            }
+            guard Int(header.headerLength) <= bytes.count else {
+                throw QCOW2Error("qcow2 header length \(header.headerLength) is larger than the cluster")
+            }
+            if header.headerLength > 104 {
+                guard let type = CompressionType(rawValue: bytes[104]) else {
+                    throw QCOW2Error("Unknown compression type \(bytes[104])")
+                }
+                header.compressionType = type
+            }
+        }
+        try header.validateGeometry(fileBytes: bytes.count)
+        header.extensions = try QCOW2HeaderExtension.parseAll(bytes, from: Int(header.headerLength),
+                                                              clusterSize: header.clusterSize)
+        if header.backingFileOffset != 0 {
+            guard header.backingFileSize <= 1023 else {
+                throw QCOW2Error("Backing file name too long")
+            }
+            let start = header.backingFileOffset
+            let end = start + UInt64(header.backingFileSize)
+            guard start < UInt64(header.clusterSize), end <= UInt64(bytes.count) else {
+                throw QCOW2Error("Backing file name lies outside the header cluster")
+            }
+            header.backingFile = String(decoding: bytes[Int(start)..<Int(end)], as: UTF8.self)
+        }
+        return header
+    }
+
+    /// Checks the numbers that later arithmetic depends on.
+    func validateGeometry(fileBytes: Int) throws {
+        guard clusterBits >= Self.minClusterBits, clusterBits <= Self.maxClusterBits else {
+            throw QCOW2Error("Unsupported cluster size: 2^\(clusterBits)")
+        }
+        guard refcountOrder <= 6 else {
+            throw QCOW2Error("Reference count entry width too large; may not exceed 64 bits")
+        }
+        if version == 2, refcountOrder != 4 {
+            throw QCOW2Error("qcow2 version 2 requires 16-bit refcounts")
+        }
+        guard size <= Self.maxSize else {
+            throw QCOW2Error("Image size \(size) is too large")
+        }
+        guard cryptMethod == 0 else {
+            throw QCOW2Error("qcow2 encryption (\(cryptMethod == 1 ? "AES" : cryptMethod == 2 ? "LUKS" : "method \(cryptMethod)")) is not supported yet")
+        }
+        let unknown = incompatibleFeatures.subtracting(.known)
+        guard unknown.isEmpty else {
+            throw QCOW2Error("Unsupported qcow2 feature(s): incompatible bits 0x\(String(unknown.rawValue, radix: 16))")
+        }
+        if hasExtendedL2, clusterBits < 14 {
+            throw QCOW2Error("Extended L2 entries are only supported with cluster sizes of at least 16 KiB")
+        }
+        guard UInt64(l1Size) * 8 <= Self.maxL1Bytes else {
+            throw QCOW2Error("Active L1 table too large")
+        }
+        guard Int64(l1Size) >= l1EntriesNeeded else {
+            throw QCOW2Error("L1 table is too small")
+        }
+        guard UInt64(refcountTableClusters) << UInt64(clusterBits) <= Self.maxRefcountTableBytes else {
+            throw QCOW2Error("Reference count table too large")
+        }
+        let cluster = UInt64(clusterSize)
+        for (name, offset) in [("L1 table", l1TableOffset), ("Reference count table", refcountTableOffset)] {
+            guard offset % cluster == 0 else { throw QCOW2Error("\(name) offset invalid") }
+            guard offset != 0 || (name == "L1 table" && l1Size == 0) else {
+                throw QCOW2Error("\(name) offset invalid")
+            }
+            guard offset < Self.maxSize else { throw QCOW2Error("\(name) offset invalid") }
+        }
+        guard snapshotCount <= 65536 else { throw QCOW2Error("Too many snapshots") }
+        if snapshotCount > 0 {
+            guard snapshotsOffset % cluster == 0, snapshotsOffset != 0, snapshotsOffset < Self.maxSize else {
+                throw QCOW2Error("Snapshot table offset invalid")
+            }
+        }
+    }
+}
+
+/// Reads big-endian integers from a byte array at fixed offsets.
+struct BigEndianReader {
+    let bytes: [UInt8]
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+
+    func u8(at offset: Int) -> UInt8 { bytes[offset] }
+    func u16(at offset: Int) -> UInt16 { UInt16(bytes[offset]) << 8 | UInt16(bytes[offset + 1]) }
+    func u32(at offset: Int) -> UInt32 {
+        (offset..<offset + 4).reduce(0) { $0 << 8 | UInt32(bytes[$1]) }
+    }
+    func u64(at offset: Int) -> UInt64 {
+        (offset..<offset + 8).reduce(0) { $0 << 8 | UInt64(bytes[$1]) }
+    }
+}

@@ -1,0 +1,44 @@
+/// An internal snapshot from the snapshot table.
+public struct QCOW2Snapshot: Equatable, Sendable {
+    public var l1TableOffset: UInt64
+    public var l1Size: UInt32
+    public var id: String
+    public var name: String
+    public var dateSeconds: UInt32
+    public var dateNanoseconds: UInt32
+    public var vmClockNanoseconds: UInt64
+    public var vmStateSize: UInt64
+    /// The guest size when the snapshot was taken, when recorded.
+    public var diskSize: UInt64?
+
+    /// Parses `count` entries; each is 40 bytes, extra data, id and name,
+    /// padded to 8. Throws if an entry runs past `bytes`.
+    public static func parseTable(_ bytes: [UInt8], count: Int) throws -> [QCOW2Snapshot] {
+        let reader = BigEndianReader(bytes)
+        var offset = 0
+        var snapshots: [QCOW2Snapshot] = []
+        for _ in 0..<count {
+            guard offset + 40 <= bytes.count else { throw QCOW2Error("Snapshot table truncated") }
+            let idSize = Int(reader.u16(at: offset + 12))
+            let nameSize = Int(reader.u16(at: offset + 14))
+            let extraSize = Int(reader.u32(at: offset + 36))
+            guard extraSize <= 1024 else { throw QCOW2Error("Too much extra metadata in snapshot table entry") }
+            let end = offset + 40 + extraSize + idSize + nameSize
+            guard end <= bytes.count else { throw QCOW2Error("Snapshot table entry runs past the table") }
+            var snapshot = QCOW2Snapshot(
+                l1TableOffset: reader.u64(at: offset), l1Size: reader.u32(at: offset + 8),
+                id: String(decoding: bytes[(offset + 40 + extraSize)..<(offset + 40 + extraSize + idSize)], as: UTF8.self),
+                name: String(decoding: bytes[(offset + 40 + extraSize + idSize)..<end], as: UTF8.self),
+                dateSeconds: reader.u32(at: offset + 16), dateNanoseconds: reader.u32(at: offset + 20),
+                vmClockNanoseconds: reader.u64(at: offset + 24), vmStateSize: UInt64(reader.u32(at: offset + 32)))
+            if extraSize >= 8 { snapshot.vmStateSize = reader.u64(at: offset + 40) }
+            if extraSize >= 16 { snapshot.diskSize = reader.u64(at: offset + 48) }
+            snapshots.append(snapshot)
+            offset = (end + 7) / 8 * 8
+        }
+        return snapshots
+    }
+
+    /// Largest snapshot table read (QEMU's limit is 64 MiB).
+    public static let maxTableBytes = 64 << 20
+}

@@ -1,0 +1,106 @@
+@testable import QCOW2
+import Testing
+
+/// Header parsing against hand-built headers: what QEMU writes, and what
+/// a hostile file might hold.
+@Suite struct QCOW2HeaderTests {
+    /// A v3 header like `qemu-img create -f qcow2 x 64M` writes.
+    func defaultHeader() -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: 65536)
+        func put(_ offset: Int, _ value: UInt64, _ size: Int) {
+            for index in 0..<size { bytes[offset + index] = UInt8(truncatingIfNeeded: value >> UInt64(8 * (size - 1 - index))) }
+        }
+        put(0, 0x5146_49fb, 4)
+        put(4, 3, 4)
+        put(20, 16, 4)
+        put(24, 64 << 20, 8)
+        put(36, 1, 4)
+        put(40, 0x30000, 8)
+        put(48, 0x10000, 8)
+        put(56, 1, 4)
+        put(96, 4, 4)
+        put(100, 112, 4)
+        // A backing format extension, then the end marker.
+        put(112, 0xe279_2aca, 4)
+        put(116, 5, 4)
+        bytes.replaceSubrange(120..<125, with: Array("qcow2".utf8))
+        return bytes
+    }
+
+    @Test func parsesWhatQemuWrites() throws {
+        let header = try QCOW2Header.parse(defaultHeader())
+        #expect(header.version == 3)
+        #expect(header.clusterSize == 65536)
+        #expect(header.size == 64 << 20)
+        #expect(header.l2Entries == 8192)
+        #expect(header.refcountBits == 16)
+        #expect(header.backingFormat == "qcow2")
+        #expect(header.extensions.count == 1)
+    }
+
+    @Test(arguments: [
+        (20, UInt64(40), 4, "cluster size"),
+        (20, UInt64(8), 4, "cluster size"),
+        (36, UInt64(0xffff_ffff), 4, "L1 table too large"),
+        (36, UInt64(0), 4, "L1 table is too small"),
+        (72, UInt64(1) << 40, 8, "incompatible"),
+        (32, UInt64(1), 4, "not supported"),
+        (96, UInt64(7), 4, "Reference count"),
+        (100, UInt64(1) << 30, 4, "header length"),
+        (24, UInt64.max, 8, "too large"),
+        (40, UInt64(12345), 8, "offset invalid"),
+    ])
+    func refusesHostileFields(offset: Int, value: UInt64, size: Int, mentions: String) {
+        var bytes = defaultHeader()
+        for index in 0..<size { bytes[offset + index] = UInt8(truncatingIfNeeded: value >> UInt64(8 * (size - 1 - index))) }
+        #expect {
+            _ = try QCOW2Header.parse(bytes)
+        } throws: { error in
+            "\(error)".lowercased().contains(mentions.lowercased())
+        }
+    }
+
+    @Test func refusesTruncatedAndForeignFiles() {
+        #expect(throws: QCOW2Error.self) { try QCOW2Header.parse([]) }
+        #expect(throws: QCOW2Error.self) { try QCOW2Header.parse(Array(defaultHeader().prefix(80))) }
+        #expect(throws: QCOW2Error.self) { try QCOW2Header.parse([UInt8](repeating: 0, count: 512)) }
+    }
+
+    @Test func extensionsRunningPastTheClusterAreRefused() {
+        var bytes = defaultHeader()
+        bytes[116] = 0x7f  // length 0x7f000005
+        #expect(throws: QCOW2Error.self) { try QCOW2Header.parse(bytes) }
+    }
+
+    @Test func decodesEntries() {
+        // A standard data entry with COPIED.
+        #expect(QCOW2Entry.mapping(entry: 1 << 63 | 0x50000, bitmap: nil, subcluster: 0, clusterBits: 16)
+                == .data(hostOffset: 0x50000))
+        #expect(QCOW2Entry.mapping(entry: 1, bitmap: nil, subcluster: 0, clusterBits: 16) == .zero(hostOffset: nil))
+        #expect(QCOW2Entry.mapping(entry: 0, bitmap: nil, subcluster: 0, clusterBits: 16) == .unallocated)
+        // Compressed, 64 KiB clusters: x = 54; offset 0x12345, one extra sector.
+        let compressed: UInt64 = 1 << 62 | 1 << 54 | 0x12345
+        #expect(QCOW2Entry.mapping(entry: compressed, bitmap: nil, subcluster: 0, clusterBits: 16)
+                == .compressed(hostOffset: 0x12345, size: 1024 - 0x145))
+        // Extended L2: subcluster 3 allocated, 4 zero, 5 unallocated.
+        let bitmap: UInt64 = 1 << 3 | 1 << (32 + 4)
+        #expect(QCOW2Entry.mapping(entry: 0x60000, bitmap: bitmap, subcluster: 3, clusterBits: 17) == .data(hostOffset: 0x60000))
+        #expect(QCOW2Entry.mapping(entry: 0x60000, bitmap: bitmap, subcluster: 4, clusterBits: 17) == .zero(hostOffset: nil))
+        #expect(QCOW2Entry.mapping(entry: 0x60000, bitmap: bitmap, subcluster: 5, clusterBits: 17) == .unallocated)
+    }
+
+    @Test func parsesSnapshotTables() throws {
+        var bytes = [UInt8](repeating: 0, count: 40)
+        bytes[11] = 2            // l1 size 2
+        bytes[13] = 1            // id size 1
+        bytes[15] = 4            // name size 4
+        bytes[39] = 16           // extra data 16 bytes
+        bytes += [UInt8](repeating: 0, count: 8) + [0, 0, 0, 0, 0, 0x10, 0, 0]  // vm state, disk size 1 MiB
+        bytes += Array("1".utf8) + Array("snap".utf8)
+        let snapshots = try QCOW2Snapshot.parseTable(bytes, count: 1)
+        #expect(snapshots.first?.name == "snap")
+        #expect(snapshots.first?.id == "1")
+        #expect(snapshots.first?.diskSize == 1 << 20)
+        #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTable(bytes, count: 2) }
+    }
+}
