@@ -146,7 +146,9 @@ public enum ImageOpener {
                     return loop.makeFailedFuture(BlockError(errno: EINVAL,
                         "'\(options.filename)' needs an external data file but names none"))
                 }
-                let path = resolve(name, relativeTo: directory)
+                // QEMU opens a relative data file name from the current
+                // directory (unlike backing files); do the same.
+                let path = name
                 opening.append(openFile(path, options: options, graph: graph, io: io).map { node in
                     children.append(.init(name: "data-file", role: [.data], node: node))
                 })

@@ -33,6 +33,8 @@ public final class QCOW2Driver: BlockDriver {
     /// The L1 table in host byte order (the active one, or the snapshot's).
     var l1: [UInt64]
     public let snapshots: [QCOW2Snapshot]
+    /// Bytes the snapshot table occupies.
+    public internal(set) var snapshotTableLength = 0
     let l2Cache: QCOW2L2Cache
     /// L2 tables being read, with the requests waiting for them.
     var l2Loads: [UInt64: [(Result<QCOW2L2Table, BlockError>) -> Void]] = [:]
@@ -81,15 +83,16 @@ public final class QCOW2Driver: BlockDriver {
                 }
             }
             return header
-        }.flatMap { header -> EventLoopFuture<(QCOW2Header, [QCOW2Snapshot])> in
-            guard header.snapshotCount > 0 else { return loop.makeSucceededFuture((header, [])) }
+        }.flatMap { header -> EventLoopFuture<(QCOW2Header, ([QCOW2Snapshot], Int))> in
+            guard header.snapshotCount > 0 else { return loop.makeSucceededFuture((header, ([], 0))) }
             // The table's size is unknown until parsed: read what can hold it.
             let available = max(0, file.length - Int64(header.snapshotsOffset))
             let count = Int(min(available, Int64(QCOW2Snapshot.maxTableBytes)))
             return readBytes(file, at: Int64(header.snapshotsOffset), count: count).flatMapThrowing { bytes in
-                (header, try QCOW2Snapshot.parseTable(bytes, count: Int(header.snapshotCount)))
+                (header, try QCOW2Snapshot.parseTableAndLength(bytes, count: Int(header.snapshotCount)))
             }
-        }.flatMap { header, snapshots -> EventLoopFuture<QCOW2Driver> in
+        }.flatMap { header, table -> EventLoopFuture<QCOW2Driver> in
+            let (snapshots, tableLength) = table
             var l1Offset = header.l1TableOffset
             var l1Size = header.l1Size
             var size = Int64(header.size)
@@ -115,7 +118,9 @@ public final class QCOW2Driver: BlockDriver {
             return readL1.map { bytes in
                 let reader = BigEndianReader(bytes)
                 let l1 = (0..<Int(l1Size)).map { reader.u64(at: $0 * 8) }
-                return QCOW2Driver(header: header, l1: l1, snapshots: snapshots, guestSize: size, options: options)
+                let driver = QCOW2Driver(header: header, l1: l1, snapshots: snapshots, guestSize: size, options: options)
+                driver.snapshotTableLength = tableLength
+                return driver
             }
         }
     }

@@ -14,6 +14,11 @@ public struct QCOW2Snapshot: Equatable, Sendable {
     /// Parses `count` entries; each is 40 bytes, extra data, id and name,
     /// padded to 8. Throws if an entry runs past `bytes`.
     public static func parseTable(_ bytes: [UInt8], count: Int) throws -> [QCOW2Snapshot] {
+        try parseTableAndLength(bytes, count: count).snapshots
+    }
+
+    /// As `parseTable`, with the table's length in bytes.
+    public static func parseTableAndLength(_ bytes: [UInt8], count: Int) throws -> (snapshots: [QCOW2Snapshot], length: Int) {
         let reader = BigEndianReader(bytes)
         var offset = 0
         var snapshots: [QCOW2Snapshot] = []
@@ -36,7 +41,7 @@ public struct QCOW2Snapshot: Equatable, Sendable {
             snapshots.append(snapshot)
             offset = (end + 7) / 8 * 8
         }
-        return snapshots
+        return (snapshots, offset)
     }
 
     /// Largest snapshot table read (QEMU's limit is 64 MiB).

@@ -6,6 +6,6 @@ struct Strata: ParsableCommand {
         commandName: "strata",
         abstract: "Serve disk images over NBD, with a block layer in the image of QEMU's.",
         version: "0.1.0",
-        subcommands: [Serve.self]
+        subcommands: [Serve.self, Img.self]
     )
 }

@@ -177,7 +177,9 @@ def qcow2_data_file(ctx):
     """External data file, and data_file_raw."""
     for raw_flag in ["off", "on"]:
         img = ctx.path("df-%s.qcow2" % raw_flag)
-        data = "df-%s.data" % raw_flag
+        # qemu-img resolves a relative data file against the current
+        # directory: name it absolutely so the server finds it too.
+        data = ctx.path("df-%s.data" % raw_flag)
         qimg(ctx, "create", "-f", "qcow2", "-o", "data_file=%s,data_file_raw=%s" % (data, raw_flag), img, "16M")
         qio(ctx, img, "write -P 0xb1 0 1M", "write -P 0xb2 8M 64k")
         check_served(ctx, img)

@@ -1,0 +1,234 @@
+import BlockLayer
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `qemu-img check` for qcow2: rebuilds every cluster's reference count
+/// from the metadata (header, L1/L2 tables, refcount structures, snapshots,
+/// bitmaps) and compares it with the stored refcounts.
+public final class QCOW2Checker {
+    public struct Report: Sendable {
+        public var corruptions = 0
+        public var leaks = 0
+        public var checkErrors = 0
+        public var messages: [String] = []
+        public var allocatedClusters = 0
+        public var compressedClusters = 0
+        public var fragmentedClusters = 0
+        public var totalClusters = 0
+        public var imageEndOffset: Int64 = 0
+    }
+
+    let file: BlockNode
+    let header: QCOW2Header
+    let activeL1: [UInt64]
+    let snapshots: [QCOW2Snapshot]
+    let externalData: Bool
+    let snapshotTableLength: Int
+    var references: [Int64: Int] = [:]
+    var report = Report()
+    var clusterSize: Int64 { Int64(header.clusterSize) }
+
+    public init(driver: QCOW2Driver, file: BlockNode) {
+        self.file = file
+        header = driver.header
+        activeL1 = driver.options.snapshot == nil ? driver.l1 : []
+        snapshots = driver.snapshots
+        externalData = header.incompatibleFeatures.contains(.externalDataFile)
+        snapshotTableLength = driver.snapshotTableLength
+    }
+
+    /// Counts one reference to every cluster of `[offset, offset + length)`.
+    private func reference(_ offset: UInt64, length: Int64, what: String) {
+        guard length > 0 else { return }
+        let first = Int64(offset) / clusterSize
+        let last = (Int64(offset) + length - 1) / clusterSize
+        if (last + 1) * clusterSize > file.length + clusterSize {
+            report.corruptions += 1
+            report.messages.append("ERROR \(what) at offset 0x\(String(offset, radix: 16)) lies past the end of the image")
+        }
+        for cluster in first...last { references[cluster, default: 0] += 1 }
+    }
+
+    private func read(_ offset: UInt64, _ count: Int) -> EventLoopFuture<[UInt8]> {
+        QCOW2Driver.readBytes(file, at: Int64(offset), count: count)
+    }
+
+    public func run() -> EventLoopFuture<Report> {
+        let loop = file.eventLoop
+        reference(0, length: clusterSize, what: "header")
+        reference(header.refcountTableOffset, length: Int64(header.refcountTableClusters) * clusterSize, what: "refcount table")
+        var tables: [(l1: [UInt64]?, offset: UInt64, size: UInt32, active: Bool)] = []
+        if !activeL1.isEmpty || header.l1Size == 0 {
+            tables.append((activeL1, header.l1TableOffset, header.l1Size, true))
+        } else {
+            tables.append((nil, header.l1TableOffset, header.l1Size, true))
+        }
+        for snapshot in snapshots { tables.append((nil, snapshot.l1TableOffset, snapshot.l1Size, false)) }
+        if header.snapshotCount > 0 {
+            reference(header.snapshotsOffset, length: Int64(max(snapshotTableLength, 1)), what: "snapshot table")
+        }
+        var work = loop.makeSucceededVoidFuture()
+        for table in tables {
+            work = work.flatMap { self.checkL1(table.l1, offset: table.offset, size: table.size, active: table.active) }
+        }
+        return work.flatMap { self.checkBitmaps() }
+            .flatMap { self.compareRefcounts() }
+            .map { self.report }
+    }
+
+    private func checkL1(_ known: [UInt64]?, offset: UInt64, size: UInt32, active: Bool) -> EventLoopFuture<Void> {
+        let loop = file.eventLoop
+        guard size > 0 else { return loop.makeSucceededVoidFuture() }
+        reference(offset, length: Int64(size) * 8, what: active ? "active L1 table" : "snapshot L1 table")
+        let l1Future: EventLoopFuture<[UInt64]> = known.map { loop.makeSucceededFuture($0) }
+            ?? read(offset, Int(size) * 8).map { bytes in
+                let reader = BigEndianReader(bytes)
+                return (0..<Int(size)).map { reader.u64(at: $0 * 8) }
+            }
+        return l1Future.flatMap { l1 in
+            var chain = loop.makeSucceededVoidFuture()
+            for entry in l1 {
+                let l2Offset = entry & QCOW2Entry.offsetMask
+                guard l2Offset != 0 else { continue }
+                if l2Offset % UInt64(self.clusterSize) != 0 {
+                    self.report.corruptions += 1
+                    self.report.messages.append("ERROR l2_offset=\(String(l2Offset, radix: 16)): L2 table is not cluster aligned; L1 entry corrupted")
+                    continue
+                }
+                self.reference(l2Offset, length: self.clusterSize, what: "L2 table")
+                chain = chain.flatMap { self.checkL2(at: l2Offset, active: active) }
+            }
+            return chain
+        }
+    }
+
+    private func checkL2(at offset: UInt64, active: Bool) -> EventLoopFuture<Void> {
+        guard Int64(offset) + clusterSize <= file.length else { return file.eventLoop.makeSucceededVoidFuture() }
+        return read(offset, header.clusterSize).map { bytes in
+            let reader = BigEndianReader(bytes)
+            var previousHost: UInt64?
+            for index in 0..<self.header.l2Entries {
+                let entry = reader.u64(at: index * self.header.l2EntrySize)
+                if entry & QCOW2Entry.compressed != 0 {
+                    guard case .compressed(let host, let size)? = QCOW2Entry.mapping(
+                        entry: entry, bitmap: nil, subcluster: 0, clusterBits: self.header.clusterBits) else { continue }
+                    self.reference(host & ~511, length: Int64(size) + Int64(host & 511), what: "compressed cluster")
+                    if active {
+                        self.report.allocatedClusters += 1
+                        self.report.compressedClusters += 1
+                    }
+                    continue
+                }
+                let host = entry & QCOW2Entry.offsetMask
+                let allocated = host != 0 || (self.externalData && entry & QCOW2Entry.copied != 0)
+                guard allocated else { continue }
+                if host % UInt64(self.clusterSize) != 0 {
+                    self.report.corruptions += 1
+                    self.report.messages.append("ERROR offset=\(String(host, radix: 16)): Cluster is not properly aligned; L2 entry corrupted.")
+                    continue
+                }
+                if active {
+                    self.report.allocatedClusters += 1
+                    if let previous = previousHost, previous + UInt64(self.clusterSize) != host {
+                        self.report.fragmentedClusters += 1
+                    }
+                    previousHost = host
+                }
+                if !self.externalData { self.reference(host, length: self.clusterSize, what: "data cluster") }
+            }
+        }
+    }
+
+    /// The bitmap directory, each bitmap's table and the clusters it names.
+    private func checkBitmaps() -> EventLoopFuture<Void> {
+        let loop = file.eventLoop
+        guard header.autoclearFeatures.contains(.bitmaps),
+              let ext = header.extensions.first(where: { $0.type == QCOW2HeaderExtension.bitmaps }),
+              ext.data.count >= 24 else { return loop.makeSucceededVoidFuture() }
+        let reader = BigEndianReader(ext.data)
+        let count = Int(reader.u32(at: 0))
+        let directorySize = reader.u64(at: 8)
+        let directoryOffset = reader.u64(at: 16)
+        guard directorySize > 0, directorySize <= 64 << 20 else { return loop.makeSucceededVoidFuture() }
+        reference(directoryOffset, length: Int64(directorySize), what: "bitmap directory")
+        return read(directoryOffset, Int(directorySize)).flatMap { bytes in
+            let directory = BigEndianReader(bytes)
+            var position = 0
+            var chain = loop.makeSucceededVoidFuture()
+            for _ in 0..<count {
+                guard position + 24 <= bytes.count else { break }
+                let tableOffset = directory.u64(at: position)
+                let tableSize = Int(directory.u32(at: position + 8))
+                let nameSize = Int(directory.u16(at: position + 18))
+                let extraSize = Int(directory.u32(at: position + 20))
+                position += (24 + extraSize + nameSize + 7) / 8 * 8
+                guard tableSize > 0, tableSize <= 1 << 24 else { continue }
+                self.reference(tableOffset, length: Int64(tableSize) * 8, what: "bitmap table")
+                chain = chain.flatMap {
+                    self.read(tableOffset, tableSize * 8).map { table in
+                        let entries = BigEndianReader(table)
+                        for index in 0..<tableSize {
+                            let offset = entries.u64(at: index * 8) & QCOW2Entry.offsetMask
+                            if offset != 0 { self.reference(offset, length: self.clusterSize, what: "bitmap data") }
+                        }
+                    }
+                }
+            }
+            return chain
+        }
+    }
+
+    /// Reads every refcount block and compares with what was counted.
+    private func compareRefcounts() -> EventLoopFuture<Void> {
+        let loop = file.eventLoop
+        let perBlock = Int64(header.clusterSize * 8 / header.refcountBits)
+        let tableBytes = Int(header.refcountTableClusters) * header.clusterSize
+        return read(header.refcountTableOffset, tableBytes).flatMap { table in
+            let reader = BigEndianReader(table)
+            let fileClusters = (self.file.length + self.clusterSize - 1) / self.clusterSize
+            let maxReferenced = (self.references.keys.max() ?? 0) + 1
+            let clusters = max(fileClusters, maxReferenced)
+            var stored: [Int64: UInt64] = [:]
+            var chain = loop.makeSucceededVoidFuture()
+            for block in 0..<min(table.count / 8, Int((clusters + perBlock - 1) / perBlock)) {
+                let offset = reader.u64(at: block * 8) & ~UInt64(511)
+                guard offset != 0 else { continue }
+                self.reference(offset, length: self.clusterSize, what: "refcount block")
+                guard offset % UInt64(self.clusterSize) == 0, Int64(offset) + self.clusterSize <= self.file.length else {
+                    self.report.corruptions += 1
+                    self.report.messages.append("ERROR refcount block \(block) is not cluster aligned or past the end; refcount table entry corrupted")
+                    continue
+                }
+                chain = chain.flatMap {
+                    self.read(offset, self.header.clusterSize).map { bytes in
+                        bytes.withUnsafeBytes { raw in
+                            for index in 0..<Int(perBlock) {
+                                let value = QCOW2Refcounts.entry(raw, index: index, bits: self.header.refcountBits)
+                                if value != 0 { stored[Int64(block) * perBlock + Int64(index)] = value }
+                            }
+                        }
+                    }
+                }
+            }
+            return chain.map {
+                let all = Set(stored.keys).union(self.references.keys).sorted()
+                for cluster in all {
+                    let have = stored[cluster] ?? 0
+                    let want = UInt64(self.references[cluster] ?? 0)
+                    if have < want {
+                        self.report.corruptions += 1
+                        self.report.messages.append("ERROR cluster \(cluster) refcount=\(have) reference=\(want)")
+                    } else if have > want {
+                        self.report.leaks += 1
+                        self.report.messages.append("Leaked cluster \(cluster) refcount=\(have) reference=\(want)")
+                    }
+                }
+                let highest = max(self.references.keys.max() ?? 0, stored.keys.max() ?? 0)
+                self.report.imageEndOffset = (highest + 1) * self.clusterSize
+                self.report.totalClusters = Int((Int64(self.header.size) + self.clusterSize - 1) / self.clusterSize)
+            }
+        }
+    }
+}

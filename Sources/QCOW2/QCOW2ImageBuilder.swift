@@ -1,0 +1,251 @@
+/// Lays out a new qcow2 image, as `qemu-img create` does: header, refcount
+/// table and blocks, L1 table, and with preallocation=metadata every L2
+/// table and data cluster. Pure: it returns the bytes to write and the
+/// file length; the caller writes them.
+public struct QCOW2ImageBuilder {
+    public struct Options: Equatable, Sendable {
+        public var size: UInt64
+        public var version: UInt32 = 3
+        public var clusterBits: UInt32 = 16
+        public var refcountBits = 16
+        public var lazyRefcounts = false
+        public var extendedL2 = false
+        public var compression: QCOW2Header.CompressionType = .zlib
+        public var preallocateMetadata = false
+        public var backingFile: String?
+        public var backingFormat: String?
+        public var dataFile: String?
+        public var dataFileRaw = false
+
+        public init(size: UInt64) {
+            self.size = size
+        }
+    }
+
+    public struct Layout {
+        /// Byte ranges to write, in file order.
+        public var writes: [(offset: UInt64, bytes: [UInt8])]
+        /// The file's length (clusters past the metadata are sparse).
+        public var fileLength: UInt64
+        public var header: QCOW2Header
+    }
+
+    public enum BuildError: Error, CustomStringConvertible, Equatable {
+        case invalid(String)
+        public var description: String {
+            switch self { case .invalid(let text): return text }
+        }
+    }
+
+    public let options: Options
+
+    public init(options: Options) {
+        self.options = options
+    }
+
+    /// Checks option combinations with qemu-img's messages.
+    func validate() throws {
+        let o = options
+        guard (9...21).contains(o.clusterBits) else {
+            throw BuildError.invalid("Cluster size must be a power of two between 512 and 2048k")
+        }
+        guard [1, 2, 4, 8, 16, 32, 64].contains(o.refcountBits) else {
+            throw BuildError.invalid("Refcount width must be a power of two and may not exceed 64 bits")
+        }
+        guard o.size <= QCOW2Header.maxSize else { throw BuildError.invalid("Image size is too large") }
+        if o.version == 2 {
+            if o.lazyRefcounts { throw BuildError.invalid("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)") }
+            if o.refcountBits != 16 { throw BuildError.invalid("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)") }
+            if o.extendedL2 { throw BuildError.invalid("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)") }
+            if o.compression != .zlib { throw BuildError.invalid("Compression type selection is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)") }
+            if o.dataFile != nil { throw BuildError.invalid("External data files are only supported with compatibility level 1.1 and above") }
+        }
+        if o.extendedL2, o.clusterBits < 14 {
+            throw BuildError.invalid("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
+        }
+        if o.dataFileRaw, o.dataFile == nil {
+            throw BuildError.invalid("data-file-raw requires data-file")
+        }
+        if o.dataFile != nil, o.backingFile != nil {
+            throw BuildError.invalid("Backing file and data file cannot be used at the same time")
+        }
+        if let backing = o.backingFile, backing.utf8.count > 1023 {
+            throw BuildError.invalid("Backing file name too long")
+        }
+    }
+
+    public func build() throws -> Layout {
+        try validate()
+        let o = options
+        let clusterSize = UInt64(1) << UInt64(o.clusterBits)
+        let entrySize: UInt64 = o.extendedL2 ? 16 : 8
+        let l2Entries = clusterSize / entrySize
+        let bytesPerL2 = l2Entries * clusterSize
+        let l1Entries = (o.size + bytesPerL2 - 1) / bytesPerL2
+        let l1Clusters = max(1, (l1Entries * 8 + clusterSize - 1) / clusterSize)
+        let dataClusters = (o.size + clusterSize - 1) / clusterSize
+        // Metadata preallocation (also implied by a raw data file): every
+        // L2 table, and data clusters in the image unless the data lives in
+        // an external file.
+        let preallocate = o.preallocateMetadata || o.dataFileRaw
+        let l2Clusters = preallocate ? l1Entries : 0
+        let inImageData = preallocate && o.dataFile == nil ? dataClusters : 0
+        let fixed = 1 + l1Clusters + l2Clusters + inImageData
+        let perBlock = clusterSize * 8 / UInt64(o.refcountBits)
+        var tableClusters: UInt64 = 1
+        var blockClusters: UInt64 = 1
+        while true {
+            let total = fixed + tableClusters + blockClusters
+            let neededBlocks = (total + perBlock - 1) / perBlock
+            let neededTable = max(1, (neededBlocks * 8 + clusterSize - 1) / clusterSize)
+            if neededBlocks <= blockClusters, neededTable <= tableClusters { break }
+            blockClusters = max(blockClusters, neededBlocks)
+            tableClusters = max(tableClusters, neededTable)
+        }
+        let tableOffset = clusterSize
+        let blocksOffset = tableOffset + tableClusters * clusterSize
+        let l1Offset = blocksOffset + blockClusters * clusterSize
+        let l2Offset = l1Offset + l1Clusters * clusterSize
+        let dataOffset = l2Offset + l2Clusters * clusterSize
+        let totalClusters = fixed + tableClusters + blockClusters
+        let fileLength = totalClusters * clusterSize
+
+        var header = QCOW2Header(
+            version: o.version, backingFileOffset: 0, backingFileSize: 0, clusterBits: o.clusterBits,
+            size: o.size, cryptMethod: 0, l1Size: UInt32(l1Entries), l1TableOffset: l1Offset,
+            refcountTableOffset: tableOffset, refcountTableClusters: UInt32(tableClusters),
+            snapshotCount: 0, snapshotsOffset: 0,
+            headerLength: o.version == 2 ? UInt32(QCOW2Header.version2Length) : 112)
+        header.refcountOrder = UInt32(o.refcountBits.trailingZeroBitCount)
+        if o.lazyRefcounts { header.compatibleFeatures.insert(.lazyRefcounts) }
+        if o.extendedL2 { header.incompatibleFeatures.insert(.extendedL2) }
+        if o.compression == .zstd {
+            header.incompatibleFeatures.insert(.compressionType)
+            header.compressionType = .zstd
+        }
+        if let dataFile = o.dataFile {
+            header.incompatibleFeatures.insert(.externalDataFile)
+            header.extensions.append(QCOW2HeaderExtension(type: QCOW2HeaderExtension.dataFile, data: Array(dataFile.utf8)))
+            if o.dataFileRaw { header.autoclearFeatures.insert(.rawExternalData) }
+        }
+        if let format = o.backingFormat, o.backingFile != nil {
+            header.extensions.insert(QCOW2HeaderExtension(type: QCOW2HeaderExtension.backingFormat, data: Array(format.utf8)), at: 0)
+        }
+        if o.version == 3 {
+            header.extensions.append(QCOW2HeaderExtension(type: QCOW2HeaderExtension.featureNames, data: Self.featureNameTable))
+        }
+        header.backingFile = o.backingFile
+
+        var writes: [(UInt64, [UInt8])] = []
+        writes.append((0, try header.serialize()))
+
+        // Refcount table and blocks: every cluster up to the end is used once.
+        var table = [UInt8](repeating: 0, count: Int(tableClusters * clusterSize))
+        for block in 0..<blockClusters {
+            put(&table, Int(block * 8), blocksOffset + block * clusterSize, 8)
+        }
+        writes.append((tableOffset, table))
+        var blocks = [UInt8](repeating: 0, count: Int(blockClusters * clusterSize))
+        for cluster in 0..<totalClusters {
+            Self.setRefcount(&blocks, index: Int(cluster), bits: o.refcountBits, value: 1)
+        }
+        writes.append((blocksOffset, blocks))
+
+        // L1 (and preallocated L2) tables.
+        var l1 = [UInt8](repeating: 0, count: Int(l1Clusters * clusterSize))
+        if preallocate {
+            for index in 0..<l1Entries {
+                put(&l1, Int(index * 8), (l2Offset + index * clusterSize) | QCOW2Entry.copied, 8)
+            }
+            var l2 = [UInt8](repeating: 0, count: Int(l2Clusters * clusterSize))
+            for cluster in 0..<dataClusters {
+                let host = o.dataFile == nil ? dataOffset + cluster * clusterSize : cluster * clusterSize
+                let position = Int(cluster * entrySize)
+                put(&l2, position, host | QCOW2Entry.copied, 8)
+                if o.extendedL2 {
+                    put(&l2, position + 8, 0xffff_ffff, 8)  // every subcluster allocated
+                }
+            }
+            writes.append((l2Offset, l2))
+        }
+        writes.append((l1Offset, l1))
+        return Layout(writes: writes, fileLength: fileLength, header: header)
+    }
+
+    /// QEMU's feature name table, so tools can name the bits.
+    static let featureNameTable: [UInt8] = {
+        let names: [(UInt8, UInt8, String)] = [
+            (0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"),
+            (0, 3, "compression type"), (0, 4, "extended L2 entries"),
+            (1, 0, "lazy refcounts"), (2, 0, "bitmaps"), (2, 1, "raw external data"),
+        ]
+        var bytes: [UInt8] = []
+        for (type, bit, name) in names {
+            var entry = [type, bit] + Array(name.utf8)
+            entry += [UInt8](repeating: 0, count: 48 - entry.count)
+            bytes += entry
+        }
+        return bytes
+    }()
+
+    static func setRefcount(_ block: inout [UInt8], index: Int, bits: Int, value: UInt64) {
+        if bits < 8 {
+            let bitOffset = index * bits
+            let mask = UInt8((1 << bits) - 1) << UInt8(bitOffset % 8)
+            block[bitOffset / 8] = (block[bitOffset / 8] & ~mask) | (UInt8(value) << UInt8(bitOffset % 8)) & mask
+        } else {
+            put(&block, index * bits / 8, value, bits / 8)
+        }
+    }
+}
+
+/// Writes `value` big-endian into `size` bytes at `offset`.
+func put(_ bytes: inout [UInt8], _ offset: Int, _ value: UInt64, _ size: Int) {
+    for index in 0..<size {
+        bytes[offset + index] = UInt8(truncatingIfNeeded: value >> UInt64(8 * (size - 1 - index)))
+    }
+}
+
+extension QCOW2Header {
+    /// The header cluster's bytes: fixed fields, extensions (unknown ones
+    /// kept as read), the end marker, then the backing file name.
+    public func serialize() throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: Int(headerLength))
+        put(&bytes, 0, UInt64(Self.magic), 4)
+        put(&bytes, 4, UInt64(version), 4)
+        put(&bytes, 20, UInt64(clusterBits), 4)
+        put(&bytes, 24, size, 8)
+        put(&bytes, 32, UInt64(cryptMethod), 4)
+        put(&bytes, 36, UInt64(l1Size), 4)
+        put(&bytes, 40, l1TableOffset, 8)
+        put(&bytes, 48, refcountTableOffset, 8)
+        put(&bytes, 56, UInt64(refcountTableClusters), 4)
+        put(&bytes, 60, UInt64(snapshotCount), 4)
+        put(&bytes, 64, snapshotsOffset, 8)
+        if version >= 3 {
+            put(&bytes, 72, incompatibleFeatures.rawValue, 8)
+            put(&bytes, 80, compatibleFeatures.rawValue, 8)
+            put(&bytes, 88, autoclearFeatures.rawValue, 8)
+            put(&bytes, 96, UInt64(refcountOrder), 4)
+            put(&bytes, 100, UInt64(headerLength), 4)
+            if headerLength > 104 { bytes[104] = compressionType.rawValue }
+        }
+        for ext in extensions {
+            var entry = [UInt8](repeating: 0, count: 8)
+            put(&entry, 0, UInt64(ext.type), 4)
+            put(&entry, 4, UInt64(ext.data.count), 4)
+            bytes += entry + ext.data + [UInt8](repeating: 0, count: (8 - ext.data.count % 8) % 8)
+        }
+        bytes += [UInt8](repeating: 0, count: 8)  // end of extensions
+        if let backingFile {
+            let name = Array(backingFile.utf8)
+            put(&bytes, 8, UInt64(bytes.count), 8)
+            put(&bytes, 16, UInt64(name.count), 4)
+            bytes += name
+        }
+        guard bytes.count <= clusterSize else {
+            throw QCOW2Error("The header does not fit in one cluster")
+        }
+        return bytes
+    }
+}

@@ -1,0 +1,84 @@
+import BlockDrivers
+import BlockLayer
+import Foundation
+import NIOCore
+import NIOPosix
+import QCOW2
+
+/// A short-lived graph for `strata img`: one loop, a small pool, the image
+/// opened read-only, torn down after `body`.
+final class ImageSession {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let pool = NIOThreadPool(numberOfThreads: 4)
+    var loop: EventLoop { group.next() }
+    private(set) var graph: BlockGraph!
+    private(set) var io: FileIOContext!
+
+    init() {
+        pool.start()
+    }
+
+    /// Opens `filename` and runs `body` on the loop with the top node.
+    func withImage<T>(_ filename: String, format: String?, forceShare: Bool,
+                      _ body: @escaping (BlockNode) -> EventLoopFuture<T>) throws -> T {
+        defer {
+            try? loop.submit {
+                self.graph?.closeAll()
+            }.wait()
+            try? pool.syncShutdownGracefully()
+            try? group.syncShutdownGracefully()
+        }
+        return try loop.flatSubmit { () -> EventLoopFuture<T> in
+            self.graph = BlockGraph(eventLoop: self.loop)
+            self.io = FileIOContext(eventLoop: self.loop, threadPool: self.pool)
+            var options = ImageOptions(filename: filename, format: format)
+            options.readOnly = true
+            if forceShare { options.locking = .off }
+            return ImageOpener.open(options, graph: self.graph, io: self.io).flatMap { node in
+                // qemu-img takes consistent read and shares only reading.
+                do {
+                    _ = try self.graph.attachBackend(name: "qemu-img", to: node,
+                                                     perm: forceShare ? [] : .consistentRead,
+                                                     shared: forceShare ? .all : [.consistentRead, .writeUnchanged])
+                } catch {
+                    return self.loop.makeFailedFuture(error)
+                }
+                return body(node)
+            }
+        }.wait()
+    }
+
+    /// Every layer from `node` down its backing chain, formats only.
+    static func chain(from node: BlockNode) -> [BlockNode] {
+        var layers: [BlockNode] = [node]
+        while let next = layers.last?.backing?.node { layers.append(next) }
+        return layers
+    }
+
+    /// The file node under a format node, and its file name.
+    static func fileName(of node: BlockNode) -> String {
+        var current: BlockNode? = node
+        while let candidate = current {
+            if let file = candidate.driver as? FileDriver { return file.options.filename }
+            current = candidate.child(named: "file")?.node
+        }
+        return node.name
+    }
+
+    static func allocatedBytes(of node: BlockNode) -> Int64 {
+        var total: Int64 = 0
+        var current: BlockNode? = node.child(named: "file")?.node ?? node
+        while let candidate = current, total == 0 {
+            total = candidate.driver.allocatedFileSize ?? 0
+            current = candidate.child(named: "file")?.node
+        }
+        if let data = node.child(named: "data-file")?.node { total += data.driver.allocatedFileSize ?? 0 }
+        return total
+    }
+}
+
+/// Prints errors the way qemu-img does and exits with its status.
+func fail(_ message: String, status: Int32 = 1) -> Never {
+    FileHandle.standardError.write(Data("strata img: \(message)\n".utf8))
+    exit(status)
+}

@@ -1,0 +1,83 @@
+import ArgumentParser
+import BlockDrivers
+import BlockLayer
+import Foundation
+import NIOCore
+import QCOW2
+
+/// `strata img check`: qemu-img check's report and exit codes
+/// (0 clean, 2 corruptions, 3 leaks only, 1 could not check, 63 no checks
+/// for this format).
+struct ImgCheck: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "check", abstract: "Check an image for consistency.")
+
+    @Option(name: .customShort("f"), help: "Image format (probed when omitted).")
+    var format: String?
+
+    @Option(help: "Output format: human or json.")
+    var output: OutputFormat = .human
+
+    @Option(name: .customShort("r"), help: "Repair: leaks or all (not supported yet).")
+    var repair: String?
+
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the image even if it is in use.")
+    var forceShare = false
+
+    @Argument(help: "The image.")
+    var filename: String
+
+    func run() throws {
+        if let repair {
+            guard ["leaks", "all"].contains(repair) else { fail("Unknown option for -r (expecting 'leaks' or 'all'): \(repair)") }
+            fail("Repairing images is not supported yet; check without -r, or use qemu-img check -r \(repair)")
+        }
+        let outcome: (format: String, report: QCOW2Checker.Report?)
+        do {
+            outcome = try ImageSession().withImage(filename, format: format, forceShare: forceShare) { node in
+                guard let driver = node.driver as? QCOW2Driver, let file = node.child(named: "file")?.node else {
+                    return node.eventLoop.makeSucceededFuture((node.formatName, nil))
+                }
+                return QCOW2Checker(driver: driver, file: file).run().map { ("qcow2", $0) }
+            }
+        } catch {
+            fail("Could not open '\(filename)': \((error as? BlockError)?.description ?? "\(error)")")
+        }
+        guard let report = outcome.report else {
+            fail("This image format does not support checks", status: 63)
+        }
+        switch output {
+        case .json:
+            var object: [String: Any] = [
+                "filename": filename, "format": outcome.format,
+                "check-errors": report.checkErrors, "image-end-offset": report.imageEndOffset,
+                "total-clusters": report.totalClusters, "allocated-clusters": report.allocatedClusters,
+                "fragmented-clusters": report.fragmentedClusters, "compressed-clusters": report.compressedClusters,
+            ]
+            if report.corruptions > 0 { object["corruptions"] = report.corruptions }
+            if report.leaks > 0 { object["leaks"] = report.leaks }
+            let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+        case .human:
+            for message in report.messages { FileHandle.standardError.write(Data((message + "\n").utf8)) }
+            if report.corruptions > 0 {
+                print("\n\(report.corruptions) errors were found on the image.")
+                print("Data may be corrupted, or further writes to the image may corrupt it.")
+            }
+            if report.leaks > 0 {
+                print("\n\(report.leaks) leaked clusters were found on the image.")
+                print("This means waste of disk space, but no harm to data.")
+            }
+            if report.corruptions == 0, report.leaks == 0 { print("No errors were found on the image.") }
+            let total = max(report.totalClusters, 1)
+            let percent = { (value: Int) in String(format: "%.2f", Double(value) * 100 / Double(total)) }
+            let fragmentedBase = max(report.allocatedClusters, 1)
+            print("\(report.allocatedClusters)/\(report.totalClusters) = \(percent(report.allocatedClusters))% allocated, "
+                  + "\(String(format: "%.2f", Double(report.fragmentedClusters) * 100 / Double(fragmentedBase)))% fragmented, "
+                  + "\(String(format: "%.2f", Double(report.compressedClusters) * 100 / Double(fragmentedBase)))% compressed clusters")
+            print("Image end offset: \(report.imageEndOffset)")
+        }
+        if report.checkErrors > 0 { throw ExitCode(1) }
+        if report.corruptions > 0 { throw ExitCode(2) }
+        if report.leaks > 0 { throw ExitCode(3) }
+    }
+}

@@ -1,0 +1,163 @@
+import Foundation
+import Testing
+
+/// `strata img` against qemu-img: what create writes passes `qemu-img
+/// check` with the options asked for, and info/map/check agree with
+/// qemu-img on images qemu-img made.
+@Suite struct ImgCommandTests {
+    func img(_ arguments: [String]) throws -> Harness.Output {
+        try Harness.run(Harness.strata, ["img"] + arguments)
+    }
+
+    func qemuImg(_ arguments: [String]) throws -> Harness.Output {
+        try Harness.run("/usr/bin/qemu-img", arguments)
+    }
+
+    func qemuInfo(_ path: String) throws -> [String: Any] {
+        let info = try qemuImg(["info", "--output=json", path])
+        return try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any] ?? [:]
+    }
+
+    @Test(arguments: [
+        ([], "64M"),
+        (["-o", "cluster_size=512"], "16M"),
+        (["-o", "cluster_size=2M"], "1G"),
+        (["-o", "lazy_refcounts=on,refcount_bits=1"], "1G"),
+        (["-o", "refcount_bits=64,compression_type=zstd"], "256M"),
+        (["-o", "extended_l2=on,cluster_size=128k"], "10G"),
+        (["-o", "preallocation=metadata,cluster_size=4k"], "64M"),
+        (["-o", "compat=0.10"], "64M"),
+        (["-o", "data_file=DATA,data_file_raw=on"], "32M"),
+        (["-o", "cluster_size=512,refcount_bits=1"], "3G"),
+    ])
+    func createdImagesPassQemuImgCheck(options: [String], size: String) throws {
+        let directory = try Harness.temporaryDirectory("create")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("new.qcow2").path
+        // Relative data file names are relative to the current directory
+        // (as in qemu-img): use an absolute one.
+        let dataPath = directory.appendingPathComponent("new.data").path
+        let resolved = options.map { $0.replacingOccurrences(of: "DATA", with: dataPath) }
+        let created = try img(["create", "-f", "qcow2"] + resolved + [path, size])
+        #expect(created.status == 0, "\(created.stderr)")
+        let check = try qemuImg(["check", path])
+        #expect(check.status == 0, "qemu-img check: \(check.stdout)\(check.stderr)")
+        let info = try qemuInfo(path)
+        let specific = (info["format-specific"] as? [String: Any])?["data"] as? [String: Any] ?? [:]
+        let text = resolved.joined(separator: ",")
+        if text.contains("lazy_refcounts=on") { #expect(specific["lazy-refcounts"] as? Bool == true) }
+        if text.contains("refcount_bits=1,") || text.hasSuffix("refcount_bits=1") { #expect(specific["refcount-bits"] as? Int == 1) }
+        if text.contains("refcount_bits=64") { #expect(specific["refcount-bits"] as? Int == 64) }
+        if text.contains("zstd") { #expect(specific["compression-type"] as? String == "zstd") }
+        if text.contains("extended_l2=on") { #expect(specific["extended-l2"] as? Bool == true) }
+        if text.contains("compat=0.10") { #expect(specific["compat"] as? String == "0.10") }
+        if text.contains("cluster_size=512") { #expect(info["cluster-size"] as? Int == 512) }
+        if text.contains("cluster_size=2M") { #expect(info["cluster-size"] as? Int == 2 << 20) }
+        if text.contains("data_file") { #expect(specific["data-file"] as? String == dataPath) }
+        #expect(info["virtual-size"] as? Int64 == Int64(ImageSizeForTests.bytes(size)))
+        // qemu-io can use it, and it still checks clean afterwards.
+        let write = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 0x42 0 1M", path])
+        #expect(write.status == 0, "\(write.stderr)")
+        #expect(try qemuImg(["check", path]).status == 0)
+    }
+
+    @Test func backingFilesAndRawImages() throws {
+        let directory = try Harness.temporaryDirectory("create-b")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let base = directory.appendingPathComponent("base.raw").path
+        #expect(try img(["create", "-f", "raw", base, "32M"]).status == 0)
+        #expect(try qemuInfo(base)["virtual-size"] as? Int64 == 32 << 20)
+        let overlay = directory.appendingPathComponent("top.qcow2").path
+        let created = try img(["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", overlay])
+        #expect(created.status == 0, "\(created.stderr)")
+        let info = try qemuInfo(overlay)
+        #expect(info["backing-filename"] as? String == "base.raw")
+        #expect(info["backing-filename-format"] as? String == "raw")
+        #expect(info["virtual-size"] as? Int64 == 32 << 20, "size taken from the backing file")
+        #expect(try qemuImg(["check", overlay]).status == 0)
+        let noFormat = try img(["create", "-f", "qcow2", "-b", "base.raw", overlay + "2", "32M"])
+        #expect(noFormat.status != 0 && noFormat.stderr.contains("backing format"))
+        let badOption = try img(["create", "-f", "qcow2", "-o", "cluster_size=3000", overlay + "3", "1M"])
+        #expect(badOption.status != 0 && badOption.stderr.contains("Cluster size"))
+        let badSize = try img(["create", "-f", "qcow2", overlay + "4", "12Q"])
+        #expect(badSize.status != 0 && badSize.stderr.contains("Invalid image size"))
+    }
+
+    @Test func infoMapAndCheckAgreeWithQemuImg() throws {
+        let directory = try Harness.temporaryDirectory("inspect")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let base = directory.appendingPathComponent("base.qcow2").path
+        let top = directory.appendingPathComponent("top.qcow2").path
+        #expect(try qemuImg(["create", "-f", "qcow2", "-o", "lazy_refcounts=on", base, "64M"]).status == 0)
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 2M", "-c", "write -z 4M 1M", base])
+        #expect(try qemuImg(["snapshot", "-c", "snap", base]).status == 0)
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 2 1M 2M", base])
+        #expect(try qemuImg(["bitmap", "--add", base, "b0"]).status == 0)
+        #expect(try qemuImg(["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top]).status == 0)
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 3 1536k 64k", top])
+
+        let ourMap = try img(["map", "--output=json", top])
+        let theirMap = try qemuImg(["map", "--output=json", top])
+        #expect(ourMap.stdout == theirMap.stdout, "map differs:\n\(ourMap.stdout)\n--\n\(theirMap.stdout)")
+
+        for image in [base, top] {
+            let ours = try img(["check", "--output=json", image])
+            let theirs = try qemuImg(["check", "--output=json", image])
+            #expect(ours.status == theirs.status)
+            let a = try JSONSerialization.jsonObject(with: Data(ours.stdout.utf8)) as? [String: Any] ?? [:]
+            let b = try JSONSerialization.jsonObject(with: Data(theirs.stdout.utf8)) as? [String: Any] ?? [:]
+            for key in ["image-end-offset", "check-errors", "allocated-clusters", "total-clusters"] {
+                #expect("\(a[key] ?? "-")" == "\(b[key] ?? "-")", "check \(key) of \(image)")
+            }
+        }
+
+        let ours = try img(["info", "--output=json", "--backing-chain", top])
+        let theirs = try qemuImg(["info", "--output=json", "--backing-chain", top])
+        let a = try JSONSerialization.jsonObject(with: Data(ours.stdout.utf8)) as? [[String: Any]] ?? []
+        let b = try JSONSerialization.jsonObject(with: Data(theirs.stdout.utf8)) as? [[String: Any]] ?? []
+        #expect(a.count == b.count && a.count == 2)
+        for (mine, qemu) in zip(a, b) {
+            for key in ["virtual-size", "format", "cluster-size", "dirty-flag", "backing-filename", "backing-filename-format"] {
+                #expect("\(mine[key] ?? "-")" == "\(qemu[key] ?? "-")", "info \(key)")
+            }
+            let mineSpecific = (mine["format-specific"] as? [String: Any])?["data"] as? [String: Any] ?? [:]
+            let qemuSpecific = (qemu["format-specific"] as? [String: Any])?["data"] as? [String: Any] ?? [:]
+            for key in ["compat", "lazy-refcounts", "refcount-bits", "compression-type", "extended-l2", "corrupt"] {
+                #expect("\(mineSpecific[key] ?? "-")" == "\(qemuSpecific[key] ?? "-")", "info format-specific \(key)")
+            }
+            #expect((mine["snapshots"] as? [Any])?.count == (qemu["snapshots"] as? [Any])?.count)
+        }
+    }
+
+    @Test func checkFindsLeaksAndCorruption() throws {
+        let directory = try Harness.temporaryDirectory("damage")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("d.qcow2").path
+        #expect(try qemuImg(["create", "-f", "qcow2", path, "16M"]).status == 0)
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 5 0 128k", path])
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        // Refcount block at 0x20000 (16-bit entries): raise cluster 1's count (a leak).
+        try handle.seek(toOffset: 0x20000 + 2)
+        handle.write(Data([0, 2]))
+        try handle.close()
+        let leaked = try img(["check", path])
+        #expect(leaked.status == 3, "\(leaked.stdout)\(leaked.stderr)")
+        #expect(try qemuImg(["check", path]).status == 3)
+        let handle2 = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        // Zero cluster 0's refcount (the header): a corruption.
+        try handle2.seek(toOffset: 0x20000)
+        handle2.write(Data([0, 0]))
+        try handle2.close()
+        let corrupt = try img(["check", path])
+        #expect(corrupt.status == 2, "\(corrupt.stdout)\(corrupt.stderr)")
+        #expect(try qemuImg(["check", path]).status == 2)
+    }
+}
+
+enum ImageSizeForTests {
+    static func bytes(_ text: String) -> UInt64 {
+        let units: [Character: UInt64] = ["k": 1 << 10, "M": 1 << 20, "G": 1 << 30]
+        guard let unit = units[text.last!] else { return UInt64(text)! }
+        return UInt64(text.dropLast())! * unit
+    }
+}
