@@ -244,7 +244,11 @@ public final class FileDriver: BlockDriver {
             }
             return completion(BlockError(errno: Int32(-result)))
         }
-        if result == count { return completion(nil) }
+        if result == count {
+            // A write past the end grew the file (a format allocating).
+            if offset + Int64(count) > size, !isBlockDevice { size = offset + Int64(count) }
+            return completion(nil)
+        }
         if result == 0 { return completion(.enospc) }
         writeRemaining(at: offset + Int64(result), from: pointer + result, count: count - result, fua: fua,
                        completion: completion)

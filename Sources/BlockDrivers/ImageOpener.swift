@@ -72,10 +72,6 @@ public enum ImageOpener {
                 : "Unknown driver '\(format)'"
             return loop.makeFailedFuture(BlockError(errno: ENOTSUP, message))
         }
-        if format == "qcow2", !options.readOnly {
-            return loop.makeFailedFuture(BlockError(errno: ENOTSUP,
-                "qcow2 images can only be served read-only (-r) for now: writing qcow2 is not implemented yet"))
-        }
         if probed, format == "raw", !options.readOnly {
             warn("""
                 WARNING: Image format was not specified for '\(options.filename)' and probing guessed raw.
@@ -178,7 +174,8 @@ public enum ImageOpener {
                     throw error
                 }
                 var formatOptions = nodeOptions(options)
-                formatOptions.readOnly = true
+                formatOptions.detectZeroes = options.detectZeroes
+                formatOptions.readOnly = options.readOnly || options.snapshot != nil
                 do {
                     return try graph.addNode(name: options.nodeName, driver: driver, options: formatOptions,
                                              children: children)

@@ -5,7 +5,9 @@ extension BlockNode {
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer,
                       flags: BlockRequestFlags = [], completion: @escaping BlockCompletion) {
         guard !options.readOnly else { return completion(.eperm) }
-        guard contains(offset: offset, length: Int64(buffer.count)) else { return completion(.einval) }
+        guard contains(offset: offset, length: Int64(buffer.count)) || mayGrow(offset: offset, length: Int64(buffer.count)) else {
+            return completion(.einval)
+        }
         guard buffer.count > 0 else { return completion(nil) }
         if options.detectZeroes != .off, !flags.contains(.writeUnchanged), isAllZero(buffer) {
             var zeroFlags = flags.intersection(.fua)
@@ -14,6 +16,12 @@ extension BlockNode {
             return
         }
         writeWithoutDetection(at: offset, from: buffer, flags: flags, completion: completion)
+    }
+
+    /// Writes past the end are allowed to a user holding RESIZE (a format
+    /// growing its file, as in QEMU); the node grows with them.
+    func mayGrow(offset: Int64, length: Int64) -> Bool {
+        perm.contains(.resize) && offset >= 0 && length >= 0 && offset <= Int64.max - length
     }
 
     func writeWithoutDetection(at offset: Int64, from buffer: UnsafeRawBufferPointer,

@@ -55,7 +55,29 @@ public final class QCOW2Checker {
         QCOW2Driver.readBytes(file, at: Int64(offset), count: count)
     }
 
+    /// Only the references every cluster should have (for repairs).
+    public func expectedRefcounts() -> EventLoopFuture<[Int64: Int]> {
+        collect().flatMap { self.countRefcountBlocks() }.map { self.references }
+    }
+
+    /// Counts the refcount blocks themselves as referenced.
+    private func countRefcountBlocks() -> EventLoopFuture<Void> {
+        let tableBytes = Int(header.refcountTableClusters) * header.clusterSize
+        return read(header.refcountTableOffset, tableBytes).map { table in
+            let reader = BigEndianReader(table)
+            for block in 0..<(table.count / 8) {
+                let offset = reader.u64(at: block * 8) & ~UInt64(511)
+                if offset != 0 { self.reference(offset, length: self.clusterSize, what: "refcount block") }
+            }
+        }
+    }
+
     public func run() -> EventLoopFuture<Report> {
+        collect().flatMap { self.compareRefcounts() }.map { self.report }
+    }
+
+    /// Walks all metadata, counting references.
+    private func collect() -> EventLoopFuture<Void> {
         let loop = file.eventLoop
         reference(0, length: clusterSize, what: "header")
         reference(header.refcountTableOffset, length: Int64(header.refcountTableClusters) * clusterSize, what: "refcount table")
@@ -74,8 +96,6 @@ public final class QCOW2Checker {
             work = work.flatMap { self.checkL1(table.l1, offset: table.offset, size: table.size, active: table.active) }
         }
         return work.flatMap { self.checkBitmaps() }
-            .flatMap { self.compareRefcounts() }
-            .map { self.report }
     }
 
     private func checkL1(_ known: [UInt64]?, offset: UInt64, size: UInt32, active: Bool) -> EventLoopFuture<Void> {

@@ -28,7 +28,7 @@ public struct QCOW2Options: Sendable {
 /// or decompressed clusters; runs of neighbouring clusters become one read.
 public final class QCOW2Driver: BlockDriver {
     public let formatName = "qcow2"
-    public private(set) var header: QCOW2Header
+    public internal(set) var header: QCOW2Header
     public let options: QCOW2Options
     /// The L1 table in host byte order (the active one, or the snapshot's).
     var l1: [UInt64]
@@ -45,6 +45,20 @@ public final class QCOW2Driver: BlockDriver {
     /// of the file report as zero.
     var metadataPreallocation: Bool?
     var preallocationWaiters: [(Bool) -> Void] = []
+
+    // Writing (nil / empty while read-only).
+    var refcounter: QCOW2Refcounter?
+    /// Changed L2 tables by offset, held here until written back.
+    var dirtyL2: [UInt64: QCOW2L2Table] = [:]
+    var dirtyL1: Set<Int> = []
+    /// Guest clusters being allocated, with the requests waiting for them.
+    var allocating: [Int64: [() -> Void]] = [:]
+    var metadataBusy = false
+    var metadataWaiters: [() -> Void] = []
+    /// Host ranges to release once the tables that dropped them are on disk.
+    var pendingFrees: [(UInt64, Int64)] = []
+    var scratchBuffers: [UnsafeMutableRawPointer] = []
+    var corruptReason: String?
 
     init(header: QCOW2Header, l1: [UInt64], snapshots: [QCOW2Snapshot], guestSize: Int64, options: QCOW2Options) {
         self.header = header
@@ -69,6 +83,10 @@ public final class QCOW2Driver: BlockDriver {
     public var length: Int64 { guestSize }
 
     public var supportedWriteFlags: BlockRequestFlags { [] }
+
+    deinit {
+        scratchBuffers.forEach { $0.deallocate() }
+    }
 
     /// Opens a qcow2 image whose bytes `file` serves: reads and checks the
     /// header, the L1 table and the snapshot table.
@@ -121,6 +139,9 @@ public final class QCOW2Driver: BlockDriver {
                 let driver = QCOW2Driver(header: header, l1: l1, snapshots: snapshots, guestSize: size, options: options)
                 driver.snapshotTableLength = tableLength
                 return driver
+            }.flatMap { driver in
+                guard !options.readOnly, options.snapshot == nil else { return loop.makeSucceededFuture(driver) }
+                return driver.prepareForWriting(file: file).map { driver }
             }
         }
     }
@@ -144,14 +165,85 @@ public final class QCOW2Driver: BlockDriver {
         return promise.futureResult
     }
 
-    // MARK: writes (not yet: images are served read-only)
-
-    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
-                      completion: @escaping BlockCompletion) {
-        completion(.eperm)
+    /// Loads refcounts, notes where metadata lives (for overlap checks),
+    /// repairs refcounts left stale by lazy refcounts, and clears unknown
+    /// autoclear bits, as QEMU does on a read-write open.
+    func prepareForWriting(file: BlockNode) -> EventLoopFuture<Void> {
+        let loop = file.eventLoop
+        return QCOW2Refcounter.load(file: file, header: header).flatMap { refcounter in
+            let clusterSize = Int64(self.header.clusterSize)
+            func mark(_ offset: UInt64, _ length: Int64) {
+                guard length > 0 else { return }
+                for cluster in (Int64(offset) / clusterSize)...((Int64(offset) + length - 1) / clusterSize) {
+                    refcounter.metadataClusters.insert(cluster)
+                }
+            }
+            mark(0, clusterSize)
+            mark(self.header.l1TableOffset, Int64(self.header.l1Size) * 8)
+            for entry in self.l1 where entry & QCOW2Entry.offsetMask != 0 { mark(entry & QCOW2Entry.offsetMask, clusterSize) }
+            if self.header.snapshotCount > 0 { mark(self.header.snapshotsOffset, Int64(max(self.snapshotTableLength, 1))) }
+            for snapshot in self.snapshots { mark(snapshot.l1TableOffset, Int64(snapshot.l1Size) * 8) }
+            self.refcounter = refcounter
+            var steps = loop.makeSucceededVoidFuture()
+            if self.header.incompatibleFeatures.contains(.dirty) {
+                steps = steps.flatMap { self.repairRefcounts(file: file) }
+            }
+            let unknownAutoclear = self.header.autoclearFeatures.subtracting(QCOW2Header.AutoclearFeatures.known)
+            if !unknownAutoclear.isEmpty {
+                steps = steps.flatMap {
+                    self.header.autoclearFeatures.subtract(unknownAutoclear)
+                    return self.rewriteHeader(file: file)
+                }
+            }
+            return steps
+        }
     }
 
-    public func flush(completion: @escaping BlockCompletion) {
-        file.flush(completion: completion)
+    /// Sets every refcount to the references the metadata holds (what
+    /// `qemu-img check -r all` does for a dirty lazy-refcounts image), then
+    /// clears the dirty bit.
+    func repairRefcounts(file: BlockNode) -> EventLoopFuture<Void> {
+        let loop = file.eventLoop
+        return QCOW2Checker(driver: self, file: file).expectedRefcounts().flatMap { references in
+            guard let refcounter = self.refcounter else { return loop.makeSucceededVoidFuture() }
+            do {
+                for cluster in references.keys { try refcounter.ensureBlock(for: cluster) }
+                for (offset, block) in refcounter.blocks {
+                    guard let tableIndex = refcounter.table.firstIndex(of: offset) else { continue }
+                    for index in 0..<Int(refcounter.perBlock) {
+                        let cluster = Int64(tableIndex) * refcounter.perBlock + Int64(index)
+                        QCOW2Refcounter.store(block.mutableBytes, index: index, bits: refcounter.bits,
+                                              value: UInt64(references[cluster] ?? 0))
+                    }
+                    refcounter.dirtyBlocks.insert(offset)
+                }
+            } catch {
+                return loop.makeFailedFuture(error)
+            }
+            let promise = loop.makePromise(of: Void.self)
+            self.writeBackMetadata { error in
+                if let error { return promise.fail(error) }
+                self.header.incompatibleFeatures.remove(.dirty)
+                promise.completeWith(self.rewriteHeader(file: file))
+            }
+            return promise.futureResult
+        }
+    }
+
+    /// Writes the header cluster's header part and syncs.
+    func rewriteHeader(file: BlockNode) -> EventLoopFuture<Void> {
+        let loop = file.eventLoop
+        let bytes: [UInt8]
+        do { bytes = try header.serialize() } catch { return loop.makeFailedFuture(error) }
+        guard let buffer = AlignedBuffer.allocate(count: bytes.count, alignment: 4096) else {
+            return loop.makeFailedFuture(BlockError.enomem)
+        }
+        buffer.pointer.copyMemory(from: bytes, byteCount: bytes.count)
+        let promise = loop.makePromise(of: Void.self)
+        file.write(at: 0, from: buffer.bytes, flags: .fua) { error in
+            buffer.deallocate()
+            if let error { promise.fail(error) } else { promise.succeed(()) }
+        }
+        return promise.futureResult
     }
 }

@@ -1,0 +1,466 @@
+import BlockLayer
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Writing: in place where a cluster is ours (COPIED), otherwise a new
+/// cluster at the end of the file filled with the old content around the
+/// new bytes (copy-on-write from the backing file, a snapshot, a compressed
+/// or zero cluster). Metadata changes stay in memory until
+/// `writeBackMetadata`, which writes them in QEMU's order: refcount blocks,
+/// refcount table, L2 tables, L1 entries, each step synced before the next,
+/// so a crash can leak clusters but never corrupt the image. Freed clusters
+/// lose their refcount only after the tables that dropped them are on disk.
+extension QCOW2Driver {
+    var writable: Bool { refcounter != nil }
+    var externalData: Bool { header.incompatibleFeatures.contains(.externalDataFile) }
+
+    public func refreshLimits(_ limits: inout BlockLimits) {
+        limits.zeroAlignment = max(limits.zeroAlignment, header.clusterSize)
+        limits.discardAlignment = max(limits.discardAlignment, header.clusterSize)
+    }
+
+    public var supportedZeroFlags: BlockRequestFlags { [.mayUnmap] }
+
+    // MARK: metadata exclusion
+
+    /// Runs `body` now, or once the metadata writeback in progress ends.
+    func whenMetadataIdle(_ body: @escaping () -> Void) {
+        if metadataBusy { metadataWaiters.append(body) } else { body() }
+    }
+
+    /// Runs `body` when no allocation of guest cluster `cluster` is in flight.
+    func whenClusterIdle(_ cluster: Int64, _ body: @escaping () -> Void) {
+        if allocating[cluster] != nil { allocating[cluster]!.append(body) } else { body() }
+    }
+
+    func finishAllocating(_ cluster: Int64) {
+        let waiters = allocating.removeValue(forKey: cluster) ?? []
+        waiters.forEach { $0() }
+    }
+
+    // MARK: L2 tables for writing
+
+    /// The L2 table for `index`, made private to the active L1 (allocated,
+    /// or copied from a table a snapshot shares). Synchronous: the caller
+    /// holds the table it looked up, or nil for an empty L1 entry.
+    func writableL2(_ index: Int, current: QCOW2L2Table?) throws -> QCOW2L2Table {
+        let entry = l1[index]
+        if let current, entry & QCOW2Entry.copied != 0 { return current }
+        guard let refcounter else { throw BlockError.eperm }
+        let offset = try refcounter.allocateCluster()
+        guard let buffer = AlignedBuffer.zeroed(count: header.clusterSize, alignment: 4096) else { throw BlockError.enomem }
+        let table = QCOW2L2Table(offset: offset, buffer: buffer, entrySize: header.l2EntrySize)
+        if let current {
+            // A shared table: copy it; its clusters stay shared (no COPIED).
+            buffer.pointer.copyMemory(from: current.buffer.pointer, byteCount: header.clusterSize)
+            for slot in 0..<table.count {
+                let value = table.entry(slot)
+                if value & QCOW2Entry.copied != 0 { table.setEntry(slot, value & ~QCOW2Entry.copied) }
+            }
+            pendingFrees.append((current.offset, Int64(header.clusterSize)))
+        }
+        refcounter.metadataClusters.insert(Int64(offset) / Int64(header.clusterSize))
+        dirtyL2[offset] = table
+        l2Cache.insert(table)
+        l1[index] = offset | QCOW2Entry.copied
+        dirtyL1.insert(index)
+        return table
+    }
+
+    /// Host ranges an entry references, to release when it is replaced.
+    func references(of entry: UInt64) -> (UInt64, Int64)? {
+        if entry & QCOW2Entry.compressed != 0 {
+            guard case .compressed(let host, let size)? = QCOW2Entry.mapping(entry: entry, bitmap: nil, subcluster: 0,
+                                                                           clusterBits: header.clusterBits) else { return nil }
+            return (host & ~511, Int64(size) + Int64(host & 511))
+        }
+        let host = entry & QCOW2Entry.offsetMask
+        guard host != 0, !externalData else { return nil }
+        return (host, Int64(header.clusterSize))
+    }
+
+    // MARK: write
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
+                      completion: @escaping BlockCompletion) {
+        guard writable else { return completion(.eperm) }
+        let group = PendingGroup(completion: completion)
+        let clusterSize = Int64(header.clusterSize)
+        var position = offset
+        let end = offset + Int64(buffer.count)
+        while position < end {
+            let clusterEnd = min(end, (position / clusterSize + 1) * clusterSize)
+            let start = Int(position - offset)
+            let piece = UnsafeRawBufferPointer(rebasing: buffer[start..<start + Int(clusterEnd - position)])
+            group.begin()
+            writeCluster(at: position, piece: piece) { group.end($0) }
+            position = clusterEnd
+        }
+        group.finishIssuing()
+    }
+
+    /// Writes within one cluster.
+    private func writeCluster(at offset: Int64, piece: UnsafeRawBufferPointer, completion: @escaping BlockCompletion) {
+        let clusterSize = Int64(header.clusterSize)
+        let cluster = offset / clusterSize
+        let index = Int(offset / header.bytesPerL2)
+        let slot = Int(cluster % Int64(header.l2Entries))
+        func attempt() {
+            whenClusterIdle(cluster) {
+                self.l2Table(for: index) { loaded in
+                    guard case .success(let table) = loaded else {
+                        if case .failure(let error) = loaded { completion(error) }
+                        return
+                    }
+                    // The lookup may have waited: check again.
+                    guard self.allocating[cluster] == nil else { return attempt() }
+                    if let table, self.l1[index] & QCOW2Entry.copied != 0,
+                       let host = self.inPlaceHost(table, slot: slot, offset: offset, count: piece.count) {
+                        if self.refcounter!.metadataClusters.contains(Int64(host) / clusterSize) {
+                            return self.markCorrupt("Preventing invalid write on metadata at 0x\(String(host, radix: 16))",
+                                                    completion: completion)
+                        }
+                        self.dataFile.write(at: Int64(host) + offset % clusterSize, from: piece, flags: [],
+                                            completion: completion)
+                        return
+                    }
+                    self.whenMetadataIdle {
+                        guard self.allocating[cluster] == nil else { return attempt() }
+                        self.allocating[cluster] = []
+                        self.allocateAndWrite(cluster: cluster, index: index, slot: slot, table: table,
+                                              offset: offset, piece: piece) { error in
+                            self.finishAllocating(cluster)
+                            completion(error)
+                        }
+                    }
+                }
+            }
+        }
+        attempt()
+    }
+
+    /// The host offset of a cluster the active image owns outright, whose
+    /// touched subclusters all hold data: such writes go straight to it.
+    private func inPlaceHost(_ table: QCOW2L2Table, slot: Int, offset: Int64, count: Int) -> UInt64? {
+        let entry = table.entry(slot)
+        guard entry & QCOW2Entry.copied != 0, entry & QCOW2Entry.compressed == 0 else { return nil }
+        let host = entry & QCOW2Entry.offsetMask
+        if header.hasExtendedL2 {
+            let bitmap = table.bitmap(slot)
+            let sub = Int64(header.subclusterSize)
+            let inCluster = offset % Int64(header.clusterSize)
+            let first = Int(inCluster / sub)
+            let last = Int((inCluster + Int64(count) - 1) / sub)
+            let wanted = UInt64((1 << (last - first + 1)) - 1) << UInt64(first)
+            guard bitmap & wanted == wanted, bitmap >> 32 & wanted == 0 else { return nil }
+            return host
+        }
+        guard entry & QCOW2Entry.zeroFlag == 0 else { return nil }
+        return host != 0 || externalData ? host : nil
+    }
+
+    /// A new cluster (or, for an owned cluster with unallocated subclusters,
+    /// the same one) filled with the old content and the new bytes.
+    private func allocateAndWrite(cluster: Int64, index: Int, slot: Int, table current: QCOW2L2Table?,
+                                  offset: Int64, piece: UnsafeRawBufferPointer, completion: @escaping BlockCompletion) {
+        let clusterSize = Int64(header.clusterSize)
+        let clusterStart = cluster * clusterSize
+        let table: QCOW2L2Table
+        let oldEntry: UInt64
+        let host: UInt64
+        var reusing = false
+        do {
+            table = try writableL2(index, current: current)
+            oldEntry = table.entry(slot)
+            if externalData {
+                host = UInt64(clusterStart)
+            } else if header.hasExtendedL2, oldEntry & QCOW2Entry.copied != 0, oldEntry & QCOW2Entry.offsetMask != 0,
+                      oldEntry & QCOW2Entry.compressed == 0 {
+                host = oldEntry & QCOW2Entry.offsetMask
+                reusing = true
+            } else {
+                if refcounter!.needsLargerTable {
+                    return completion(BlockError(errno: ENOSPC, "The refcount table is full; growing it is not supported yet"))
+                }
+                host = try refcounter!.allocateCluster()
+            }
+        } catch {
+            return completion(error as? BlockError ?? .eio)
+        }
+        let count = Int(min(clusterSize, length - clusterStart))
+        guard let bounce = node?.graph.bufferPool.take(count: Int(clusterSize), alignment: 4096) else {
+            return completion(.enomem)
+        }
+        let inCluster = Int(offset - clusterStart)
+        let fill = UnsafeMutableRawBufferPointer(start: bounce.pointer, count: count)
+        let finishWrite = {
+            (bounce.pointer + inCluster).copyMemory(from: piece.baseAddress!, byteCount: piece.count)
+            let data = UnsafeRawBufferPointer(start: bounce.pointer, count: Int(clusterSize))
+            if count < Int(clusterSize) {
+                // Past the end of the image: zeroes, so the cluster is whole.
+                (bounce.pointer + count).initializeMemory(as: UInt8.self, repeating: 0, count: Int(clusterSize) - count)
+            }
+            self.dataFile.write(at: Int64(host), from: data, flags: []) { error in
+                self.node?.graph.bufferPool.give(bounce)
+                if let error { return completion(error) }
+                self.whenMetadataIdle {
+                    table.setEntry(slot, host | QCOW2Entry.copied)
+                    if self.header.hasExtendedL2 { table.setBitmap(slot, 0xffff_ffff) }
+                    self.dirtyL2[table.offset] = table
+                    if !reusing, let released = self.references(of: oldEntry) {
+                        self.pendingFrees.append(released)
+                    }
+                    completion(nil)
+                }
+            }
+        }
+        if piece.count == Int(clusterSize) {
+            return finishWrite()
+        }
+        // The old content of the cluster, as a reader sees it now.
+        read(at: clusterStart, into: fill, flags: []) { error in
+            if let error {
+                self.node?.graph.bufferPool.give(bounce)
+                return completion(error)
+            }
+            finishWrite()
+        }
+    }
+
+    // MARK: zeroes and discard (whole clusters)
+
+    public func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags,
+                            completion: @escaping BlockCompletion) {
+        guard writable else { return completion(.eperm) }
+        guard header.version >= 3 || header.hasExtendedL2 else { return completion(.enotsup) }
+        let clusterSize = Int64(header.clusterSize)
+        guard offset % clusterSize == 0, length % clusterSize == 0 || offset + length == self.length else {
+            return completion(.enotsup)
+        }
+        changeClusters(from: offset, length: length, completion: completion) { entry, bitmap in
+            let owned = entry & QCOW2Entry.copied != 0 && entry & QCOW2Entry.compressed == 0
+                && (entry & QCOW2Entry.offsetMask != 0 || self.externalData)
+            let keep = owned && !flags.contains(.mayUnmap)
+            if self.header.hasExtendedL2 {
+                return (keep ? entry & (QCOW2Entry.offsetMask | QCOW2Entry.copied) : 0, 0xffff_ffff_0000_0000, !keep)
+            }
+            return (keep ? (entry & (QCOW2Entry.offsetMask | QCOW2Entry.copied)) | QCOW2Entry.zeroFlag : QCOW2Entry.zeroFlag,
+                    nil, !keep)
+        }
+    }
+
+    public func discard(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
+        guard writable else { return completion(.eperm) }
+        let clusterSize = Int64(header.clusterSize)
+        guard offset % clusterSize == 0, length % clusterSize == 0 || offset + length == self.length else {
+            return completion(nil)
+        }
+        // Over a backing file a discarded cluster must read as zero, not as
+        // the backing file's old data.
+        let zero = backingNode != nil
+        if zero, header.version < 3 { return completion(nil) }
+        changeClusters(from: offset, length: length, completion: completion) { _, _ in
+            if self.header.hasExtendedL2 { return (0, zero ? 0xffff_ffff_0000_0000 : 0, true) }
+            return (zero ? QCOW2Entry.zeroFlag : 0, nil, true)
+        }
+    }
+
+    /// Rewrites the entries of whole clusters; `change` returns the new
+    /// entry, the new bitmap (extended L2) and whether the old host cluster
+    /// is released.
+    private func changeClusters(from offset: Int64, length: Int64, completion: @escaping BlockCompletion,
+                                change: @escaping (UInt64, UInt64?) -> (UInt64, UInt64?, Bool)) {
+        let clusterSize = Int64(header.clusterSize)
+        let group = PendingGroup(completion: completion)
+        var cluster = offset / clusterSize
+        let last = (offset + length - 1) / clusterSize
+        while cluster <= last {
+            let current = cluster
+            let index = Int(current * clusterSize / header.bytesPerL2)
+            let slot = Int(current % Int64(header.l2Entries))
+            group.begin()
+            func attempt() {
+                whenClusterIdle(current) {
+                    self.l2Table(for: index) { loaded in
+                        guard case .success(let existing) = loaded else {
+                            if case .failure(let error) = loaded { group.end(error) }
+                            return
+                        }
+                        self.whenMetadataIdle {
+                            guard self.allocating[current] == nil else { return attempt() }
+                            do {
+                                if existing == nil {
+                                    // Nothing allocated under this L1 entry: only a
+                                    // backing file could show through.
+                                    let probe = change(0, self.header.hasExtendedL2 ? 0 : nil)
+                                    if probe.0 == 0, probe.1 ?? 0 == 0 { return group.end(nil) }
+                                }
+                                let table = try self.writableL2(index, current: existing)
+                                let old = table.entry(slot)
+                                let (entry, bitmap, release) = change(old, self.header.hasExtendedL2 ? table.bitmap(slot) : nil)
+                                table.setEntry(slot, entry)
+                                if let bitmap { table.setBitmap(slot, bitmap) }
+                                self.dirtyL2[table.offset] = table
+                                if release, let released = self.references(of: old) { self.pendingFrees.append(released) }
+                                group.end(nil)
+                            } catch {
+                                group.end(error as? BlockError ?? .eio)
+                            }
+                        }
+                    }
+                }
+            }
+            attempt()
+            cluster += 1
+        }
+        group.finishIssuing()
+    }
+
+    // MARK: metadata writeback
+
+    public func flush(completion: @escaping BlockCompletion) {
+        guard writable else { return file.flush(completion: completion) }
+        writeBackMetadata { error in
+            if let error { return completion(error) }
+            if self.dataFile !== self.file {
+                self.dataFile.flush(completion: completion)
+            } else {
+                completion(nil)
+            }
+        }
+    }
+
+    /// Writes back everything changed, in crash-safe order; then releases
+    /// clusters whose last reference is gone from disk.
+    func writeBackMetadata(completion: @escaping BlockCompletion) {
+        guard !metadataBusy else {
+            metadataWaiters.append { self.writeBackMetadata(completion: completion) }
+            return
+        }
+        metadataBusy = true
+        // The previous writeback's serialised tables are no longer in use.
+        scratchBuffers.forEach { $0.deallocate() }
+        scratchBuffers = []
+        let refcounter = self.refcounter!
+        let clusterSize = header.clusterSize
+        let frees = pendingFrees
+        pendingFrees = []
+        let blocks = refcounter.dirtyBlocks.compactMap { offset in refcounter.blocks[offset].map { (offset, $0) } }
+        refcounter.dirtyBlocks = []
+        let tableClusters = refcounter.dirtyTableClusters.sorted()
+        refcounter.dirtyTableClusters = []
+        let tables = Array(dirtyL2.values)
+        dirtyL2 = [:]
+        let l1Entries = dirtyL1.sorted()
+        dirtyL1 = []
+
+        func finish(_ error: BlockError?) {
+            metadataBusy = false
+            if error == nil {
+                // The tables no longer reference these: now drop the counts.
+                for (host, length) in frees {
+                    let first = Int64(host) / Int64(clusterSize)
+                    let last = (Int64(host) + length - 1) / Int64(clusterSize)
+                    for cluster in first...last { try? refcounter.adjust(cluster, by: -1) }
+                }
+            } else {
+                pendingFrees += frees
+            }
+            let waiters = metadataWaiters
+            metadataWaiters = []
+            completion(error)
+            waiters.forEach { $0() }
+        }
+        // 1. refcount blocks (and all data written so far), synced.
+        writeAll(blocks.map { (Int64($0.0), $0.1.bytes) }) { error in
+            if let error { return finish(error) }
+            self.file.flush { error in
+                if let error { return finish(error) }
+                // 2. refcount table clusters that name new blocks.
+                let table = tableClusters.map { cluster -> (Int64, UnsafeRawBufferPointer) in
+                    let bytes = self.tableClusterBytes(cluster)
+                    return (Int64(refcounter.tableOffset) + Int64(cluster * clusterSize), bytes)
+                }
+                self.writeAll(table) { error in
+                    if let error { return finish(error) }
+                    self.syncIf(!table.isEmpty) { error in
+                        if let error { return finish(error) }
+                        // 3. L2 tables.
+                        self.writeAll(tables.map { (Int64($0.offset), $0.buffer.bytes) }) { error in
+                            if let error { return finish(error) }
+                            self.syncIf(!tables.isEmpty) { error in
+                                if let error { return finish(error) }
+                                // 4. L1 entries.
+                                let entries = l1Entries.map { index -> (Int64, UnsafeRawBufferPointer) in
+                                    (Int64(self.header.l1TableOffset) + Int64(index * 8), self.l1EntryBytes(index))
+                                }
+                                self.writeAll(entries) { error in
+                                    if let error { return finish(error) }
+                                    self.syncIf(!entries.isEmpty) { finish($0) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    private func syncIf(_ needed: Bool, completion: @escaping BlockCompletion) {
+        needed ? file.flush(completion: completion) : completion(nil)
+    }
+
+    /// Issues every write at once; completes with the first error.
+    private func writeAll(_ writes: [(Int64, UnsafeRawBufferPointer)], completion: @escaping BlockCompletion) {
+        let group = PendingGroup(completion: completion)
+        for (offset, bytes) in writes {
+            group.begin()
+            file.write(at: offset, from: bytes, flags: []) { group.end($0) }
+        }
+        group.finishIssuing()
+    }
+
+    /// One cluster of the refcount table, big-endian (kept alive by the pool).
+    private func tableClusterBytes(_ cluster: Int) -> UnsafeRawBufferPointer {
+        let refcounter = self.refcounter!
+        let perCluster = header.clusterSize / 8
+        let buffer = scratch(header.clusterSize)
+        for index in 0..<perCluster {
+            let entry = cluster * perCluster + index
+            let value = entry < refcounter.table.count ? refcounter.table[entry] : 0
+            buffer.storeBytes(of: value.bigEndian, toByteOffset: index * 8, as: UInt64.self)
+        }
+        return UnsafeRawBufferPointer(start: buffer, count: header.clusterSize)
+    }
+
+    private func l1EntryBytes(_ index: Int) -> UnsafeRawBufferPointer {
+        let buffer = scratch(8)
+        buffer.storeBytes(of: l1[index].bigEndian, as: UInt64.self)
+        return UnsafeRawBufferPointer(start: buffer, count: 8)
+    }
+
+    /// Memory for one writeback's serialised metadata, freed when the
+    /// next writeback starts (the writes using it are finished by then).
+    private func scratch(_ count: Int) -> UnsafeMutableRawPointer {
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 4096)
+        scratchBuffers.append(buffer)
+        return buffer
+    }
+
+    // MARK: corruption
+
+    /// Marks the image corrupt on disk, as QEMU does, and fails the request.
+    func markCorrupt(_ reason: String, completion: @escaping BlockCompletion) {
+        header.incompatibleFeatures.insert(.corrupt)
+        corruptReason = reason
+        guard let bytes = try? header.serialize() else { return completion(BlockError(errno: EIO, reason)) }
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: bytes.count, alignment: 4096)
+        buffer.copyMemory(from: bytes, byteCount: bytes.count)
+        file.write(at: 0, from: UnsafeRawBufferPointer(start: buffer, count: bytes.count), flags: .fua) { _ in
+            buffer.deallocate()
+            completion(BlockError(errno: EIO, reason))
+        }
+    }
+}

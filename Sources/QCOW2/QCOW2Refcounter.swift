@@ -1,0 +1,171 @@
+import BlockLayer
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The refcount table and every refcount block of an image opened for
+/// writing, held in memory so allocation and freeing are synchronous on the
+/// loop. Changed blocks (and table clusters) are written back, in order,
+/// by the driver's metadata writeback.
+final class QCOW2Refcounter {
+    let clusterSize: Int64
+    let bits: Int
+    let perBlock: Int64
+    var tableOffset: UInt64
+    var table: [UInt64]
+    /// Refcount blocks by their host offset.
+    var blocks: [UInt64: AlignedBuffer] = [:]
+    var dirtyBlocks: Set<UInt64> = []
+    /// Table clusters (indices) changed since the last writeback.
+    var dirtyTableClusters: Set<Int> = []
+    /// Where the next cluster is allocated: past everything in the file.
+    var allocationEnd: Int64
+    /// Clusters holding metadata, for overlap checks before data writes.
+    var metadataClusters: Set<Int64> = []
+
+    init(header: QCOW2Header, table: [UInt64], fileLength: Int64) {
+        clusterSize = Int64(header.clusterSize)
+        bits = header.refcountBits
+        perBlock = Int64(header.clusterSize * 8 / header.refcountBits)
+        tableOffset = header.refcountTableOffset
+        self.table = table
+        allocationEnd = (fileLength + clusterSize - 1) / clusterSize * clusterSize
+    }
+
+    deinit {
+        blocks.values.forEach { $0.deallocate() }
+    }
+
+    /// Loads the table and every block it names.
+    static func load(file: BlockNode, header: QCOW2Header) -> EventLoopFuture<QCOW2Refcounter> {
+        let loop = file.eventLoop
+        let tableBytes = Int(header.refcountTableClusters) * header.clusterSize
+        guard Int64(header.refcountTableOffset) + Int64(tableBytes) <= file.length else {
+            return loop.makeFailedFuture(BlockError(errno: EIO, "Refcount table lies past the end of the image"))
+        }
+        return QCOW2Driver.readBytes(file, at: Int64(header.refcountTableOffset), count: tableBytes).flatMap { bytes in
+            let reader = BigEndianReader(bytes)
+            let table = (0..<(bytes.count / 8)).map { reader.u64(at: $0 * 8) }
+            let refcounter = QCOW2Refcounter(header: header, table: table, fileLength: file.length)
+            var chain = loop.makeSucceededVoidFuture()
+            for entry in table where entry != 0 {
+                let offset = entry & ~UInt64(511)
+                guard offset % UInt64(header.clusterSize) == 0, Int64(offset) + refcounter.clusterSize <= file.length else {
+                    return loop.makeFailedFuture(BlockError(errno: EIO, "Refcount block at 0x\(String(offset, radix: 16)) is invalid"))
+                }
+                chain = chain.flatMap {
+                    guard let buffer = AlignedBuffer.allocate(count: header.clusterSize, alignment: 4096) else {
+                        return loop.makeFailedFuture(BlockError.enomem)
+                    }
+                    let promise = loop.makePromise(of: Void.self)
+                    file.read(at: Int64(offset), into: buffer.mutableBytes) { error in
+                        if let error {
+                            buffer.deallocate()
+                            return promise.fail(error)
+                        }
+                        refcounter.blocks[offset] = buffer
+                        refcounter.metadataClusters.insert(Int64(offset) / refcounter.clusterSize)
+                        promise.succeed(())
+                    }
+                    return promise.futureResult
+                }
+            }
+            let tableClusters = Int64(header.refcountTableClusters)
+            for index in 0..<tableClusters {
+                refcounter.metadataClusters.insert(Int64(header.refcountTableOffset) / refcounter.clusterSize + index)
+            }
+            return chain.map { refcounter }
+        }
+    }
+
+    private func location(of cluster: Int64) -> (tableIndex: Int, index: Int) {
+        (Int(cluster / perBlock), Int(cluster % perBlock))
+    }
+
+    /// The refcount of a cluster (0 where no block covers it).
+    func refcount(_ cluster: Int64) -> UInt64 {
+        let (tableIndex, index) = location(of: cluster)
+        guard tableIndex < table.count else { return 0 }
+        let offset = table[tableIndex] & ~UInt64(511)
+        guard offset != 0, let block = blocks[offset] else { return 0 }
+        return QCOW2Refcounts.entry(block.bytes, index: index, bits: bits)
+    }
+
+    var maxRefcount: UInt64 { bits == 64 ? UInt64.max : (1 << UInt64(bits)) - 1 }
+
+    /// Adds `delta` to a cluster's refcount. Fails (changing nothing) on
+    /// overflow, underflow, or a cluster no block covers after allocating.
+    func adjust(_ cluster: Int64, by delta: Int64) throws {
+        let (tableIndex, index) = location(of: cluster)
+        guard tableIndex < table.count, case let offset = table[tableIndex] & ~UInt64(511), offset != 0,
+              let block = blocks[offset] else {
+            throw BlockError(errno: EIO, "No refcount block covers cluster \(cluster)")
+        }
+        let current = QCOW2Refcounts.entry(block.bytes, index: index, bits: bits)
+        if delta < 0 {
+            guard current >= UInt64(-delta) else {
+                throw BlockError(errno: EIO, "Refcount of cluster \(cluster) would drop below zero")
+            }
+        } else {
+            guard maxRefcount - current >= UInt64(delta) else {
+                throw BlockError(errno: EIO, "Refcount of cluster \(cluster) would overflow")
+            }
+        }
+        let value = delta < 0 ? current - UInt64(-delta) : current + UInt64(delta)
+        QCOW2Refcounter.store(block.mutableBytes, index: index, bits: bits, value: value)
+        dirtyBlocks.insert(offset)
+    }
+
+    static func store(_ block: UnsafeMutableRawBufferPointer, index: Int, bits: Int, value: UInt64) {
+        if bits < 8 {
+            let bitOffset = index * bits
+            let shift = UInt8(bitOffset % 8)
+            let mask = UInt8((1 << bits) - 1) << shift
+            block[bitOffset / 8] = (block[bitOffset / 8] & ~mask) | (UInt8(truncatingIfNeeded: value) << shift) & mask
+        } else {
+            let bytes = bits / 8
+            for position in 0..<bytes {
+                block[index * bytes + position] = UInt8(truncatingIfNeeded: value >> UInt64(8 * (bytes - 1 - position)))
+            }
+        }
+    }
+
+    /// True when the table cannot describe clusters a little past the end
+    /// of the file: the caller must grow it before allocating.
+    var needsLargerTable: Bool {
+        (allocationEnd / clusterSize + 16) / perBlock >= Int64(table.count)
+    }
+
+    /// Makes sure a refcount block covers `cluster`, placing a new block at
+    /// the end of the file if needed (it describes itself when it falls in
+    /// its own range).
+    func ensureBlock(for cluster: Int64) throws {
+        let (tableIndex, _) = location(of: cluster)
+        guard tableIndex < table.count else {
+            throw BlockError(errno: ENOSPC, "The refcount table is full")
+        }
+        guard table[tableIndex] == 0 else { return }
+        let blockOffset = UInt64(allocationEnd)
+        allocationEnd += clusterSize
+        guard let buffer = AlignedBuffer.zeroed(count: Int(clusterSize), alignment: 4096) else {
+            throw BlockError.enomem
+        }
+        blocks[blockOffset] = buffer
+        table[tableIndex] = blockOffset
+        dirtyBlocks.insert(blockOffset)
+        dirtyTableClusters.insert(tableIndex * 8 / Int(clusterSize))
+        metadataClusters.insert(Int64(blockOffset) / clusterSize)
+        try ensureBlock(for: Int64(blockOffset) / clusterSize)
+        try adjust(Int64(blockOffset) / clusterSize, by: 1)
+    }
+
+    /// Allocates one cluster at the end of the file with refcount 1.
+    func allocateCluster() throws -> UInt64 {
+        let host = allocationEnd
+        allocationEnd += clusterSize
+        try ensureBlock(for: host / clusterSize)
+        try adjust(host / clusterSize, by: 1)
+        return UInt64(host)
+    }
+}
