@@ -324,6 +324,9 @@ extension QCOW2Driver {
         guard writable else { return file.flush(completion: completion) }
         writeBackMetadata { error in
             if let error { return completion(error) }
+            // Releasing clusters dirtied refcount blocks: write those too, so
+            // a clean flush leaves no leaks behind.
+            guard self.refcounter!.dirtyBlocks.isEmpty else { return self.flush(completion: completion) }
             if self.dataFile !== self.file {
                 self.dataFile.flush(completion: completion)
             } else {

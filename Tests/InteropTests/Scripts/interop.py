@@ -127,6 +127,7 @@ from common import CASES, CaseFailure, Context, Options  # noqa: E402
 # Registration order = --list order.
 import cases_nbdinfo  # noqa: E402,F401
 import cases_qcow2  # noqa: E402,F401
+import cases_qcow2_write  # noqa: E402,F401
 import cases_copy  # noqa: E402,F401
 import cases_libnbd  # noqa: E402,F401
 import cases_handshake  # noqa: E402,F401
