@@ -42,11 +42,27 @@ extension QCOW2Driver {
 
     // MARK: L2 tables for writing
 
+    /// Thrown when a request must look its table up again.
+    static let retry = BlockError(errno: -1, "retry")
+
     /// The L2 table for `index`, made private to the active L1 (allocated,
     /// or copied from a table a snapshot shares). Synchronous: the caller
     /// holds the table it looked up, or nil for an empty L1 entry.
-    func writableL2(_ index: Int, current: QCOW2L2Table?) throws -> QCOW2L2Table {
+    func writableL2(_ index: Int, current looked: QCOW2L2Table?) throws -> QCOW2L2Table {
         let entry = l1[index]
+        let named = entry & QCOW2Entry.offsetMask
+        // The caller's lookup may be stale (another request replaced the
+        // table meanwhile): use what the L1 entry names now.
+        var current = looked
+        if current?.offset != named {
+            if named == 0 {
+                current = nil
+            } else if let loaded = dirtyL2[named] ?? l2Cache.get(named) {
+                current = loaded
+            } else {
+                throw Self.retry
+            }
+        }
         if let current, entry & QCOW2Entry.copied != 0 { return current }
         guard let refcounter else { throw BlockError.eperm }
         let offset = try refcounter.allocateCluster()
@@ -116,6 +132,9 @@ extension QCOW2Driver {
                     }
                     // The lookup may have waited: check again.
                     guard self.allocating[cluster] == nil else { return attempt() }
+                    if let table, table.offset != self.l1[index] & QCOW2Entry.offsetMask {
+                        return attempt()  // replaced meanwhile: look again
+                    }
                     if let table, self.l1[index] & QCOW2Entry.copied != 0,
                        let host = self.inPlaceHost(table, slot: slot, offset: offset, count: piece.count) {
                         if self.refcounter!.metadataClusters.contains(Int64(host) / clusterSize) {
@@ -132,6 +151,7 @@ extension QCOW2Driver {
                         self.allocateAndWrite(cluster: cluster, index: index, slot: slot, table: table,
                                               offset: offset, piece: piece) { error in
                             self.finishAllocating(cluster)
+                            if error == Self.retry { return attempt() }
                             completion(error)
                         }
                     }
@@ -291,7 +311,7 @@ extension QCOW2Driver {
                         self.whenMetadataIdle {
                             guard self.allocating[current] == nil else { return attempt() }
                             do {
-                                if existing == nil {
+                                if existing == nil, self.l1[index] & QCOW2Entry.offsetMask == 0 {
                                     // Nothing allocated under this L1 entry: only a
                                     // backing file could show through.
                                     let probe = change(0, self.header.hasExtendedL2 ? 0 : nil)
@@ -306,6 +326,7 @@ extension QCOW2Driver {
                                 if release, let released = self.references(of: old) { self.pendingFrees.append(released) }
                                 group.end(nil)
                             } catch {
+                                if (error as? BlockError) == Self.retry { return attempt() }
                                 group.end(error as? BlockError ?? .eio)
                             }
                         }
