@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Strata benchmark: Strata vs qemu-nbd vs nbdkit vs the bare disk.
+# Strata benchmark: Strata vs qemu-nbd vs nbdkit vs the bare disk, on a raw
+# image, and Strata vs qemu-nbd on qcow2 images (fully allocated, a two-layer
+# backing chain, and allocation into an empty qcow2).
 #
 # Every server gets its own unix socket and runs alone: started, waited for,
 # measured, stopped, then the next one. Each job runs twice: cold (page cache
@@ -19,22 +21,31 @@ Usage: Benchmarks/run.sh [options]
   --size SIZE       image size (default 2G; K/M/G/T suffixes, multiple of 1M)
   --runtime SECS    seconds per fio job (default 10)
   --quick           --size 256M --runtime 3 (explicit --size/--runtime win)
+  --formats LIST    row sets to run, comma-separated subset of
+                    raw,qcow2,chain,alloc (default: all)
   --only REGEX      run only SERVER:JOB pairs matching this extended regex,
-                    e.g. 'qemu-nbd', ':randread', '^strata(-none)?:randread-4k-qd32$'
+                    e.g. 'qemu-nbd', ':randread', '^strata(-none)?:randread-4k-qd32$'.
+                    It is also tried on FORMAT/SERVER:JOB, e.g. '^chain/strata'
   --dir DIR         work dir (default: fresh mktemp -d under /var/tmp)
   --build           build Strata (swift build -c release) if the binary is missing
-  --keep-image      keep the test image in the work dir after the run
+  --keep-image      keep the test images in the work dir after the run
   --report DIR      only re-print the tables from an earlier run's work dir
   -h, --help        this help
 
 Environment:
   STRATA            Strata binary (default: \$REPO/.build/release/strata).
-                    Started as: \$STRATA serve -k SOCK -f raw -t [--cache=none --aio=native] IMAGE
+                    Started as: \$STRATA serve -k SOCK -f raw|qcow2 -t [--cache=none --aio=native] IMAGE
 
-Servers: strata-none, qemu-nbd-none, disk (O_DIRECT mode);
-         strata, qemu-nbd, nbdkit-file, nbdkit-null (defaults mode).
+Formats: raw    image.raw, random data
+         qcow2  image.qcow2 = qemu-img convert -O qcow2 image.raw (fully allocated)
+         chain  overlay.qcow2 (every other 1 MiB written) -> base.qcow2 (whole image)
+         alloc  4k randwrite QD32 into an empty qcow2, once (phase 'fresh')
+Servers: raw:   strata-none, qemu-nbd-none, disk (O_DIRECT mode);
+                strata, qemu-nbd, nbdkit-file, nbdkit-null (defaults mode).
+         qcow2, chain, alloc: strata-none, qemu-nbd-none (O_DIRECT mode);
+                strata, qemu-nbd (defaults mode).
 Jobs:    randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 read-1m-qd8
-         write-1m-qd8 nbdcopy
+         write-1m-qd8 nbdcopy (alloc: randwrite-4k-qd32 only)
 EOF
 }
 
@@ -44,6 +55,7 @@ die()  { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- options ---
 SIZE="" RUNTIME="" QUICK=0 ONLY="" WORK="" BUILD=0 KEEP_IMAGE=0 REPORT_ONLY=""
+FORMATS_ARG=raw,qcow2,chain,alloc
 need_arg() { [ $# -ge 2 ] || die "$1 needs an argument"; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -52,6 +64,8 @@ while [ $# -gt 0 ]; do
     --runtime)    need_arg "$@"; RUNTIME=$2; shift 2 ;;
     --runtime=*)  RUNTIME=${1#*=}; shift ;;
     --quick)      QUICK=1; shift ;;
+    --formats)    need_arg "$@"; FORMATS_ARG=$2; shift 2 ;;
+    --formats=*)  FORMATS_ARG=${1#*=}; shift ;;
     --only)       need_arg "$@"; ONLY=$2; shift 2 ;;
     --only=*)     ONLY=${1#*=}; shift ;;
     --dir)        need_arg "$@"; WORK=$2; shift 2 ;;
@@ -69,6 +83,29 @@ if [ "$QUICK" = 1 ]; then
 fi
 SIZE=${SIZE:-2G}; RUNTIME=${RUNTIME:-10}
 [[ "$RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer (seconds), got '$RUNTIME'"
+# Row sets, always run in this order whatever order --formats lists them in.
+ALL_FORMATS=(raw qcow2 chain alloc)
+declare -A WANT=()
+IFS=',' read -ra _fmts <<<"$FORMATS_ARG"
+for f in "${_fmts[@]}"; do
+  f=${f// /}
+  [ -n "$f" ] || continue
+  case "$f" in
+    raw|qcow2|chain|alloc) WANT[$f]=1 ;;
+    all) for g in "${ALL_FORMATS[@]}"; do WANT[$g]=1; done ;;
+    *) die "--formats: unknown row set '$f' (use raw,qcow2,chain,alloc)" ;;
+  esac
+done
+FORMATS=()
+for f in "${ALL_FORMATS[@]}"; do
+  if [ -n "${WANT[$f]:-}" ]; then FORMATS+=("$f"); fi
+done
+[ ${#FORMATS[@]} -gt 0 ] || die "--formats selects nothing (use raw,qcow2,chain,alloc)"
+want() { [ -n "${WANT[$1]:-}" ]; }
+QCOW=0   # any qcow2 row set
+for f in qcow2 chain alloc; do
+  if want "$f"; then QCOW=1; fi
+done
 
 # ------------------------------------------------------------- the report ---
 # Reads WORK/results.tsv + WORK/meta.txt, writes WORK/report.txt, prints it.
@@ -85,24 +122,43 @@ with open(os.path.join(work, "meta.txt")) as f:
             k, v = line.rstrip("\n").split("=", 1)
             meta[k] = v
 
-rows = {}   # (server, job, phase) -> dict
+rows = {}   # (format, server, job, phase) -> dict
 with open(os.path.join(work, "results.tsv")) as f:
     for r in csv.DictReader(f, delimiter="\t"):
-        rows[(r["server"], r["job"], r["phase"])] = r
+        fmt = r.get("format") or "raw"     # work dirs from before --formats: raw only
+        rows[(fmt, r["server"], r["job"], r["phase"])] = r
+
+checks = []  # rows of checks.tsv: qemu-img check after each qcow2 server
+cpath = os.path.join(work, "checks.tsv")
+if os.path.exists(cpath):
+    with open(cpath) as f:
+        checks = list(csv.DictReader(f, delimiter="\t"))
 
 JOBS = ["randread-4k-qd1", "randread-4k-qd32", "randwrite-4k-qd32",
         "read-1m-qd8", "write-1m-qd8", "nbdcopy"]
 UNIT = {"randread-4k-qd1": "IOPS", "randread-4k-qd32": "IOPS",
         "randwrite-4k-qd32": "IOPS", "read-1m-qd8": "MiB/s",
         "write-1m-qd8": "MiB/s", "nbdcopy": "MiB/s"}
-PHASES = ["cold", "warm"]
-MODES = [
-    ("O_DIRECT mode: --cache=none --aio=native "
-     "(disk = fio libaio --direct=1 on the image file, no NBD)",
-     ["strata-none", "qemu-nbd-none", "disk"], "strata-none"),
-    ("Defaults mode: no cache/aio options "
-     "(nbdkit-null = protocol ceiling, read jobs only)",
-     ["strata", "qemu-nbd", "nbdkit-file", "nbdkit-null"], "strata"),
+PHASES = ["cold", "warm", "fresh"]
+# format -> list of (title, servers, strata server)
+QMODES = lambda what: [
+    (f"{what} / O_DIRECT mode: -f qcow2 --cache=none --aio=native",
+     ["strata-none", "qemu-nbd-none"], "strata-none"),
+    (f"{what} / Defaults mode: -f qcow2, no cache/aio options",
+     ["strata", "qemu-nbd"], "strata"),
+]
+SECTIONS = [
+    ("raw", [
+        ("O_DIRECT mode: --cache=none --aio=native "
+         "(disk = fio libaio --direct=1 on the image file, no NBD)",
+         ["strata-none", "qemu-nbd-none", "disk"], "strata-none"),
+        ("Defaults mode: no cache/aio options "
+         "(nbdkit-null = protocol ceiling, read jobs only)",
+         ["strata", "qemu-nbd", "nbdkit-file", "nbdkit-null"], "strata"),
+    ]),
+    ("qcow2", QMODES("qcow2 (fully allocated, converted from the raw image)")),
+    ("chain", QMODES("chain (overlay: every other 1 MiB, base: whole image)")),
+    ("alloc", QMODES("alloc (4k randwrite QD32 into an empty qcow2, fresh per server)")),
 ]
 
 def num(r, key):
@@ -111,13 +167,16 @@ def num(r, key):
     except (KeyError, TypeError, ValueError):
         return None
 
+def ok(r):
+    return r is not None and r["status"] == "ok"
+
 def fmt_val(v, unit):
     if v is None:
         return "-"
     return f"{v:,.0f}" if unit == "IOPS" else f"{v:,.1f}"
 
-def cell(server, job, phase):
-    r = rows.get((server, job, phase))
+def cell(fmt, server, job, phase):
+    r = rows.get((fmt, server, job, phase))
     if r is None:
         return "-", "-"
     if r["status"] != "ok":
@@ -134,6 +193,8 @@ p(f"host: {meta.get('host','')}  cpus: {meta.get('cpus','')}  kernel: {meta.get(
 p(f"image: {meta.get('size','')} ({meta.get('bytes','')} bytes) on {meta.get('fstype','')}  "
   f"runtime: {meta.get('runtime','')} s/job  load at start: {meta.get('load','')}")
 p(f"tools: {meta.get('versions','')}")
+if meta.get("formats"):
+    p(f"row sets: {meta['formats']}" + (f"  --only: {meta['only']}" if meta.get("only") else ""))
 if meta.get("drop_ok") != "1":
     p("NOTE: page cache could NOT be dropped (not root?): 'cold' rows are not cold.")
 for note in meta.get("notes", "").split("|"):
@@ -145,15 +206,19 @@ p("µs/req = server CPU (utime+stime, all threads) per request (lower is better)
   f"tick = {1e6/float(meta.get('clk_tck','100')):.0f} µs, so small counts are coarse")
 p("nbdcopy requests = image size / 256 KiB (its --request-size); "
   "cold = page cache dropped right before the job, warm = same job repeated at once")
+present_fmts = {k[0] for k in rows}
+if present_fmts - {"raw"}:
+    p("qcow2 row sets: every server gets its own copy of the image (made before it starts, not timed); "
+      "read jobs run before write jobs. alloc: one pass at most, fresh = new empty image, cache dropped")
 
-present = {k[0] for k in rows}
-for title, servers, strata in MODES:
+def section(fmt, title, servers, strata):
+    present = {k[1] for k in rows if k[0] == fmt}
     servers = [s for s in servers if s in present]
     p("")
     p("== " + title + " ==")
     if not servers:
         p("(nothing run in this mode)")
-        continue
+        return
     w = 12
     hdr1 = f"{'':<18} {'':<5} {'':<6}"
     hdr2 = f"{'job':<18} {'phase':<5} {'unit':<6}"
@@ -165,11 +230,11 @@ for title, servers, strata in MODES:
     p("-" * len(hdr2))
     for job in JOBS:
         for ph in PHASES:
-            if not any((s, job, ph) in rows for s in servers):
+            if not any((fmt, s, job, ph) in rows for s in servers):
                 continue
             line = f"{job:<18} {ph:<5} {UNIT[job]:<6}"
             for s in servers:
-                v, u = cell(s, job, ph)
+                v, u = cell(fmt, s, job, ph)
                 line += f" | {v:>{w}} {u:>{w}}"
             p(line)
 
@@ -177,10 +242,10 @@ for title, servers, strata in MODES:
     p("")
     if strata not in servers:
         p(f"Strata ratios: skipped ({strata} was not run)")
-        continue
+        return
     if not peers:
         p("Strata ratios: skipped (no peer was run in this mode)")
-        continue
+        return
     p(f"Strata ratios ({strata} / peer): perf >1 = Strata faster; cpu <1 = Strata uses less CPU per request")
     hdr = f"{'job':<18} {'phase':<5}"
     for s in peers:
@@ -189,14 +254,14 @@ for title, servers, strata in MODES:
     p("-" * len(hdr))
     for job in JOBS:
         for ph in PHASES:
-            a = rows.get((strata, job, ph))
+            a = rows.get((fmt, strata, job, ph))
             if a is None:
                 continue
             line = f"{job:<18} {ph:<5}"
             for s in peers:
-                b = rows.get((s, job, ph))
+                b = rows.get((fmt, s, job, ph))
                 perf = cpu = "-"
-                if a and b and a["status"] == "ok" and b["status"] == "ok":
+                if ok(a) and ok(b):
                     va, vb = num(a, "value"), num(b, "value")
                     if va is not None and vb:
                         perf = f"{va / vb:.2f}x"
@@ -205,14 +270,48 @@ for title, servers, strata in MODES:
                         cpu = f"{ca / cb:.2f}x"
                 line += f" | {perf:>22} {cpu:>6}"
             p(line)
-    if strata == "strata-none":
-        for ph in PHASES:
-            a = rows.get(("strata-none", "randread-4k-qd32", ph))
-            b = rows.get(("disk", "randread-4k-qd32", ph))
-            if a and b and a["status"] == "ok" and b["status"] == "ok" and num(b, "value"):
+    if fmt == "raw" and strata == "strata-none":
+        for ph in ("cold", "warm"):
+            a = rows.get(("raw", "strata-none", "randread-4k-qd32", ph))
+            b = rows.get(("raw", "disk", "randread-4k-qd32", ph))
+            if ok(a) and ok(b) and num(b, "value"):
                 pct = 100.0 * num(a, "value") / num(b, "value")
                 p(f"Strata O_DIRECT randread-4k-qd32 ({ph}): {pct:.1f}% of disk "
                   f"({num(a,'value'):,.0f} vs {num(b,'value'):,.0f} IOPS)")
+    if fmt == "qcow2":
+        mode = "O_DIRECT" if strata == "strata-none" else "defaults"
+        peer = "qemu-nbd-none" if strata == "strata-none" else "qemu-nbd"
+        for who, srv in (("Strata", strata), ("qemu-nbd", peer)):
+            for ph in ("cold", "warm"):
+                a = rows.get(("qcow2", srv, "randread-4k-qd32", ph))
+                b = rows.get(("raw", srv, "randread-4k-qd32", ph))
+                if ok(a) and ok(b) and num(b, "value"):
+                    pct = 100.0 * num(a, "value") / num(b, "value")
+                    p(f"{who} qcow2 vs raw (same data, same mode): {pct:.1f}%  "
+                      f"[{srv} randread-4k-qd32 {ph}: {num(a,'value'):,.0f} vs {num(b,'value'):,.0f} IOPS]")
+                elif who == "Strata" and a is not None:
+                    p(f"Strata qcow2 vs raw (same data, same mode): n/a  "
+                      f"[{srv} randread-4k-qd32 {ph}: no ok raw and qcow2 rows; run --formats raw,qcow2]")
+
+for fmt, modes in SECTIONS:
+    if fmt not in present_fmts:
+        continue
+    for title, servers, strata in modes:
+        section(fmt, title, servers, strata)
+
+if checks:
+    p("")
+    p("== qemu-img check of each server's qcow2 after its jobs (exit 0 = clean) ==")
+    for c in checks:
+        alloc = ""
+        try:
+            a, t = int(c["allocated"]), int(c["total"])
+            alloc = f"  {a}/{t} clusters allocated ({100.0 * a / t:.1f}%)"
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            pass
+        verdict = "ok" if c["rc"] == "0" and c.get("note", "") == "" else "FAILED"
+        extra = f"  {c['note']}" if c.get("note") else ""
+        p(f"{c['format'] + '/' + c['server']:<22} exit {c['rc']}: {verdict}{alloc}{extra}")
 
 text = "\n".join(out) + "\n"
 with open(os.path.join(work, "report.txt"), "w") as f:
@@ -230,7 +329,10 @@ fi
 
 # ------------------------------------------------------------ tool checks ---
 missing=()
-for t in fio qemu-nbd nbdkit nbdcopy nbdinfo python3 timeout numfmt; do
+tools=(fio qemu-nbd nbdcopy nbdinfo python3 timeout numfmt)
+if want raw; then tools+=(nbdkit); fi
+if [ "$QCOW" = 1 ]; then tools+=(qemu-img); fi
+for t in "${tools[@]}"; do
   command -v "$t" >/dev/null 2>&1 || missing+=("$t")
 done
 [ ${#missing[@]} -eq 0 ] || die "missing tools: ${missing[*]} (Debian: qemu-utils nbdkit libnbd-bin fio python3 coreutils; scripts/install-deps.sh --test)"
@@ -240,8 +342,10 @@ python3 -c 'import json, csv' 2>/dev/null || die "python3 does not work (needs t
 ENGINES=$(fio --enghelp 2>/dev/null || true)
 grep -qw nbd <<<"$ENGINES"    || die "this fio has no nbd ioengine (fio --enghelp); Debian's fio has it"
 grep -qw libaio <<<"$ENGINES" || die "this fio has no libaio ioengine"
-nbdkit --dump-plugin file >/dev/null 2>&1 || die "nbdkit file plugin not installed"
-nbdkit --dump-plugin null >/dev/null 2>&1 || die "nbdkit null plugin not installed"
+if want raw; then
+  nbdkit --dump-plugin file >/dev/null 2>&1 || die "nbdkit file plugin not installed"
+  nbdkit --dump-plugin null >/dev/null 2>&1 || die "nbdkit null plugin not installed"
+fi
 
 BYTES=$(numfmt --from=iec "$(tr '[:lower:]' '[:upper:]' <<<"${SIZE%iB}")" 2>/dev/null) \
   || die "cannot parse --size '$SIZE' (use e.g. 256M, 2G)"
@@ -278,6 +382,21 @@ JOBS=(
   "write-1m-qd8|write|1M|8|MiB/s|w"
   "nbdcopy|-|-|-|MiB/s|r"
 )
+# qcow2 and chain: the same jobs, reads first, so that the read jobs see the
+# images as built (the write jobs allocate clusters in the chain's overlay).
+QJOBS=(
+  "randread-4k-qd1|randread|4k|1|IOPS|r"
+  "randread-4k-qd32|randread|4k|32|IOPS|r"
+  "read-1m-qd8|read|1M|8|MiB/s|r"
+  "nbdcopy|-|-|-|MiB/s|r"
+  "randwrite-4k-qd32|randwrite|4k|32|IOPS|w"
+  "write-1m-qd8|write|1M|8|MiB/s|w"
+)
+# alloc: run once (phase "fresh"), not time-based: at most one pass over the
+# image, every 4k block written at most once (fio's random map).
+AJOBS=(
+  "randwrite-4k-qd32|randwrite|4k|32|IOPS|w"
+)
 # id|mode
 SERVERS=(
   "strata-none|odirect"
@@ -288,40 +407,72 @@ SERVERS=(
   "nbdkit-file|defaults"
   "nbdkit-null|defaults"
 )
+QSERVERS=(
+  "strata-none|odirect"
+  "qemu-nbd-none|odirect"
+  "strata|defaults"
+  "qemu-nbd|defaults"
+)
 NBDCOPY_REQ=$((256 * 1024))
 
-server_cmd() {   # server_cmd ID SOCK -> sets CMD array
-  local id=$1 sock=$2
+fmt_servers() {  # fmt_servers FORMAT -> sets FSERVERS and FJOBS arrays
+  case "$1" in
+    raw)         FSERVERS=("${SERVERS[@]}");  FJOBS=("${JOBS[@]}") ;;
+    qcow2|chain) FSERVERS=("${QSERVERS[@]}"); FJOBS=("${QJOBS[@]}") ;;
+    alloc)       FSERVERS=("${QSERVERS[@]}"); FJOBS=("${AJOBS[@]}") ;;
+  esac
+}
+fmt_phases() {   # fmt_phases FORMAT -> sets PHASES array
+  if [ "$1" = alloc ]; then PHASES=(fresh); else PHASES=(cold warm); fi
+}
+label() {        # label FORMAT SERVER: name in logs and file names
+  if [ "$1" = raw ]; then echo "$2"; else echo "$1.$2"; fi
+}
+
+server_cmd() {   # server_cmd ID SOCK [DRIVER FILE] -> sets CMD array
+  local id=$1 sock=$2 drv=${3:-raw} file=${4:-$IMG}
   case "$id" in
-    strata-none)   CMD=("$STRATA" serve -k "$sock" -f raw -t --cache=none --aio=native "$IMG") ;;
-    strata)        CMD=("$STRATA" serve -k "$sock" -f raw -t "$IMG") ;;
-    qemu-nbd-none) CMD=(qemu-nbd -k "$sock" -f raw -t --cache=none --aio=native "$IMG") ;;
-    qemu-nbd)      CMD=(qemu-nbd -k "$sock" -f raw -t "$IMG") ;;
-    nbdkit-file)   CMD=(nbdkit -U "$sock" -f file "$IMG") ;;
+    strata-none)   CMD=("$STRATA" serve -k "$sock" -f "$drv" -t --cache=none --aio=native "$file") ;;
+    strata)        CMD=("$STRATA" serve -k "$sock" -f "$drv" -t "$file") ;;
+    qemu-nbd-none) CMD=(qemu-nbd -k "$sock" -f "$drv" -t --cache=none --aio=native "$file") ;;
+    qemu-nbd)      CMD=(qemu-nbd -k "$sock" -f "$drv" -t "$file") ;;
+    nbdkit-file)   CMD=(nbdkit -U "$sock" -f file "$file") ;;
     nbdkit-null)   CMD=(nbdkit -U "$sock" -f null size="$BYTES") ;;
     *) die "no command for server $id" ;;
   esac
 }
 
-job_applies() {  # job_applies SERVER JOBSPEC
-  local server=$1 name rw bs qd unit ro
+job_applies() {  # job_applies SERVER JOBSPEC [FORMAT]
+  local server=$1 fmt=${3:-raw} name rw bs qd unit ro
   IFS='|' read -r name rw bs qd unit ro <<<"$2"
   [ "$server" = nbdkit-null ] && [ "$ro" != r ] && return 1
   [ "$server" = disk ] && [ "$name" = nbdcopy ] && return 1
-  if [ -n "$ONLY" ]; then grep -Eq -- "$ONLY" <<<"$server:$name" || return 1; fi
+  # --only is tried on SERVER:JOB and on FORMAT/SERVER:JOB (either may match)
+  if [ -n "$ONLY" ]; then
+    grep -Eq -- "$ONLY" <<<"$server:$name"$'\n'"$fmt/$server:$name" || return 1
+  fi
   return 0
 }
 
 selected=0
-for sdef in "${SERVERS[@]}"; do
-  IFS='|' read -r server _ <<<"$sdef"
-  [[ "$server" == strata* ]] && [ "$HAVE_STRATA" = 0 ] && continue
-  for spec in "${JOBS[@]}"; do
-    if job_applies "$server" "$spec"; then selected=$((selected + 1)); fi
+declare -A FMT_SELECTED=()
+for fmt in "${FORMATS[@]}"; do
+  fmt_servers "$fmt"
+  n=0
+  for sdef in "${FSERVERS[@]}"; do
+    IFS='|' read -r server _ <<<"$sdef"
+    [[ "$server" == strata* ]] && [ "$HAVE_STRATA" = 0 ] && continue
+    for spec in "${FJOBS[@]}"; do
+      if job_applies "$server" "$spec" "$fmt"; then n=$((n + 1)); fi
+    done
   done
+  FMT_SELECTED[$fmt]=$n
+  selected=$((selected + n))
 done
-[ "$selected" -gt 0 ] || die "nothing to run: no SERVER:JOB matches --only '$ONLY' (servers: strata-none qemu-nbd-none disk strata qemu-nbd nbdkit-file nbdkit-null)"
-log "$selected server×job pairs to run, each cold then warm"
+[ "$selected" -gt 0 ] || die "nothing to run: no SERVER:JOB (or FORMAT/SERVER:JOB) matches --only '$ONLY' in row sets ${FORMATS[*]} (servers: strata-none qemu-nbd-none disk strata qemu-nbd nbdkit-file nbdkit-null; qcow2 row sets: strata-none qemu-nbd-none strata qemu-nbd)"
+summary=""
+for fmt in "${FORMATS[@]}"; do summary+=" $fmt:${FMT_SELECTED[$fmt]}"; done
+log "$selected server×job pairs to run ($summary ), each cold then warm (alloc: once)"
 
 # --------------------------------------------------------------- work dir ---
 if [ -z "$WORK" ]; then
@@ -338,12 +489,28 @@ case "$FSTYPE" in
                NOTES+=("work dir is on $FSTYPE, not a real disk") ;;
 esac
 avail=$(df -P -B1 "$WORK" | awk 'NR==2 {print $4}')
-[ -f "$WORK/image.raw" ] && avail=$((avail + $(stat -c %s "$WORK/image.raw")))
-[ "$avail" -gt $((BYTES + (256 << 20))) ] || die "not enough space in $WORK for a $SIZE image ($avail bytes free)"
+for f in image.raw image.qcow2 base.qcow2 overlay.qcow2; do
+  if [ -f "$WORK/$f" ]; then avail=$((avail + $(stat -c %b "$WORK/$f") * $(stat -c %B "$WORK/$f"))); fi
+done
+# Peak use: image.raw, plus the qcow2 masters (image.qcow2, base.qcow2,
+# overlay.qcow2: 1 + 1 + 1/2 image) and one server's copy (up to 1 image) at a
+# time; with --keep-image every server's copy is kept (4 per qcow2 row set).
+need=$((BYTES + (256 << 20)))
+copies=1
+[ "$KEEP_IMAGE" = 1 ] && copies=4
+if want qcow2; then need=$((need + BYTES + BYTES / 50 + copies * BYTES)); fi
+if want chain; then need=$((need + BYTES + BYTES / 2 + BYTES / 25 + copies * BYTES)); fi
+if want alloc; then need=$((need + copies * BYTES)); fi
+[ "$avail" -gt "$need" ] || die "not enough space in $WORK for the $SIZE images of row sets ${FORMATS[*]} ($avail bytes free, about $need needed)"
 
 IMG=$WORK/image.raw
+QIMG=$WORK/image.qcow2      # qcow2 row set: qemu-img convert -O qcow2 image.raw
+BASE=$WORK/base.qcow2       # chain: the whole image ...
+OVERLAY=$WORK/overlay.qcow2 # ... under an overlay holding every other 1 MiB
 RESULTS=$WORK/results.tsv
+CHECKS=$WORK/checks.tsv
 META=$WORK/meta.txt
+CLEAN_FILES=()              # removed on exit unless --keep-image
 
 # ---------------------------------------------------------- cleanup trap ---
 declare -A SERVER_PIDS=()   # pid -> socket
@@ -358,7 +525,10 @@ cleanup() {
     wait "$pid" 2>/dev/null || true
     rm -f "${SERVER_PIDS[$pid]}"
   done
-  if [ "$KEEP_IMAGE" = 0 ] && [ -n "${IMG:-}" ]; then rm -f "$IMG"; fi
+  if [ "$KEEP_IMAGE" = 0 ] && [ -n "${IMG:-}" ]; then
+    rm -f "$IMG"
+    for f in "${CLEAN_FILES[@]}"; do rm -f "$f"; done
+  fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -405,10 +575,10 @@ cpu_ticks() {    # utime+stime+cutime+cstime of PID (all threads), in clock tick
   echo $(( f[11] + f[12] + f[13] + f[14] ))
 }
 
-start_server() { # start_server ID SOCK -> sets SPID
-  local id=$1 sock=$2 log=$LOGS/$1.log
+start_server() { # start_server ID SOCK [LABEL DRIVER FILE] -> sets SPID
+  local id=${3:-$1} sock=$2 log=$LOGS/${3:-$1}.log
   rm -f "$sock"
-  server_cmd "$id" "$sock"
+  server_cmd "$1" "$sock" "${4:-raw}" "${5:-$IMG}"
   log "starting $id: ${CMD[*]}"
   echo "# ${CMD[*]}" >"$log"
   "${CMD[@]}" >>"$log" 2>&1 </dev/null &
@@ -455,20 +625,21 @@ stop_server() {  # stop_server ID PID
 }
 
 ERRORS=0
-record() {       # server mode job phase unit value ios ticks lat_us status
-  local us="n/a"
+record() {       # server mode job phase unit value ios ticks lat_us status [format]
+  local us="n/a" fmt=${11:-raw} name=$1
+  [ "$fmt" = raw ] || name=$fmt/$1
   if [ "$8" != "n/a" ] && [ "$7" != "n/a" ] && [ "$7" -gt 0 ]; then
     us=$(python3 -c "print(f'{$8 * 1e6 / $CLK_TCK / $7:.3f}')")
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-    "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$us" "$9" "${10}" >>"$RESULTS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$us" "$9" "${10}" "$fmt" >>"$RESULTS"
   if [ "${10}" = ok ] && [ "$8" = "n/a" ]; then
-    log "  $1 $3 $4: $6 $5, $7 ios"
+    log "  $name $3 $4: $6 $5, $7 ios"
   elif [ "${10}" = ok ]; then
-    log "  $1 $3 $4: $6 $5, $7 ios, server cpu $8 ticks ($us µs/req)"
+    log "  $name $3 $4: $6 $5, $7 ios, server cpu $8 ticks ($us µs/req)"
   else
     ERRORS=$((ERRORS + 1))
-    warn "$1 $3 $4 failed: ${10}"
+    warn "$name $3 $4 failed: ${10}"
   fi
 }
 
@@ -493,18 +664,21 @@ print(f"{val:.3f} {ios} {lat_w / ios / 1000.0:.2f}")
 PYEOF
 }
 
-run_job() {      # run_job SERVER MODE PID JOBSPEC PHASE SOCK
-  local server=$1 mode=$2 pid=$3 spec=$4 phase=$5 sock=$6
+run_job() {      # run_job SERVER MODE PID JOBSPEC PHASE SOCK [FORMAT]
+  local server=$1 mode=$2 pid=$3 spec=$4 phase=$5 sock=$6 fmt=${7:-raw}
   local name rw bs qd unit ro
   IFS='|' read -r name rw bs qd unit ro <<<"$spec"
-  local base=$RAW/$server.$name.$phase
+  local base=$RAW/$(label "$fmt" "$server").$name.$phase
   local uri="nbd+unix:///?socket=$sock"
 
   if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
-    record "$server" "$mode" "$name" "$phase" "$unit" "" 0 0 "" "server-died"
+    record "$server" "$mode" "$name" "$phase" "$unit" "" 0 0 "" "server-died" "$fmt"
     return 1
   fi
-  [ "$phase" = cold ] && drop_caches
+  if [ "$phase" = cold ] || [ "$phase" = fresh ]; then drop_caches; fi
+  # alloc: at most one pass over the empty image (no --time_based)
+  local tb=(--time_based)
+  if [ "$fmt" = alloc ]; then tb=(); fi
 
   local t0="n/a" t1="n/a" rc=0
   [ -n "$pid" ] && t0=$(cpu_ticks "$pid")
@@ -519,7 +693,7 @@ run_job() {      # run_job SERVER MODE PID JOBSPEC PHASE SOCK
     [ "$server" = disk ] && io=(--ioengine=libaio --direct=1 --filename="$IMG")
     timeout -k 5 $((RUNTIME + 120)) \
       fio --name="$name" "${io[@]}" --rw="$rw" --bs="$bs" --iodepth="$qd" \
-          --time_based --runtime="$RUNTIME" --eta=never \
+          "${tb[@]}" --runtime="$RUNTIME" --eta=never \
           --output-format=json --output="$base.json" >"$base.stdout" 2>&1 || rc=$?
   fi
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && t1=$(cpu_ticks "$pid")
@@ -527,7 +701,7 @@ run_job() {      # run_job SERVER MODE PID JOBSPEC PHASE SOCK
   if [ "$t0" != "n/a" ] && [ "$t1" != "n/a" ]; then ticks=$((t1 - t0)); fi
 
   if [ "$rc" -ne 0 ]; then
-    record "$server" "$mode" "$name" "$phase" "$unit" "" 0 "$ticks" "" "exit-$rc"
+    record "$server" "$mode" "$name" "$phase" "$unit" "" 0 "$ticks" "" "exit-$rc" "$fmt"
     return 0
   fi
   if [ "$name" = nbdcopy ]; then
@@ -536,22 +710,126 @@ run_job() {      # run_job SERVER MODE PID JOBSPEC PHASE SOCK
     printf 'bytes=%s seconds=%s MiB/s=%s GiB/s=%s\n' "$BYTES" \
       "$(python3 -c "print($ns/1e9)")" "$val" \
       "$(python3 -c "print(f'{$val/1024:.3f}')")" >>"$base.txt"
-    record "$server" "$mode" "$name" "$phase" "$unit" "$val" "$ios" "$ticks" "" ok
+    record "$server" "$mode" "$name" "$phase" "$unit" "$val" "$ios" "$ticks" "" ok "$fmt"
   else
     local summ
     if summ=$(fio_summary "$base.json" "$unit" 2>>"$base.stdout"); then
       local val ios lat
       read -r val ios lat <<<"$summ"
-      record "$server" "$mode" "$name" "$phase" "$unit" "$val" "$ios" "$ticks" "$lat" ok
+      record "$server" "$mode" "$name" "$phase" "$unit" "$val" "$ios" "$ticks" "$lat" ok "$fmt"
     else
-      record "$server" "$mode" "$name" "$phase" "$unit" "" 0 "$ticks" "" "fio-error"
+      record "$server" "$mode" "$name" "$phase" "$unit" "" 0 "$ticks" "" "fio-error" "$fmt"
     fi
+  fi
+}
+
+# ---------------------------------------------------------- qcow2 images ---
+qcheck_json() {  # qcheck_json IMAGE OUT.json -> exit code of qemu-img check
+  local rc=0
+  qemu-img check -f qcow2 --output=json "$1" >"$2" 2>"${2%.json}.err" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    qemu-img check -f qcow2 "$1" >>"${2%.json}.err" 2>&1 || true
+  fi
+  return "$rc"
+}
+qcheck_clusters() {  # qcheck_clusters OUT.json -> "allocated total" (or "? ?")
+  python3 - "$1" <<'PYEOF' 2>/dev/null || echo "? ?"
+import json, sys
+j = json.load(open(sys.argv[1]))
+print(j.get("allocated-clusters", 0), j["total-clusters"])
+PYEOF
+}
+
+# qcow2 row set: a fully allocated qcow2 of the same data as image.raw.
+make_qcow2() {
+  log "creating $QIMG: qemu-img convert -f raw -O qcow2 image.raw image.qcow2"
+  rm -f "$QIMG"
+  CLEAN_FILES+=("$QIMG")
+  qemu-img convert -f raw -O qcow2 "$IMG" "$QIMG" >"$LOGS/convert.qcow2.txt" 2>&1 \
+    || die "qemu-img convert failed (see $LOGS/convert.qcow2.txt)"
+  qcheck_json "$QIMG" "$LOGS/image.qcow2.check.json" \
+    || die "qemu-img check $QIMG failed (see $LOGS/image.qcow2.check.err)"
+  local a t
+  read -r a t <<<"$(qcheck_clusters "$LOGS/image.qcow2.check.json")"
+  [ "$a" = "$t" ] || die "image.qcow2 is not fully allocated ($a of $t clusters)"
+}
+
+# chain row set: base.qcow2 holds the whole image; overlay.qcow2 on top of it
+# gets random data in every other 1 MiB (0-1M, 2-3M, ...), written by fio
+# (rw=write:1M, refill_buffers) through qemu-nbd. So half of the data comes
+# from each layer: 4k reads hit either layer, 1M reads alternate.
+make_chain() {
+  log "creating $BASE (qemu-img convert -O qcow2 image.raw) and $OVERLAY (every other 1 MiB)"
+  rm -f "$BASE" "$OVERLAY"
+  CLEAN_FILES+=("$BASE" "$OVERLAY")
+  qemu-img convert -f raw -O qcow2 "$IMG" "$BASE" >"$LOGS/convert.base.txt" 2>&1 \
+    || die "qemu-img convert failed (see $LOGS/convert.base.txt)"
+  # relative backing name: the per-server copies of the overlay sit next to it
+  (cd "$WORK" && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2) \
+    || die "qemu-img create of the overlay failed"
+  local sock=$WORK/chain-prep.sock
+  start_server qemu-nbd "$sock" chain.prep qcow2 "$OVERLAY" \
+    || die "could not serve $OVERLAY with qemu-nbd to fill it"
+  local rc=0
+  fio --name=overlay --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+      --rw=write:1M --bs=1M --iodepth=8 --refill_buffers --eta=never \
+      --output="$LOGS/chain.prep.fio.txt" >/dev/null 2>&1 || rc=$?
+  stop_server chain.prep "$SPID"
+  [ "$rc" = 0 ] || die "filling the overlay with fio failed (see $LOGS/chain.prep.fio.txt)"
+  qcheck_json "$OVERLAY" "$LOGS/overlay.qcow2.check.json" \
+    || die "qemu-img check $OVERLAY failed (see $LOGS/overlay.qcow2.check.err)"
+  local a t mib=$((BYTES >> 20))
+  read -r a t <<<"$(qcheck_clusters "$LOGS/overlay.qcow2.check.json")"
+  # 64 KiB clusters: 16 per MiB, written MiBs = ceil(mib / 2)
+  [ "$a" = $(( (mib + 1) / 2 * 16 )) ] \
+    || die "overlay.qcow2 has $a of $t clusters allocated, expected $(( (mib + 1) / 2 * 16 )) (every other 1 MiB)"
+  sync
+}
+
+# Each server gets its own copy (not timed: made before the server starts).
+prep_server_image() {  # prep_server_image FORMAT SERVER -> sets SIMG
+  local fmt=$1 server=$2
+  SIMG=$WORK/$fmt.$server.qcow2
+  rm -f "$SIMG"
+  CLEAN_FILES+=("$SIMG")
+  case "$fmt" in
+    qcow2) cp --sparse=always --reflink=never "$QIMG" "$SIMG" ;;
+    chain) cp --sparse=always --reflink=never "$OVERLAY" "$SIMG" ;;
+    alloc) qemu-img create -q -f qcow2 "$SIMG" "$BYTES" ;;
+  esac || die "could not make $SIMG"
+  sync
+}
+
+CHECK_FAILED=0
+check_server_image() { # check_server_image FORMAT SERVER IMAGE [BASE-STAMP]
+  local fmt=$1 server=$2 img=$3 stamp=${4:-} lbl rc=0 a t note=""
+  lbl=$(label "$fmt" "$server")
+  qcheck_json "$img" "$LOGS/$lbl.check.json" || rc=$?
+  read -r a t <<<"$(qcheck_clusters "$LOGS/$lbl.check.json")"
+  if [ -n "$stamp" ] && [ "$(stat -c '%y %s' "$BASE")" != "$stamp" ]; then
+    note="base.qcow2 was modified"
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$fmt" "$server" "$rc" "$a" "$t" "$note" >>"$CHECKS"
+  if [ "$rc" -ne 0 ] || [ -n "$note" ]; then
+    CHECK_FAILED=$((CHECK_FAILED + 1))
+    warn "qemu-img check of $fmt/$server's image: exit $rc${note:+, $note}; kept as $img (details: $LOGS/$lbl.check.err)"
+    sed 's/^/    /' "$LOGS/$lbl.check.err" >&2 || true
+    local keep=() f   # keep the image (and the chain's base) for a look
+    for f in "${CLEAN_FILES[@]}"; do
+      if [ "$f" != "$img" ] && { [ "$fmt" != chain ] || [ "$f" != "$BASE" ]; }; then keep+=("$f"); fi
+    done
+    CLEAN_FILES=("${keep[@]}")
+  else
+    log "  qemu-img check $fmt/$server: exit 0, $a/$t clusters allocated"
+    [ "$KEEP_IMAGE" = 1 ] || rm -f "$img"
   fi
 }
 
 # ------------------------------------------------------------------- meta ---
 first_line() { "$@" 2>&1 | sed -n 1p; }
-versions="fio $(first_line fio --version | sed 's/^fio-//'); $(first_line qemu-nbd --version); $(first_line nbdkit --version); $(first_line nbdcopy --version)"
+versions="fio $(first_line fio --version | sed 's/^fio-//'); $(first_line qemu-nbd --version)"
+if want raw; then versions+="; $(first_line nbdkit --version)"; fi
+versions+="; $(first_line nbdcopy --version)"
 [ "$HAVE_STRATA" = 1 ] && versions+="; strata: $STRATA"
 {
   echo "date=$(date '+%F %T %z')"
@@ -567,9 +845,11 @@ versions="fio $(first_line fio --version | sed 's/^fio-//'); $(first_line qemu-n
   echo "drop_ok=$DROP_OK"
   echo "versions=$versions"
   echo "only=$ONLY"
+  echo "formats=${FORMATS[*]}"
   echo "notes=$(IFS='|'; echo "${NOTES[*]:-}")"
 } >"$META"
-printf 'server\tmode\tjob\tphase\tunit\tvalue\tios\tcpu_ticks\tcpu_us_per_req\tlat_us_mean\tstatus\n' >"$RESULTS"
+printf 'server\tmode\tjob\tphase\tunit\tvalue\tios\tcpu_ticks\tcpu_us_per_req\tlat_us_mean\tstatus\tformat\n' >"$RESULTS"
+printf 'format\tserver\trc\tallocated\ttotal\tnote\n' >"$CHECKS"
 
 load1=$(cut -d' ' -f1 /proc/loadavg)
 if python3 -c "import sys; sys.exit(0 if $load1 > 0.5 else 1)"; then
@@ -579,40 +859,74 @@ log "work dir: $WORK  (size $SIZE, $RUNTIME s per job)"
 
 # -------------------------------------------------------------------- run ---
 make_image
+if [ "${FMT_SELECTED[qcow2]:-0}" -gt 0 ]; then make_qcow2; fi
+if [ "${FMT_SELECTED[chain]:-0}" -gt 0 ]; then make_chain; fi
+if ! want raw && [ "$KEEP_IMAGE" = 0 ]; then rm -f "$IMG"; fi   # converted; not served
 
-for sdef in "${SERVERS[@]}"; do
-  IFS='|' read -r server mode <<<"$sdef"
-  if [[ "$server" == strata* ]] && [ "$HAVE_STRATA" = 0 ]; then
-    log "skipping $server (no Strata binary)"
-    continue
-  fi
-  todo=()
-  for spec in "${JOBS[@]}"; do
-    job_applies "$server" "$spec" && todo+=("$spec")
-  done
-  [ ${#todo[@]} -gt 0 ] || continue
-
-  sock="" SPID=""
-  if [ "$server" != disk ]; then
-    sock=$WORK/$server.sock
-    if ! start_server "$server" "$sock"; then
-      for spec in "${todo[@]}"; do
-        for phase in cold warm; do
-          IFS='|' read -r name _ _ _ unit _ <<<"$spec"
-          record "$server" "$mode" "$name" "$phase" "$unit" "" 0 0 "" "server-failed-to-start"
-        done
-      done
+for fmt in "${FORMATS[@]}"; do
+  [ "${FMT_SELECTED[$fmt]}" -gt 0 ] || continue
+  fmt_servers "$fmt"
+  fmt_phases "$fmt"
+  [ "$fmt" = raw ] || log "==== row set $fmt ===="
+  for sdef in "${FSERVERS[@]}"; do
+    IFS='|' read -r server mode <<<"$sdef"
+    lbl=$(label "$fmt" "$server")
+    if [[ "$server" == strata* ]] && [ "$HAVE_STRATA" = 0 ]; then
+      log "skipping $lbl (no Strata binary)"
       continue
     fi
-  fi
-  log "== $server =="
-  for spec in "${todo[@]}"; do
-    for phase in cold warm; do
-      run_job "$server" "$mode" "$SPID" "$spec" "$phase" "$sock" || break
+    todo=()
+    for spec in "${FJOBS[@]}"; do
+      if job_applies "$server" "$spec" "$fmt"; then todo+=("$spec"); fi
     done
+    [ ${#todo[@]} -gt 0 ] || continue
+
+    SIMG=$IMG drv=raw stamp=""
+    if [ "$fmt" != raw ]; then
+      drv=qcow2
+      prep_server_image "$fmt" "$server"
+      if [ "$fmt" = chain ]; then stamp=$(stat -c '%y %s' "$BASE"); fi
+    fi
+    sock="" SPID=""
+    if [ "$server" != disk ]; then
+      sock=$WORK/$lbl.sock
+      started=0
+      for try in 1 2 3; do
+        if start_server "$server" "$sock" "$lbl" "$drv" "$SIMG"; then started=1; break; fi
+        # a Strata binary that is being rebuilt fails to start: try again
+        if [[ "$server" == strata* ]] && [ "$try" -lt 3 ]; then
+          warn "retrying $lbl in 10 s"
+          sleep 10
+        else
+          break
+        fi
+      done
+      if [ "$started" = 0 ]; then
+        for spec in "${todo[@]}"; do
+          for phase in "${PHASES[@]}"; do
+            IFS='|' read -r name _ _ _ unit _ <<<"$spec"
+            record "$server" "$mode" "$name" "$phase" "$unit" "" 0 0 "" "server-failed-to-start" "$fmt"
+          done
+        done
+        continue
+      fi
+    fi
+    log "== $lbl =="
+    for spec in "${todo[@]}"; do
+      for phase in "${PHASES[@]}"; do
+        run_job "$server" "$mode" "$SPID" "$spec" "$phase" "$sock" "$fmt" || break
+      done
+    done
+    if [ -n "$SPID" ]; then
+      stop_server "$lbl" "$SPID"
+    fi
+    if [ "$fmt" != raw ]; then check_server_image "$fmt" "$server" "$SIMG" "$stamp"; fi
   done
-  if [ -n "$SPID" ]; then
-    stop_server "$server" "$SPID"
+  if [ "$KEEP_IMAGE" = 0 ]; then
+    case "$fmt" in
+      qcow2) rm -f "$QIMG" ;;
+      chain) [ "$CHECK_FAILED" -gt 0 ] || rm -f "$BASE" "$OVERLAY" ;;
+    esac
   fi
 done
 
@@ -620,7 +934,12 @@ echo
 report "$WORK"
 echo
 echo "Results: $WORK/report.txt  (raw fio json / nbdcopy timings: $RAW, per-job rows: $RESULTS, server logs: $LOGS)"
+if [ "$CHECK_FAILED" -gt 0 ]; then
+  warn "qemu-img check failed for $CHECK_FAILED server image(s); see the end of the report and $LOGS/*.check.err"
+fi
 if [ "$ERRORS" -gt 0 ]; then
   warn "$ERRORS job(s) failed; see ERR cells and $RAW"
+fi
+if [ "$ERRORS" -gt 0 ] || [ "$CHECK_FAILED" -gt 0 ]; then
   exit 1
 fi

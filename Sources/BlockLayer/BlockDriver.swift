@@ -55,6 +55,9 @@ public protocol BlockDriver: AnyObject {
     /// Applies the node's cumulative permissions (image locks). Throws, and
     /// leaves the previous state in place, if another process conflicts.
     func setPermissions(perm: BlockPermission, shared: BlockPermission) throws
+    /// Called before a clean close, parents before children: write back
+    /// what is cached and leave the image marked clean.
+    func prepareToClose(completion: @escaping BlockCompletion)
     /// Releases resources; the node is gone.
     func close()
 }
@@ -96,5 +99,9 @@ extension BlockDriver {
     }
 
     public func setPermissions(perm: BlockPermission, shared: BlockPermission) throws {}
+    public func prepareToClose(completion: @escaping BlockCompletion) {
+        completion(nil)
+    }
+
     public func close() {}
 }

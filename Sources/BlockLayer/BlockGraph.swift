@@ -151,7 +151,27 @@ public final class BlockGraph {
         return found
     }
 
-    /// Closes every node, top down.
+    /// Lets every driver write back and mark its image clean (top down),
+    /// then closes every node. Errors are reported but do not stop the close.
+    public func closeGracefully() -> EventLoopFuture<[BlockError]> {
+        var errors: [BlockError] = []
+        let order = topologicalOrder()
+        func next(_ index: Int) -> EventLoopFuture<Void> {
+            guard index < order.count else { return eventLoop.makeSucceededVoidFuture() }
+            let promise = eventLoop.makePromise(of: Void.self)
+            order[index].driver.prepareToClose { error in
+                if let error { errors.append(error) }
+                promise.succeed(())
+            }
+            return promise.futureResult.flatMap { next(index + 1) }
+        }
+        return next(0).map {
+            self.closeAll()
+            return errors
+        }
+    }
+
+    /// Closes every node, top down, without writing anything back.
     public func closeAll() {
         for backend in backends { detachBackend(backend) }
         while let top = nodes.first(where: { $0.parents.isEmpty }) {

@@ -75,9 +75,11 @@ public final class QCOW2Driver: BlockDriver {
         self.node = node
     }
 
-    var file: BlockNode { node!.child(named: "file")!.node }
+    /// The image file node, known from the open on (before the node exists).
+    var openedFile: BlockNode?
+    var file: BlockNode { node?.child(named: "file")?.node ?? openedFile! }
     /// Where data clusters live: the external data file, or the image.
-    var dataFile: BlockNode { node!.child(named: "data-file")?.node ?? file }
+    var dataFile: BlockNode { node?.child(named: "data-file")?.node ?? file }
     var backingNode: BlockNode? { node?.backing?.node }
 
     public var length: Int64 { guestSize }
@@ -138,6 +140,7 @@ public final class QCOW2Driver: BlockDriver {
                 let l1 = (0..<Int(l1Size)).map { reader.u64(at: $0 * 8) }
                 let driver = QCOW2Driver(header: header, l1: l1, snapshots: snapshots, guestSize: size, options: options)
                 driver.snapshotTableLength = tableLength
+                driver.openedFile = file
                 return driver
             }.flatMap { driver in
                 guard !options.readOnly, options.snapshot == nil else { return loop.makeSucceededFuture(driver) }
@@ -188,6 +191,14 @@ public final class QCOW2Driver: BlockDriver {
             if self.header.incompatibleFeatures.contains(.dirty) {
                 steps = steps.flatMap { self.repairRefcounts(file: file) }
             }
+            if self.header.compatibleFeatures.contains(.lazyRefcounts) {
+                // As QEMU: while open for writing, the dirty bit says the
+                // refcounts may be stale; a clean close clears it.
+                steps = steps.flatMap {
+                    self.header.incompatibleFeatures.insert(.dirty)
+                    return self.rewriteHeader(file: file)
+                }
+            }
             let unknownAutoclear = self.header.autoclearFeatures.subtracting(QCOW2Header.AutoclearFeatures.known)
             if !unknownAutoclear.isEmpty {
                 steps = steps.flatMap {
@@ -202,20 +213,26 @@ public final class QCOW2Driver: BlockDriver {
     /// Sets every refcount to the references the metadata holds (what
     /// `qemu-img check -r all` does for a dirty lazy-refcounts image), then
     /// clears the dirty bit.
-    func repairRefcounts(file: BlockNode) -> EventLoopFuture<Void> {
+    /// With `onlyLeaks`, only counts above the references are lowered
+    /// (`qemu-img check -r leaks`); otherwise every count is set (`-r all`).
+    public func repairRefcounts(file: BlockNode, onlyLeaks: Bool = false) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
         return QCOW2Checker(driver: self, file: file).expectedRefcounts().flatMap { references in
-            guard let refcounter = self.refcounter else { return loop.makeSucceededVoidFuture() }
+            guard let refcounter = self.refcounter else { return loop.makeFailedFuture(BlockError.eperm) }
             do {
-                for cluster in references.keys { try refcounter.ensureBlock(for: cluster) }
+                if !onlyLeaks {
+                    for cluster in references.keys { try refcounter.ensureBlock(for: cluster) }
+                }
                 for (offset, block) in refcounter.blocks {
-                    guard let tableIndex = refcounter.table.firstIndex(of: offset) else { continue }
+                    guard let tableIndex = refcounter.table.firstIndex(where: { $0 & ~UInt64(511) == offset }) else { continue }
                     for index in 0..<Int(refcounter.perBlock) {
                         let cluster = Int64(tableIndex) * refcounter.perBlock + Int64(index)
-                        QCOW2Refcounter.store(block.mutableBytes, index: index, bits: refcounter.bits,
-                                              value: UInt64(references[cluster] ?? 0))
+                        let expected = UInt64(references[cluster] ?? 0)
+                        let stored = QCOW2Refcounts.entry(block.bytes, index: index, bits: refcounter.bits)
+                        guard stored != expected, !onlyLeaks || stored > expected else { continue }
+                        QCOW2Refcounter.store(block.mutableBytes, index: index, bits: refcounter.bits, value: expected)
+                        refcounter.dirtyBlocks.insert(offset)
                     }
-                    refcounter.dirtyBlocks.insert(offset)
                 }
             } catch {
                 return loop.makeFailedFuture(error)
@@ -227,6 +244,20 @@ public final class QCOW2Driver: BlockDriver {
                 promise.completeWith(self.rewriteHeader(file: file))
             }
             return promise.futureResult
+        }
+    }
+
+    /// A clean close: write back metadata, then clear the dirty bit.
+    public func prepareToClose(completion: @escaping BlockCompletion) {
+        guard writable else { return completion(nil) }
+        flush { error in
+            if let error { return completion(error) }
+            guard self.header.incompatibleFeatures.contains(.dirty) else { return completion(nil) }
+            self.header.incompatibleFeatures.remove(.dirty)
+            self.rewriteHeader(file: self.file).whenComplete { result in
+                if case .failure(let error) = result { return completion(error as? BlockError ?? .eio) }
+                completion(nil)
+            }
         }
     }
 

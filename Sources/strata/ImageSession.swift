@@ -19,11 +19,11 @@ final class ImageSession {
     }
 
     /// Opens `filename` and runs `body` on the loop with the top node.
-    func withImage<T>(_ filename: String, format: String?, forceShare: Bool,
+    func withImage<T>(_ filename: String, format: String?, forceShare: Bool, writable: Bool = false,
                       _ body: @escaping (BlockNode) -> EventLoopFuture<T>) throws -> T {
         defer {
-            try? loop.submit {
-                self.graph?.closeAll()
+            _ = try? loop.flatSubmit { () -> EventLoopFuture<[BlockError]> in
+                self.graph?.closeGracefully() ?? self.loop.makeSucceededFuture([])
             }.wait()
             try? pool.syncShutdownGracefully()
             try? group.syncShutdownGracefully()
@@ -32,13 +32,13 @@ final class ImageSession {
             self.graph = BlockGraph(eventLoop: self.loop)
             self.io = FileIOContext(eventLoop: self.loop, threadPool: self.pool)
             var options = ImageOptions(filename: filename, format: format)
-            options.readOnly = true
+            options.readOnly = !writable
             if forceShare { options.locking = .off }
             return ImageOpener.open(options, graph: self.graph, io: self.io).flatMap { node in
                 // qemu-img takes consistent read and shares only reading.
                 do {
-                    _ = try self.graph.attachBackend(name: "qemu-img", to: node,
-                                                     perm: forceShare ? [] : .consistentRead,
+                    let perm: BlockPermission = forceShare ? [] : writable ? [.consistentRead, .write] : .consistentRead
+                    _ = try self.graph.attachBackend(name: "qemu-img", to: node, perm: perm,
                                                      shared: forceShare ? .all : [.consistentRead, .writeUnchanged])
                 } catch {
                     return self.loop.makeFailedFuture(error)

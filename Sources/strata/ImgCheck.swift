@@ -17,7 +17,7 @@ struct ImgCheck: ParsableCommand {
     @Option(help: "Output format: human or json.")
     var output: OutputFormat = .human
 
-    @Option(name: .customShort("r"), help: "Repair: leaks or all (not supported yet).")
+    @Option(name: .customShort("r"), help: "Repair: leaks, or all (leaks and corrupted refcounts).")
     var repair: String?
 
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the image even if it is in use.")
@@ -27,17 +27,35 @@ struct ImgCheck: ParsableCommand {
     var filename: String
 
     func run() throws {
-        if let repair {
-            guard ["leaks", "all"].contains(repair) else { fail("Unknown option for -r (expecting 'leaks' or 'all'): \(repair)") }
-            fail("Repairing images is not supported yet; check without -r, or use qemu-img check -r \(repair)")
+        if let repair, !["leaks", "all"].contains(repair) {
+            fail("Unknown option for -r (expecting 'leaks' or 'all'): \(repair)")
         }
         let outcome: (format: String, report: QCOW2Checker.Report?)
         do {
-            outcome = try ImageSession().withImage(filename, format: format, forceShare: forceShare) { node in
+            outcome = try ImageSession().withImage(filename, format: format, forceShare: forceShare,
+                                                   writable: repair != nil) { node in
                 guard let driver = node.driver as? QCOW2Driver, let file = node.child(named: "file")?.node else {
                     return node.eventLoop.makeSucceededFuture((node.formatName, nil))
                 }
-                return QCOW2Checker(driver: driver, file: file).run().map { ("qcow2", $0) }
+                guard let repair else {
+                    return QCOW2Checker(driver: driver, file: file).run().map { ("qcow2", $0) }
+                }
+                // Check, repair, then check again, reporting what was fixed.
+                return QCOW2Checker(driver: driver, file: file).run().flatMap { before in
+                    driver.repairRefcounts(file: file, onlyLeaks: repair == "leaks").flatMap {
+                        QCOW2Checker(driver: driver, file: file).run()
+                    }.map { after in
+                        let fixedLeaks = before.leaks - after.leaks
+                        let fixedCorruptions = before.corruptions - after.corruptions
+                        if fixedLeaks > 0 || fixedCorruptions > 0 {
+                            print("The following inconsistencies were found and repaired:\n")
+                            print("    \(fixedLeaks) leaked clusters")
+                            print("    \(fixedCorruptions) corruptions\n")
+                            print("Double checking the fixed image now...")
+                        }
+                        return ("qcow2", after)
+                    }
+                }
             }
         } catch {
             fail("Could not open '\(filename)': \((error as? BlockError)?.description ?? "\(error)")")

@@ -181,8 +181,10 @@ final class ServerProcess {
             }
             return promise.futureResult
         }.flatMap { () -> EventLoopFuture<Void> in
-            self.graph.closeAll()
-            return self.io.shutdown()
+            self.graph.closeGracefully().flatMap { errors in
+                for error in errors { ServerProcess.printError("closing the image: \(error)") }
+                return self.io.shutdown()
+            }
         }.whenComplete { _ in
             self.finished.succeed(status)
         }

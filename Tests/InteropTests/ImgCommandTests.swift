@@ -143,6 +143,10 @@ import Testing
         let leaked = try img(["check", path])
         #expect(leaked.status == 3, "\(leaked.stdout)\(leaked.stderr)")
         #expect(try qemuImg(["check", path]).status == 3)
+        let repaired = try img(["check", "-r", "leaks", path])
+        #expect(repaired.status == 0, "\(repaired.stdout)\(repaired.stderr)")
+        #expect(repaired.stdout.contains("1 leaked clusters"))
+        #expect(try qemuImg(["check", path]).status == 0, "qemu-img agrees the leak is gone")
         let handle2 = try FileHandle(forUpdating: URL(fileURLWithPath: path))
         // Zero cluster 0's refcount (the header): a corruption.
         try handle2.seek(toOffset: 0x20000)
@@ -151,6 +155,10 @@ import Testing
         let corrupt = try img(["check", path])
         #expect(corrupt.status == 2, "\(corrupt.stdout)\(corrupt.stderr)")
         #expect(try qemuImg(["check", path]).status == 2)
+        #expect(try img(["check", "-r", "leaks", path]).status == 2, "-r leaks leaves corruptions")
+        let fixed = try img(["check", "-r", "all", path])
+        #expect(fixed.status == 0, "\(fixed.stdout)\(fixed.stderr)")
+        #expect(try qemuImg(["check", path]).status == 0)
     }
 }
 

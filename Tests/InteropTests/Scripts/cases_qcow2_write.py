@@ -327,3 +327,32 @@ def qcow2_write_concurrent_shared(ctx):
     after = ctx.path("after.raw")
     qimg(ctx, "convert", "-O", "raw", "-l", "snapshot.name=base", img, after)
     ctx.cmp_files(before, after, what="the snapshot after concurrent writes")
+
+
+@case
+def qcow2_lazy_refcounts_dirty_bit(ctx):
+    """With lazy refcounts the dirty bit is set while the image is open for
+    writing and cleared by a clean close; after kill -9 it stays set, and
+    the next read-write open repairs the refcounts and clears it."""
+    import json as _json
+    img = ctx.path("lazy.qcow2")
+    qimg(ctx, "create", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "16M")
+
+    def dirty():
+        out = ctx.run(["qemu-img", "info", "-U", "--output=json", img]).out
+        return _json.loads(out).get("dirty-flag")
+
+    srv = ctx.start_server(img, fmt="qcow2")
+    ctx.run(["qemu-io", "-f", "raw", "-c", "write -P 0x71 0 1M", srv.uri()])
+    check_eq("dirty bit while open", True, dirty())
+    srv.stop()
+    check_eq("dirty bit after a clean close", False, dirty())
+    srv = ctx.start_server(img, fmt="qcow2")
+    ctx.run(["qemu-io", "-f", "raw", "-c", "write -P 0x72 2M 1M", srv.uri()])
+    os.kill(srv.proc.pid, signal.SIGKILL)
+    srv.wait_exit(10)
+    check_eq("dirty bit after kill -9", True, dirty())
+    srv = ctx.start_server(img, fmt="qcow2")
+    srv.stop()
+    check_eq("dirty bit after reopening and closing", False, dirty())
+    check_eq("qemu-img check after the repair", 0, ctx.run(["qemu-img", "check", img], check=False).returncode)
