@@ -191,6 +191,10 @@ extension QCOW2Driver {
         let oldEntry: UInt64
         let host: UInt64
         var reusing = false
+        if refcounter!.needsLargerTable {
+            growRefcountTable { error in completion(error ?? Self.retry) }
+            return
+        }
         do {
             table = try writableL2(index, current: current)
             oldEntry = table.entry(slot)
@@ -201,9 +205,6 @@ extension QCOW2Driver {
                 host = oldEntry & QCOW2Entry.offsetMask
                 reusing = true
             } else {
-                if refcounter!.needsLargerTable {
-                    return completion(BlockError(errno: ENOSPC, "The refcount table is full; growing it is not supported yet"))
-                }
                 host = try refcounter!.allocateCluster()
             }
         } catch {
@@ -310,6 +311,12 @@ extension QCOW2Driver {
                         }
                         self.whenMetadataIdle {
                             guard self.allocating[current] == nil else { return attempt() }
+                            if self.refcounter!.needsLargerTable {
+                                return self.growRefcountTable { error in
+                                    if let error { return group.end(error) }
+                                    attempt()
+                                }
+                            }
                             do {
                                 if existing == nil, self.l1[index] & QCOW2Entry.offsetMask == 0 {
                                     // Nothing allocated under this L1 entry: only a
@@ -337,6 +344,84 @@ extension QCOW2Driver {
             cluster += 1
         }
         group.finishIssuing()
+    }
+
+    // MARK: growing the refcount table
+
+    /// Replaces the refcount table with one twice as large (or more) at the
+    /// end of the file, with refcount blocks covering itself: blocks and
+    /// table are written and synced before the header points to the new
+    /// table, and the old table's clusters are released after that.
+    func growRefcountTable(completion: @escaping BlockCompletion) {
+        writeBackMetadata { error in
+            if let error { return completion(error) }
+            guard !self.metadataBusy else {
+                self.metadataWaiters.append { self.growRefcountTable(completion: completion) }
+                return
+            }
+            let refcounter = self.refcounter!
+            guard refcounter.needsLargerTable else { return completion(nil) }
+            self.metadataBusy = true
+            let clusterSize = refcounter.clusterSize
+            let oldOffset = refcounter.tableOffset
+            let oldClusters = (Int64(refcounter.table.count) * 8 + clusterSize - 1) / clusterSize
+            var count = Int64(refcounter.table.count) * 2
+            while (refcounter.allocationEnd / clusterSize + 64 + count * 8 / clusterSize) / refcounter.perBlock >= count {
+                count *= 2
+            }
+            let newClusters = (count * 8 + clusterSize - 1) / clusterSize
+            guard UInt64(newClusters) * UInt64(clusterSize) <= QCOW2Header.maxRefcountTableBytes * 8 else {
+                self.metadataBusy = false
+                return completion(BlockError(errno: ENOSPC, "The refcount table cannot grow further"))
+            }
+            refcounter.table += [UInt64](repeating: 0, count: Int(count) - refcounter.table.count)
+            let start = refcounter.allocationEnd
+            refcounter.allocationEnd += newClusters * clusterSize
+            do {
+                for index in 0..<newClusters {
+                    let cluster = start / clusterSize + index
+                    try refcounter.ensureBlock(for: cluster)
+                    try refcounter.adjust(cluster, by: 1)
+                    refcounter.metadataClusters.insert(cluster)
+                }
+            } catch {
+                self.metadataBusy = false
+                return completion(error as? BlockError ?? .eio)
+            }
+            refcounter.tableOffset = UInt64(start)
+            refcounter.dirtyTableClusters = []
+            let blocks = refcounter.dirtyBlocks.compactMap { offset in refcounter.blocks[offset].map { (Int64(offset), $0.bytes) } }
+            refcounter.dirtyBlocks = []
+            let table = (0..<Int(newClusters)).map { cluster in
+                (start + Int64(cluster) * clusterSize, self.tableClusterBytes(cluster))
+            }
+            func finish(_ error: BlockError?) {
+                self.metadataBusy = false
+                let waiters = self.metadataWaiters
+                self.metadataWaiters = []
+                completion(error)
+                waiters.forEach { $0() }
+            }
+            self.writeAll(blocks) { error in
+                if let error { return finish(error) }
+                self.writeAll(table) { error in
+                    if let error { return finish(error) }
+                    self.file.flush { error in
+                        if let error { return finish(error) }
+                        self.header.refcountTableOffset = UInt64(start)
+                        self.header.refcountTableClusters = UInt32(newClusters)
+                        self.rewriteHeader(file: self.file).whenComplete { result in
+                            if case .failure(let error) = result { return finish(error as? BlockError ?? .eio) }
+                            for index in 0..<oldClusters {
+                                refcounter.metadataClusters.remove(Int64(oldOffset) / clusterSize + index)
+                            }
+                            self.pendingFrees.append((oldOffset, oldClusters * clusterSize))
+                            finish(nil)
+                        }
+                    }
+                }
+            }
+        }
     }
 
     // MARK: metadata writeback
@@ -437,7 +522,7 @@ extension QCOW2Driver {
     }
 
     /// Issues every write at once; completes with the first error.
-    private func writeAll(_ writes: [(Int64, UnsafeRawBufferPointer)], completion: @escaping BlockCompletion) {
+    func writeAll(_ writes: [(Int64, UnsafeRawBufferPointer)], completion: @escaping BlockCompletion) {
         let group = PendingGroup(completion: completion)
         for (offset, bytes) in writes {
             group.begin()
@@ -447,7 +532,7 @@ extension QCOW2Driver {
     }
 
     /// One cluster of the refcount table, big-endian (kept alive by the pool).
-    private func tableClusterBytes(_ cluster: Int) -> UnsafeRawBufferPointer {
+    func tableClusterBytes(_ cluster: Int) -> UnsafeRawBufferPointer {
         let refcounter = self.refcounter!
         let perCluster = header.clusterSize / 8
         let buffer = scratch(header.clusterSize)

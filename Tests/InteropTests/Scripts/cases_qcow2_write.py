@@ -356,3 +356,57 @@ def qcow2_lazy_refcounts_dirty_bit(ctx):
     srv.stop()
     check_eq("dirty bit after reopening and closing", False, dirty())
     check_eq("qemu-img check after the repair", 0, ctx.run(["qemu-img", "check", img], check=False).returncode)
+
+
+@case
+def qcow2_write_grows_refcount_table(ctx):
+    """512-byte clusters: one refcount table cluster covers 8 MiB of file,
+    so writing 24 MiB grows the refcount table (twice), crash-safely; the
+    image checks clean and reads back."""
+    img = ctx.path("tiny.qcow2")
+    qimg(ctx, "create", "-f", "qcow2", "-o", "cluster_size=512", img, "64M")
+    writer_check(ctx, img, writes=["write -P 0x51 0 4M", "write -P 0x52 20M 16M", "write -P 0x53 5000 3000", "flush"])
+
+
+@case
+def qcow2_hostile_metadata(ctx):
+    """Hostile tables: an L2 entry pointing into the L1 table is refused on
+    write (the image is marked corrupt, as QEMU does) and an unaligned one
+    fails the read; a corrupt image will not open read-write. No crash."""
+    img = ctx.path("h.qcow2")
+    qimg(ctx, "create", "-f", "qcow2", img, "16M")
+    qio(ctx, img, "write -P 0x11 0 128k")
+    with open(img, "r+b") as f:
+        head = f.read(72)
+        l1_offset = int.from_bytes(head[40:48], "big")
+        f.seek(l1_offset)
+        l2_offset = int.from_bytes(f.read(8), "big") & 0x00fffffffffffe00
+        # Cluster 0 now claims to live at the L1 table (COPIED set).
+        f.seek(l2_offset)
+        f.write(((1 << 63) | l1_offset).to_bytes(8, "big"))
+        # Cluster 1 at an unaligned host offset.
+        f.write(((1 << 63) | 0x12345600).to_bytes(8, "big"))
+    srv = ctx.start_server(img, fmt="qcow2")
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    try:
+        h.pread(512, 65536)
+        fail("reading an unaligned cluster must fail")
+    except nbd.Error as e:
+        note("read of an unaligned cluster: %s" % e)
+    try:
+        h.pwrite(b"\xee" * 512, 0)
+        fail("writing over the L1 table must fail")
+    except nbd.Error as e:
+        note("write into metadata: %s" % e)
+    h.shutdown()
+    srv.stop()
+    info = ctx.run(["qemu-img", "info", "--output=json", img]).out
+    check('"corrupt": true' in info, "the image is marked corrupt: %s" % info)
+    srv = ctx.start_server(img, fmt="qcow2", wait=False)
+    status = srv.wait_exit(20)
+    check(status not in (None, 0), "a corrupt image does not open read-write (exit %s)" % status)
+    check("corrupt" in srv.stderr_text(), "the refusal says why: %s" % srv.stderr_text()[-300:])
+    # Read-only still works.
+    srv = ctx.start_server(img, fmt="qcow2", readonly=True)
+    srv.stop()
