@@ -23,6 +23,8 @@ public struct ImageOptions: Sendable {
     public var offset: Int64 = 0
     /// A qcow2 internal snapshot to serve read-only (qemu-nbd's `-l`).
     public var snapshot: String?
+    /// QEMU's `l2-cache-size` for qcow2 nodes; nil for the default.
+    public var l2CacheSize: Int?
 
     public init(filename: String, format: String? = nil) {
         self.filename = filename
@@ -131,7 +133,8 @@ public enum ImageOpener {
                                   io: FileIOContext, warn: @escaping (String) -> Void,
                                   depth: Int) -> EventLoopFuture<BlockNode> {
         let loop = graph.eventLoop
-        let qcowOptions = QCOW2Options(readOnly: options.readOnly, snapshot: options.snapshot)
+        let qcowOptions = QCOW2Options(readOnly: options.readOnly, snapshot: options.snapshot,
+                                       l2CacheSize: options.l2CacheSize)
         return QCOW2Driver.open(file: fileNode, options: qcowOptions).flatMap { driver in
             let header = driver.header
             let directory = (options.filename as NSString).deletingLastPathComponent

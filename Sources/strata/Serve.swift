@@ -83,6 +83,10 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("handshake-limit"), help: "Seconds a client may take to negotiate (0: no limit).")
     var handshakeLimit: Int = 10
 
+    @Option(name: .customLong("l2-cache-size"),
+            help: "qcow2 L2 cache in bytes (k, M suffixes); default: enough for the whole image, at most 32 MiB.")
+    var l2CacheSize: String?
+
     @Flag(name: [.customShort("v"), .long], help: "Log connections and errors to stderr.")
     var verbose = false
 
@@ -127,6 +131,9 @@ struct Serve: ParsableCommand {
         }
         if offset < 0 {
             throw ValidationError("Invalid value '\(offset)' for --offset (-o): expected 0 or more")
+        }
+        if let l2CacheSize, ImageSize.parse(l2CacheSize) == nil {
+            throw ValidationError("Invalid value '\(l2CacheSize)' for --l2-cache-size: expected bytes, with k, M or G")
         }
         if handshakeLimit < 0 {
             throw ValidationError("Invalid value '\(handshakeLimit)' for --handshake-limit: expected seconds, 0 or more")

@@ -72,6 +72,7 @@ final class ServerProcess {
         image.detectZeroes = options.detectZeroes
         image.offset = options.offset
         image.snapshot = options.snapshotName
+        image.l2CacheSize = options.l2CacheSize.flatMap(ImageSize.parse).map { Int(min($0, UInt64(Int.max))) }
         if options.forceShare { image.locking = .off }
         return ImageOpener.open(image, graph: graph, io: io, warn: { ServerProcess.printError($0) })
             .flatMapThrowing { node in try self.export(node) }

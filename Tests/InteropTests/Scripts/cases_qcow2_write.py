@@ -410,3 +410,34 @@ def qcow2_hostile_metadata(ctx):
     # Read-only still works.
     srv = ctx.start_server(img, fmt="qcow2", readonly=True)
     srv.stop()
+
+
+@case
+def qcow2_header_rewrites_keep_unknowns(ctx):
+    """Unknown header extensions and compatible bits survive header
+    rewrites (lazy refcounts rewrite the header on open and close); unknown
+    autoclear bits are cleared on a read-write open. A small L2 cache
+    (--l2-cache-size) still gives the right data."""
+    img = ctx.path("k.qcow2")
+    qimg(ctx, "create", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "16M")
+    with open(img, "r+b") as f:
+        head = bytearray(f.read(4096))
+        compatible = int.from_bytes(head[80:88], "big") | (1 << 40)
+        head[80:88] = compatible.to_bytes(8, "big")
+        autoclear = int.from_bytes(head[88:96], "big") | (1 << 33)
+        head[88:96] = autoclear.to_bytes(8, "big")
+        # Insert an unknown extension before the others.
+        length = int.from_bytes(head[100:104], "big")
+        ext = (0x51AB51AB).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"hello\0\0\0"
+        head[length:length] = ext
+        f.seek(0)
+        f.write(bytes(head[:4096]))
+    srv = ctx.start_server(img, fmt="qcow2", extra=["--l2-cache-size=128k"])
+    ctx.run(["qemu-io", "-f", "raw", "-c", "write -P 0x44 0 4M", "-c", "read -P 0x44 0 4M", srv.uri()])
+    srv.stop()
+    with open(img, "rb") as f:
+        head = f.read(4096)
+    check(int.from_bytes(head[80:88], "big") & (1 << 40), "the unknown compatible bit survived")
+    check(not int.from_bytes(head[88:96], "big") & (1 << 33), "the unknown autoclear bit was cleared")
+    check(b"hello" in head and (0x51AB51AB).to_bytes(4, "big") in head, "the unknown extension survived")
+    check_eq("qemu-img check", 0, ctx.run(["qemu-img", "check", img], check=False).returncode)
