@@ -210,25 +210,49 @@ extension QCOW2Driver {
         } catch {
             return completion(error as? BlockError ?? .eio)
         }
-        let count = Int(min(clusterSize, length - clusterStart))
-        guard let bounce = node?.graph.bufferPool.take(count: Int(clusterSize), alignment: 4096) else {
+        let inCluster = Int(offset - clusterStart)
+        // With extended L2, a cluster without data elsewhere (fresh, or our
+        // own) gets only the touched subclusters written: the others keep
+        // their state (unallocated ones still read from the backing file).
+        let oldHost = oldEntry & QCOW2Entry.offsetMask
+        let perSubcluster = header.hasExtendedL2 && oldEntry & QCOW2Entry.compressed == 0
+            && (reusing || (oldHost == 0 && !externalData))
+        let regionStart: Int
+        let regionEnd: Int
+        if perSubcluster {
+            let sub = header.subclusterSize
+            regionStart = inCluster / sub * sub
+            regionEnd = (inCluster + piece.count - 1) / sub * sub + sub
+        } else {
+            regionStart = 0
+            regionEnd = Int(clusterSize)
+        }
+        let regionLength = regionEnd - regionStart
+        guard let bounce = node?.graph.bufferPool.take(count: regionLength, alignment: 4096) else {
             return completion(.enomem)
         }
-        let inCluster = Int(offset - clusterStart)
-        let fill = UnsafeMutableRawBufferPointer(start: bounce.pointer, count: count)
         let finishWrite = {
-            (bounce.pointer + inCluster).copyMemory(from: piece.baseAddress!, byteCount: piece.count)
-            let data = UnsafeRawBufferPointer(start: bounce.pointer, count: Int(clusterSize))
-            if count < Int(clusterSize) {
-                // Past the end of the image: zeroes, so the cluster is whole.
-                (bounce.pointer + count).initializeMemory(as: UInt8.self, repeating: 0, count: Int(clusterSize) - count)
-            }
-            self.dataFile.write(at: Int64(host), from: data, flags: []) { error in
+            (bounce.pointer + (inCluster - regionStart)).copyMemory(from: piece.baseAddress!, byteCount: piece.count)
+            let data = UnsafeRawBufferPointer(start: bounce.pointer, count: regionLength)
+            self.dataFile.write(at: Int64(host) + Int64(regionStart), from: data, flags: []) { error in
                 self.node?.graph.bufferPool.give(bounce)
                 if let error { return completion(error) }
                 self.whenMetadataIdle {
                     table.setEntry(slot, host | QCOW2Entry.copied)
-                    if self.header.hasExtendedL2 { table.setBitmap(slot, 0xffff_ffff) }
+                    if self.header.hasExtendedL2 {
+                        if perSubcluster {
+                            let sub = self.header.subclusterSize
+                            let first = regionStart / sub
+                            let count = regionLength / sub
+                            let mask = UInt64((1 << count) - 1) << UInt64(first)
+                            let old = table.bitmap(slot)
+                            let allocated = (reusing ? old & 0xffff_ffff : 0) | mask
+                            let zero = (old >> 32) & ~mask
+                            table.setBitmap(slot, zero << 32 | allocated)
+                        } else {
+                            table.setBitmap(slot, 0xffff_ffff)
+                        }
+                    }
                     self.dirtyL2[table.offset] = table
                     if !reusing, let released = self.references(of: oldEntry) {
                         self.pendingFrees.append(released)
@@ -237,11 +261,13 @@ extension QCOW2Driver {
                 }
             }
         }
-        if piece.count == Int(clusterSize) {
+        if piece.count == regionLength {
             return finishWrite()
         }
-        // The old content of the cluster, as a reader sees it now.
-        read(at: clusterStart, into: fill, flags: []) { error in
+        // The old content of the region, as a reader sees it now (past the
+        // end of the image it reads as zeroes).
+        let fill = UnsafeMutableRawBufferPointer(start: bounce.pointer, count: regionLength)
+        read(at: clusterStart + Int64(regionStart), into: fill, flags: []) { error in
             if let error {
                 self.node?.graph.bufferPool.give(bounce)
                 return completion(error)
