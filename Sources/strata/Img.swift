@@ -9,6 +9,21 @@ struct Img: ParsableCommand {
     )
 }
 
+/// The arguments every inspecting `img` command takes.
+struct ImageArguments: ParsableArguments {
+    @Option(name: .customShort("f"), help: "Image format (probed when omitted).")
+    var format: String?
+
+    @Option(help: "Output format: human or json.")
+    var output: OutputFormat = .human
+
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the image even if it is in use.")
+    var forceShare = false
+
+    @Argument(help: "The image.")
+    var filename: String
+}
+
 /// qemu-img's `--output` values.
 enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
     case human, json

@@ -11,20 +11,11 @@ import QCOW2
 struct ImgCheck: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "check", abstract: "Check an image for consistency.")
 
-    @Option(name: .customShort("f"), help: "Image format (probed when omitted).")
-    var format: String?
-
-    @Option(help: "Output format: human or json.")
-    var output: OutputFormat = .human
+    @OptionGroup var image: ImageArguments
 
     @Option(name: .customShort("r"), help: "Repair: leaks, or all (leaks and corrupted refcounts).")
     var repair: String?
 
-    @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the image even if it is in use.")
-    var forceShare = false
-
-    @Argument(help: "The image.")
-    var filename: String
 
     func run() throws {
         if let repair, !["leaks", "all"].contains(repair) {
@@ -32,7 +23,7 @@ struct ImgCheck: ParsableCommand {
         }
         let outcome: (format: String, report: QCOW2Checker.Report?)
         do {
-            outcome = try ImageSession().withImage(filename, format: format, forceShare: forceShare,
+            outcome = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare,
                                                    writable: repair != nil) { node in
                 guard let driver = node.driver as? QCOW2Driver, let file = node.child(named: "file")?.node else {
                     return node.eventLoop.makeSucceededFuture((node.formatName, nil))
@@ -58,15 +49,15 @@ struct ImgCheck: ParsableCommand {
                 }
             }
         } catch {
-            fail("Could not open '\(filename)': \((error as? BlockError)?.description ?? "\(error)")")
+            fail("Could not open '\(image.filename)': \((error as? BlockError)?.description ?? "\(error)")")
         }
         guard let report = outcome.report else {
             fail("This image format does not support checks", status: 63)
         }
-        switch output {
+        switch image.output {
         case .json:
             var object: [String: Any] = [
-                "filename": filename, "format": outcome.format,
+                "filename": image.filename, "format": outcome.format,
                 "check-errors": report.checkErrors, "image-end-offset": report.imageEndOffset,
                 "total-clusters": report.totalClusters, "allocated-clusters": report.allocatedClusters,
                 "fragmented-clusters": report.fragmentedClusters, "compressed-clusters": report.compressedClusters,

@@ -9,32 +9,23 @@ import QCOW2
 struct ImgInfo: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "info", abstract: "Show what an image is.")
 
-    @Option(name: .customShort("f"), help: "Image format (probed when omitted).")
-    var format: String?
-
-    @Option(help: "Output format: human or json.")
-    var output: OutputFormat = .human
+    @OptionGroup var image: ImageArguments
 
     @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain.")
     var backingChain = false
 
-    @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the image even if it is in use.")
-    var forceShare = false
-
-    @Argument(help: "The image.")
-    var filename: String
 
     func run() throws {
         let layers: [[String: Any]]
         do {
-            layers = try ImageSession().withImage(filename, format: format, forceShare: forceShare) { node in
+            layers = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare) { node in
                 let nodes = backingChain ? ImageSession.chain(from: node) : [node]
                 return node.eventLoop.makeSucceededFuture(nodes.map(Self.describe))
             }
         } catch {
-            fail("Could not open '\(filename)': \((error as? BlockError)?.description ?? "\(error)")")
+            fail("Could not open '\(image.filename)': \((error as? BlockError)?.description ?? "\(error)")")
         }
-        switch output {
+        switch image.output {
         case .json:
             let object: Any = backingChain ? layers : layers[0]
             let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])

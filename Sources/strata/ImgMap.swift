@@ -8,17 +8,8 @@ import NIOCore
 struct ImgMap: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "map", abstract: "Show the allocation map of an image.")
 
-    @Option(name: .customShort("f"), help: "Image format (probed when omitted).")
-    var format: String?
+    @OptionGroup var image: ImageArguments
 
-    @Option(help: "Output format: human or json.")
-    var output: OutputFormat = .human
-
-    @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the image even if it is in use.")
-    var forceShare = false
-
-    @Argument(help: "The image.")
-    var filename: String
 
     struct Entry: Equatable {
         var start: Int64
@@ -45,13 +36,13 @@ struct ImgMap: ParsableCommand {
     func run() throws {
         let entries: [Entry]
         do {
-            entries = try ImageSession().withImage(filename, format: format, forceShare: forceShare) { node in
+            entries = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare) { node in
                 Self.map(node)
             }
         } catch {
-            fail("Could not open '\(filename)': \((error as? BlockError)?.description ?? "\(error)")")
+            fail("Could not open '\(image.filename)': \((error as? BlockError)?.description ?? "\(error)")")
         }
-        switch output {
+        switch image.output {
         case .json:
             let lines = entries.map { entry -> String in
                 var text = "{ \"start\": \(entry.start), \"length\": \(entry.length), \"depth\": \(entry.depth), "

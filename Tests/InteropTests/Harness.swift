@@ -56,6 +56,14 @@ enum Harness {
                       stderr: String(decoding: collected.err, as: UTF8.self))
     }
 
+    /// A sparse raw image made by qemu-img in `directory`.
+    static func makeImage(in directory: URL, size: String = "16M") throws -> String {
+        let path = directory.appendingPathComponent("disk.raw").path
+        let made = try run("/usr/bin/qemu-img", ["create", "-f", "raw", path, size])
+        guard made.status == 0 else { throw ServedImage.ServeFailure(message: "qemu-img create: \(made.stderr)") }
+        return path
+    }
+
     /// A fresh temporary directory, removed by `cleanUp`.
     static func temporaryDirectory(_ tag: String) throws -> URL {
         let url = URL(fileURLWithPath: NSTemporaryDirectory())

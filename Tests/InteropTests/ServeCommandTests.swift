@@ -4,13 +4,6 @@ import Testing
 /// `strata serve` as a user meets it: option errors, locks against QEMU's
 /// tools, probing, --fork and --pid-file, clean shutdown.
 @Suite struct ServeCommandTests {
-    func makeImage(in directory: URL, size: String = "16M") throws -> String {
-        let path = directory.appendingPathComponent("disk.raw").path
-        let made = try Harness.run("/usr/bin/qemu-img", ["create", "-f", "raw", path, size])
-        try #require(made.status == 0, "qemu-img create: \(made.stderr)")
-        return path
-    }
-
     @Test(arguments: [
         (["--cache=bogus"], "--cache"),
         (["--aio=native"], "--aio=native requires"),
@@ -37,7 +30,7 @@ import Testing
     @Test func qemuImgResizeIsRefusedWhileServing() throws {
         let directory = try Harness.temporaryDirectory("lock")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let image = try makeImage(in: directory)
+        let image = try Harness.makeImage(in: directory)
         let served = try ServedImage(image: image, options: ["-f", "raw"], directory: directory)
         let resize = try Harness.run("/usr/bin/qemu-img", ["resize", "-f", "raw", image, "32M"])
         #expect(resize.status != 0)
@@ -52,7 +45,7 @@ import Testing
         // second qemu-nbd does; with -U it takes no locks at all.
         let directory = try Harness.temporaryDirectory("lock2")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let image = try makeImage(in: directory)
+        let image = try Harness.makeImage(in: directory)
         let first = try ServedImage(image: image, options: ["-f", "raw"], directory: directory)
         defer { first.stop() }
         let otherDirectory = try Harness.temporaryDirectory("lock2b")
@@ -66,7 +59,7 @@ import Testing
     @Test func probedRawRefusesWritingAnotherFormatsHeader() throws {
         let directory = try Harness.temporaryDirectory("probe")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let image = try makeImage(in: directory)
+        let image = try Harness.makeImage(in: directory)
         let served = try ServedImage(image: image, options: [], directory: directory)
         defer { served.stop() }
         // "QFI\xfb" at offset 0 would make the image probe as qcow2.
@@ -83,7 +76,7 @@ import Testing
     @Test func forkWritesPidFileAndSigtermShutsDownCleanly() throws {
         let directory = try Harness.temporaryDirectory("fork")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let image = try makeImage(in: directory)
+        let image = try Harness.makeImage(in: directory)
         let socket = directory.appendingPathComponent("s.sock").path
         let pidFile = directory.appendingPathComponent("strata.pid").path
         let started = try Harness.run(Harness.strata, ["serve", "--fork", "--pid-file", pidFile, "-t", "-f", "raw",
@@ -109,7 +102,7 @@ import Testing
     @Test func serverSurvivesAbruptClientsAndKeepsServing() throws {
         let directory = try Harness.temporaryDirectory("abrupt")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let image = try makeImage(in: directory)
+        let image = try Harness.makeImage(in: directory)
         let served = try ServedImage(image: image, options: ["-f", "raw", "-e", "0"], directory: directory)
         defer { served.stop() }
         // Clients killed mid-transfer.

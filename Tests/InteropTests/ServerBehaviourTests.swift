@@ -4,17 +4,10 @@ import Testing
 /// Failure handling and listening modes with real clients: a full disk,
 /// a stalled handshake, TCP, socket activation, --offset.
 @Suite struct ServerBehaviourTests {
-    func makeImage(in directory: URL, size: String = "16M") throws -> String {
-        let path = directory.appendingPathComponent("disk.raw").path
-        let made = try Harness.run("/usr/bin/qemu-img", ["create", "-f", "raw", path, size])
-        try #require(made.status == 0, "qemu-img create: \(made.stderr)")
-        return path
-    }
-
     @Test func writesPastAFileSizeLimitFailWithEnospcAndServingGoesOn() throws {
         let directory = try Harness.temporaryDirectory("enospc")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let image = try makeImage(in: directory)
+        let image = try Harness.makeImage(in: directory)
         // RLIMIT_FSIZE of 1 MiB: writes beyond it fail with EFBIG, as on a full disk.
         let limit = ["/usr/bin/python3", "-c",
                      "import os,resource,sys; resource.setrlimit(resource.RLIMIT_FSIZE,(1<<20,1<<20)); os.execv(sys.argv[1], sys.argv[1:])"]
@@ -31,7 +24,7 @@ import Testing
     @Test func stalledHandshakesAreDroppedAndOthersServed() throws {
         let directory = try Harness.temporaryDirectory("stall")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let image = try makeImage(in: directory)
+        let image = try Harness.makeImage(in: directory)
         let served = try ServedImage(image: image, options: ["-f", "raw", "--handshake-limit=1", "-e", "0"],
                                      directory: directory)
         defer { served.stop() }
@@ -51,7 +44,7 @@ import Testing
     @Test func servesOverTCP() throws {
         let directory = try Harness.temporaryDirectory("tcp")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let image = try makeImage(in: directory)
+        let image = try Harness.makeImage(in: directory)
         let port = 20000 + Int.random(in: 0..<20000)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: Harness.strata)
@@ -71,7 +64,7 @@ import Testing
     @Test func adoptsASocketPassedBySystemd() throws {
         let directory = try Harness.temporaryDirectory("activate")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let image = try makeImage(in: directory)
+        let image = try Harness.makeImage(in: directory)
         let socket = directory.appendingPathComponent("activated.sock").path
         // What systemd does: listen, pass the socket as fd 3, name our pid.
         let activate = """
@@ -99,7 +92,7 @@ import Testing
     @Test func offsetServesTheRestOfTheImage() throws {
         let directory = try Harness.temporaryDirectory("offset")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let image = try makeImage(in: directory, size: "1M")
+        let image = try Harness.makeImage(in: directory, size: "1M")
         let write = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x3c 4096 4096", image])
         try #require(write.status == 0)
         let served = try ServedImage(image: image, options: ["-f", "raw", "-o", "4096"], directory: directory)
@@ -134,7 +127,7 @@ import Testing
     @Test func theConnectionCapMakesExtraClientsWait() throws {
         let directory = try Harness.temporaryDirectory("cap")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let image = try makeImage(in: directory)
+        let image = try Harness.makeImage(in: directory)
         let served = try ServedImage(image: image, options: ["-f", "raw", "-e", "1"], directory: directory)
         defer { served.stop() }
         // The first client negotiates and stays; a second one is not served
