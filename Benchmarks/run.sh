@@ -282,6 +282,7 @@ def section(fmt, title, servers, strata):
         mode = "O_DIRECT" if strata == "strata-none" else "defaults"
         peer = "qemu-nbd-none" if strata == "strata-none" else "qemu-nbd"
         for who, srv in (("Strata", strata), ("qemu-nbd", peer)):
+            shown = False
             for ph in ("cold", "warm"):
                 a = rows.get(("qcow2", srv, "randread-4k-qd32", ph))
                 b = rows.get(("raw", srv, "randread-4k-qd32", ph))
@@ -289,9 +290,10 @@ def section(fmt, title, servers, strata):
                     pct = 100.0 * num(a, "value") / num(b, "value")
                     p(f"{who} qcow2 vs raw (same data, same mode): {pct:.1f}%  "
                       f"[{srv} randread-4k-qd32 {ph}: {num(a,'value'):,.0f} vs {num(b,'value'):,.0f} IOPS]")
-                elif who == "Strata" and a is not None:
-                    p(f"Strata qcow2 vs raw (same data, same mode): n/a  "
-                      f"[{srv} randread-4k-qd32 {ph}: no ok raw and qcow2 rows; run --formats raw,qcow2]")
+                    shown = True
+            if not shown and who == "Strata":
+                p(f"Strata qcow2 vs raw (same data, same mode): n/a  "
+                  f"[needs ok {srv} randread-4k-qd32 rows in both row sets: --formats raw,qcow2]")
 
 for fmt, modes in SECTIONS:
     if fmt not in present_fmts:
@@ -935,7 +937,7 @@ report "$WORK"
 echo
 echo "Results: $WORK/report.txt  (raw fio json / nbdcopy timings: $RAW, per-job rows: $RESULTS, server logs: $LOGS)"
 if [ "$CHECK_FAILED" -gt 0 ]; then
-  warn "qemu-img check failed for $CHECK_FAILED server image(s); see the end of the report and $LOGS/*.check.err"
+  warn "$CHECK_FAILED server image(s) failed qemu-img check or changed base.qcow2; see the end of the report and $LOGS/*.check.err"
 fi
 if [ "$ERRORS" -gt 0 ]; then
   warn "$ERRORS job(s) failed; see ERR cells and $RAW"
