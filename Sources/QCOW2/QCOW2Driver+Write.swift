@@ -137,7 +137,9 @@ extension QCOW2Driver {
                     }
                     if let table, self.l1[index] & QCOW2Entry.copied != 0,
                        let host = self.inPlaceHost(table, slot: slot, offset: offset, count: piece.count) {
-                        if self.refcounter!.metadataClusters.contains(Int64(host) / clusterSize) {
+                        // Metadata lives in the image file; data in an external
+                        // file cannot overlap it.
+                        if !self.externalData, self.refcounter!.metadataClusters.contains(Int64(host) / clusterSize) {
                             return self.markCorrupt("Preventing invalid write on metadata at 0x\(String(host, radix: 16))",
                                                     completion: completion)
                         }
@@ -282,6 +284,9 @@ extension QCOW2Driver {
                             completion: @escaping BlockCompletion) {
         guard writable else { return completion(.eperm) }
         guard header.version >= 3 || header.hasExtendedL2 else { return completion(.enotsup) }
+        // A raw data file must always hold the guest's bytes: zero it by
+        // writing (the node's fallback), not in the tables alone.
+        guard !header.autoclearFeatures.contains(.rawExternalData) else { return completion(.enotsup) }
         let clusterSize = Int64(header.clusterSize)
         guard offset % clusterSize == 0, length % clusterSize == 0 || offset + length == self.length else {
             return completion(.enotsup)
@@ -300,6 +305,8 @@ extension QCOW2Driver {
 
     public func discard(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
         guard writable else { return completion(.eperm) }
+        // Discarding from a raw data file's tables would unhook its bytes.
+        guard !header.autoclearFeatures.contains(.rawExternalData) else { return completion(nil) }
         let clusterSize = Int64(header.clusterSize)
         guard offset % clusterSize == 0, length % clusterSize == 0 || offset + length == self.length else {
             return completion(nil)

@@ -13,9 +13,9 @@ final class ServerProcess {
     let options: Serve
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     /// Blocking I/O (cache misses in aio=threads mode, fdatasync,
-    /// fallocate): 64 threads, QEMU's pool size, so a deep queue of cold
-    /// reads reaches the disk as a deep queue.
-    let threadPool = NIOThreadPool(numberOfThreads: 64)
+    /// fallocate). 16 threads: measured against 64 on 2 cores, 16 gave
+    /// more cold 4k random reads (34K vs 28K IOPS) and faster cold nbdcopy.
+    let threadPool = NIOThreadPool(numberOfThreads: 16)
     var loop: EventLoop { group.next() }
     private var graph: BlockGraph!
     private var io: FileIOContext!

@@ -119,4 +119,34 @@ import Testing
         #expect(info.status == 0)
         #expect(served.process.isRunning)
     }
+
+    @Test func qcow2ImageLocksRefuseQemuAndAreRefusedByIt() throws {
+        let directory = try Harness.temporaryDirectory("qlock")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = directory.appendingPathComponent("locked.qcow2").path
+        #expect(try Harness.run("/usr/bin/qemu-img", ["create", "-f", "qcow2", image, "16M"]).status == 0)
+        // Strata writing: qemu-img may not even read (metadata may change).
+        let served = try ServedImage(image: image, options: ["-f", "qcow2"], directory: directory)
+        let info = try Harness.run("/usr/bin/qemu-img", ["info", image])
+        #expect(info.status != 0 && info.stderr.contains("Is another process using the image"), "\(info.stderr)")
+        #expect(served.stop() == 0)
+        // QEMU writing: Strata refuses to open it for writing, and says why.
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-io")
+        holder.arguments = ["-f", "qcow2", "-c", "sleep 20000", image]
+        holder.standardOutput = FileHandle.nullDevice
+        try holder.run()
+        defer { kill(holder.processIdentifier, SIGKILL); holder.waitUntilExit() }
+        usleep(500_000)
+        let refused = try Harness.run(Harness.strata, ["serve", "-f", "qcow2", "-k",
+                                                       directory.appendingPathComponent("r.sock").path, image])
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("lock") && refused.stderr.contains("Is another process using the image"),
+                "\(refused.stderr)")
+        // Read-only with -U shares everything and opens.
+        let sharedDirectory = try Harness.temporaryDirectory("qlock-u")
+        defer { try? FileManager.default.removeItem(at: sharedDirectory) }
+        let shared = try ServedImage(image: image, options: ["-f", "qcow2", "-r", "-U"], directory: sharedDirectory)
+        #expect(shared.stop() == 0)
+    }
 }

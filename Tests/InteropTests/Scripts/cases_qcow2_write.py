@@ -441,3 +441,17 @@ def qcow2_header_rewrites_keep_unknowns(ctx):
     check(not int.from_bytes(head[88:96], "big") & (1 << 33), "the unknown autoclear bit was cleared")
     check(b"hello" in head and (0x51AB51AB).to_bytes(4, "big") in head, "the unknown extension survived")
     check_eq("qemu-img check", 0, ctx.run(["qemu-img", "check", img], check=False).returncode)
+
+
+@case
+def qcow2_write_data_file(ctx):
+    """Writes into images with an external data file, raw and not: the data
+    file stays in step (qemu-img compare reads it through the image)."""
+    for raw_flag in ["off", "on"]:
+        img = ctx.path("wd-%s.qcow2" % raw_flag)
+        data = ctx.path("wd-%s.data" % raw_flag)
+        qimg(ctx, "create", "-f", "qcow2", "-o", "data_file=%s,data_file_raw=%s" % (data, raw_flag), img, "32M")
+        writer_check(ctx, img)
+        if raw_flag == "on":
+            ref = ctx.path("ref.raw")
+            ctx.cmp_files(ref, data, what="the raw data file holds the guest's bytes")
