@@ -199,6 +199,9 @@ public final class QCOW2Driver: BlockDriver {
                     return self.rewriteHeader(file: file)
                 }
             }
+            if self.header.autoclearFeatures.contains(.bitmaps) {
+                steps = steps.flatMap { self.markBitmapsInUse(file: file) }
+            }
             let unknownAutoclear = self.header.autoclearFeatures.subtracting(QCOW2Header.AutoclearFeatures.known)
             if !unknownAutoclear.isEmpty {
                 steps = steps.flatMap {
@@ -207,6 +210,44 @@ public final class QCOW2Driver: BlockDriver {
                 }
             }
             return steps
+        }
+    }
+
+    /// Persistent dirty bitmaps are kept, but Strata does not track writes
+    /// in them: flag each one in-use (inconsistent), as QEMU flags the
+    /// bitmaps of an image it has open, so no tool trusts a stale bitmap.
+    func markBitmapsInUse(file: BlockNode) -> EventLoopFuture<Void> {
+        let loop = file.eventLoop
+        guard let ext = header.extensions.first(where: { $0.type == QCOW2HeaderExtension.bitmaps }),
+              ext.data.count >= 24 else { return loop.makeSucceededVoidFuture() }
+        let reader = BigEndianReader(ext.data)
+        let count = Int(reader.u32(at: 0))
+        let size = reader.u64(at: 8)
+        let offset = reader.u64(at: 16)
+        guard size > 0, size <= 64 << 20, Int64(offset) + Int64(size) <= file.length else {
+            return loop.makeFailedFuture(QCOW2Error("Bitmap directory is invalid").blockError)
+        }
+        return QCOW2Driver.readBytes(file, at: Int64(offset), count: Int(size)).flatMap { bytes in
+            var directory = bytes
+            var position = 0
+            for _ in 0..<count {
+                guard position + 24 <= directory.count else { break }
+                directory[position + 15] |= 1  // IN_USE, the low bit of the big-endian flags
+                let entry = BigEndianReader(directory)
+                let nameSize = Int(entry.u16(at: position + 18))
+                let extraSize = Int(entry.u32(at: position + 20))
+                position += (24 + extraSize + nameSize + 7) / 8 * 8
+            }
+            guard directory != bytes, let buffer = AlignedBuffer.allocate(count: directory.count, alignment: 4096) else {
+                return loop.makeSucceededVoidFuture()
+            }
+            buffer.pointer.copyMemory(from: directory, byteCount: directory.count)
+            let promise = loop.makePromise(of: Void.self)
+            file.write(at: Int64(offset), from: buffer.bytes, flags: .fua) { error in
+                buffer.deallocate()
+                if let error { promise.fail(error) } else { promise.succeed(()) }
+            }
+            return promise.futureResult
         }
     }
 

@@ -455,3 +455,17 @@ def qcow2_write_data_file(ctx):
         if raw_flag == "on":
             ref = ctx.path("ref.raw")
             ctx.cmp_files(ref, data, what="the raw data file holds the guest's bytes")
+
+
+@case
+def qcow2_write_marks_bitmaps_in_use(ctx):
+    """Strata keeps persistent bitmaps but does not track writes in them:
+    opened for writing, each is flagged in-use (inconsistent), as QEMU does
+    for an image it has open, so no backup tool trusts a stale bitmap. The
+    image still checks clean."""
+    img = ctx.path("bm.qcow2")
+    qimg(ctx, "create", "-f", "qcow2", img, "16M")
+    ctx.run(["qemu-img", "bitmap", "--add", img, "b0"])
+    writer_check(ctx, img, writes=["write -P 0x13 0 1M", "flush"])
+    info = ctx.run(["qemu-img", "info", img]).out
+    check("in-use" in info, "the bitmap is flagged in-use: %s" % info)
