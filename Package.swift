@@ -116,7 +116,7 @@ let package = Package(
         ),
         .testTarget(
             name: "QCOW2Tests",
-            dependencies: ["QCOW2"]
+            dependencies: ["QCOW2", "BlockLayer"]
         ),
         .testTarget(
             name: "InteropTests",
