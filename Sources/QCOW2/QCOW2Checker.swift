@@ -41,7 +41,7 @@ public final class QCOW2Checker {
 
     /// Counts one reference to every cluster of `[offset, offset + length)`.
     private func reference(_ offset: UInt64, length: Int64, what: String) {
-        guard length > 0 else { return }
+        guard length > 0, offset < QCOW2Header.maxSize else { return }
         let first = Int64(offset) / clusterSize
         let last = (Int64(offset) + length - 1) / clusterSize
         if (last + 1) * clusterSize > file.length + clusterSize {
@@ -67,7 +67,9 @@ public final class QCOW2Checker {
             let reader = BigEndianReader(table)
             for block in 0..<(table.count / 8) {
                 let offset = reader.u64(at: block * 8) & ~UInt64(511)
-                if offset != 0 { self.reference(offset, length: self.clusterSize, what: "refcount block") }
+                if offset != 0, offset < QCOW2Header.maxSize {
+                    self.reference(offset, length: self.clusterSize, what: "refcount block")
+                }
             }
         }
     }
@@ -171,7 +173,9 @@ public final class QCOW2Checker {
         let count = Int(reader.u32(at: 0))
         let directorySize = reader.u64(at: 8)
         let directoryOffset = reader.u64(at: 16)
-        guard directorySize > 0, directorySize <= 64 << 20 else { return loop.makeSucceededVoidFuture() }
+        guard directorySize > 0, directorySize <= 64 << 20, directoryOffset < QCOW2Header.maxSize else {
+            return loop.makeSucceededVoidFuture()
+        }
         reference(directoryOffset, length: Int64(directorySize), what: "bitmap directory")
         return read(directoryOffset, Int(directorySize)).flatMap { bytes in
             let directory = BigEndianReader(bytes)
@@ -184,7 +188,7 @@ public final class QCOW2Checker {
                 let nameSize = Int(directory.u16(at: position + 18))
                 let extraSize = Int(directory.u32(at: position + 20))
                 position += (24 + extraSize + nameSize + 7) / 8 * 8
-                guard tableSize > 0, tableSize <= 1 << 24 else { continue }
+                guard tableSize > 0, tableSize <= 1 << 24, tableOffset < QCOW2Header.maxSize else { continue }
                 self.reference(tableOffset, length: Int64(tableSize) * 8, what: "bitmap table")
                 chain = chain.flatMap {
                     self.read(tableOffset, tableSize * 8).map { table in
@@ -215,6 +219,11 @@ public final class QCOW2Checker {
             for block in 0..<min(table.count / 8, Int((clusters + perBlock - 1) / perBlock)) {
                 let offset = reader.u64(at: block * 8) & ~UInt64(511)
                 guard offset != 0 else { continue }
+                guard offset < QCOW2Header.maxSize else {
+                    self.report.corruptions += 1
+                    self.report.messages.append("ERROR refcount block \(block) offset is out of range")
+                    continue
+                }
                 self.reference(offset, length: self.clusterSize, what: "refcount block")
                 guard offset % UInt64(self.clusterSize) == 0, Int64(offset) + self.clusterSize <= self.file.length else {
                     self.report.corruptions += 1

@@ -27,7 +27,9 @@ extension QCOW2Driver {
         if entry & QCOW2Entry.l1ReservedMask != 0 || offset % UInt64(header.clusterSize) != 0 {
             return completion(.failure(BlockError(errno: EIO, "L2 table offset 0x\(String(offset, radix: 16)) unaligned or reserved bits set")))
         }
-        if let table = dirtyL2[offset] ?? l2Cache.get(offset) { return completion(.success(table)) }
+        if let table = dirtyL2[offset] ?? pinnedL2[offset]?.table ?? l2Cache.get(offset) {
+            return completion(.success(table))
+        }
         if l2Loads[offset] != nil {
             l2Loads[offset]!.append { completion($0.map { $0 }) }
             return

@@ -30,6 +30,22 @@ extension QCOW2Driver {
         if metadataBusy { metadataWaiters.append(body) } else { body() }
     }
 
+    func pin(_ table: QCOW2L2Table) {
+        let uses = pinnedL2[table.offset]?.uses ?? 0
+        pinnedL2[table.offset] = (table, uses + 1)
+    }
+
+    func unpin(_ table: QCOW2L2Table) {
+        guard let entry = pinnedL2[table.offset] else { return }
+        if entry.uses <= 1 {
+            pinnedL2[table.offset] = nil
+            // Back in the cache so the next lookup finds this copy.
+            l2Cache.insert(table)
+        } else {
+            pinnedL2[table.offset] = (table, entry.uses - 1)
+        }
+    }
+
     /// Runs `body` when no allocation of guest cluster `cluster` is in flight.
     func whenClusterIdle(_ cluster: Int64, _ body: @escaping () -> Void) {
         if allocating[cluster] != nil { allocating[cluster]!.append(body) } else { body() }
@@ -57,7 +73,7 @@ extension QCOW2Driver {
         if current?.offset != named {
             if named == 0 {
                 current = nil
-            } else if let loaded = dirtyL2[named] ?? l2Cache.get(named) {
+            } else if let loaded = dirtyL2[named] ?? pinnedL2[named]?.table ?? l2Cache.get(named) {
                 current = loaded
             } else {
                 throw Self.retry
@@ -143,6 +159,12 @@ extension QCOW2Driver {
                             return self.markCorrupt("Preventing invalid write on metadata at 0x\(String(host, radix: 16))",
                                                     completion: completion)
                         }
+                        if !self.externalData, Int64(host) >= self.refcounter!.allocationEnd {
+                            // No refcount covers it: a later allocation could hand
+                            // the same cluster out again.
+                            return self.markCorrupt("Data cluster at 0x\(String(host, radix: 16)) lies past the allocated end of the image",
+                                                    completion: completion)
+                        }
                         self.dataFile.write(at: Int64(host) + offset % clusterSize, from: piece, flags: [],
                                             completion: completion)
                         return
@@ -200,6 +222,13 @@ extension QCOW2Driver {
         do {
             table = try writableL2(index, current: current)
             oldEntry = table.entry(slot)
+            if header.hasExtendedL2, !externalData, oldEntry & QCOW2Entry.copied != 0 {
+                let reused = oldEntry & QCOW2Entry.offsetMask
+                if reused != 0, refcounter!.metadataClusters.contains(Int64(reused) / clusterSize)
+                    || Int64(reused) >= refcounter!.allocationEnd {
+                    return markCorrupt("Preventing invalid write at 0x\(String(reused, radix: 16))", completion: completion)
+                }
+            }
             if externalData {
                 host = UInt64(clusterStart)
             } else if header.hasExtendedL2, oldEntry & QCOW2Entry.copied != 0, oldEntry & QCOW2Entry.offsetMask != 0,
@@ -232,6 +261,13 @@ extension QCOW2Driver {
         let regionLength = regionEnd - regionStart
         guard let bounce = node?.graph.bufferPool.take(count: regionLength, alignment: 4096) else {
             return completion(.enomem)
+        }
+        // Keep this table object the one every lookup finds until the new
+        // entry is in it.
+        pin(table)
+        let completion: BlockCompletion = { error in
+            self.unpin(table)
+            completion(error)
         }
         let finishWrite = {
             (bounce.pointer + (inCluster - regionStart)).copyMemory(from: piece.baseAddress!, byteCount: piece.count)
@@ -495,11 +531,13 @@ extension QCOW2Driver {
         refcounter.dirtyTableClusters = []
         let tables = Array(dirtyL2.values)
         dirtyL2 = [:]
+        tables.forEach(pin)
         let l1Entries = dirtyL1.sorted()
         dirtyL1 = []
 
         func finish(_ error: BlockError?) {
             metadataBusy = false
+            tables.forEach(unpin)
             if error == nil {
                 // The tables no longer reference these: now drop the counts.
                 for (host, length) in frees {
@@ -508,7 +546,12 @@ extension QCOW2Driver {
                     for cluster in first...last { try? refcounter.adjust(cluster, by: -1) }
                 }
             } else {
+                // Nothing was lost: what failed to reach the disk stays dirty.
                 pendingFrees += frees
+                for table in tables where dirtyL2[table.offset] == nil { dirtyL2[table.offset] = table }
+                for (offset, _) in blocks { refcounter.dirtyBlocks.insert(offset) }
+                refcounter.dirtyTableClusters.formUnion(tableClusters)
+                dirtyL1.formUnion(l1Entries)
             }
             let waiters = metadataWaiters
             metadataWaiters = []

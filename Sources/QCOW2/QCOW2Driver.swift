@@ -50,6 +50,10 @@ public final class QCOW2Driver: BlockDriver {
     var refcounter: QCOW2Refcounter?
     /// Changed L2 tables by offset, held here until written back.
     var dirtyL2: [UInt64: QCOW2L2Table] = [:]
+    /// Tables in use by an allocation or a writeback, with use counts: the
+    /// cache may drop them, but lookups must keep finding these objects,
+    /// never a second copy read from disk.
+    var pinnedL2: [UInt64: (table: QCOW2L2Table, uses: Int)] = [:]
     var dirtyL1: Set<Int> = []
     /// Guest clusters being allocated, with the requests waiting for them.
     var allocating: [Int64: [() -> Void]] = [:]
@@ -224,7 +228,7 @@ public final class QCOW2Driver: BlockDriver {
         let count = Int(reader.u32(at: 0))
         let size = reader.u64(at: 8)
         let offset = reader.u64(at: 16)
-        guard size > 0, size <= 64 << 20, Int64(offset) + Int64(size) <= file.length else {
+        guard size > 0, size <= 64 << 20, offset < QCOW2Header.maxSize, Int64(offset) + Int64(size) <= file.length else {
             return loop.makeFailedFuture(QCOW2Error("Bitmap directory is invalid").blockError)
         }
         return QCOW2Driver.readBytes(file, at: Int64(offset), count: Int(size)).flatMap { bytes in

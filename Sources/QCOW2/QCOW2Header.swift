@@ -158,8 +158,11 @@ extension QCOW2Header {
                 throw QCOW2Error("Backing file name too long")
             }
             let start = header.backingFileOffset
+            guard start < UInt64(header.clusterSize) else {
+                throw QCOW2Error("Backing file name lies outside the header cluster")
+            }
             let end = start + UInt64(header.backingFileSize)
-            guard start < UInt64(header.clusterSize), end <= UInt64(bytes.count) else {
+            guard end <= UInt64(bytes.count) else {
                 throw QCOW2Error("Backing file name lies outside the header cluster")
             }
             header.backingFile = String(decoding: bytes[Int(start)..<Int(end)], as: UTF8.self)
@@ -196,6 +199,9 @@ extension QCOW2Header {
         }
         guard Int64(l1Size) >= l1EntriesNeeded else {
             throw QCOW2Error("L1 table is too small")
+        }
+        guard refcountTableClusters > 0 else {
+            throw QCOW2Error("Reference count table is empty")
         }
         guard UInt64(refcountTableClusters) << UInt64(clusterBits) <= Self.maxRefcountTableBytes else {
             throw QCOW2Error("Reference count table too large")

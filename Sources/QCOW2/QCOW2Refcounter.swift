@@ -49,11 +49,15 @@ final class QCOW2Refcounter {
             let table = (0..<(bytes.count / 8)).map { reader.u64(at: $0 * 8) }
             let refcounter = QCOW2Refcounter(header: header, table: table, fileLength: file.length)
             var chain = loop.makeSucceededVoidFuture()
+            var seen: Set<UInt64> = []
             for entry in table where entry != 0 {
                 let offset = entry & ~UInt64(511)
-                guard offset % UInt64(header.clusterSize) == 0, Int64(offset) + refcounter.clusterSize <= file.length else {
+                guard offset % UInt64(header.clusterSize) == 0, offset < QCOW2Header.maxSize,
+                      Int64(offset) + refcounter.clusterSize <= file.length else {
                     return loop.makeFailedFuture(BlockError(errno: EIO, "Refcount block at 0x\(String(offset, radix: 16)) is invalid"))
                 }
+                // A block named twice is loaded once.
+                guard seen.insert(offset).inserted else { continue }
                 chain = chain.flatMap {
                     guard let buffer = AlignedBuffer.allocate(count: header.clusterSize, alignment: 4096) else {
                         return loop.makeFailedFuture(BlockError.enomem)
@@ -75,7 +79,23 @@ final class QCOW2Refcounter {
             for index in 0..<tableClusters {
                 refcounter.metadataClusters.insert(Int64(header.refcountTableOffset) / refcounter.clusterSize + index)
             }
-            return chain.map { refcounter }
+            return chain.map {
+                // Allocate past every cluster in use, even where the file is
+                // shorter than its refcounts say.
+                for (tableIndex, entry) in table.enumerated() where entry != 0 {
+                    guard let block = refcounter.blocks[entry & ~UInt64(511)] else { continue }
+                    var last = -1
+                    for index in 0..<Int(refcounter.perBlock)
+                        where QCOW2Refcounts.entry(block.bytes, index: index, bits: refcounter.bits) != 0 {
+                        last = index
+                    }
+                    if last >= 0 {
+                        let end = (Int64(tableIndex) * refcounter.perBlock + Int64(last) + 1) * refcounter.clusterSize
+                        refcounter.allocationEnd = max(refcounter.allocationEnd, end)
+                    }
+                }
+                return refcounter
+            }
         }
     }
 

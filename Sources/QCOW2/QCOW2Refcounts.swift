@@ -43,7 +43,7 @@ public enum QCOW2Refcounts {
                 guard blockIndex < blocks, first < endCluster, count < limit else { return completion(.success(count)) }
                 let offset = reader.u64(at: blockIndex * 8) & ~UInt64(511)
                 guard offset != 0 else { return next(blockIndex + 1) }
-                guard offset % UInt64(header.clusterSize) == 0,
+                guard offset % UInt64(header.clusterSize) == 0, offset < QCOW2Header.maxSize,
                       Int64(offset) + Int64(header.clusterSize) <= file.length else {
                     return completion(.failure(BlockError(errno: EIO, "Refcount block offset 0x\(String(offset, radix: 16)) invalid")))
                 }

@@ -36,6 +36,10 @@ public struct QCOW2Snapshot: Equatable, Sendable {
                 name: String(decoding: bytes[(offset + 40 + extraSize + idSize)..<end], as: UTF8.self),
                 dateSeconds: reader.u32(at: offset + 16), dateNanoseconds: reader.u32(at: offset + 20),
                 vmClockNanoseconds: reader.u64(at: offset + 24), vmStateSize: UInt64(reader.u32(at: offset + 32)))
+            guard snapshot.l1TableOffset < QCOW2Header.maxSize, snapshot.l1TableOffset % 512 == 0,
+                  UInt64(snapshot.l1Size) * 8 <= QCOW2Header.maxL1Bytes else {
+                throw QCOW2Error("Snapshot L1 table offset or size invalid")
+            }
             if extraSize >= 8 { snapshot.vmStateSize = reader.u64(at: offset + 40) }
             if extraSize >= 16 { snapshot.diskSize = reader.u64(at: offset + 48) }
             snapshots.append(snapshot)

@@ -49,6 +49,8 @@ import Testing
         (100, UInt64(1) << 30, 4, "header length"),
         (24, UInt64.max, 8, "too large"),
         (40, UInt64(12345), 8, "offset invalid"),
+        (8, UInt64.max, 8, "backing file name"),
+        (56, UInt64(0), 4, "table is empty"),
     ])
     func refusesHostileFields(offset: Int, value: UInt64, size: Int, mentions: String) {
         var bytes = defaultHeader()
@@ -102,5 +104,9 @@ import Testing
         #expect(snapshots.first?.id == "1")
         #expect(snapshots.first?.diskSize == 1 << 20)
         #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTable(bytes, count: 2) }
+        // A snapshot L1 table at an absurd offset is refused, not converted.
+        var hostile = bytes
+        for index in 0..<8 { hostile[index] = 0xff }
+        #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTable(hostile, count: 1) }
     }
 }
