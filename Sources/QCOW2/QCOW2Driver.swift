@@ -268,8 +268,12 @@ public final class QCOW2Driver: BlockDriver {
                 if !onlyLeaks {
                     for cluster in references.keys { try refcounter.ensureBlock(for: cluster) }
                 }
+                var tableIndexOf: [UInt64: Int] = [:]
+                for (index, entry) in refcounter.table.enumerated() where entry != 0 {
+                    tableIndexOf[entry & ~UInt64(511)] = tableIndexOf[entry & ~UInt64(511)] ?? index
+                }
                 for (offset, block) in refcounter.blocks {
-                    guard let tableIndex = refcounter.table.firstIndex(where: { $0 & ~UInt64(511) == offset }) else { continue }
+                    guard let tableIndex = tableIndexOf[offset] else { continue }
                     for index in 0..<Int(refcounter.perBlock) {
                         let cluster = Int64(tableIndex) * refcounter.perBlock + Int64(index)
                         let expected = UInt64(references[cluster] ?? 0)
