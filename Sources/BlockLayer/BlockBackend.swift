@@ -28,12 +28,11 @@ public final class BlockBackend: BlockParent {
 
     // MARK: requests
 
+    /// Counts a request in flight on the root node. Callers queue while
+    /// drained first, so the retry closure is only built when needed (not
+    /// once per request on the hot path).
     @inline(__always)
-    private func begin(_ retry: @escaping () -> Void) -> BlockNode? {
-        if quiesceCount > 0 {
-            queued.append(retry)
-            return nil
-        }
+    private func begin() -> BlockNode? {
         guard let node = root?.node else { return nil }
         inFlight += 1
         return node
@@ -49,14 +48,12 @@ public final class BlockBackend: BlockParent {
         }
     }
 
-    private var noMedium: BlockError { BlockError(errno: 123 /* ENOMEDIUM */, "no medium") }
+    private static let noMedium = BlockError(errno: 123 /* ENOMEDIUM */, "no medium")
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer,
                      flags: BlockRequestFlags = [], completion: @escaping BlockCompletion) {
-        guard let node = begin({ self.read(at: offset, into: buffer, flags: flags, completion: completion) }) else {
-            if quiesceCount == 0 { completion(noMedium) }
-            return
-        }
+        if quiesceCount > 0 { return queued.append { self.read(at: offset, into: buffer, flags: flags, completion: completion) } }
+        guard let node = begin() else { return completion(Self.noMedium) }
         node.read(at: offset, into: buffer, flags: flags) { error in
             self.end()
             completion(error)
@@ -65,10 +62,8 @@ public final class BlockBackend: BlockParent {
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer,
                       flags: BlockRequestFlags = [], completion: @escaping BlockCompletion) {
-        guard let node = begin({ self.write(at: offset, from: buffer, flags: flags, completion: completion) }) else {
-            if quiesceCount == 0 { completion(noMedium) }
-            return
-        }
+        if quiesceCount > 0 { return queued.append { self.write(at: offset, from: buffer, flags: flags, completion: completion) } }
+        guard let node = begin() else { return completion(Self.noMedium) }
         let flags = writeThrough ? flags.union(.fua) : flags
         node.write(at: offset, from: buffer, flags: flags) { error in
             self.end()
@@ -78,10 +73,8 @@ public final class BlockBackend: BlockParent {
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags,
                             completion: @escaping BlockCompletion) {
-        guard let node = begin({ self.writeZeroes(at: offset, length: length, flags: flags, completion: completion) }) else {
-            if quiesceCount == 0 { completion(noMedium) }
-            return
-        }
+        if quiesceCount > 0 { return queued.append { self.writeZeroes(at: offset, length: length, flags: flags, completion: completion) } }
+        guard let node = begin() else { return completion(Self.noMedium) }
         let flags = writeThrough ? flags.union(.fua) : flags
         node.writeZeroes(at: offset, length: length, flags: flags) { error in
             self.end()
@@ -90,10 +83,8 @@ public final class BlockBackend: BlockParent {
     }
 
     public func discard(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
-        guard let node = begin({ self.discard(at: offset, length: length, completion: completion) }) else {
-            if quiesceCount == 0 { completion(noMedium) }
-            return
-        }
+        if quiesceCount > 0 { return queued.append { self.discard(at: offset, length: length, completion: completion) } }
+        guard let node = begin() else { return completion(Self.noMedium) }
         node.discard(at: offset, length: length) { error in
             self.end()
             completion(error)
@@ -101,10 +92,8 @@ public final class BlockBackend: BlockParent {
     }
 
     public func flush(completion: @escaping BlockCompletion) {
-        guard let node = begin({ self.flush(completion: completion) }) else {
-            if quiesceCount == 0 { completion(noMedium) }
-            return
-        }
+        if quiesceCount > 0 { return queued.append { self.flush(completion: completion) } }
+        guard let node = begin() else { return completion(Self.noMedium) }
         node.flush { error in
             self.end()
             completion(error)
@@ -112,10 +101,8 @@ public final class BlockBackend: BlockParent {
     }
 
     public func prefetch(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
-        guard let node = begin({ self.prefetch(at: offset, length: length, completion: completion) }) else {
-            if quiesceCount == 0 { completion(noMedium) }
-            return
-        }
+        if quiesceCount > 0 { return queued.append { self.prefetch(at: offset, length: length, completion: completion) } }
+        guard let node = begin() else { return completion(Self.noMedium) }
         node.prefetch(at: offset, length: length) { error in
             self.end()
             completion(error)
@@ -125,10 +112,8 @@ public final class BlockBackend: BlockParent {
     /// What a reader sees, through the backing chain (`blockStatusAbove`).
     public func blockStatus(at offset: Int64, length: Int64,
                             completion: @escaping (Result<BlockStatus, BlockError>) -> Void) {
-        guard let node = begin({ self.blockStatus(at: offset, length: length, completion: completion) }) else {
-            if quiesceCount == 0 { completion(.failure(noMedium)) }
-            return
-        }
+        if quiesceCount > 0 { return queued.append { self.blockStatus(at: offset, length: length, completion: completion) } }
+        guard let node = begin() else { return completion(.failure(Self.noMedium)) }
         node.blockStatusAbove(at: offset, length: length) { result in
             self.end()
             completion(result)
@@ -137,10 +122,8 @@ public final class BlockBackend: BlockParent {
 
     public func allocationDepth(at offset: Int64, length: Int64,
                                 completion: @escaping (Result<(depth: UInt32, length: Int64), BlockError>) -> Void) {
-        guard let node = begin({ self.allocationDepth(at: offset, length: length, completion: completion) }) else {
-            if quiesceCount == 0 { completion(.failure(noMedium)) }
-            return
-        }
+        if quiesceCount > 0 { return queued.append { self.allocationDepth(at: offset, length: length, completion: completion) } }
+        guard let node = begin() else { return completion(.failure(Self.noMedium)) }
         node.allocationDepth(at: offset, length: length) { result in
             self.end()
             completion(result)

@@ -46,7 +46,11 @@ extension BlockNode {
             }
             return
         }
-        track(start: offset, end: end, serialising: false) { id in
+        // The common case, inline: no waiter closure is built unless needed.
+        if let id = tracked.tryBegin(start: offset, end: end, serialising: false) {
+            return writeTracked(id, at: offset, from: buffer, flags: flags, completion: completion)
+        }
+        tracked.wait(start: offset, end: end, serialising: false) { id in
             self.writeTracked(id, at: offset, from: buffer, flags: flags, completion: completion)
         }
     }

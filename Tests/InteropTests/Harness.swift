@@ -64,6 +64,17 @@ enum Harness {
         return path
     }
 
+    /// The export size nbdinfo reports once a server started some other way
+    /// answers (up to 5 s); empty if it never does.
+    static func waitForSize(_ uri: String) throws -> String {
+        for _ in 0..<100 {
+            let info = try run("/usr/bin/nbdinfo", ["--size", uri])
+            if info.status == 0 { return info.stdout.trimmingCharacters(in: .whitespacesAndNewlines) }
+            usleep(50_000)
+        }
+        return ""
+    }
+
     /// A fresh temporary directory, removed by `cleanUp`.
     static func temporaryDirectory(_ tag: String) throws -> URL {
         let url = URL(fileURLWithPath: NSTemporaryDirectory())

@@ -52,13 +52,7 @@ import Testing
         process.standardError = FileHandle.nullDevice
         try process.run()
         defer { kill(process.processIdentifier, SIGTERM); process.waitUntilExit() }
-        var size = ""
-        for _ in 0..<100 {
-            let info = try Harness.run("/usr/bin/nbdinfo", ["--size", "nbd://127.0.0.1:\(port)"])
-            if info.status == 0 { size = info.stdout; break }
-            usleep(50_000)
-        }
-        #expect(size.trimmingCharacters(in: .whitespacesAndNewlines) == "16777216")
+        #expect(try Harness.waitForSize("nbd://127.0.0.1:\(port)") == "16777216")
     }
 
     @Test func adoptsASocketPassedBySystemd() throws {
@@ -80,13 +74,7 @@ import Testing
         process.standardError = FileHandle.nullDevice
         try process.run()
         defer { kill(process.processIdentifier, SIGTERM); process.waitUntilExit() }
-        var size = ""
-        for _ in 0..<100 {
-            let info = try Harness.run("/usr/bin/nbdinfo", ["--size", "nbd+unix:///?socket=\(socket)"])
-            if info.status == 0 { size = info.stdout; break }
-            usleep(50_000)
-        }
-        #expect(size.trimmingCharacters(in: .whitespacesAndNewlines) == "16777216")
+        #expect(try Harness.waitForSize("nbd+unix:///?socket=\(socket)") == "16777216")
     }
 
     @Test func offsetServesTheRestOfTheImage() throws {

@@ -63,6 +63,22 @@ import common  # noqa: E402
 common.Context.qemu_img_compare_fmt = _compare
 
 
+def run_clients_and_compare(ctx, srv, img, threads, errors, expected):
+    """Runs the client threads, stops the server, then requires a clean
+    `qemu-img check` and the image to equal `expected` byte for byte."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    check(not errors, "; ".join(errors))
+    srv.stop()
+    ref = ctx.path("expected.raw")
+    with open(ref, "wb") as f:
+        f.write(expected)
+    check_eq("qemu-img check exit status", 0, ctx.run(["qemu-img", "check", img], check=False).returncode)
+    ctx.qemu_img_compare_fmt(img, ref)
+
+
 @case
 def qcow2_write_plain(ctx):
     """Writes, unaligned writes, zero writes with and without unmap into an
@@ -183,17 +199,7 @@ def qcow2_write_concurrent(ctx):
             offset = cluster * 65536 + n * piece
             expected[offset:offset + piece] = bytes([(n * 31 + cluster) & 0xff or 1]) * piece
     threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    check(not errors, "; ".join(errors))
-    srv.stop()
-    ref = ctx.path("expected.raw")
-    with open(ref, "wb") as f:
-        f.write(expected)
-    check_eq("qemu-img check exit status", 0, ctx.run(["qemu-img", "check", img], check=False).returncode)
-    ctx.qemu_img_compare_fmt(img, ref)
+    run_clients_and_compare(ctx, srv, img, threads, errors, expected)
 
 
 @case
@@ -313,17 +319,7 @@ def qcow2_write_concurrent_shared(ctx):
     for n in range(0, 8, 2):
         for offset in plan[n]:
             expected[offset:offset + piece] = bytes([n + 1]) * piece
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    check(not errors, "; ".join(errors))
-    srv.stop()
-    ref = ctx.path("expected.raw")
-    with open(ref, "wb") as f:
-        f.write(expected)
-    check_eq("qemu-img check exit status", 0, ctx.run(["qemu-img", "check", img], check=False).returncode)
-    ctx.qemu_img_compare_fmt(img, ref)
+    run_clients_and_compare(ctx, srv, img, threads, errors, expected)
     after = ctx.path("after.raw")
     qimg(ctx, "convert", "-O", "raw", "-l", "snapshot.name=base", img, after)
     ctx.cmp_files(before, after, what="the snapshot after concurrent writes")
