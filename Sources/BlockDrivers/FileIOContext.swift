@@ -8,6 +8,8 @@ public final class FileIOContext {
     public let eventLoop: EventLoop
     public let threadPool: NIOThreadPool
     public private(set) var aio: LinuxAIOEngine?
+    /// Most requests per `io_submit` once Linux AIO starts.
+    public var aioMaxBatch = LinuxAIOEngine.defaultMaxBatch
 
     public init(eventLoop: EventLoop, threadPool: NIOThreadPool) {
         self.eventLoop = eventLoop
@@ -17,7 +19,7 @@ public final class FileIOContext {
     /// Sets up Linux AIO if it is not running yet.
     public func startAIO() -> EventLoopFuture<LinuxAIOEngine> {
         if let aio { return eventLoop.makeSucceededFuture(aio) }
-        return LinuxAIOEngine.make(on: eventLoop).map { engine in
+        return LinuxAIOEngine.make(on: eventLoop, maxBatch: aioMaxBatch).map { engine in
             if let existing = self.aio {
                 _ = engine.close()
                 return existing

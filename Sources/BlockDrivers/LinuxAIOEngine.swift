@@ -12,6 +12,13 @@ import Glibc
 ///
 /// Requests need O_DIRECT file descriptors and aligned buffers; the node's
 /// request path guarantees both.
+///
+/// `maxBatch` caps the requests one `io_submit` passes (QEMU's
+/// `aio-max-batch`). A bigger batch saves system calls, but the kernel
+/// dispatches a batch to the device as one unit: on the benchmark VM's
+/// virtio disk, 4 KiB random reads at QD32 reached 44–47K IOPS with one
+/// request per call and 31–39K with batches of 2 to 32, because the device
+/// then completes them as one convoy too.
 public final class LinuxAIOEngine {
     /// Result of one I/O: bytes transferred, or a negative errno.
     public typealias Completion = (Int) -> Void
@@ -20,6 +27,8 @@ public final class LinuxAIOEngine {
     private let context: io_context_t
     private let eventFD: Int32
     private let capacity: Int
+    /// Most requests per `io_submit`.
+    public let maxBatch: Int
     private let iocbs: UnsafeMutablePointer<iocb>
     private let pending: UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>
     private let events: UnsafeMutablePointer<io_event>
@@ -32,8 +41,9 @@ public final class LinuxAIOEngine {
     private var channel: Channel?
     private var closed = false
 
-    private init(eventLoop: EventLoop, context: io_context_t, eventFD: Int32, capacity: Int) {
+    private init(eventLoop: EventLoop, context: io_context_t, eventFD: Int32, capacity: Int, maxBatch: Int) {
         self.eventLoop = eventLoop
+        self.maxBatch = max(1, maxBatch)
         self.context = context
         self.eventFD = eventFD
         self.capacity = capacity
@@ -47,8 +57,12 @@ public final class LinuxAIOEngine {
         freeSlots = Array((0..<capacity).reversed())
     }
 
+    /// What `maxBatch` is unless a caller says otherwise: one request per call (see above).
+    public static let defaultMaxBatch = 1
+
     /// Sets up an AIO context of `depth` requests whose completions arrive on `eventLoop`.
-    public static func make(on eventLoop: EventLoop, depth: Int = 512) -> EventLoopFuture<LinuxAIOEngine> {
+    public static func make(on eventLoop: EventLoop, depth: Int = 512,
+                            maxBatch: Int = defaultMaxBatch) -> EventLoopFuture<LinuxAIOEngine> {
         var context: io_context_t?
         let result = io_setup(Int32(depth), &context)
         guard result == 0, let context else {
@@ -61,7 +75,8 @@ public final class LinuxAIOEngine {
             io_destroy(context)
             return eventLoop.makeFailedFuture(BlockError(errno: error, "eventfd failed"))
         }
-        let engine = LinuxAIOEngine(eventLoop: eventLoop, context: context, eventFD: fd, capacity: depth)
+        let engine = LinuxAIOEngine(eventLoop: eventLoop, context: context, eventFD: fd, capacity: depth,
+                                    maxBatch: maxBatch)
         return NIOPipeBootstrap(group: eventLoop)
             .channelInitializer { channel in
                 channel.pipeline.addHandler(CompletionHandler(engine: engine))
@@ -112,7 +127,7 @@ public final class LinuxAIOEngine {
         var failed: [(slot: Int, result: Int)] = []
         var kernelBusy = false
         while start < pendingCount {
-            let result = io_submit(context, pendingCount - start, pending + start)
+            let result = io_submit(context, min(maxBatch, pendingCount - start), pending + start)
             if result > 0 {
                 start += Int(result)
                 continue

@@ -23,6 +23,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         /// Payload bytes (read and written) in flight before reading pauses.
         var maxInFlightBytes = 64 << 20
         var log: ((String) -> Void)?
+        var poller: LoopPoller?
     }
 
     private enum Phase {
@@ -102,6 +103,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         inReadBatch = true
         process()
         inReadBatch = false
+        configuration.poller?.noteActivity()
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -281,7 +283,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         context.eventLoop.execute { [weak self] in
             guard let self else { return }
             self.flushScheduled = false
-            if self.phase != .closed { self.context.flush() }
+            guard self.phase != .closed else { return }
+            self.context.flush()
+            self.configuration.poller?.noteActivity()
         }
     }
 

@@ -14,6 +14,8 @@ public final class NBDServer {
         public var maxConnections = 1
         public var handshakeTimeout: TimeAmount = .seconds(10)
         public var log: ((String) -> Void)?
+        /// Keeps the loop polling briefly after client activity; nil: never poll.
+        public var poller: LoopPoller?
         public init() {}
     }
 
@@ -70,7 +72,7 @@ public final class NBDServer {
 
     private func accepted(_ channel: Channel) -> EventLoopFuture<Void> {
         let handlerConfiguration = NBDConnectionHandler.Configuration(
-            handshakeTimeout: configuration.handshakeTimeout, log: configuration.log)
+            handshakeTimeout: configuration.handshakeTimeout, log: configuration.log, poller: configuration.poller)
         let handler = NBDConnectionHandler(registry: registry, configuration: handlerConfiguration)
         let id = ObjectIdentifier(channel)
         connections[id] = (channel, handler)

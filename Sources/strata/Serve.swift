@@ -87,6 +87,14 @@ struct Serve: ParsableCommand {
             help: "qcow2 L2 cache in bytes (k, M suffixes); default: enough for the whole image, at most 32 MiB.")
     var l2CacheSize: String?
 
+    @Option(name: .customLong("aio-max-batch"),
+            help: "Most requests one io_submit passes with --aio=native, as QEMU's aio-max-batch (default 1: measured fastest on virtio disks).")
+    var aioMaxBatch: Int = LinuxAIOEngine.defaultMaxBatch
+
+    @Option(name: .customLong("poll-max-ns"),
+            help: "Nanoseconds the server keeps polling after client activity before it sleeps, as QEMU's iothread poll-max-ns (0: never poll).")
+    var pollMaxNs: Int = 32768
+
     @Flag(name: [.customShort("v"), .long], help: "Log connections and errors to stderr.")
     var verbose = false
 
@@ -134,6 +142,12 @@ struct Serve: ParsableCommand {
         }
         if let l2CacheSize, ImageSize.parse(l2CacheSize) == nil {
             throw ValidationError("Invalid value '\(l2CacheSize)' for --l2-cache-size: expected bytes, with k, M or G")
+        }
+        if aioMaxBatch < 1 {
+            throw ValidationError("Invalid value '\(aioMaxBatch)' for --aio-max-batch: expected a number of requests, 1 or more")
+        }
+        if pollMaxNs < 0 {
+            throw ValidationError("Invalid value '\(pollMaxNs)' for --poll-max-ns: expected nanoseconds, 0 or more")
         }
         if handshakeLimit < 0 {
             throw ValidationError("Invalid value '\(handshakeLimit)' for --handshake-limit: expected seconds, 0 or more")

@@ -64,6 +64,7 @@ final class ServerProcess {
     private func start() -> EventLoopFuture<Void> {
         graph = BlockGraph(eventLoop: loop)
         io = FileIOContext(eventLoop: loop, threadPool: threadPool)
+        io.aioMaxBatch = options.aioMaxBatch
         var image = ImageOptions(filename: options.filename, format: options.format)
         image.readOnly = options.readOnly
         image.cache = options.cache
@@ -114,6 +115,9 @@ final class ServerProcess {
         var configuration = NBDServer.Configuration()
         configuration.maxConnections = options.shared
         configuration.handshakeTimeout = options.handshakeLimit == 0 ? .hours(24 * 365) : .seconds(Int64(options.handshakeLimit))
+        if options.pollMaxNs > 0 {
+            configuration.poller = LoopPoller(eventLoop: loop, windowNanoseconds: UInt64(options.pollMaxNs))
+        }
         if options.verbose { configuration.log = { [weak self] in self?.log($0) } }
         let server = NBDServer(eventLoop: loop, registry: registry, configuration: configuration)
         server.onIdle = { [weak self, weak server] in
