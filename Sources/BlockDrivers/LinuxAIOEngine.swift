@@ -36,6 +36,8 @@ public final class LinuxAIOEngine {
     private var freeSlots: [Int]
     private var pendingCount = 0
     private var submitScheduled = false
+    /// `io_submit` calls made, for tests of the batching.
+    private(set) var submitCalls = 0
     /// Requests waiting for a free slot, oldest first.
     private var overflow: [() -> Void] = []
     private var channel: Channel?
@@ -128,6 +130,7 @@ public final class LinuxAIOEngine {
         var kernelBusy = false
         while start < pendingCount {
             let result = io_submit(context, min(maxBatch, pendingCount - start), pending + start)
+            submitCalls += 1
             if result > 0 {
                 start += Int(result)
                 continue

@@ -55,6 +55,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var ending: Ending?
     private var inReadBatch = false
     private var flushScheduled = false
+    /// Replies written since the last flush.
+    private var repliesSinceFlush = 0
 
     init(registry: NBDExportRegistry, configuration: Configuration) {
         self.registry = registry
@@ -103,11 +105,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         inReadBatch = true
         process()
         inReadBatch = false
-        configuration.poller?.noteActivity()
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        context.flush()
+        flushReplies()
         if let buffer = cumulation {
             if buffer.readableBytes == 0 {
                 cumulation = nil
@@ -253,6 +254,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func endRequest(bytes: Int) {
         inFlight -= 1
         inFlightBytes -= bytes
+        repliesSinceFlush += 1
         scheduleFlush()
         if ending != nil {
             if inFlight == 0 { finishAndClose() }
@@ -277,15 +279,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         context.write(wrapOutboundOut(buffer), promise: nil)
     }
 
+    /// Sends what is written. After replies the client's next request is
+    /// usually a few microseconds away, so the loop polls for it instead of
+    /// sleeping (see `LoopPoller`); waits for the disk are too long for that.
+    private func flushReplies() {
+        context.flush()
+        if repliesSinceFlush > 0 {
+            repliesSinceFlush = 0
+            configuration.poller?.noteActivity()
+        }
+    }
+
     private func scheduleFlush() {
         guard !inReadBatch, !flushScheduled else { return }
         flushScheduled = true
         context.eventLoop.execute { [weak self] in
             guard let self else { return }
             self.flushScheduled = false
-            guard self.phase != .closed else { return }
-            self.context.flush()
-            self.configuration.poller?.noteActivity()
+            if self.phase != .closed { self.flushReplies() }
         }
     }
 

@@ -92,8 +92,8 @@ struct Serve: ParsableCommand {
     var aioMaxBatch: Int = LinuxAIOEngine.defaultMaxBatch
 
     @Option(name: .customLong("poll-max-ns"),
-            help: "Nanoseconds the server keeps polling after client activity before it sleeps, as QEMU's iothread poll-max-ns (0: never poll).")
-    var pollMaxNs: Int = 32768
+            help: "Nanoseconds the server keeps polling for the next request after sending replies, instead of sleeping, as QEMU's iothread poll-max-ns (default 0: never poll).")
+    var pollMaxNs: Int = 0
 
     @Flag(name: [.customShort("v"), .long], help: "Log connections and errors to stderr.")
     var verbose = false

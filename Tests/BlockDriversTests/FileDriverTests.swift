@@ -144,6 +144,38 @@ import Testing
         try loop.flatSubmit { engine.close() }.wait()
     }
 
+    @Test(arguments: [1, 3, 512])
+    func aioPassesAtMostMaxBatchRequestsPerSubmit(maxBatch: Int) throws {
+        let path = try makeFile(size: 1 << 16, name: "batch-\(maxBatch).raw")
+        let engine = try LinuxAIOEngine.make(on: loop, maxBatch: maxBatch).wait()
+        let fd = Glibc.open(path, O_RDONLY | strata_O_DIRECT)
+        #expect(fd >= 0)
+        defer { Glibc.close(fd) }
+        let count = 64
+        let memory = UnsafeMutableRawPointer.allocate(byteCount: count * 512, alignment: 4096)
+        defer { memory.deallocate() }
+        // All submitted in one loop tick, reading the file backwards.
+        let (results, calls) = try loop.flatSubmit { () -> EventLoopFuture<([Int], Int)> in
+            let before = engine.submitCalls
+            let futures = (0..<count).map { index -> EventLoopFuture<Int> in
+                let promise = self.loop.makePromise(of: Int.self)
+                engine.submit(fd: fd, write: false, buffer: memory + index * 512, count: 512,
+                              offset: Int64((count - 1 - index) * 512)) { promise.succeed($0) }
+                return promise.futureResult
+            }
+            return EventLoopFuture.whenAllSucceed(futures, on: self.loop).map { ($0, engine.submitCalls - before) }
+        }.wait()
+        #expect(results.allSatisfy { $0 == 512 })
+        #expect(calls >= (count + maxBatch - 1) / maxBatch)
+        if maxBatch >= count { #expect(calls < count) }
+        for index in 0..<count {
+            let fileOffset = (count - 1 - index) * 512
+            let got = UnsafeRawBufferPointer(start: memory + index * 512, count: 512)
+            #expect(Array(got) == (fileOffset..<fileOffset + 512).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) })
+        }
+        try loop.flatSubmit { engine.close() }.wait()
+    }
+
     @Test func blockStatusFollowsHolesAndData() throws {
         let path = directory.appendingPathComponent("sparse.raw").path
         _ = FileManager.default.createFile(atPath: path, contents: nil)

@@ -13,6 +13,8 @@ import Testing
         (["-f", "vmdk"], "--format"),
         (["--shared=-1"], "--shared"),
         (["-k", "/tmp/x.sock", "-p", "1234"], "--socket"),
+        (["--aio-max-batch=0"], "--aio-max-batch"),
+        (["--poll-max-ns=-1"], "--poll-max-ns"),
     ])
     func badOptionsNameTheOption(arguments: [String], mentions: String) throws {
         let result = try Harness.run(Harness.strata, ["serve"] + arguments + ["/nonexistent.raw"])

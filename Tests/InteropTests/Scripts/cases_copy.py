@@ -8,7 +8,7 @@ import shutil
 
 import nbd
 
-from common import (KiB, MiB, STD_EXTENTS, STD_SIZE, CaseFailure, case, check,
+from common import (KiB, MiB, STD_EXTENTS, STD_SIZE, CaseFailure, Options, case, check,
                     check_eq, fail, make_sparse_image, note, pattern)
 
 
@@ -233,3 +233,17 @@ def qemu_io_compare_direct(ctx):
              % (ctx.tmpdir, e))
     run_qemu_io_compare(ctx, {"nocache_native": True}, "ignore",
                         expect_holes=False)
+
+
+@case
+def qemu_io_compare_direct_tuned(ctx):
+    """The O_DIRECT sequence again with Strata's loop polling on and Linux
+    AIO batches of up to 8 (--poll-max-ns=50000 --aio-max-batch=8): the
+    same bytes.  These options are Strata's own, so against another server
+    (--server-cmd) the case checks nothing and says so."""
+    if "strata" not in os.path.basename(Options.server_cmd[0]):
+        note("not a Strata server: --poll-max-ns/--aio-max-batch not tried")
+        return
+    run_qemu_io_compare(ctx, {"nocache_native": True,
+                              "extra": ("--poll-max-ns=50000", "--aio-max-batch=8")},
+                        "ignore", expect_holes=False)
