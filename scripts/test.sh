@@ -5,5 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh --test
+# SwiftPM leaves empty TemporaryDirectory.* folders in $TMPDIR on every
+# build and test run; give it (and the tests) a private one, removed after.
+# It stays on the same filesystem as /tmp, which the O_DIRECT cases need.
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/strata-test.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
+export TMPDIR=$scratch
 swift build --build-tests
-exec swift test --skip-build
+swift test --skip-build
