@@ -419,6 +419,7 @@ QSERVERS=(
 )
 NBDCOPY_REQ=$((256 * 1024))
 NBDCOPY_RUNS=${NBDCOPY_RUNS:-3}
+[[ "$NBDCOPY_RUNS" =~ ^[1-9][0-9]*$ ]] || die "NBDCOPY_RUNS must be a whole number, 1 or more (got '$NBDCOPY_RUNS')"
 
 fmt_servers() {  # fmt_servers FORMAT -> sets FSERVERS and FJOBS arrays
   case "$1" in

@@ -19,14 +19,14 @@ import Glibc
 /// until the window has passed without activity; an idle server sleeps.
 public final class LoopPoller {
     public let eventLoop: EventLoop
-    /// How long to keep polling after the last activity, in nanoseconds.
+    /// How long to keep polling after the last replies, in nanoseconds.
     /// Fixed, not adaptive: the gap a sleeping loop measures between a
     /// reply and the next request includes its own wake-up, so an adaptive
     /// window shrinks to nothing exactly where polling helps (measured).
     public let window: UInt64
     private var deadline: UInt64 = 0
     /// Whether a poll task is queued: the loop is not sleeping.
-    public private(set) var isPolling = false
+    private(set) var isPolling = false
     /// Poll passes so far, for tests.
     private(set) var polls = 0
     private var pollTask: (() -> Void)!
@@ -38,8 +38,8 @@ public final class LoopPoller {
         pollTask = { [weak self] in self?.poll() }
     }
 
-    /// Something happened (a request arrived, a reply went out): keep the
-    /// loop awake for another window. Call on the loop.
+    /// Replies went out, so the next request is likely close: keep the loop
+    /// awake for another window. Call on the loop.
     public func noteActivity() {
         guard window > 0 else { return }
         deadline = Self.now() &+ window

@@ -14,7 +14,7 @@ public final class NBDServer {
         public var maxConnections = 1
         public var handshakeTimeout: TimeAmount = .seconds(10)
         public var log: ((String) -> Void)?
-        /// Keeps the loop polling briefly after client activity; nil: never poll.
+        /// Keeps the loop polling briefly after replies go out; nil: never poll.
         public var poller: LoopPoller?
         public init() {}
     }

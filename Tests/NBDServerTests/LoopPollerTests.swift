@@ -22,13 +22,18 @@ import Glibc
         return false
     }
 
-    @Test func activityPollsUntilAWindowPassesWithoutMore() throws {
+    /// A poller with `window` on the loop, after one activity: it and whether it polls.
+    func pollerAfterActivity(window: UInt64) throws -> (LoopPoller, Bool) {
         let loop = self.loop
-        let poller = try loop.submit { LoopPoller(eventLoop: loop, windowNanoseconds: 2_000_000) }.wait()
-        let started = try loop.submit { () -> Bool in
+        return try loop.submit { () -> (LoopPoller, Bool) in
+            let poller = LoopPoller(eventLoop: loop, windowNanoseconds: window)
             poller.noteActivity()
-            return poller.isPolling
+            return (poller, poller.isPolling)
         }.wait()
+    }
+
+    @Test func activityPollsUntilAWindowPassesWithoutMore() throws {
+        let (poller, started) = try pollerAfterActivity(window: 2_000_000)
         #expect(started)
         #expect(try waitUntilIdle(poller))
         // It re-queued itself while the window lasted, then stopped for good.
@@ -52,12 +57,7 @@ import Glibc
     }
 
     @Test func aZeroWindowNeverPolls() throws {
-        let loop = self.loop
-        let poller = try loop.submit { LoopPoller(eventLoop: loop, windowNanoseconds: 0) }.wait()
-        let polling = try loop.submit { () -> Bool in
-            poller.noteActivity()
-            return poller.isPolling
-        }.wait()
+        let (poller, polling) = try pollerAfterActivity(window: 0)
         #expect(!polling)
         usleep(5_000)
         #expect(try loop.submit { poller.polls }.wait() == 0)

@@ -199,6 +199,18 @@ def run_qemu_io_compare(ctx, server_opts, ref_discard, expect_holes):
     compare_with_hint(ctx, ref, img, "reference vs image file after stop")
 
 
+def require_odirect(ctx):
+    """Fails with a clear message where the test directory cannot do O_DIRECT."""
+    probe = ctx.path("odirect-probe")
+    open(probe, "wb").close()
+    try:
+        os.close(os.open(probe, os.O_RDWR | os.O_DIRECT))
+    except OSError as e:
+        fail("the filesystem of %s does not support O_DIRECT (%s); this case"
+             " needs /tmp on a disk filesystem (e.g. ext4), not tmpfs"
+             % (ctx.tmpdir, e))
+
+
 @case
 def qemu_io_compare(ctx):
     """A scripted qemu-io sequence (pattern writes, unaligned writes, FUA,
@@ -223,14 +235,7 @@ def qemu_io_compare_unmap(ctx):
 def qemu_io_compare_direct(ctx):
     """Same sequence with --cache=none --aio=native (O_DIRECT + Linux AIO):
     unaligned requests still work and give the same bytes."""
-    probe = ctx.path("odirect-probe")
-    open(probe, "wb").close()
-    try:
-        os.close(os.open(probe, os.O_RDWR | os.O_DIRECT))
-    except OSError as e:
-        fail("the filesystem of %s does not support O_DIRECT (%s); this case"
-             " needs /tmp on a disk filesystem (e.g. ext4), not tmpfs"
-             % (ctx.tmpdir, e))
+    require_odirect(ctx)
     run_qemu_io_compare(ctx, {"nocache_native": True}, "ignore",
                         expect_holes=False)
 
@@ -244,6 +249,7 @@ def qemu_io_compare_direct_tuned(ctx):
     if "strata" not in os.path.basename(Options.server_cmd[0]):
         note("not a Strata server: --poll-max-ns/--aio-max-batch not tried")
         return
+    require_odirect(ctx)
     run_qemu_io_compare(ctx, {"nocache_native": True,
                               "extra": ("--poll-max-ns=50000", "--aio-max-batch=8")},
                         "ignore", expect_holes=False)
