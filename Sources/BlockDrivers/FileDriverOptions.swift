@@ -6,6 +6,8 @@ public enum FileAIOMode: String, Sendable, CaseIterable {
     case threads
     /// Linux AIO (io_submit); needs O_DIRECT.
     case native
+    /// io_uring, with or without O_DIRECT.
+    case ioUring = "io_uring"
 }
 
 /// QEMU's `locking` option of the file driver.

@@ -3,13 +3,20 @@ import NIOCore
 import NIOPosix
 
 /// What file nodes of one graph share: the graph's loop, a thread pool for
-/// blocking calls, and (once asked for) the loop's Linux AIO engine.
+/// blocking calls, and (once asked for) the loop's Linux AIO engine and
+/// io_uring.
 public final class FileIOContext {
     public let eventLoop: EventLoop
     public let threadPool: NIOThreadPool
     public private(set) var aio: LinuxAIOEngine?
-    /// Most requests per `io_submit` once Linux AIO starts.
+    public private(set) var uring: IOURingEngine?
+    /// Most requests per `io_submit` (or `io_uring_enter`) once an engine starts.
     public var aioMaxBatch = LinuxAIOEngine.defaultMaxBatch
+    /// With `aio=threads`, small reads the page cache cannot serve at once
+    /// go to the io_uring (when the kernel allows one) instead of the pool.
+    public var readMissesOnURing = true
+    /// Set once io_uring could not be set up, so `aio=threads` stops asking.
+    private var uringUnavailable = false
 
     public init(eventLoop: EventLoop, threadPool: NIOThreadPool) {
         self.eventLoop = eventLoop
@@ -29,6 +36,30 @@ public final class FileIOContext {
         }
     }
 
+    /// Sets up the io_uring if it is not running yet.
+    public func startURing() -> EventLoopFuture<IOURingEngine> {
+        if let uring { return eventLoop.makeSucceededFuture(uring) }
+        return IOURingEngine.make(on: eventLoop, maxBatch: aioMaxBatch).map { engine in
+            if let existing = self.uring {
+                _ = engine.close()
+                return existing
+            }
+            self.uring = engine
+            return engine
+        }
+    }
+
+    /// The io_uring for `aio=threads` page-cache misses, or nil where there
+    /// is none to be had (turned off, or refused by the kernel or a seccomp
+    /// filter): then misses go to the pool, as before.
+    func uringForReadMisses() -> EventLoopFuture<IOURingEngine?> {
+        guard readMissesOnURing, !uringUnavailable else { return eventLoop.makeSucceededFuture(nil) }
+        return startURing().map { Optional($0) }.recover { _ in
+            self.uringUnavailable = true
+            return nil
+        }
+    }
+
     /// Runs a blocking call on the pool; `completion` runs on the loop with
     /// its result (bytes or a negative errno).
     func runBlocking(_ body: @escaping @Sendable () -> Int, completion: @escaping (Int) -> Void) {
@@ -41,9 +72,10 @@ public final class FileIOContext {
     }
 
     public func shutdown() -> EventLoopFuture<Void> {
-        guard let aio else { return eventLoop.makeSucceededVoidFuture() }
-        self.aio = nil
-        return aio.close()
+        let engines: [EventLoopFuture<Void>] = [aio?.close(), uring?.close()].compactMap { $0 }
+        aio = nil
+        uring = nil
+        return .andAllComplete(engines, on: eventLoop)
     }
 }
 

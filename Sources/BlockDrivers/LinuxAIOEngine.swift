@@ -19,7 +19,7 @@ import Glibc
 /// virtio disk, 4 KiB random reads at QD32 reached 44–47K IOPS with one
 /// request per call and 31–39K with batches of 2 to 32, because the device
 /// then completes them as one convoy too.
-public final class LinuxAIOEngine {
+public final class LinuxAIOEngine: FileIOEngine {
     /// Result of one I/O: bytes transferred, or a negative errno.
     public typealias Completion = (Int) -> Void
 

@@ -59,7 +59,7 @@ struct Serve: ParsableCommand {
     @Flag(name: [.customShort("n"), .customLong("nocache")], help: "Same as --cache=none.")
     var nocache = false
 
-    @Option(help: "AIO mode.")
+    @Option(help: "AIO mode: threads, native (Linux AIO, needs --cache=none or directsync) or io_uring.")
     var aio: FileAIOMode = .threads
 
     @Option(help: "Discard mode: ignore|off or unmap|on.")
@@ -88,7 +88,7 @@ struct Serve: ParsableCommand {
     var l2CacheSize: String?
 
     @Option(name: .customLong("aio-max-batch"),
-            help: "Most requests one io_submit passes with --aio=native, as QEMU's aio-max-batch (default 1: measured fastest on virtio disks).")
+            help: "Most requests one io_submit (--aio=native) or io_uring_enter (--aio=io_uring) passes, as QEMU's aio-max-batch (default 1: measured fastest on virtio disks).")
     var aioMaxBatch: Int = LinuxAIOEngine.defaultMaxBatch
 
     @Option(name: .customLong("poll-max-ns"),

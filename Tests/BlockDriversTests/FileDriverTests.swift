@@ -35,9 +35,12 @@ import Testing
     }
 
     /// Opens `path` as a file node on the loop.
-    func open(_ path: String, direct: Bool, aio: FileAIOMode) throws -> (BlockGraph, BlockNode, FileIOContext) {
+    func open(_ path: String, direct: Bool, aio: FileAIOMode,
+              configure: @escaping (FileIOContext) -> Void = { _ in }) throws -> (BlockGraph, BlockNode, FileIOContext) {
         try loop.submit { () -> (BlockGraph, FileIOContext) in
-            (BlockGraph(eventLoop: self.loop), FileIOContext(eventLoop: self.loop, threadPool: self.pool))
+            let io = FileIOContext(eventLoop: self.loop, threadPool: self.pool)
+            configure(io)
+            return (BlockGraph(eventLoop: self.loop), io)
         }.flatMap { graph, io in
             FileDriver.open(FileDriverOptions(filename: path, direct: direct, aio: aio), io: io).flatMapThrowing {
                 (graph, try graph.addNode(name: "file", driver: $0), io)
@@ -79,7 +82,18 @@ import Testing
         }.wait()
     }
 
-    @Test(arguments: [(false, FileAIOMode.threads), (true, .threads), (true, .native)])
+    /// Linux AIO or the io_uring, on the test loop.
+    func makeEngine(uring: Bool, maxBatch: Int = LinuxAIOEngine.defaultMaxBatch) throws -> FileIOEngine {
+        if uring { return try IOURingEngine.make(on: loop, maxBatch: maxBatch).wait() }
+        return try LinuxAIOEngine.make(on: loop, maxBatch: maxBatch).wait()
+    }
+
+    func submitCalls(_ engine: FileIOEngine) -> Int {
+        (engine as? IOURingEngine)?.submitCalls ?? (engine as? LinuxAIOEngine)?.submitCalls ?? 0
+    }
+
+    @Test(arguments: [(false, FileAIOMode.threads), (true, .threads), (true, .native),
+                      (false, .ioUring), (true, .ioUring)])
     func readsAndWritesRoundTripWithPadding(direct: Bool, aio: FileAIOMode) throws {
         let path = try makeFile(size: 1 << 20, name: "rt-\(direct)-\(aio).raw")
         let (graph, node, io) = try open(path, direct: direct, aio: aio)
@@ -96,7 +110,7 @@ import Testing
         #expect(Array(onDisk[12345..<15345]) == payload)
     }
 
-    @Test(arguments: [FileAIOMode.threads, .native])
+    @Test(arguments: [FileAIOMode.threads, .native, .ioUring])
     func readsPastTheLastByteOfAnOddSizedFileAreZeroFilled(aio: FileAIOMode) throws {
         // 1000 bytes: O_DIRECT must read a whole sector and gets a short read.
         let path = try makeFile(size: 1000, name: "odd-\(aio).raw")
@@ -107,9 +121,10 @@ import Testing
         try close(graph, io)
     }
 
-    @Test func failedAIOSurfacesAsAnErrorAndTheEngineGoesOn() throws {
-        let path = try makeFile(size: 1 << 16, name: "fail.raw")
-        let engine = try LinuxAIOEngine.make(on: loop).wait()
+    @Test(arguments: [false, true])
+    func failedIOSurfacesAsAnErrorAndTheEngineGoesOn(uring: Bool) throws {
+        let path = try makeFile(size: 1 << 16, name: "fail-\(uring).raw")
+        let engine = try makeEngine(uring: uring)
         let fd = Glibc.open(path, O_RDWR | strata_O_DIRECT)
         #expect(fd >= 0)
         defer { Glibc.close(fd) }
@@ -118,14 +133,15 @@ import Testing
         // An O_DIRECT read at a misaligned offset fails with EINVAL.
         let failed = try loop.flatSubmit { () -> EventLoopFuture<Int> in
             let promise = self.loop.makePromise(of: Int.self)
-            engine.submit(fd: fd, write: false, buffer: memory, count: 512, offset: 1) { promise.succeed($0) }
+            engine.submit(fd: fd, write: false, buffer: memory, count: 512, offset: 1, rwFlags: 0) { promise.succeed($0) }
             return promise.futureResult
         }.wait()
         #expect(failed == -Int(EINVAL))
         // A short read at the end of the file.
         let short = try loop.flatSubmit { () -> EventLoopFuture<Int> in
             let promise = self.loop.makePromise(of: Int.self)
-            engine.submit(fd: fd, write: false, buffer: memory, count: 8192, offset: (1 << 16) - 4096) { promise.succeed($0) }
+            engine.submit(fd: fd, write: false, buffer: memory, count: 8192, offset: (1 << 16) - 4096,
+                              rwFlags: 0) { promise.succeed($0) }
             return promise.futureResult
         }.wait()
         #expect(short == 4096)
@@ -133,9 +149,8 @@ import Testing
         let many = try loop.flatSubmit { () -> EventLoopFuture<[Int]> in
             let futures = (0..<64).map { index -> EventLoopFuture<Int> in
                 let promise = self.loop.makePromise(of: Int.self)
-                engine.submit(fd: fd, write: false, buffer: memory, count: 512, offset: Int64(index * 512)) {
-                    promise.succeed($0)
-                }
+                engine.submit(fd: fd, write: false, buffer: memory, count: 512, offset: Int64(index * 512),
+                              rwFlags: 0) { promise.succeed($0) }
                 return promise.futureResult
             }
             return EventLoopFuture.whenAllSucceed(futures, on: self.loop)
@@ -144,10 +159,10 @@ import Testing
         try loop.flatSubmit { engine.close() }.wait()
     }
 
-    @Test(arguments: [1, 3, 512])
-    func aioPassesAtMostMaxBatchRequestsPerSubmit(maxBatch: Int) throws {
-        let path = try makeFile(size: 1 << 16, name: "batch-\(maxBatch).raw")
-        let engine = try LinuxAIOEngine.make(on: loop, maxBatch: maxBatch).wait()
+    @Test(arguments: [false, true], [1, 3, 512])
+    func enginePassesAtMostMaxBatchRequestsPerSubmit(uring: Bool, maxBatch: Int) throws {
+        let path = try makeFile(size: 1 << 16, name: "batch-\(uring)-\(maxBatch).raw")
+        let engine = try makeEngine(uring: uring, maxBatch: maxBatch)
         let fd = Glibc.open(path, O_RDONLY | strata_O_DIRECT)
         #expect(fd >= 0)
         defer { Glibc.close(fd) }
@@ -156,14 +171,14 @@ import Testing
         defer { memory.deallocate() }
         // All submitted in one loop tick, reading the file backwards.
         let (results, calls) = try loop.flatSubmit { () -> EventLoopFuture<([Int], Int)> in
-            let before = engine.submitCalls
+            let before = self.submitCalls(engine)
             let futures = (0..<count).map { index -> EventLoopFuture<Int> in
                 let promise = self.loop.makePromise(of: Int.self)
                 engine.submit(fd: fd, write: false, buffer: memory + index * 512, count: 512,
-                              offset: Int64((count - 1 - index) * 512)) { promise.succeed($0) }
+                              offset: Int64((count - 1 - index) * 512), rwFlags: 0) { promise.succeed($0) }
                 return promise.futureResult
             }
-            return EventLoopFuture.whenAllSucceed(futures, on: self.loop).map { ($0, engine.submitCalls - before) }
+            return EventLoopFuture.whenAllSucceed(futures, on: self.loop).map { ($0, self.submitCalls(engine) - before) }
         }.wait()
         #expect(results.allSatisfy { $0 == 512 })
         #expect(calls >= (count + maxBatch - 1) / maxBatch)
@@ -173,6 +188,70 @@ import Testing
             let got = UnsafeRawBufferPointer(start: memory + index * 512, count: 512)
             #expect(Array(got) == (fileOffset..<fileOffset + 512).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) })
         }
+        try loop.flatSubmit { engine.close() }.wait()
+    }
+
+    /// Whether the page at `offset` of `fd` is in the page cache (mincore
+    /// on a mapping, which does not fault the page in).
+    func isResident(_ fd: Int32, at offset: Int, fileSize: Int) throws -> Bool {
+        let map = try #require(mmap(nil, fileSize, PROT_READ, MAP_SHARED, fd, 0))
+        defer { munmap(map, fileSize) }
+        var vector = [UInt8](repeating: 0, count: (fileSize + 4095) / 4096)
+        #expect(mincore(map, fileSize, &vector) == 0)
+        return vector[offset / 4096] & 1 != 0
+    }
+
+    @Test func pageCacheMissesAreReadThroughTheRingAndHitsAreNot() throws {
+        let size = 1 << 20, offset = 512 << 10
+        let path = try makeFile(size: size, name: "miss.raw")
+        let fd = Glibc.open(path, O_RDONLY)
+        #expect(fd >= 0)
+        defer { Glibc.close(fd) }
+        #expect(fdatasync(fd) == 0)
+        #expect(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
+        try #require(!(try isResident(fd, at: offset, fileSize: size)), "the kernel kept the page cached")
+        let (graph, node, io) = try open(path, direct: false, aio: .threads)
+        let ring = try #require(io.uring, "aio=threads has no io_uring for page-cache misses")
+        let expected = (offset..<offset + 4096).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) }
+        let before = ring.submitCalls
+        #expect(try read(node, Int64(offset), 4096) == expected)
+        #expect(ring.submitCalls > before)
+        // Now cached: read at once on the loop, not through the ring.
+        #expect(try isResident(fd, at: offset, fileSize: size))
+        let after = ring.submitCalls
+        #expect(try read(node, Int64(offset), 4096) == expected)
+        #expect(ring.submitCalls == after)
+        try close(graph, io)
+    }
+
+    @Test func withoutTheRingPageCacheMissesGoToThePool() throws {
+        let size = 1 << 20, offset = 256 << 10
+        let path = try makeFile(size: size, name: "pool.raw")
+        let fd = Glibc.open(path, O_RDONLY)
+        #expect(fd >= 0)
+        defer { Glibc.close(fd) }
+        #expect(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
+        let (graph, node, io) = try open(path, direct: false, aio: .threads) { $0.readMissesOnURing = false }
+        #expect(io.uring == nil)
+        #expect(try read(node, Int64(offset), 8192) == (offset..<offset + 8192).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) })
+        try close(graph, io)
+    }
+
+    @Test func theRingFlushesAndReportsAFailedFlush() throws {
+        let path = try makeFile(size: 4096, name: "sync.raw")
+        let engine = try IOURingEngine.make(on: loop).wait()
+        let fd = Glibc.open(path, O_RDWR)
+        #expect(fd >= 0)
+        defer { Glibc.close(fd) }
+        let results = try loop.flatSubmit { () -> EventLoopFuture<[Int]> in
+            let futures = [fd, -1].map { target -> EventLoopFuture<Int> in
+                let promise = self.loop.makePromise(of: Int.self)
+                engine.fdatasync(fd: target) { promise.succeed($0) }
+                return promise.futureResult
+            }
+            return EventLoopFuture.whenAllSucceed(futures, on: self.loop)
+        }.wait()
+        #expect(results == [0, -Int(EBADF)])
         try loop.flatSubmit { engine.close() }.wait()
     }
 

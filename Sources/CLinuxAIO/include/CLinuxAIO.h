@@ -32,6 +32,33 @@ int strata_io_getevents_nowait(io_context_t ctx, long max, struct io_event *even
 extern const int strata_RWF_DSYNC;
 extern const int strata_RWF_NOWAIT;
 
+// --- io_uring (uring.c) ------------------------------------------------
+/// One io_uring for one event loop, on the raw system calls.
+typedef struct strata_uring strata_uring;
+/// Sets up a ring of at least `entries` submissions whose out-of-line
+/// completions signal `eventfd`; NULL with `*error` set on failure.
+strata_uring *strata_uring_create(unsigned entries, int eventfd, int *error);
+void strata_uring_destroy(strata_uring *ring);
+/// Submission entries the ring has (entries rounded to a power of two).
+unsigned strata_uring_entries(const strata_uring *ring);
+/// Queues a read (`is_write` 0) or write (1); -EBUSY when the ring is full.
+int strata_uring_prep_rw(strata_uring *ring, int is_write, int fd, void *buf, uint32_t count,
+                         int64_t offset, int rw_flags, uint64_t tag);
+/// Queues an fdatasync; -EBUSY when the ring is full.
+int strata_uring_prep_fdatasync(strata_uring *ring, int fd, uint64_t tag);
+/// Queued entries the kernel has not taken yet.
+unsigned strata_uring_unsubmitted(const strata_uring *ring);
+/// Passes at most `max` queued entries to the kernel (one io_uring_enter);
+/// the number taken, or -errno.
+int strata_uring_submit(strata_uring *ring, unsigned max);
+/// Takes back every entry the kernel has not taken (after a failed submit),
+/// copying up to `max` tags out (pass room for strata_uring_entries); returns
+/// how many were copied.
+unsigned strata_uring_unqueue(strata_uring *ring, uint64_t *tags, unsigned max);
+/// Copies up to `max` completions out: each entry's tag and result (bytes
+/// or -errno). Returns how many.
+unsigned strata_uring_reap(strata_uring *ring, uint64_t *tags, int32_t *results, unsigned max);
+
 // --- eventfd -------------------------------------------------------------
 int strata_eventfd(void);
 

@@ -241,6 +241,23 @@ def qemu_io_compare_direct(ctx):
 
 
 @case
+def qemu_io_compare_io_uring(ctx):
+    """Same sequence with --aio=io_uring (qemu-nbd's option): buffered I/O
+    through the io_uring gives the same bytes."""
+    run_qemu_io_compare(ctx, {"extra": ("--aio=io_uring",)}, "ignore",
+                        expect_holes=False)
+
+
+@case
+def qemu_io_compare_direct_io_uring(ctx):
+    """Same sequence with --cache=none --aio=io_uring: O_DIRECT through the
+    io_uring, unaligned requests padded, the same bytes."""
+    require_odirect(ctx)
+    run_qemu_io_compare(ctx, {"extra": ("--cache=none", "--aio=io_uring")},
+                        "ignore", expect_holes=False)
+
+
+@case
 def qemu_io_compare_direct_tuned(ctx):
     """The O_DIRECT sequence again with Strata's loop polling on and Linux
     AIO batches of up to 8 (--poll-max-ns=50000 --aio-max-batch=8): the
