@@ -13,9 +13,11 @@ import Glibc
 /// With `aio=threads` and the page cache in use, reads first try
 /// `preadv2(RWF_NOWAIT)` on the loop: a cached read completes at once with
 /// no thread hop. A miss goes to the loop's io_uring where the kernel
-/// allows one (no thread hop either; measured on the benchmark VM, 4 KiB
-/// cold random reads: QD1 6.0–6.4K → 7.1–7.8K IOPS, QD32 31–33K → 37–39K,
-/// at about half the CPU), else to the pool. Writes try RWF_NOWAIT too
+/// allows one, as do O_DIRECT reads and writes: no thread hop either.
+/// Measured on the benchmark VM against the pool, 4 KiB random, cold:
+/// reads QD1 5.4–6.2K → 6.3–7.1K IOPS, QD32 27–34K → 40–50K at half the
+/// CPU per request; `--cache=none` writes QD32 48–52K → 64–67K. Where the
+/// kernel refuses io_uring, those go to the pool. Writes try RWF_NOWAIT too
 /// where the kernel supports it for buffered writes; where it does not
 /// (ext4 on 6.x), a buffered write, a copy into the page cache, is done on
 /// the loop unless the last one blocked for long (dirty-page throttling),
@@ -33,7 +35,7 @@ public final class FileDriver: BlockDriver {
     /// With `aio=threads`: the io_uring for I/O that would otherwise wait on
     /// a pool thread: small reads the page cache misses, and O_DIRECT reads
     /// and writes. Nil where the kernel refuses io_uring: then the pool.
-    let missRing: IOURingEngine?
+    let threadsRing: IOURingEngine?
     private(set) var size: Int64
     let offsetAlignment: Int
     let memoryAlignment: Int
@@ -57,14 +59,14 @@ public final class FileDriver: BlockDriver {
     /// How long writes go to the pool after a slow inline one.
     static let inlineWriteBackoff = TimeAmount.milliseconds(50)
 
-    init(options: FileDriverOptions, fd: Int32, io: FileIOContext, engine: FileIOEngine?, missRing: IOURingEngine? = nil,
+    init(options: FileDriverOptions, fd: Int32, io: FileIOContext, engine: FileIOEngine?, threadsRing: IOURingEngine? = nil,
          isBlockDevice: Bool, size: Int64, offsetAlignment: Int, memoryAlignment: Int) {
         self.options = options
         self.fd = fd
         self.io = io
         self.engine = engine
         uring = engine as? IOURingEngine
-        self.missRing = missRing
+        self.threadsRing = threadsRing
         self.isBlockDevice = isBlockDevice
         self.size = size
         self.offsetAlignment = offsetAlignment
@@ -115,14 +117,14 @@ public final class FileDriver: BlockDriver {
                 memoryAlignment = 4096
             }
         }
-        let make = { (engine: FileIOEngine?, missRing: IOURingEngine?) in
-            FileDriver(options: options, fd: fd, io: io, engine: engine, missRing: missRing, isBlockDevice: blockDevice,
+        let make = { (engine: FileIOEngine?, threadsRing: IOURingEngine?) in
+            FileDriver(options: options, fd: fd, io: io, engine: engine, threadsRing: threadsRing, isBlockDevice: blockDevice,
                        size: size, offsetAlignment: offsetAlignment, memoryAlignment: memoryAlignment)
         }
         let engine: EventLoopFuture<FileIOEngine?>
         switch options.aio {
         case .threads:
-            return io.uringForReadMisses().map { make(nil, $0) }
+            return io.uringForThreadsMode().map { make(nil, $0) }
         case .native: engine = io.startAIO().map { $0 }
         case .ioUring: engine = io.startURing().map { $0 }
         }
@@ -176,8 +178,8 @@ public final class FileDriver: BlockDriver {
             // anything else is retried on the ring or the pool.
         }
         // Large cached reads stay on the pool, whose threads copy them in parallel.
-        if let missRing, options.direct || count <= Self.largestInlineRead {
-            missRing.submit(fd: fd, write: false, buffer: pointer, count: count, offset: offset, rwFlags: 0) { result in
+        if let threadsRing, options.direct || count <= Self.largestInlineRead {
+            threadsRing.submit(fd: fd, write: false, buffer: pointer, count: count, offset: offset, rwFlags: 0) { result in
                 self.readDone(result, at: offset, into: pointer, count: count, completion: completion)
             }
             return
@@ -249,8 +251,8 @@ public final class FileDriver: BlockDriver {
                 }
             }
         }
-        if options.direct, let missRing {
-            missRing.submit(fd: fd, write: true, buffer: pointer, count: count, offset: offset, rwFlags: rwFlags) { result in
+        if options.direct, let threadsRing {
+            threadsRing.submit(fd: fd, write: true, buffer: pointer, count: count, offset: offset, rwFlags: rwFlags) { result in
                 self.writeDone(result, at: offset, from: pointer, count: count, fua: fua, completion: completion)
             }
             return

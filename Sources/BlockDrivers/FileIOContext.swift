@@ -12,9 +12,10 @@ public final class FileIOContext {
     public private(set) var uring: IOURingEngine?
     /// Most requests per `io_submit` (or `io_uring_enter`) once an engine starts.
     public var aioMaxBatch = LinuxAIOEngine.defaultMaxBatch
-    /// With `aio=threads`, small reads the page cache cannot serve at once
-    /// go to the io_uring (when the kernel allows one) instead of the pool.
-    public var readMissesOnURing = true
+    /// With `aio=threads`, I/O that would wait on a pool thread (small reads
+    /// the page cache misses, O_DIRECT reads and writes) goes to the
+    /// io_uring instead, when the kernel allows one. Tests turn it off.
+    public var threadsModeUsesURing = true
     /// Set once io_uring could not be set up, so `aio=threads` stops asking.
     private var uringUnavailable = false
 
@@ -49,11 +50,11 @@ public final class FileIOContext {
         }
     }
 
-    /// The io_uring for `aio=threads` page-cache misses, or nil where there
-    /// is none to be had (turned off, or refused by the kernel or a seccomp
-    /// filter): then misses go to the pool, as before.
-    func uringForReadMisses() -> EventLoopFuture<IOURingEngine?> {
-        guard readMissesOnURing, !uringUnavailable else { return eventLoop.makeSucceededFuture(nil) }
+    /// The io_uring for `aio=threads` (see `threadsModeUsesURing`), or nil
+    /// where there is none to be had (turned off, or refused by the kernel
+    /// or a seccomp filter): then that I/O goes to the pool.
+    func uringForThreadsMode() -> EventLoopFuture<IOURingEngine?> {
+        guard threadsModeUsesURing, !uringUnavailable else { return eventLoop.makeSucceededFuture(nil) }
         return startURing().map { Optional($0) }.recover { _ in
             self.uringUnavailable = true
             return nil

@@ -43,6 +43,9 @@ struct strata_uring *strata_uring_create(unsigned entries, int eventfd, int *err
         if (fd < 0 && errno != EINVAL) break;
     }
     if (fd < 0) { *error = errno; return NULL; }
+    // Linux 5.12+ (native io workers): older rings lack operations or
+    // complete buffered I/O on kernel threads only; treat them as absent.
+    if (!(params.features & IORING_FEAT_NATIVE_WORKERS)) { close(fd); *error = ENOSYS; return NULL; }
     struct strata_uring *ring = calloc(1, sizeof(*ring));
     if (!ring) { close(fd); *error = ENOMEM; return NULL; }
     ring->fd = fd;

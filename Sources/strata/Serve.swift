@@ -59,7 +59,7 @@ struct Serve: ParsableCommand {
     @Flag(name: [.customShort("n"), .customLong("nocache")], help: "Same as --cache=none.")
     var nocache = false
 
-    @Option(help: "AIO mode: threads, native (Linux AIO, needs --cache=none or directsync) or io_uring.")
+    @Option(help: "AIO mode: threads, native (Linux AIO, needs --cache=none or directsync) or io_uring (Linux 5.12+).")
     var aio: FileAIOMode = .threads
 
     @Option(help: "Discard mode: ignore|off or unmap|on.")

@@ -92,11 +92,21 @@ import Testing
         (engine as? IOURingEngine)?.submitCalls ?? (engine as? LinuxAIOEngine)?.submitCalls ?? 0
     }
 
-    @Test(arguments: [(false, FileAIOMode.threads), (true, .threads), (true, .native),
-                      (false, .ioUring), (true, .ioUring)])
-    func readsAndWritesRoundTripWithPadding(direct: Bool, aio: FileAIOMode) throws {
-        let path = try makeFile(size: 1 << 20, name: "rt-\(direct)-\(aio).raw")
-        let (graph, node, io) = try open(path, direct: direct, aio: aio)
+    /// The ways a file node can do I/O: `aio` mode, and for `threads`
+    /// whether the loop's io_uring takes what would wait on the pool.
+    static let ioPaths: [(FileAIOMode, Bool)] = [(.threads, true), (.threads, false), (.native, false), (.ioUring, false)]
+
+    /// Buffered and O_DIRECT for every path but aio=native, which needs O_DIRECT.
+    static let roundTripCases = [false, true].flatMap { direct in
+        ioPaths.filter { direct || $0.0 != .native }.map { (direct, $0) }
+    }
+
+    @Test(arguments: roundTripCases)
+    func readsAndWritesRoundTripWithPadding(direct: Bool, path ioPath: (FileAIOMode, Bool)) throws {
+        let (aio, ring) = ioPath
+        let path = try makeFile(size: 1 << 20, name: "rt-\(direct)-\(aio)-\(ring).raw")
+        let (graph, node, io) = try open(path, direct: direct, aio: aio) { $0.threadsModeUsesURing = ring }
+        #expect((io.uring != nil) == (aio == .ioUring || ring))
         if direct { #expect(node.limits.requestAlignment >= 512) }
         let payload = (0..<3000).map { UInt8(truncatingIfNeeded: $0 ^ 0x5a) }
         try write(node, 12345, payload)
@@ -110,11 +120,12 @@ import Testing
         #expect(Array(onDisk[12345..<15345]) == payload)
     }
 
-    @Test(arguments: [FileAIOMode.threads, .native, .ioUring])
-    func readsPastTheLastByteOfAnOddSizedFileAreZeroFilled(aio: FileAIOMode) throws {
+    @Test(arguments: ioPaths)
+    func readsPastTheLastByteOfAnOddSizedFileAreZeroFilled(path ioPath: (FileAIOMode, Bool)) throws {
+        let (aio, ring) = ioPath
         // 1000 bytes: O_DIRECT must read a whole sector and gets a short read.
-        let path = try makeFile(size: 1000, name: "odd-\(aio).raw")
-        let (graph, node, io) = try open(path, direct: true, aio: aio)
+        let path = try makeFile(size: 1000, name: "odd-\(aio)-\(ring).raw")
+        let (graph, node, io) = try open(path, direct: true, aio: aio) { $0.threadsModeUsesURing = ring }
         #expect(node.length == 1000)
         let bytes = try read(node, 900, 100)
         #expect(bytes == (900..<1000).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) })
@@ -231,7 +242,7 @@ import Testing
         #expect(fd >= 0)
         defer { Glibc.close(fd) }
         #expect(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
-        let (graph, node, io) = try open(path, direct: false, aio: .threads) { $0.readMissesOnURing = false }
+        let (graph, node, io) = try open(path, direct: false, aio: .threads) { $0.threadsModeUsesURing = false }
         #expect(io.uring == nil)
         #expect(try read(node, Int64(offset), 8192) == (offset..<offset + 8192).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) })
         try close(graph, io)
