@@ -5,7 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh --demo
-swift build -c release
+# A private TMPDIR for the build: SwiftPM leaves TemporaryDirectory.*
+# folders behind on every run (see scripts/test.sh).
+build_tmp=$(mktemp -d "${TMPDIR:-/tmp}/strata-build.XXXXXX")
+TMPDIR=$build_tmp swift build -c release || { rm -rf "$build_tmp"; exit 1; }
+rm -rf "$build_tmp"
 mkdir -p .demo
 image=.demo/demo.raw
 if [ ! -f "$image" ]; then
