@@ -18,6 +18,22 @@ public final class QCOW2Checker {
         public var fragmentedClusters = 0
         public var totalClusters = 0
         public var imageEndOffset: Int64 = 0
+        /// Active L1 and L2 entries whose COPIED flag disagrees with their
+        /// cluster's refcount, with the value each should have.
+        public var copiedFixes: [CopiedFix] = []
+    }
+
+    /// An entry of the active tables to rewrite with COPIED set or cleared.
+    public struct CopiedFix: Sendable {
+        /// Where the entry lies in the image file.
+        public var entryOffset: UInt64
+        /// The entry as it should be.
+        public var entry: UInt64
+        /// The L1 index, for an L1 entry.
+        public var l1Index: Int?
+        /// The L2 table and slot, for an L2 entry.
+        public var l2Table: UInt64?
+        public var slot: Int
     }
 
     let file: BlockNode
@@ -27,6 +43,8 @@ public final class QCOW2Checker {
     let externalData: Bool
     let snapshotTableLength: Int
     var references: [Int64: Int] = [:]
+    /// Refcounts as stored in the image (known once they are compared).
+    var stored: [Int64: UInt64] = [:]
     var report = Report()
     var clusterSize: Int64 { Int64(header.clusterSize) }
 
@@ -75,7 +93,7 @@ public final class QCOW2Checker {
     }
 
     public func run() -> EventLoopFuture<Report> {
-        collect().flatMap { self.compareRefcounts() }.map { self.report }
+        collect().flatMap { self.compareRefcounts() }.flatMap { self.checkCopied() }.map { self.report }
     }
 
     /// Walks all metadata, counting references.
@@ -214,7 +232,6 @@ public final class QCOW2Checker {
             let fileClusters = (self.file.length + self.clusterSize - 1) / self.clusterSize
             let maxReferenced = (self.references.keys.max() ?? 0) + 1
             let clusters = max(fileClusters, maxReferenced)
-            var stored: [Int64: UInt64] = [:]
             var chain = loop.makeSucceededVoidFuture()
             for block in 0..<min(table.count / 8, Int((clusters + perBlock - 1) / perBlock)) {
                 let offset = reader.u64(at: block * 8) & ~UInt64(511)
@@ -235,13 +252,14 @@ public final class QCOW2Checker {
                         bytes.withUnsafeBytes { raw in
                             for index in 0..<Int(perBlock) {
                                 let value = QCOW2Refcounts.entry(raw, index: index, bits: self.header.refcountBits)
-                                if value != 0 { stored[Int64(block) * perBlock + Int64(index)] = value }
+                                if value != 0 { self.stored[Int64(block) * perBlock + Int64(index)] = value }
                             }
                         }
                     }
                 }
             }
             return chain.map {
+                let stored = self.stored
                 let all = Set(stored.keys).union(self.references.keys).sorted()
                 for cluster in all {
                     let have = stored[cluster] ?? 0
@@ -257,6 +275,64 @@ public final class QCOW2Checker {
                 let highest = max(self.references.keys.max() ?? 0, stored.keys.max() ?? 0)
                 self.report.imageEndOffset = (highest + 1) * self.clusterSize
                 self.report.totalClusters = Int((Int64(self.header.size) + self.clusterSize - 1) / self.clusterSize)
+            }
+        }
+    }
+
+    /// QEMU's OFLAG_COPIED check: in the active tables, COPIED must be set
+    /// exactly where the L2 table or data cluster has refcount 1 (always,
+    /// for data in an external data file). Each mismatch is a corruption.
+    private func checkCopied() -> EventLoopFuture<Void> {
+        let loop = file.eventLoop
+        guard header.l1Size > 0 else { return loop.makeSucceededVoidFuture() }
+        let l1Future: EventLoopFuture<[UInt64]> = !activeL1.isEmpty ? loop.makeSucceededFuture(activeL1)
+            : read(header.l1TableOffset, Int(header.l1Size) * 8).map { bytes in
+                let reader = BigEndianReader(bytes)
+                return (0..<Int(self.header.l1Size)).map { reader.u64(at: $0 * 8) }
+            }
+        return l1Future.flatMap { l1 in
+            var chain = loop.makeSucceededVoidFuture()
+            for (index, entry) in l1.enumerated() {
+                let l2Offset = entry & QCOW2Entry.offsetMask
+                guard l2Offset != 0, l2Offset % UInt64(self.clusterSize) == 0 else { continue }
+                let refcount = self.stored[Int64(l2Offset) / self.clusterSize] ?? 0
+                if (refcount == 1) != (entry & QCOW2Entry.copied != 0) {
+                    self.report.corruptions += 1
+                    self.report.messages.append("ERROR OFLAG_COPIED L2 cluster: l1_index=\(index) l1_entry=\(String(entry, radix: 16)) refcount=\(refcount)")
+                    self.report.copiedFixes.append(CopiedFix(
+                        entryOffset: self.header.l1TableOffset + UInt64(index * 8),
+                        entry: refcount == 1 ? entry | QCOW2Entry.copied : entry & ~QCOW2Entry.copied,
+                        l1Index: index, l2Table: nil, slot: index))
+                }
+                guard Int64(l2Offset) + self.clusterSize <= self.file.length else { continue }
+                chain = chain.flatMap { self.checkCopied(inL2At: l2Offset) }
+            }
+            return chain
+        }
+    }
+
+    private func checkCopied(inL2At offset: UInt64) -> EventLoopFuture<Void> {
+        read(offset, header.clusterSize).map { bytes in
+            let reader = BigEndianReader(bytes)
+            for slot in 0..<self.header.l2Entries {
+                let entry = reader.u64(at: slot * self.header.l2EntrySize)
+                guard entry & QCOW2Entry.compressed == 0 else { continue }
+                let host = entry & QCOW2Entry.offsetMask
+                let refcount: UInt64
+                if self.externalData {
+                    guard host != 0 || entry & QCOW2Entry.copied != 0 else { continue }
+                    refcount = 1
+                } else {
+                    guard host != 0, host % UInt64(self.clusterSize) == 0 else { continue }
+                    refcount = self.stored[Int64(host) / self.clusterSize] ?? 0
+                }
+                guard (refcount == 1) != (entry & QCOW2Entry.copied != 0) else { continue }
+                self.report.corruptions += 1
+                self.report.messages.append("ERROR OFLAG_COPIED data cluster: l2_entry=\(String(entry, radix: 16)) refcount=\(refcount)")
+                self.report.copiedFixes.append(CopiedFix(
+                    entryOffset: offset + UInt64(slot * self.header.l2EntrySize),
+                    entry: refcount == 1 ? entry | QCOW2Entry.copied : entry & ~QCOW2Entry.copied,
+                    l1Index: nil, l2Table: offset, slot: slot))
             }
         }
     }

@@ -33,7 +33,10 @@ struct ImgCheck: ParsableCommand {
                 }
                 // Check, repair, then check again, reporting what was fixed.
                 return QCOW2Checker(driver: driver, file: file).run().flatMap { before in
-                    driver.repairRefcounts(file: file, onlyLeaks: repair == "leaks").flatMap {
+                    driver.repairRefcounts(file: file, onlyLeaks: repair == "leaks").flatMap { () -> EventLoopFuture<Void> in
+                        guard repair == "all", before.corruptions > 0 else { return file.eventLoop.makeSucceededVoidFuture() }
+                        return driver.repairCopiedFlags(file: file).map { _ in }
+                    }.flatMap {
                         QCOW2Checker(driver: driver, file: file).run()
                     }.map { after in
                         let fixedLeaks = before.leaks - after.leaks

@@ -160,6 +160,53 @@ import Testing
         #expect(fixed.status == 0, "\(fixed.stdout)\(fixed.stderr)")
         #expect(try qemuImg(["check", path]).status == 0)
     }
+
+    /// Big-endian u64 at `offset` of the file at `path`.
+    func u64(_ path: String, at offset: UInt64) throws -> UInt64 {
+        let handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: path))
+        defer { try? handle.close() }
+        try handle.seek(toOffset: offset)
+        return try #require(handle.readData(ofLength: 8)).reduce(0) { $0 << 8 | UInt64($1) }
+    }
+
+    /// Flips the COPIED flag (bit 63) of the entry at `offset`.
+    func flipCopied(_ path: String, at offset: UInt64) throws {
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        defer { try? handle.close() }
+        try handle.seek(toOffset: offset)
+        let first = try #require(handle.readData(ofLength: 1).first)
+        try handle.seek(toOffset: offset)
+        handle.write(Data([first ^ 0x80]))
+    }
+
+    @Test func checkFindsAndRepairsCopiedFlagsLikeQemuImg() throws {
+        let directory = try Harness.temporaryDirectory("copied")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("c.qcow2").path
+        #expect(try qemuImg(["create", "-f", "qcow2", path, "16M"]).status == 0)
+        #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 5 0 128k", path]).status == 0)
+        let l1Offset = try u64(path, at: 40)
+        let l2Offset = try u64(path, at: l1Offset) & 0x00ff_ffff_ffff_fe00
+        try #require(l2Offset != 0)
+        // Cleared on a data cluster (refcount 1) and on the L2 table itself.
+        try flipCopied(path, at: l2Offset + 8)
+        try flipCopied(path, at: l1Offset)
+        let found = try img(["check", path])
+        #expect(found.status == 2, "\(found.stdout)\(found.stderr)")
+        // The errors go to stderr, as qemu-img prints them.
+        #expect(found.stderr.contains("ERROR OFLAG_COPIED data cluster: l2_entry="), "\(found.stderr)")
+        #expect(found.stderr.contains("ERROR OFLAG_COPIED L2 cluster: l1_index=0"), "\(found.stderr)")
+        #expect(found.stdout.contains("2 errors were found on the image"), "\(found.stdout)")
+        let qemu = try qemuImg(["check", path])
+        #expect(qemu.status == 2 && qemu.stdout.contains("2 errors were found"), "\(qemu.stdout)")
+        #expect(try img(["check", "-r", "leaks", path]).status == 2, "-r leaks leaves them")
+        let fixed = try img(["check", "-r", "all", path])
+        #expect(fixed.status == 0, "\(fixed.stdout)\(fixed.stderr)")
+        #expect(fixed.stdout.contains("2 corruptions"), "\(fixed.stdout)")
+        #expect(try qemuImg(["check", path]).status == 0, "qemu-img agrees the flags are right again")
+        let read = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "read -P 5 0 128k", path])
+        #expect(read.status == 0 && !read.stdout.contains("fail"), "\(read.stdout)")
+    }
 }
 
 enum ImageSizeForTests {
