@@ -30,8 +30,6 @@ public final class FileDriver: BlockDriver {
     let io: FileIOContext
     /// Linux AIO or io_uring; nil with `aio=threads`.
     let engine: FileIOEngine?
-    /// The io_uring, also used for flushes.
-    let uring: IOURingEngine?
     /// With `aio=threads`: the io_uring for I/O that would otherwise wait on
     /// a pool thread: small reads the page cache misses, and O_DIRECT reads
     /// and writes. Nil where the kernel refuses io_uring: then the pool.
@@ -65,7 +63,6 @@ public final class FileDriver: BlockDriver {
         self.fd = fd
         self.io = io
         self.engine = engine
-        uring = engine as? IOURingEngine
         self.threadsRing = threadsRing
         self.isBlockDevice = isBlockDevice
         self.size = size
@@ -163,10 +160,7 @@ public final class FileDriver: BlockDriver {
     private func readRemaining(at offset: Int64, into pointer: UnsafeMutableRawPointer, count: Int,
                                completion: @escaping BlockCompletion) {
         if let engine {
-            engine.submit(fd: fd, write: false, buffer: pointer, count: count, offset: offset, rwFlags: 0) { result in
-                self.readDone(result, at: offset, into: pointer, count: count, completion: completion)
-            }
-            return
+            return read(on: engine, at: offset, into: pointer, count: count, completion: completion)
         }
         if nowaitReads, count <= Self.largestInlineRead {
             let result = strata_pread(fd, pointer, count, offset, strata_RWF_NOWAIT)
@@ -179,14 +173,18 @@ public final class FileDriver: BlockDriver {
         }
         // Large cached reads stay on the pool, whose threads copy them in parallel.
         if let threadsRing, options.direct || count <= Self.largestInlineRead {
-            threadsRing.submit(fd: fd, write: false, buffer: pointer, count: count, offset: offset, rwFlags: 0) { result in
-                self.readDone(result, at: offset, into: pointer, count: count, completion: completion)
-            }
-            return
+            return read(on: threadsRing, at: offset, into: pointer, count: count, completion: completion)
         }
         let fd = self.fd
         let target = SendablePointer(raw: pointer)
         io.runBlocking({ strata_pread(fd, target.raw, count, offset, 0) }) { result in
+            self.readDone(result, at: offset, into: pointer, count: count, completion: completion)
+        }
+    }
+
+    private func read(on engine: FileIOEngine, at offset: Int64, into pointer: UnsafeMutableRawPointer, count: Int,
+                      completion: @escaping BlockCompletion) {
+        engine.submit(fd: fd, write: false, buffer: pointer, count: count, offset: offset, rwFlags: 0) { result in
             self.readDone(result, at: offset, into: pointer, count: count, completion: completion)
         }
     }
@@ -227,12 +225,8 @@ public final class FileDriver: BlockDriver {
 
     private func writeRemaining(at offset: Int64, from pointer: UnsafeMutableRawPointer, count: Int, fua: Bool,
                                 completion: @escaping BlockCompletion) {
-        let rwFlags = fua ? strata_RWF_DSYNC : 0
         if let engine {
-            engine.submit(fd: fd, write: true, buffer: pointer, count: count, offset: offset, rwFlags: rwFlags) { result in
-                self.writeDone(result, at: offset, from: pointer, count: count, fua: fua, completion: completion)
-            }
-            return
+            return write(on: engine, at: offset, from: pointer, count: count, fua: fua, completion: completion)
         }
         if !fua, !options.direct {
             if nowaitWrites {
@@ -252,14 +246,20 @@ public final class FileDriver: BlockDriver {
             }
         }
         if options.direct, let threadsRing {
-            threadsRing.submit(fd: fd, write: true, buffer: pointer, count: count, offset: offset, rwFlags: rwFlags) { result in
-                self.writeDone(result, at: offset, from: pointer, count: count, fua: fua, completion: completion)
-            }
-            return
+            return write(on: threadsRing, at: offset, from: pointer, count: count, fua: fua, completion: completion)
         }
         let fd = self.fd
         let source = SendablePointer(raw: pointer)
+        let rwFlags = fua ? strata_RWF_DSYNC : 0
         io.runBlocking({ strata_pwrite(fd, source.raw, count, offset, rwFlags) }) { result in
+            self.writeDone(result, at: offset, from: pointer, count: count, fua: fua, completion: completion)
+        }
+    }
+
+    private func write(on engine: FileIOEngine, at offset: Int64, from pointer: UnsafeMutableRawPointer, count: Int,
+                       fua: Bool, completion: @escaping BlockCompletion) {
+        engine.submit(fd: fd, write: true, buffer: pointer, count: count, offset: offset,
+                      rwFlags: fua ? strata_RWF_DSYNC : 0) { result in
             self.writeDone(result, at: offset, from: pointer, count: count, fua: fua, completion: completion)
         }
     }
@@ -298,7 +298,7 @@ public final class FileDriver: BlockDriver {
             self.flushFailure = BlockError(errno: EIO)
             completion(error)
         }
-        if let uring { return uring.fdatasync(fd: fd, completion: done) }
+        if let uring = engine as? IOURingEngine { return uring.fdatasync(fd: fd, completion: done) }
         let fd = self.fd
         io.runBlocking({ Int(strata_fdatasync(fd)) }, completion: done)
     }

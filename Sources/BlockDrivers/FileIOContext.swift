@@ -26,26 +26,25 @@ public final class FileIOContext {
 
     /// Sets up Linux AIO if it is not running yet.
     public func startAIO() -> EventLoopFuture<LinuxAIOEngine> {
-        if let aio { return eventLoop.makeSucceededFuture(aio) }
-        return LinuxAIOEngine.make(on: eventLoop, maxBatch: aioMaxBatch).map { engine in
-            if let existing = self.aio {
-                _ = engine.close()
-                return existing
-            }
-            self.aio = engine
-            return engine
-        }
+        start(\.aio) { LinuxAIOEngine.make(on: $0, maxBatch: $1) }
     }
 
     /// Sets up the io_uring if it is not running yet.
     public func startURing() -> EventLoopFuture<IOURingEngine> {
-        if let uring { return eventLoop.makeSucceededFuture(uring) }
-        return IOURingEngine.make(on: eventLoop, maxBatch: aioMaxBatch).map { engine in
-            if let existing = self.uring {
+        start(\.uring) { IOURingEngine.make(on: $0, maxBatch: $1) }
+    }
+
+    /// The engine at `slot`, made once: a second caller that asked while
+    /// the first was being made gets the first, and the spare is closed.
+    private func start<Engine: FileIOEngine>(_ slot: ReferenceWritableKeyPath<FileIOContext, Engine?>,
+                                             _ make: (EventLoop, Int) -> EventLoopFuture<Engine>) -> EventLoopFuture<Engine> {
+        if let engine = self[keyPath: slot] { return eventLoop.makeSucceededFuture(engine) }
+        return make(eventLoop, aioMaxBatch).map { engine in
+            if let existing = self[keyPath: slot] {
                 _ = engine.close()
                 return existing
             }
-            self.uring = engine
+            self[keyPath: slot] = engine
             return engine
         }
     }

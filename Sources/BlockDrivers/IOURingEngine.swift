@@ -25,13 +25,10 @@ public final class IOURingEngine: FileIOEngine {
     private let capacity: Int
     /// Most entries per `io_uring_enter`.
     public let maxBatch: Int
-    private var completions: [Completion?]
-    private var freeSlots: [Int]
+    private let slots: CompletionSlots
     private var submitScheduled = false
     /// `io_uring_enter` calls made, for tests of the batching.
     private(set) var submitCalls = 0
-    /// Requests waiting for a free slot, oldest first.
-    private var overflow: [() -> Void] = []
     private let tags: UnsafeMutablePointer<UInt64>
     private let results: UnsafeMutablePointer<Int32>
     private var channel: Channel?
@@ -44,8 +41,7 @@ public final class IOURingEngine: FileIOEngine {
         self.maxBatch = max(1, maxBatch)
         // One slot per submission entry: the ring can never be full.
         capacity = Int(strata_uring_entries(ring))
-        completions = Array(repeating: nil, count: capacity)
-        freeSlots = Array((0..<capacity).reversed())
+        slots = CompletionSlots(capacity: capacity)
         tags = .allocate(capacity: capacity)
         results = .allocate(capacity: capacity)
     }
@@ -65,11 +61,7 @@ public final class IOURingEngine: FileIOEngine {
                 "Unable to use io_uring: failed to init linux io_uring ring: \(String(cString: strerror(error)))"))
         }
         let engine = IOURingEngine(eventLoop: eventLoop, ring: ring, eventFD: fd, maxBatch: maxBatch)
-        return NIOPipeBootstrap(group: eventLoop)
-            .channelInitializer { channel in
-                channel.pipeline.addHandler(CompletionHandler(engine: engine))
-            }
-            .takingOwnershipOfDescriptor(input: fd)
+        return EventFDChannel.watch(fd, on: eventLoop) { engine.reap() }
             .map { channel in
                 engine.channel = channel
                 return engine
@@ -86,36 +78,32 @@ public final class IOURingEngine: FileIOEngine {
     public func submit(fd: Int32, write: Bool, buffer: UnsafeMutableRawPointer, count: Int, offset: Int64,
                        rwFlags: Int32 = 0, completion: @escaping Completion) {
         guard !closed else { return completion(-Int(ESHUTDOWN)) }
-        guard let slot = freeSlots.popLast() else {
-            overflow.append { [unowned self] in
+        guard let slot = slots.take(completion) else {
+            return slots.wait { [unowned self] in
                 self.submit(fd: fd, write: write, buffer: buffer, count: count, offset: offset,
                             rwFlags: rwFlags, completion: completion)
             }
-            return
         }
         // The kernel moves at most ~2 GiB per call anyway; the caller goes on from a short result.
         let length = UInt32(min(count, 1 << 30))
         let prepared = strata_uring_prep_rw(ring, write ? 1 : 0, fd, buffer, length, offset, rwFlags, UInt64(slot))
-        queued(slot: slot, prepared: prepared, completion: completion)
+        queued(slot: slot, prepared: prepared)
     }
 
     /// Queues an fdatasync of `fd`.
     public func fdatasync(fd: Int32, completion: @escaping Completion) {
         guard !closed else { return completion(-Int(ESHUTDOWN)) }
-        guard let slot = freeSlots.popLast() else {
-            overflow.append { [unowned self] in self.fdatasync(fd: fd, completion: completion) }
-            return
+        guard let slot = slots.take(completion) else {
+            return slots.wait { [unowned self] in self.fdatasync(fd: fd, completion: completion) }
         }
-        queued(slot: slot, prepared: strata_uring_prep_fdatasync(ring, fd, UInt64(slot)), completion: completion)
+        queued(slot: slot, prepared: strata_uring_prep_fdatasync(ring, fd, UInt64(slot)))
     }
 
-    private func queued(slot: Int, prepared: Int32, completion: @escaping Completion) {
+    private func queued(slot: Int, prepared: Int32) {
         guard prepared == 0 else {
             // Cannot happen (one slot per entry); fail the request rather than lose it.
-            freeSlots.append(slot)
-            return completion(Int(prepared))
+            return slots.complete(slot, result: Int(prepared))
         }
-        completions[slot] = completion
         guard !submitScheduled else { return }
         submitScheduled = true
         eventLoop.execute { [unowned self] in self.submitQueued() }
@@ -134,11 +122,11 @@ public final class IOURingEngine: FileIOEngine {
         }
         // Page-cache hits completed inside io_uring_enter.
         reap()
-        guard !closed, failure != 0, strata_uring_unsubmitted(ring) > 0 else { return }
+        guard failure != 0, strata_uring_unsubmitted(ring) > 0 else { return }
         if failure == -EAGAIN || failure == -EBUSY {
             // The kernel is short of resources. Our own completions will
             // retry; with none in flight, try again shortly.
-            if freeSlots.count + Int(strata_uring_unsubmitted(ring)) == capacity, !submitScheduled {
+            if slots.freeCount + Int(strata_uring_unsubmitted(ring)) == capacity, !submitScheduled {
                 submitScheduled = true
                 eventLoop.scheduleTask(in: .milliseconds(1)) { [unowned self] in self.submitQueued() }
             }
@@ -146,36 +134,23 @@ public final class IOURingEngine: FileIOEngine {
         }
         // Anything else will not get better: fail what the kernel did not take.
         let count = Int(strata_uring_unqueue(ring, tags, UInt32(capacity)))
-        let slots = (0..<count).map { Int(tags[$0]) }
-        for slot in slots { complete(slot: slot, result: Int(failure)) }
-    }
-
-    private func complete(slot: Int, result: Int) {
-        let completion = completions[slot]
-        completions[slot] = nil
-        freeSlots.append(slot)
-        completion?(result)
-        if !overflow.isEmpty, !freeSlots.isEmpty {
-            overflow.removeFirst()()
-        }
+        let failed = (0..<count).map { Int(tags[$0]) }
+        for slot in failed { slots.complete(slot, result: Int(failure)) }
     }
 
     /// Runs every completion the ring holds.
-    fileprivate func reap() {
+    private func reap() {
         // The eventfd channel may still deliver a read while it closes.
         guard !closed else { return }
         while true {
-            guard !closed else { return }
             let count = Int(strata_uring_reap(ring, tags, results, UInt32(capacity)))
             // Completions that submit more only queue (submission waits for
             // the end of the tick), so `tags` and `results` stay as reaped.
             for index in 0..<count {
-                complete(slot: Int(tags[index]), result: Int(results[index]))
+                slots.complete(Int(tags[index]), result: Int(results[index]))
             }
             if count < capacity { break }
         }
-        // A completion may have closed the engine (the last flush at shutdown).
-        guard !closed else { return }
         if strata_uring_unsubmitted(ring) > 0, !submitScheduled {
             submitScheduled = true
             eventLoop.execute { [unowned self] in self.submitQueued() }
@@ -185,25 +160,16 @@ public final class IOURingEngine: FileIOEngine {
     /// Stops the engine; in-flight requests must have completed.
     public func close() -> EventLoopFuture<Void> {
         closed = true
-        let future = channel?.close() ?? eventLoop.makeSucceededVoidFuture()
-        return future.always { _ in
-            strata_uring_destroy(self.ring)
+        let channelClosed = channel?.close() ?? eventLoop.makeSucceededVoidFuture()
+        // Destroyed from a task of its own: `close` may be called by a
+        // completion, inside `reap`, which then goes on using the ring.
+        return channelClosed.recover { _ in }.flatMap {
+            self.eventLoop.submit { strata_uring_destroy(self.ring) }
         }
     }
 
     deinit {
         tags.deallocate()
         results.deallocate()
-    }
-
-    /// Drains the eventfd counter and reaps.
-    private final class CompletionHandler: ChannelInboundHandler {
-        typealias InboundIn = ByteBuffer
-        let engine: IOURingEngine
-        init(engine: IOURingEngine) { self.engine = engine }
-
-        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-            engine.reap()
-        }
     }
 }

@@ -32,14 +32,11 @@ public final class LinuxAIOEngine: FileIOEngine {
     private let iocbs: UnsafeMutablePointer<iocb>
     private let pending: UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>
     private let events: UnsafeMutablePointer<io_event>
-    private var completions: [Completion?]
-    private var freeSlots: [Int]
+    private let slots: CompletionSlots
     private var pendingCount = 0
     private var submitScheduled = false
     /// `io_submit` calls made, for tests of the batching.
     private(set) var submitCalls = 0
-    /// Requests waiting for a free slot, oldest first.
-    private var overflow: [() -> Void] = []
     private var channel: Channel?
     private var closed = false
 
@@ -55,8 +52,7 @@ public final class LinuxAIOEngine: FileIOEngine {
         pending.initialize(repeating: nil, count: capacity)
         events = .allocate(capacity: capacity)
         events.initialize(repeating: io_event(), count: capacity)
-        completions = Array(repeating: nil, count: capacity)
-        freeSlots = Array((0..<capacity).reversed())
+        slots = CompletionSlots(capacity: capacity)
     }
 
     /// What `maxBatch` is unless a caller says otherwise: one request per call (see above).
@@ -79,11 +75,7 @@ public final class LinuxAIOEngine: FileIOEngine {
         }
         let engine = LinuxAIOEngine(eventLoop: eventLoop, context: context, eventFD: fd, capacity: depth,
                                     maxBatch: maxBatch)
-        return NIOPipeBootstrap(group: eventLoop)
-            .channelInitializer { channel in
-                channel.pipeline.addHandler(CompletionHandler(engine: engine))
-            }
-            .takingOwnershipOfDescriptor(input: fd)
+        return EventFDChannel.watch(fd, on: eventLoop) { engine.reap() }
             .map { channel in
                 engine.channel = channel
                 return engine
@@ -99,22 +91,20 @@ public final class LinuxAIOEngine: FileIOEngine {
     public func submit(fd: Int32, write: Bool, buffer: UnsafeMutableRawPointer, count: Int, offset: Int64,
                        rwFlags: Int32 = 0, completion: @escaping Completion) {
         guard !closed else { return completion(-Int(ESHUTDOWN)) }
-        guard let slot = freeSlots.popLast() else {
-            overflow.append { [unowned self] in
+        guard let slot = slots.take(completion) else {
+            return slots.wait { [unowned self] in
                 self.submit(fd: fd, write: write, buffer: buffer, count: count, offset: offset,
                             rwFlags: rwFlags, completion: completion)
             }
-            return
         }
         strata_iocb_prep(iocbs + slot, fd, write ? 1 : 0, buffer, count, offset, eventFD, rwFlags, UInt64(slot))
-        completions[slot] = completion
         pending[pendingCount] = iocbs + slot
         pendingCount += 1
         scheduleSubmit()
     }
 
     /// Requests the kernel has and has not completed yet.
-    private var submittedCount: Int { capacity - freeSlots.count - pendingCount }
+    private var submittedCount: Int { capacity - slots.freeCount - pendingCount }
 
     private func scheduleSubmit() {
         guard !submitScheduled else { return }
@@ -154,7 +144,7 @@ public final class LinuxAIOEngine: FileIOEngine {
             pendingCount = remaining
         }
         // Completions may submit more: run them only once `pending` is consistent.
-        for (slot, result) in failed { complete(slot: slot, result: result) }
+        for (slot, result) in failed { slots.complete(slot, result: result) }
         if kernelBusy, pendingCount > 0, submittedCount == 0, !submitScheduled {
             // Nothing of ours in flight will wake us: try again shortly.
             submitScheduled = true
@@ -162,25 +152,16 @@ public final class LinuxAIOEngine: FileIOEngine {
         }
     }
 
-    private func complete(slot: Int, result: Int) {
-        let completion = completions[slot]
-        completions[slot] = nil
-        freeSlots.append(slot)
-        completion?(result)
-        if !overflow.isEmpty, !freeSlots.isEmpty {
-            overflow.removeFirst()()
-        }
-    }
 
     /// Reaps every finished request; called when the eventfd is readable.
-    fileprivate func reap() {
+    private func reap() {
         while true {
             let count = Int(strata_io_getevents_nowait(context, capacity, events))
             guard count > 0 else { break }
             for index in 0..<count {
                 let event = events + index
                 let slot = Int(strata_io_event_tag(event))
-                complete(slot: slot, result: Int(strata_io_event_result(event)))
+                slots.complete(slot, result: Int(strata_io_event_result(event)))
             }
             if count < capacity { break }
         }
@@ -200,16 +181,5 @@ public final class LinuxAIOEngine: FileIOEngine {
         iocbs.deallocate()
         pending.deallocate()
         events.deallocate()
-    }
-
-    /// Drains the eventfd counter and reaps.
-    private final class CompletionHandler: ChannelInboundHandler {
-        typealias InboundIn = ByteBuffer
-        let engine: LinuxAIOEngine
-        init(engine: LinuxAIOEngine) { self.engine = engine }
-
-        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-            engine.reap()
-        }
     }
 }

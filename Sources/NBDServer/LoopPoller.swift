@@ -1,7 +1,4 @@
 import NIOCore
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Keeps an event loop polling, instead of sleeping, for a short window
 /// after it sends replies: QEMU's iothread `poll-max-ns`.
@@ -24,7 +21,7 @@ public final class LoopPoller {
     /// reply and the next request includes its own wake-up, so an adaptive
     /// window shrinks to nothing exactly where polling helps (measured).
     public let window: UInt64
-    private var deadline: UInt64 = 0
+    private var deadline = NIODeadline.uptimeNanoseconds(0)
     /// Whether a poll task is queued: the loop is not sleeping.
     private(set) var isPolling = false
     /// Poll passes so far, for tests.
@@ -42,7 +39,8 @@ public final class LoopPoller {
     /// awake for another window. Call on the loop.
     public func noteActivity() {
         guard window > 0 else { return }
-        deadline = Self.now() &+ window
+        // Saturates: a huge window polls until the end of time, no overflow.
+        deadline = .now() + .nanoseconds(Int64(clamping: window))
         if !isPolling {
             isPolling = true
             eventLoop.execute(pollTask)
@@ -51,16 +49,10 @@ public final class LoopPoller {
 
     private func poll() {
         polls += 1
-        if Self.now() < deadline {
+        if NIODeadline.now() < deadline {
             eventLoop.execute(pollTask)
         } else {
             isPolling = false
         }
-    }
-
-    static func now() -> UInt64 {
-        var time = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &time)
-        return UInt64(time.tv_sec) &* 1_000_000_000 &+ UInt64(time.tv_nsec)
     }
 }

@@ -122,12 +122,7 @@ public final class QCOW2Checker {
         let loop = file.eventLoop
         guard size > 0 else { return loop.makeSucceededVoidFuture() }
         reference(offset, length: Int64(size) * 8, what: active ? "active L1 table" : "snapshot L1 table")
-        let l1Future: EventLoopFuture<[UInt64]> = known.map { loop.makeSucceededFuture($0) }
-            ?? read(offset, Int(size) * 8).map { bytes in
-                let reader = BigEndianReader(bytes)
-                return (0..<Int(size)).map { reader.u64(at: $0 * 8) }
-            }
-        return l1Future.flatMap { l1 in
+        return loadL1(known, offset: offset, size: size).flatMap { l1 in
             var chain = loop.makeSucceededVoidFuture()
             for entry in l1 {
                 let l2Offset = entry & QCOW2Entry.offsetMask
@@ -141,6 +136,15 @@ public final class QCOW2Checker {
                 chain = chain.flatMap { self.checkL2(at: l2Offset, active: active) }
             }
             return chain
+        }
+    }
+
+    /// An L1 table: the copy in memory when there is one, else from the file.
+    private func loadL1(_ known: [UInt64]?, offset: UInt64, size: UInt32) -> EventLoopFuture<[UInt64]> {
+        if let known { return file.eventLoop.makeSucceededFuture(known) }
+        return read(offset, Int(size) * 8).map { bytes in
+            let reader = BigEndianReader(bytes)
+            return (0..<Int(size)).map { reader.u64(at: $0 * 8) }
         }
     }
 
@@ -285,12 +289,8 @@ public final class QCOW2Checker {
     private func checkCopied() -> EventLoopFuture<Void> {
         let loop = file.eventLoop
         guard header.l1Size > 0 else { return loop.makeSucceededVoidFuture() }
-        let l1Future: EventLoopFuture<[UInt64]> = !activeL1.isEmpty ? loop.makeSucceededFuture(activeL1)
-            : read(header.l1TableOffset, Int(header.l1Size) * 8).map { bytes in
-                let reader = BigEndianReader(bytes)
-                return (0..<Int(self.header.l1Size)).map { reader.u64(at: $0 * 8) }
-            }
-        return l1Future.flatMap { l1 in
+        let known = activeL1.isEmpty ? nil : activeL1
+        return loadL1(known, offset: header.l1TableOffset, size: header.l1Size).flatMap { l1 in
             var chain = loop.makeSucceededVoidFuture()
             for (index, entry) in l1.enumerated() {
                 let l2Offset = entry & QCOW2Entry.offsetMask

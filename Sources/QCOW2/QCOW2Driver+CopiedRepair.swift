@@ -26,7 +26,7 @@ extension QCOW2Driver {
             buffer.deallocate()
             if let error { return promise.fail(error) }
             if let index = fix.l1Index {
-                self.l1[index] = fix.entry
+                if index < self.l1.count { self.l1[index] = fix.entry }
             } else if let offset = fix.l2Table {
                 for table in [self.dirtyL2[offset], self.l2Cache.get(offset)].compactMap({ $0 }) {
                     table.setEntry(fix.slot, fix.entry)

@@ -212,14 +212,21 @@ import Testing
         return vector[offset / 4096] & 1 != 0
     }
 
-    @Test func pageCacheMissesAreReadThroughTheRingAndHitsAreNot() throws {
-        let size = 1 << 20, offset = 512 << 10
-        let path = try makeFile(size: size, name: "miss.raw")
+    /// A test file whose pages are written out and dropped from the page
+    /// cache, and a descriptor to check them with (the caller closes it).
+    func evictedFile(size: Int, name: String) throws -> (path: String, fd: Int32) {
+        let path = try makeFile(size: size, name: name)
         let fd = Glibc.open(path, O_RDONLY)
         #expect(fd >= 0)
-        defer { Glibc.close(fd) }
         #expect(fdatasync(fd) == 0)
         #expect(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
+        return (path, fd)
+    }
+
+    @Test func pageCacheMissesAreReadThroughTheRingAndHitsAreNot() throws {
+        let size = 1 << 20, offset = 512 << 10
+        let (path, fd) = try evictedFile(size: size, name: "miss.raw")
+        defer { Glibc.close(fd) }
         try #require(!(try isResident(fd, at: offset, fileSize: size)), "the kernel kept the page cached")
         let (graph, node, io) = try open(path, direct: false, aio: .threads)
         let ring = try #require(io.uring, "aio=threads has no io_uring for page-cache misses")
@@ -237,11 +244,8 @@ import Testing
 
     @Test func withoutTheRingPageCacheMissesGoToThePool() throws {
         let size = 1 << 20, offset = 256 << 10
-        let path = try makeFile(size: size, name: "pool.raw")
-        let fd = Glibc.open(path, O_RDONLY)
-        #expect(fd >= 0)
+        let (path, fd) = try evictedFile(size: size, name: "pool.raw")
         defer { Glibc.close(fd) }
-        #expect(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
         let (graph, node, io) = try open(path, direct: false, aio: .threads) { $0.threadsModeUsesURing = false }
         #expect(io.uring == nil)
         #expect(try read(node, Int64(offset), 8192) == (offset..<offset + 8192).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) })
