@@ -165,8 +165,16 @@ extension QCOW2Driver {
                             return self.markCorrupt("Data cluster at 0x\(String(host, radix: 16)) lies past the allocated end of the image",
                                                     completion: completion)
                         }
-                        self.dataFile.write(at: Int64(host) + offset % clusterSize, from: piece, flags: [],
-                                            completion: completion)
+                        guard !self.externalData else {
+                            return self.dataFile.write(at: Int64(host) + offset % clusterSize, from: piece, flags: [],
+                                                       completion: completion)
+                        }
+                        let hostCluster = Int64(host) / clusterSize
+                        self.refcounter!.beginWrite(hostCluster)
+                        self.dataFile.write(at: Int64(host) + offset % clusterSize, from: piece, flags: []) { error in
+                            self.refcounter?.endWrite(hostCluster)
+                            completion(error)
+                        }
                         return
                     }
                     self.whenMetadataIdle {
@@ -543,7 +551,7 @@ extension QCOW2Driver {
                 for (host, length) in frees {
                     let first = Int64(host) / Int64(clusterSize)
                     let last = (Int64(host) + length - 1) / Int64(clusterSize)
-                    for cluster in first...last { try? refcounter.adjust(cluster, by: -1) }
+                    for cluster in first...last { refcounter.release(cluster) }
                 }
             } else {
                 // Nothing was lost: what failed to reach the disk stays dirty.

@@ -19,8 +19,18 @@ final class QCOW2Refcounter {
     var dirtyBlocks: Set<UInt64> = []
     /// Table clusters (indices) changed since the last writeback.
     var dirtyTableClusters: Set<Int> = []
-    /// Where the next cluster is allocated: past everything in the file.
+    /// The end of everything allocated: clusters past it are free, and a
+    /// cluster no free one below it can serve is allocated here.
     var allocationEnd: Int64
+    /// No cluster below this one is free (refcount 0). Freeing lowers it, so
+    /// freed clusters are handed out again, lowest first, as QEMU does:
+    /// discarding and rewriting does not grow the file for ever.
+    var firstFreeCandidate: Int64 = 0
+    /// Clusters with data writes in flight that went straight to their host
+    /// offset, by count. Such a cluster may be freed meanwhile (a discard of
+    /// the same guest range), but must not be handed out again until the
+    /// write has landed, or it would land in the new owner's data.
+    var clustersBeingWritten: [Int64: Int] = [:]
     /// Clusters holding metadata, for overlap checks before data writes.
     var metadataClusters: Set<Int64> = []
 
@@ -180,8 +190,68 @@ final class QCOW2Refcounter {
         try adjust(Int64(blockOffset) / clusterSize, by: 1)
     }
 
-    /// Allocates one cluster at the end of the file with refcount 1.
+    /// Drops one reference to `cluster`; at zero the cluster is free for
+    /// the allocator again.
+    func release(_ cluster: Int64) {
+        guard (try? adjust(cluster, by: -1)) != nil, refcount(cluster) == 0 else { return }
+        metadataClusters.remove(cluster)
+        firstFreeCandidate = min(firstFreeCandidate, cluster)
+    }
+
+    /// Counts an in-place data write to `cluster` until `endWrite`.
+    func beginWrite(_ cluster: Int64) {
+        clustersBeingWritten[cluster, default: 0] += 1
+    }
+
+    func endWrite(_ cluster: Int64) {
+        guard let count = clustersBeingWritten[cluster] else { return }
+        if count > 1 {
+            clustersBeingWritten[cluster] = count - 1
+            return
+        }
+        clustersBeingWritten[cluster] = nil
+        // Freed while the write was in flight: free for the allocator now.
+        if refcount(cluster) == 0 { firstFreeCandidate = min(firstFreeCandidate, cluster) }
+    }
+
+    /// The lowest free cluster below `allocationEnd` that a refcount block
+    /// already covers, or nil. The search resumes where the last one ended,
+    /// so allocating costs no more than one pass over the refcounts between
+    /// frees.
+    private func takeFreeCluster() -> Int64? {
+        let end = allocationEnd / clusterSize
+        var cluster = firstFreeCandidate
+        defer { firstFreeCandidate = cluster }
+        while cluster < end {
+            let (tableIndex, first) = location(of: cluster)
+            let blockStart = Int64(tableIndex) * perBlock
+            guard tableIndex < table.count else { break }
+            let offset = table[tableIndex] & ~UInt64(511)
+            guard offset != 0, let block = blocks[offset] else {
+                // Uncovered clusters would need a new block first: leave them.
+                cluster = blockStart + perBlock
+                continue
+            }
+            let limit = Int(min(perBlock, end - blockStart))
+            for index in first..<limit where QCOW2Refcounts.entry(block.bytes, index: index, bits: bits) == 0 {
+                let candidate = blockStart + Int64(index)
+                if metadataClusters.contains(candidate) || clustersBeingWritten[candidate] != nil { continue }
+                cluster = candidate + 1
+                return candidate
+            }
+            cluster = blockStart + Int64(limit)
+        }
+        cluster = max(cluster, end)
+        return nil
+    }
+
+    /// Allocates one cluster with refcount 1: the lowest free one, or one at
+    /// the end of the file.
     func allocateCluster() throws -> UInt64 {
+        if let free = takeFreeCluster() {
+            try adjust(free, by: 1)
+            return UInt64(free * clusterSize)
+        }
         let host = allocationEnd
         allocationEnd += clusterSize
         try ensureBlock(for: host / clusterSize)

@@ -47,6 +47,30 @@ import Testing
         #expect(second == 6 * 512)
     }
 
+    @Test func freedClustersAreAllocatedAgainLowestFirst() throws {
+        let counter = refcounter()
+        let clusters = try (0..<4).map { _ in Int64(try counter.allocateCluster()) / 512 }
+        #expect(clusters == [4, 6, 7, 8])  // 5 is the refcount block
+        counter.release(clusters[2])
+        counter.release(clusters[1])
+        #expect(counter.refcount(clusters[1]) == 0)
+        #expect(Int64(try counter.allocateCluster()) / 512 == clusters[1])
+        #expect(Int64(try counter.allocateCluster()) / 512 == clusters[2])
+        #expect(counter.refcount(clusters[2]) == 1)
+        // Nothing is free below the end any more: back to appending.
+        #expect(Int64(try counter.allocateCluster()) / 512 == 9)
+    }
+
+    @Test func aClusterFreedDuringAWriteIsNotReusedUntilTheWriteEnds() throws {
+        let counter = refcounter()
+        let clusters = try (0..<3).map { _ in Int64(try counter.allocateCluster()) / 512 }
+        counter.beginWrite(clusters[0])
+        counter.release(clusters[0])
+        #expect(Int64(try counter.allocateCluster()) / 512 == 8)
+        counter.endWrite(clusters[0])
+        #expect(Int64(try counter.allocateCluster()) / 512 == clusters[0])
+    }
+
     @Test func refcountsRefuseUnderflowAndOverflow() throws {
         let counter = refcounter(bits: 1)
         let cluster = try counter.allocateCluster()
