@@ -29,6 +29,11 @@ Usage: Benchmarks/run.sh [options]
   --dir DIR         work dir (default: fresh mktemp -d under /var/tmp)
   --build           build Strata (swift build -c release) if the binary is missing
   --keep-image      keep the test images in the work dir after the run
+  --pin CPU         run every server and its client (fio, nbdcopy) on this
+                    one CPU (taskset -c CPU), all servers alike. On a small VM
+                    waking the other side on another CPU costs more than the
+                    request itself; pinned rows show the per-request cost
+                    without that (see README.md, "QD1 and CPU placement")
   --report DIR      only re-print the tables from an earlier run's work dir
   -h, --help        this help
 
@@ -55,7 +60,7 @@ warn() { printf 'run.sh: WARNING: %s\n' "$*" >&2; }
 die()  { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- options ---
-SIZE="" RUNTIME="" QUICK=0 ONLY="" WORK="" BUILD=0 KEEP_IMAGE=0 REPORT_ONLY=""
+SIZE="" RUNTIME="" QUICK=0 ONLY="" WORK="" BUILD=0 KEEP_IMAGE=0 REPORT_ONLY="" PIN_CPU=""
 FORMATS_ARG=raw,qcow2,chain,alloc
 need_arg() { [ $# -ge 2 ] || die "$1 needs an argument"; }
 while [ $# -gt 0 ]; do
@@ -73,6 +78,8 @@ while [ $# -gt 0 ]; do
     --dir=*)      WORK=${1#*=}; shift ;;
     --build)      BUILD=1; shift ;;
     --keep-image) KEEP_IMAGE=1; shift ;;
+    --pin)        need_arg "$@"; PIN_CPU=$2; shift 2 ;;
+    --pin=*)      PIN_CPU=${1#*=}; shift ;;
     --report)     need_arg "$@"; REPORT_ONLY=$2; shift 2 ;;
     --report=*)   REPORT_ONLY=${1#*=}; shift ;;
     -h|--help)    usage; exit 0 ;;
@@ -84,6 +91,14 @@ if [ "$QUICK" = 1 ]; then
 fi
 SIZE=${SIZE:-2G}; RUNTIME=${RUNTIME:-10}
 [[ "$RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer (seconds), got '$RUNTIME'"
+# Prefix for every server, fio and nbdcopy command (empty unless --pin).
+PIN=()
+if [ -n "$PIN_CPU" ]; then
+  [[ "$PIN_CPU" =~ ^[0-9]+$ ]] || die "--pin must be a CPU number, got '$PIN_CPU'"
+  command -v taskset >/dev/null || die "--pin needs taskset (Debian: util-linux)"
+  taskset -c "$PIN_CPU" true 2>/dev/null || die "--pin: cannot run on CPU $PIN_CPU (taskset -c $PIN_CPU failed)"
+  PIN=(taskset -c "$PIN_CPU")
+fi
 # Row sets, always run in this order whatever order --formats lists them in.
 ALL_FORMATS=(raw qcow2 chain alloc)
 declare -A WANT=()
@@ -194,6 +209,8 @@ p(f"host: {meta.get('host','')}  cpus: {meta.get('cpus','')}  kernel: {meta.get(
 p(f"image: {meta.get('size','')} ({meta.get('bytes','')} bytes) on {meta.get('fstype','')}  "
   f"runtime: {meta.get('runtime','')} s/job  load at start: {meta.get('load','')}")
 p(f"tools: {meta.get('versions','')}")
+if meta.get("pin"):
+    p(f"pinned: every server and its client ran on CPU {meta['pin']} only (--pin)")
 if meta.get("formats"):
     p(f"row sets: {meta['formats']}" + (f"  --only: {meta['only']}" if meta.get("only") else ""))
 if meta.get("drop_ok") != "1":
@@ -587,7 +604,7 @@ start_server() { # start_server ID SOCK [LABEL DRIVER FILE] -> sets SPID
   server_cmd "$1" "$sock" "${4:-raw}" "${5:-$IMG}"
   log "starting $id: ${CMD[*]}"
   echo "# ${CMD[*]}" >"$log"
-  "${CMD[@]}" >>"$log" 2>&1 </dev/null &
+  "${PIN[@]}" "${CMD[@]}" >>"$log" 2>&1 </dev/null &
   SPID=$!
   SERVER_PIDS[$SPID]=$sock
   local uri="nbd+unix:///?socket=$sock" deadline=$((SECONDS + 30))
@@ -698,7 +715,7 @@ run_job() {      # run_job SERVER MODE PID JOBSPEC PHASE SOCK [FORMAT]
       if [ "$run" -gt 1 ] && [ "$phase" = cold ]; then drop_caches; fi
       s0=$(date +%s%N)
       timeout -k 5 $((120 + BYTES / (5 << 20))) \
-        nbdcopy --request-size=$NBDCOPY_REQ "$uri" null: >>"$base.txt" 2>&1 || rc=$?
+        "${PIN[@]}" nbdcopy --request-size=$NBDCOPY_REQ "$uri" null: >>"$base.txt" 2>&1 || rc=$?
       s1=$(date +%s%N)
       copy_ns+=($((s1 - s0)))
     done
@@ -706,7 +723,7 @@ run_job() {      # run_job SERVER MODE PID JOBSPEC PHASE SOCK [FORMAT]
     local io=(--ioengine=nbd --uri="$uri")
     [ "$server" = disk ] && io=(--ioengine=libaio --direct=1 --filename="$IMG")
     timeout -k 5 $((RUNTIME + 120)) \
-      fio --name="$name" "${io[@]}" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+      "${PIN[@]}" fio --name="$name" "${io[@]}" --rw="$rw" --bs="$bs" --iodepth="$qd" \
           "${tb[@]}" --runtime="$RUNTIME" --eta=never \
           --output-format=json --output="$base.json" >"$base.stdout" 2>&1 || rc=$?
   fi
@@ -854,6 +871,7 @@ versions+="; $(first_line nbdcopy --version)"
   echo "size=$SIZE"
   echo "bytes=$BYTES"
   echo "runtime=$RUNTIME"
+  echo "pin=$PIN_CPU"
   echo "fstype=$FSTYPE ($(df -P "$WORK" | awk 'NR==2 {print $1}'))"
   echo "load=$(cut -d' ' -f1-3 /proc/loadavg)"
   echo "clk_tck=$CLK_TCK"
