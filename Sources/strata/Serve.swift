@@ -35,6 +35,10 @@ struct Serve: ParsableCommand {
             help: "Serve a qcow2 internal snapshot read-only: NAME, or snapshot.id=ID / snapshot.name=NAME.")
     var loadSnapshot: String?
 
+    @Flag(name: [.customShort("s"), .long],
+          help: "Leave the image unchanged: writes go to a temporary qcow2 overlay in $TMPDIR (default /var/tmp), deleted when the server ends.")
+    var snapshot = false
+
     @Option(name: [.customShort("o"), .long], help: "Serve the image from this byte offset on.")
     var offset: Int64 = 0
 
@@ -136,6 +140,12 @@ struct Serve: ParsableCommand {
         }
         if exportName.utf8.count > 4096 {
             throw ValidationError("--export-name (-x) is longer than 4096 bytes")
+        }
+        if snapshot, loadSnapshot != nil {
+            throw ValidationError("--snapshot (-s) cannot be combined with --load-snapshot (-l)")
+        }
+        if snapshot, offset != 0 {
+            throw ValidationError("--snapshot (-s) cannot be combined with --offset (-o)")
         }
         if offset < 0 {
             throw ValidationError("Invalid value '\(offset)' for --offset (-o): expected 0 or more")

@@ -26,6 +26,8 @@ final class ServerProcess {
     private var ownsSocketFile = false
     private let finished: EventLoopPromise<Int32>
     private var signalSources: [DispatchSourceSignal] = []
+    /// `-s`: the temporary overlay served in the image's place, until it is open.
+    private var overlay: String?
 
     init(options: Serve) {
         self.options = options
@@ -46,9 +48,11 @@ final class ServerProcess {
         threadPool.start()
         installSignalHandlers()
         let loop = self.loop
-        let started = loop.flatSubmit { self.start() }
         do {
-            try started.wait()
+            if options.snapshot {
+                overlay = try TemporaryOverlay.create(over: options.filename, format: options.format)
+            }
+            try loop.flatSubmit { self.start() }.wait()
         } catch {
             ServerProcess.printError(Self.describe(error))
             finished.succeed(1)
@@ -65,7 +69,7 @@ final class ServerProcess {
         graph = BlockGraph(eventLoop: loop)
         io = FileIOContext(eventLoop: loop, threadPool: threadPool)
         io.aioMaxBatch = options.aioMaxBatch
-        var image = ImageOptions(filename: options.filename, format: options.format)
+        var image = ImageOptions(filename: overlay ?? options.filename, format: overlay == nil ? options.format : "qcow2")
         image.readOnly = options.readOnly
         image.cache = options.cache
         image.aio = options.aio
@@ -76,6 +80,11 @@ final class ServerProcess {
         image.l2CacheSize = options.l2CacheSize.flatMap(ImageSize.parse).map { Int(min($0, UInt64(Int.max))) }
         if options.forceShare { image.locking = .off }
         return ImageOpener.open(image, graph: graph, io: io, warn: { ServerProcess.printError($0) })
+            .always { _ in
+                // Open (or failed): the overlay's name is no longer needed.
+                if let overlay = self.overlay { unlink(overlay) }
+                self.overlay = nil
+            }
             .flatMapThrowing { node in try self.export(node) }
             .flatMap { self.listen() }
             .flatMapThrowing {
@@ -198,6 +207,7 @@ final class ServerProcess {
     private func cleanUp() {
         if ownsSocketFile, let socket = options.socket { unlink(socket) }
         if let pidFile = options.pidFile { unlink(pidFile) }
+        if let overlay { unlink(overlay) }
         try? threadPool.syncShutdownGracefully()
         try? group.syncShutdownGracefully()
     }

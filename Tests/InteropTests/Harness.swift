@@ -26,10 +26,14 @@ enum Harness {
 
     /// Runs a command to completion with a time limit; the process is killed
     /// if it overstays.
-    static func run(_ executable: String, _ arguments: [String], timeout: TimeInterval = 120) throws -> Output {
+    static func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:],
+                    timeout: TimeInterval = 120) throws -> Output {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         let out = Pipe()
         let err = Pipe()
         process.standardOutput = out

@@ -15,11 +15,24 @@ import Testing
         (["-k", "/tmp/x.sock", "-p", "1234"], "--socket"),
         (["--aio-max-batch=0"], "--aio-max-batch"),
         (["--poll-max-ns=-1"], "--poll-max-ns"),
+        (["-s", "-l", "snap"], "--load-snapshot"),
+        (["-s", "-o", "512"], "--offset"),
     ])
     func badOptionsNameTheOption(arguments: [String], mentions: String) throws {
         let result = try Harness.run(Harness.strata, ["serve"] + arguments + ["/nonexistent.raw"])
         #expect(result.status != 0)
         #expect(result.stderr.contains(mentions), "stderr: \(result.stderr)")
+    }
+
+    @Test func snapshotOfAMissingImageIsAClearErrorAndLeavesNothing() throws {
+        let directory = try Harness.temporaryDirectory("snapshot")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let result = try Harness.run(Harness.strata, ["serve", "-s", "-f", "raw", "-k", directory.path + "/s.sock",
+                                                      "/nonexistent/disk.raw"],
+                                     environment: ["TMPDIR": directory.path])
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("Could not open '/nonexistent/disk.raw': No such file or directory"), "\(result.stderr)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory.path).isEmpty)
     }
 
     @Test func missingImageIsAClearError() throws {

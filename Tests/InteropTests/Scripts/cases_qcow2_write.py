@@ -5,6 +5,7 @@ and a kill -9 in the middle of a write storm."""
 
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -423,6 +424,31 @@ def qcow2_discard_and_write_storm(ctx):
     # live clusters, plus those freed since the last flush.
     note("file size after the storm: %d" % os.path.getsize(img))
     check(os.path.getsize(img) < size + 8 * MiB, "the image grew to %d bytes" % os.path.getsize(img))
+
+
+@case
+def serve_snapshot_leaves_the_image_unchanged(ctx):
+    """-s (--snapshot): writes go to a temporary qcow2 overlay in $TMPDIR,
+    which is unlinked while the server runs; the image is unchanged."""
+    for fmt in ("qcow2", "raw"):
+        img = ctx.path("snap-base.%s" % fmt)
+        qimg(ctx, "create", "-f", fmt, img, "16M")
+        qio(ctx, img, "write -P 0x22 0 2M", fmt=fmt)
+        orig = ctx.path("snap-orig.%s" % fmt)
+        shutil.copyfile(img, orig)
+        tmp = ctx.path("snap-tmp-%s" % fmt)
+        os.mkdir(tmp)
+        srv = ctx.start_server(img, fmt=fmt, extra=["-s"], env={"TMPDIR": tmp})
+        res = ctx.run(["qemu-io", "-f", "raw", "-c", "read -P 0x22 0 1M", "-c", "write -P 0x11 0 1M",
+                       "-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 1M 1M", "-c", "write -z 3M 1M",
+                       "-c", "read -P 0 3M 1M", srv.uri()])
+        check("fail" not in res.out and "Pattern verification" not in res.out,
+              "qemu-io through the -s export (%s): %s" % (fmt, res.out[-500:]))
+        check_eq("files left in TMPDIR while serving (%s)" % fmt, [], os.listdir(tmp))
+        srv.stop()
+        check_eq("files left in TMPDIR after the server (%s)" % fmt, [], os.listdir(tmp))
+        same = ctx.run(["qemu-img", "compare", "-f", fmt, "-F", fmt, img, orig], check=False)
+        check_eq("qemu-img compare of the image with its copy from before (%s)" % fmt, 0, same.returncode)
 
 
 @case

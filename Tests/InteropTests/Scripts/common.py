@@ -252,9 +252,10 @@ def _polite_goodbye(s):
 class Server:
     """One NBD server process listening on a unix socket."""
 
-    def __init__(self, ctx, argv, sock, stderr_path, label):
+    def __init__(self, ctx, argv, sock, stderr_path, label, env=None):
         self.ctx = ctx
         self.argv = argv
+        self.env = None if env is None else dict(os.environ, **env)
         self.sock = sock
         self.stderr_path = stderr_path
         self.label = label
@@ -269,7 +270,7 @@ class Server:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=self._stderr,
                 stderr=self._stderr, start_new_session=True,
-                cwd=self.ctx.tmpdir)
+                cwd=self.ctx.tmpdir, env=self.env)
         except OSError as e:
             self._stderr.close()
             fail("cannot start %s: %s\n  command: %s"
@@ -401,7 +402,7 @@ class Context:
                      shared=None, name=None, desc=None, discard=None,
                      detect_zeroes=None, allocation_depth=False,
                      nocache_native=False, wait=True, probe=True,
-                     fmt="raw", extra=()):
+                     fmt="raw", extra=(), env=None):
         """Start ``--server-cmd`` with qemu-nbd style options on ``image``.
 
         Returns a ready ``Server`` (unless ``wait=False``).
@@ -429,7 +430,7 @@ class Context:
             args += ["--cache=none", "--aio=native"]
         argv = list(Options.server_cmd) + args + [image]
         srv = Server(self, argv, sock, self.path("server%d.stderr" % self._count),
-                     "server #%d" % self._count)
+                     "server #%d" % self._count, env=env)
         self.servers.append(srv)
         srv.start()
         if wait:
