@@ -3,6 +3,10 @@
 public enum QCOW2ClusterMapping: Equatable, Sendable {
     /// Nothing here: the backing file, or zeroes without one.
     case unallocated
+    /// An unallocated subcluster (extended L2) of a cluster that has host
+    /// space: it reads like `unallocated`, but block status reports where
+    /// the space is, as QEMU's `qemu-img map` does.
+    case unallocatedSubcluster(hostOffset: UInt64)
     /// Reads as zeroes; `hostOffset` is non-nil when space stays allocated.
     case zero(hostOffset: UInt64?)
     /// Data at `hostOffset` in the data file.
@@ -43,12 +47,12 @@ public enum QCOW2Entry {
         if let bitmap {
             let allocated = bitmap & (1 << UInt64(subcluster)) != 0
             let zero = bitmap & (1 << UInt64(subcluster + 32)) != 0
-            if zero { return .zero(hostOffset: nil) }
+            if zero { return .zero(hostOffset: hostOffset == 0 ? nil : hostOffset) }
             if allocated {
                 guard hostOffset != 0 || externalData else { return nil }
                 return .data(hostOffset: hostOffset)
             }
-            return .unallocated
+            return hostOffset == 0 ? .unallocated : .unallocatedSubcluster(hostOffset: hostOffset)
         }
         if entry & zeroFlag != 0 {
             return .zero(hostOffset: hostOffset == 0 ? nil : hostOffset)

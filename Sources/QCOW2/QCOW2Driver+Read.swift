@@ -94,7 +94,7 @@ extension QCOW2Driver {
         let (first, firstLength) = try mapping(at: offset)
         var hostStart: UInt64 = 0
         switch first {
-        case .data(let host), .zero(.some(let host)):
+        case .data(let host), .zero(.some(let host)), .unallocatedSubcluster(let host):
             hostStart = host + UInt64(offset & (clusterSize - 1))
         default:
             break
@@ -109,7 +109,8 @@ extension QCOW2Driver {
             switch (first, next) {
             case (.unallocated, .unallocated), (.zero(nil), .zero(nil)):
                 same = true
-            case (.zero(.some), .zero(.some(let host))), (.data, .data(let host)):
+            case (.zero(.some), .zero(.some(let host))), (.data, .data(let host)),
+                 (.unallocatedSubcluster, .unallocatedSubcluster(let host)):
                 same = host + UInt64(position & (clusterSize - 1)) == hostStart + UInt64(length)
             default: same = false
             }
@@ -173,7 +174,7 @@ extension QCOW2Driver {
         switch run.mapping {
         case .zero:
             piece.initializeMemory(as: UInt8.self, repeating: 0)
-        case .unallocated:
+        case .unallocated, .unallocatedSubcluster:
             readBacking(at: position, into: piece, group: group)
         case .data:
             readClamped(dataFile, at: Int64(run.hostOffset), into: piece, group: group)
@@ -263,6 +264,9 @@ extension QCOW2Driver {
                 switch run.mapping {
                 case .unallocated:
                     completion(.success(BlockStatus(flags: [], length: run.length)))
+                case .unallocatedSubcluster:
+                    completion(.success(BlockStatus(flags: [.offsetValid], length: run.length,
+                                                    offset: Int64(run.hostOffset))))
                 case .zero(let host):
                     let flags: BlockStatus.Flags = host == nil ? [.zero, .allocated] : [.zero, .allocated, .offsetValid]
                     completion(.success(BlockStatus(flags: flags, length: run.length, offset: Int64(run.hostOffset))))

@@ -102,8 +102,12 @@ struct ImgMap: ParsableCommand {
                         offset: hasOffset ? status.offset : nil, file: ImageSession.fileName(of: node))))
                 }
                 guard let backing = node.backing?.node, offset < backing.length else {
+                    // Space the node holds for data it does not have yet
+                    // (an unallocated subcluster) still shows its offset.
+                    let hasOffset = status.flags.contains(.offsetValid)
                     return completion(.success(Entry(start: offset, length: status.length, depth: depth, present: false,
-                                                     zero: true, data: false, offset: nil, file: "")))
+                                                     zero: true, data: false, offset: hasOffset ? status.offset : nil,
+                                                     file: hasOffset ? ImageSession.fileName(of: node) : "")))
                 }
                 extent(backing, at: offset, length: min(status.length, backing.length - offset), depth: depth + 1,
                        completion: completion)

@@ -83,6 +83,28 @@ import Testing
         #expect(badSize.status != 0 && badSize.stderr.contains("Invalid image size"))
     }
 
+    /// Extended L2: zero and unallocated subclusters of a cluster with host
+    /// space carry its offset in qemu-img's map, alone and over a backing file.
+    @Test func mapOfSubclustersAgreesWithQemuImg() throws {
+        let directory = try Harness.temporaryDirectory("subclusters")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let base = directory.appendingPathComponent("base.qcow2").path
+        let top = directory.appendingPathComponent("top.qcow2").path
+        #expect(try qemuImg(["create", "-f", "qcow2", base, "4M"]).status == 0)
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 9 0 4M", base])
+        for (image, backing) in [(directory.appendingPathComponent("alone.qcow2").path, nil as String?), (top, "base.qcow2")] {
+            var create = ["create", "-f", "qcow2", "-o", "extended_l2=on", image, "4M"]
+            if let backing { create += ["-b", backing, "-F", "qcow2"] }
+            #expect(try qemuImg(create).status == 0)
+            _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 64k", "-c", "write -z 0 2k",
+                                                     "-c", "write -P 2 128k 64k", "-c", "write -z 130k 4k",
+                                                     "-c", "write -z 1M 64k", "-c", "write -P 3 2M 6k", image])
+            let ours = try img(["map", "--output=json", image])
+            let theirs = try qemuImg(["map", "--output=json", image])
+            #expect(ours.stdout == theirs.stdout, "map of \(image) differs:\n\(ours.stdout)\n--\n\(theirs.stdout)")
+        }
+    }
+
     @Test func infoMapAndCheckAgreeWithQemuImg() throws {
         let directory = try Harness.temporaryDirectory("inspect")
         defer { try? FileManager.default.removeItem(at: directory) }

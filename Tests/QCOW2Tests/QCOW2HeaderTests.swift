@@ -87,8 +87,12 @@ import Testing
         // Extended L2: subcluster 3 allocated, 4 zero, 5 unallocated.
         let bitmap: UInt64 = 1 << 3 | 1 << (32 + 4)
         #expect(QCOW2Entry.mapping(entry: 0x60000, bitmap: bitmap, subcluster: 3, clusterBits: 17) == .data(hostOffset: 0x60000))
-        #expect(QCOW2Entry.mapping(entry: 0x60000, bitmap: bitmap, subcluster: 4, clusterBits: 17) == .zero(hostOffset: nil))
-        #expect(QCOW2Entry.mapping(entry: 0x60000, bitmap: bitmap, subcluster: 5, clusterBits: 17) == .unallocated)
+        // Zero and unallocated subclusters keep the cluster's host offset.
+        #expect(QCOW2Entry.mapping(entry: 0x60000, bitmap: bitmap, subcluster: 4, clusterBits: 17) == .zero(hostOffset: 0x60000))
+        #expect(QCOW2Entry.mapping(entry: 0x60000, bitmap: bitmap, subcluster: 5, clusterBits: 17)
+                == .unallocatedSubcluster(hostOffset: 0x60000))
+        #expect(QCOW2Entry.mapping(entry: 0, bitmap: bitmap, subcluster: 4, clusterBits: 17) == .zero(hostOffset: nil))
+        #expect(QCOW2Entry.mapping(entry: 0, bitmap: bitmap, subcluster: 5, clusterBits: 17) == .unallocated)
     }
 
     @Test func parsesSnapshotTables() throws {
