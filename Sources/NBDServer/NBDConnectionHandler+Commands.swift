@@ -120,16 +120,30 @@ extension NBDConnectionHandler {
                 return self.endRequest(bytes: length)
             }
             if structured {
-                var header = self.allocator.buffer(capacity: 32)
-                if isAllZero(UnsafeRawBufferPointer(target)) {
-                    NBDReplyEncoder.writeHoleChunk(done: true, cookie: cookie, offset: offset,
-                                                   length: UInt32(length), into: &header)
-                    self.send(header)
+                let bytes = UnsafeRawBufferPointer(target)
+                let dontFragment = request.flags.contains(.dontFragment)
+                func chunk(_ start: Int, _ count: Int, hole: Bool, done: Bool) {
+                    var header = self.allocator.buffer(capacity: 32)
+                    if hole {
+                        NBDReplyEncoder.writeHoleChunk(done: done, cookie: cookie, offset: offset + UInt64(start),
+                                                       length: UInt32(count), into: &header)
+                        self.send(header)
+                    } else {
+                        NBDReplyEncoder.writeDataChunkHeader(done: done, cookie: cookie, offset: offset + UInt64(start),
+                                                             dataLength: count, into: &header)
+                        self.send(header)
+                        self.send(count == length ? data : data.getSlice(at: data.readerIndex + start, length: count)!)
+                    }
+                }
+                if SparseReadPlan.maySplit(count: length, dontFragment: dontFragment) {
+                    let pieces = SparseReadPlan.pieces(of: bytes, offset: offset, dontFragment: dontFragment)
+                    for (index, piece) in pieces.enumerated() {
+                        chunk(piece.start, piece.length, hole: piece.hole, done: index == pieces.count - 1)
+                    }
                 } else {
-                    NBDReplyEncoder.writeDataChunkHeader(done: true, cookie: cookie, offset: offset,
-                                                         dataLength: length, into: &header)
-                    self.send(header)
-                    self.send(data)
+                    // Most reads are too short to hold a hole worth its own
+                    // chunk: no plan (and no allocation) for those.
+                    chunk(0, length, hole: isAllZero(bytes), done: true)
                 }
             } else {
                 var header = self.allocator.buffer(capacity: NBDReplyEncoder.simpleReplyHeaderSize)

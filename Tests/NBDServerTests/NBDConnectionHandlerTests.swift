@@ -100,6 +100,38 @@ import Testing
         #expect(hole.map(\.type) == [NBDChunkType.offsetHole.rawValue])
     }
 
+    @Test func aSparseReadSendsItsHolesAsHoleChunks() throws {
+        try negotiate()
+        try send(Wire.request(type: 1, cookie: 1, offset: 4096, length: 4, payload: [1, 2, 3, 4]))
+        try send(Wire.request(type: 1, cookie: 2, offset: 300_000, length: 2, payload: [5, 6]))
+        _ = try outbound()
+        try send(Wire.request(type: 0, cookie: 3, offset: 0, length: 512 * 1024))
+        let reply = chunks(try outbound())
+        #expect(reply.map(\.type) == [NBDChunkType.offsetData.rawValue, NBDChunkType.offsetHole.rawValue,
+                                      NBDChunkType.offsetData.rawValue, NBDChunkType.offsetHole.rawValue])
+        #expect(reply.map(\.flags) == [0, 0, 0, 1])
+        // Reassembled, the chunks cover the read exactly and hold the data.
+        var image = [UInt8](repeating: 0xff, count: 512 * 1024)
+        for chunk in reply {
+            var payload = ByteBuffer(bytes: chunk.payload)
+            let offset = Int(payload.readInteger(as: UInt64.self)!)
+            if chunk.type == NBDChunkType.offsetHole.rawValue {
+                let length = Int(payload.readInteger(as: UInt32.self)!)
+                for index in offset..<(offset + length) { image[index] = 0 }
+            } else {
+                let bytes = payload.readBytes(length: payload.readableBytes)!
+                image.replaceSubrange(offset..<(offset + bytes.count), with: bytes)
+            }
+        }
+        var expected = [UInt8](repeating: 0, count: 512 * 1024)
+        expected.replaceSubrange(4096..<4100, with: [1, 2, 3, 4])
+        expected.replaceSubrange(300_000..<300_002, with: [5, 6])
+        #expect(image == expected)
+        // With DF, one data chunk.
+        try send(Wire.request(type: 0, flags: NBDCommandFlags.dontFragment.rawValue, cookie: 4, offset: 0, length: 512 * 1024))
+        #expect(chunks(try outbound()).map(\.type) == [NBDChunkType.offsetData.rawValue])
+    }
+
     @Test func blockStatusRepliesPerContextWithMergedExtents() throws {
         try negotiate()
         try send(Wire.request(type: 1, cookie: 1, offset: 0, length: 1, payload: [9]))
