@@ -258,6 +258,31 @@ def qemu_io_compare_direct_io_uring(ctx):
 
 
 @case
+def qemu_io_compare_writethrough(ctx):
+    """Same sequence with --cache=writethrough (every write forced to disk
+    before its reply, as FUA): the same bytes."""
+    run_qemu_io_compare(ctx, {"extra": ("--cache=writethrough",)}, "ignore",
+                        expect_holes=False)
+
+
+@case
+def qemu_io_compare_directsync(ctx):
+    """Same sequence with --cache=directsync (O_DIRECT and every write
+    forced to disk): the same bytes."""
+    require_odirect(ctx)
+    run_qemu_io_compare(ctx, {"extra": ("--cache=directsync",)}, "ignore",
+                        expect_holes=False)
+
+
+@case
+def qemu_io_compare_unsafe(ctx):
+    """Same sequence with --cache=unsafe (flushes ignored): the same bytes
+    while the server runs."""
+    run_qemu_io_compare(ctx, {"extra": ("--cache=unsafe",)}, "ignore",
+                        expect_holes=False)
+
+
+@case
 def qemu_io_compare_direct_tuned(ctx):
     """The O_DIRECT sequence again with Strata's loop polling on and Linux
     AIO batches of up to 8 (--poll-max-ns=50000 --aio-max-batch=8): the

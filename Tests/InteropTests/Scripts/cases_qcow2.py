@@ -282,6 +282,7 @@ def qcow2_hostile_headers(ctx):
         "l1-over-header": lambda d: put(d, 40, 0, 8),
         "incompatible-bit": lambda d: put(d, 72, 1 << 20, 8),
         "encrypted": lambda d: put(d, 32, 2, 4),
+        "encrypted-aes": lambda d: put(d, 32, 1, 4),
         "refcount-order": lambda d: put(d, 96, 9, 4),
         "header-length": lambda d: put(d, 100, 1 << 30, 4),
         "snapshots": lambda d: (put(d, 60, 1000, 4), put(d, 64, 1 << 50, 8)),
@@ -296,4 +297,6 @@ def qcow2_hostile_headers(ctx):
         text = srv.stderr_text()
         check("strata:" in text and "Fatal error" not in text and "crash" not in text.lower(),
               "%s: a clear message, no crash: %s" % (name, text[-400:]))
+        if name.startswith("encrypted"):
+            check("not supported" in text, "%s: the message says encryption is not supported: %s" % (name, text[-400:]))
         note("%s: %s" % (name, text.strip().splitlines()[-1] if text.strip() else "(no message)"))

@@ -3,6 +3,7 @@ and straight into a raw reference; afterwards `qemu-img check` exits 0 and
 `qemu-img compare` finds the images identical. Plus many clients at once,
 and a kill -9 in the middle of a write storm."""
 
+import errno
 import os
 import random
 import shutil
@@ -110,6 +111,49 @@ def qcow2_write_extended_l2(ctx):
     img = ctx.path("x.qcow2")
     qimg(ctx, "create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=128k", "-b", "base.qcow2", "-F", "qcow2", img)
     writer_check(ctx, img)
+
+
+@case
+def qcow2_write_extended_l2_unmap(ctx):
+    """Extended L2 over a backing file with --discard=unmap: zero writes
+    that may unmap and discards (whole clusters) drop the allocation and
+    read as zeroes, not as the backing file."""
+    base = ctx.path("base.qcow2")
+    qimg(ctx, "create", "-f", "qcow2", base, "32M")
+    qio(ctx, base, "write -P 0x66 0 32M")
+    img = ctx.path("xu.qcow2")
+    qimg(ctx, "create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=128k", "-b", "base.qcow2", "-F", "qcow2", img)
+    qio(ctx, img, "write -P 0x12 0 4M")
+    writer_check(ctx, img, writes=WRITES + ["discard 1M 256k", "discard 8M 128k", "write -z -u 12M 256k", "flush"],
+                 extra=["--discard=unmap"], discard_as_zero=True)
+
+
+@case
+def qcow2_fast_zero(ctx):
+    """NBD_CMD_FLAG_FAST_ZERO: on a version 3 image, cluster-aligned zeroing
+    is a metadata change and succeeds; on a version 2 image (no zero
+    clusters) it would need data writes, so the answer is ENOTSUP and
+    nothing changes."""
+    for compat, ok in (("1.1", True), ("0.10", False)):
+        img = ctx.path("fz-%s.qcow2" % compat)
+        qimg(ctx, "create", "-f", "qcow2", "-o", "compat=" + compat, img, "8M")
+        qio(ctx, img, "write -P 0x42 0 8M")
+        srv = ctx.start_server(img, fmt="qcow2")
+        h = nbd.NBD()
+        h.connect_uri(srv.uri())
+        check(h.can_fast_zero(), "the export advertises FAST_ZERO")
+        try:
+            h.zero(1 << 20, 1 << 20, nbd.CMD_FLAG_FAST_ZERO)
+            got = 0
+        except nbd.Error as e:
+            got = e.errnum
+        expected_data = bytes(1 << 20) if ok else b"\x42" * (1 << 20)
+        check_eq("FAST_ZERO on a compat=%s image: errno" % compat, 0 if ok else errno.ENOTSUP, got)
+        check(h.pread(1 << 20, 1 << 20) == expected_data, "compat=%s: the range reads as expected" % compat)
+        h.shutdown()
+        srv.stop()
+        check_eq("qemu-img check exit status (compat=%s)" % compat, 0,
+                 ctx.run(["qemu-img", "check", img], check=False).returncode)
 
 
 @case
