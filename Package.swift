@@ -116,7 +116,11 @@ let package = Package(
         ),
         .testTarget(
             name: "QCOW2Tests",
-            dependencies: ["QCOW2", "BlockLayer"]
+            dependencies: [
+                "QCOW2", "BlockLayer",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
         ),
         .testTarget(
             name: "InteropTests",

@@ -1,0 +1,124 @@
+import BlockLayer
+import NIOCore
+import NIOEmbedded
+@testable import QCOW2
+import Testing
+
+/// An image file in memory that records what the qcow2 driver asks of it.
+final class RecordingFile: BlockDriver {
+    let formatName = "file"
+    var bytes: [UInt8]
+    private(set) var reads: [(offset: Int64, count: Int)] = []
+    private(set) var writes: [(offset: Int64, count: Int)] = []
+
+    init(bytes: [UInt8]) { self.bytes = bytes }
+
+    var length: Int64 { Int64(bytes.count) }
+
+    func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
+              completion: @escaping BlockCompletion) {
+        reads.append((offset, buffer.count))
+        let start = Int(offset)
+        let available = max(0, min(buffer.count, bytes.count - start))
+        buffer.initializeMemory(as: UInt8.self, repeating: 0)
+        if available > 0 {
+            bytes.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress! + start, byteCount: available) }
+        }
+        completion(nil)
+    }
+
+    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
+               completion: @escaping BlockCompletion) {
+        writes.append((offset, buffer.count))
+        let end = Int(offset) + buffer.count
+        if end > bytes.count { bytes += [UInt8](repeating: 0, count: end - bytes.count) }
+        bytes.replaceSubrange(Int(offset)..<end, with: buffer)
+        completion(nil)
+    }
+
+    func flush(completion: @escaping BlockCompletion) { completion(nil) }
+
+    func forget() {
+        reads = []
+        writes = []
+    }
+}
+
+/// The metadata caches: once warm, allocated reads and in-place writes
+/// cost the image file exactly one data request each, no metadata I/O.
+@Suite struct QCOW2MetadataCacheTests {
+    let loop = EmbeddedEventLoop()
+
+    func open(_ file: RecordingFile, readOnly: Bool, l2CacheSize: Int? = nil) throws -> BlockBackend {
+        let graph = BlockGraph(eventLoop: loop)
+        let fileNode = try graph.addNode(name: "file", driver: file)
+        let future = QCOW2Driver.open(file: fileNode, options: QCOW2Options(readOnly: readOnly, l2CacheSize: l2CacheSize))
+        loop.run()
+        let node = try graph.addNode(name: "image", driver: try future.wait(), options: BlockNodeOptions(readOnly: readOnly),
+                                     children: [.init(name: "file", role: .image, node: fileNode)])
+        let perm: BlockPermission = readOnly ? .consistentRead : [.consistentRead, .write]
+        return try graph.attachBackend(name: "test", to: node, perm: perm, shared: .all)
+    }
+
+    /// An image with every cluster allocated (metadata preallocated).
+    func preallocatedImage(size: UInt64 = 64 << 20, clusterBits: UInt32 = 16) throws -> RecordingFile {
+        var options = QCOW2ImageBuilder.Options(size: size)
+        options.clusterBits = clusterBits
+        options.preallocateMetadata = true
+        let layout = try QCOW2ImageBuilder(options: options).build()
+        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
+        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
+        return RecordingFile(bytes: bytes)
+    }
+
+    /// One request of `count` bytes every `step` bytes over `size`.
+    func pass(_ backend: BlockBackend, write: Bool, size: Int = 64 << 20, step: Int = 1 << 20, count: Int = 4096) {
+        var buffer = [UInt8](repeating: 0x5a, count: count)
+        var failures = 0
+        for offset in stride(from: 0, to: size, by: step) {
+            buffer.withUnsafeMutableBytes { bytes in
+                let done: BlockCompletion = { if $0 != nil { failures += 1 } }
+                if write {
+                    backend.write(at: Int64(offset), from: UnsafeRawBufferPointer(bytes), completion: done)
+                } else {
+                    backend.read(at: Int64(offset), into: bytes, completion: done)
+                }
+            }
+            loop.run()
+        }
+        #expect(failures == 0)
+    }
+
+    @Test func warmReadsTouchOnlyData() throws {
+        let file = try preallocatedImage()
+        let backend = try open(file, readOnly: true)
+        pass(backend, write: false)
+        file.forget()
+        pass(backend, write: false)
+        #expect(file.reads.count == 64, "one file read per guest read: \(file.reads.count)")
+        #expect(file.reads.allSatisfy { $0.count == 4096 })
+        #expect(file.writes.isEmpty)
+    }
+
+    @Test func warmInPlaceWritesTouchOnlyData() throws {
+        let file = try preallocatedImage()
+        let backend = try open(file, readOnly: false)
+        pass(backend, write: true)
+        file.forget()
+        pass(backend, write: true)
+        #expect(file.reads.isEmpty, "no metadata reads: \(file.reads.count)")
+        #expect(file.writes.count == 64, "one file write per guest write: \(file.writes.count)")
+        #expect(file.writes.allSatisfy { $0.count == 4096 })
+    }
+
+    /// The control: 512-byte clusters (one table maps 32 KiB) and a cache
+    /// of two tables, so a second pass has to read tables again.
+    @Test func aSmallL2CacheReadsTablesAgain() throws {
+        let file = try preallocatedImage(size: 4 << 20, clusterBits: 9)
+        let backend = try open(file, readOnly: true, l2CacheSize: 1024)
+        pass(backend, write: false, size: 4 << 20, step: 32 << 10, count: 512)
+        file.forget()
+        pass(backend, write: false, size: 4 << 20, step: 32 << 10, count: 512)
+        #expect(file.reads.count == 2 * 128, "a table read and a data read per guest read: \(file.reads.count)")
+    }
+}
