@@ -128,11 +128,11 @@ final class ServedImage {
         return String(decoding: errorPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
     }
 
-    /// SIGTERM, then SIGKILL if it has not gone within 10 s.
+    /// `signal` (SIGTERM unless told), then SIGKILL if it has not gone within 10 s.
     @discardableResult
-    func stop() -> Int32 {
+    func stop(signal: Int32 = SIGTERM) -> Int32 {
         if process.isRunning {
-            kill(process.processIdentifier, SIGTERM)
+            kill(process.processIdentifier, signal)
             let deadline = Date().addingTimeInterval(10)
             while process.isRunning, Date() < deadline { usleep(20_000) }
             if process.isRunning { kill(process.processIdentifier, SIGKILL) }

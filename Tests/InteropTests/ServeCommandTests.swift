@@ -114,6 +114,26 @@ import Testing
         #expect(check.status == 0 && !check.stdout.contains("Pattern verification failed"), "\(check.stdout)")
     }
 
+    /// SIGINT (Ctrl-C) ends the server as SIGTERM does: what clients wrote
+    /// to a qcow2 image, metadata included, is on disk; -v said what happened.
+    @Test func sigintShutsDownCleanlyAndVerboseLogsIt() throws {
+        let directory = try Harness.temporaryDirectory("sigint")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = directory.appendingPathComponent("disk.qcow2").path
+        #expect(try Harness.run("/usr/bin/qemu-img", ["create", "-f", "qcow2", image, "16M"]).status == 0)
+        let served = try ServedImage(image: image, options: ["-f", "qcow2", "-v"], directory: directory)
+        let write = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x3c 1M 2M", served.uri])
+        #expect(write.status == 0, "\(write.stderr)")
+        #expect(served.stop(signal: SIGINT) == 0)
+        #expect(!FileManager.default.fileExists(atPath: served.socket), "the socket is removed")
+        let log = served.errors()
+        #expect(log.contains("client entered transmission"), "\(log)")
+        #expect(log.contains("shutting down"), "\(log)")
+        #expect(try Harness.run("/usr/bin/qemu-img", ["check", image]).status == 0)
+        let check = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "read -P 0x3c 1M 2M", image])
+        #expect(check.status == 0 && !check.stdout.contains("Pattern verification failed"), "\(check.stdout)")
+    }
+
     @Test func serverSurvivesAbruptClientsAndKeepsServing() throws {
         let directory = try Harness.temporaryDirectory("abrupt")
         defer { try? FileManager.default.removeItem(at: directory) }

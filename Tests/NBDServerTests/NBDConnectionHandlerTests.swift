@@ -169,6 +169,26 @@ import Testing
         #expect(channel.isActive)
     }
 
+    @Test func diskErrorsReachTheClientAndTheConnectionGoesOn() throws {
+        try negotiate()
+        driver.failure = BlockError(errno: 5, "I/O error")
+        try send(Wire.request(type: 0, cookie: 1, offset: 0, length: 4096))
+        let read = chunks(try outbound())
+        #expect(read.first?.type == NBDChunkType.error.rawValue)
+        #expect(read.first?.payload.prefix(4) == [0, 0, 0, 5])
+        driver.failure = BlockError(errno: 28, "No space left on device")
+        try send(Wire.request(type: 1, cookie: 2, offset: 0, length: 4, payload: [1, 2, 3, 4]))
+        let write = chunks(try outbound())
+        #expect(write.first?.type == NBDChunkType.error.rawValue)
+        #expect(write.first?.payload.prefix(4) == [0, 0, 0, 28])
+        driver.failure = nil
+        try send(Wire.request(type: 1, cookie: 3, offset: 0, length: 4, payload: [1, 2, 3, 4]))
+        var ok = try outbound()
+        #expect(ok.readInteger(as: UInt32.self) == NBDMagic.simpleReply)
+        #expect(ok.readInteger(as: UInt32.self) == 0)
+        #expect(channel.isActive)
+    }
+
     @Test func badRequestMagicClosesTheConnection() throws {
         try negotiate()
         try send(Wire.request(type: 0, magic: 0xbad))

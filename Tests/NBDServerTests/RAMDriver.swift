@@ -7,6 +7,8 @@ final class RAMDriver: BlockDriver {
     var data: [UInt8]
     var holdCompletions = false
     var held: [() -> Void] = []
+    /// Reads and writes fail with this while it is set.
+    var failure: BlockError?
 
     init(size: Int) {
         data = [UInt8](repeating: 0, count: size)
@@ -27,6 +29,7 @@ final class RAMDriver: BlockDriver {
     func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
               completion: @escaping BlockCompletion) {
         finish {
+            if let failure = self.failure { return completion(failure) }
             for index in 0..<buffer.count { buffer[index] = self.data[Int(offset) + index] }
             completion(nil)
         }
@@ -36,6 +39,7 @@ final class RAMDriver: BlockDriver {
                completion: @escaping BlockCompletion) {
         let bytes = Array(buffer)
         finish {
+            if let failure = self.failure { return completion(failure) }
             for (index, byte) in bytes.enumerated() { self.data[Int(offset) + index] = byte }
             completion(nil)
         }
