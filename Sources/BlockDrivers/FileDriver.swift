@@ -378,7 +378,7 @@ public final class FileDriver: BlockDriver {
     // MARK: permissions
 
     public func setPermissions(perm: BlockPermission, shared: BlockPermission) throws {
-        try locks?.apply(perm: perm, shared: shared)
+        try locks?.apply(perm: perm, shared: options.forceShare ? .all : shared)
     }
 
     public func close() {

@@ -23,6 +23,10 @@ public struct FileDriverOptions: Sendable, Equatable {
     public var direct: Bool = false
     public var aio: FileAIOMode = .threads
     public var locking: FileLockingMode = .auto
+    /// QEMU's `force-share` (`qemu-img -U`): the image locks still say what
+    /// this node does (so a writer that refuses readers sees it), but never
+    /// refuse anything to others.
+    public var forceShare: Bool = false
 
     public init(filename: String, readOnly: Bool = false, direct: Bool = false,
                 aio: FileAIOMode = .threads, locking: FileLockingMode = .auto) {

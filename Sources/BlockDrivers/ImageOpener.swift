@@ -18,6 +18,9 @@ public struct ImageOptions: Sendable {
     public var discard: DiscardMode = .ignore
     public var detectZeroes: DetectZeroesMode = .off
     public var locking: FileLockingMode = .auto
+    /// `-U`: share everything with other users of the files (see
+    /// `FileDriverOptions.forceShare`); inherited by backing and data files.
+    public var forceShare = false
     public var nodeName: String?
     /// Serve the image from this byte on (qemu-nbd's `--offset`).
     public var offset: Int64 = 0
@@ -104,8 +107,9 @@ public enum ImageOpener {
 
     private static func openFile(_ filename: String, options: ImageOptions, graph: BlockGraph,
                                  io: FileIOContext) -> EventLoopFuture<BlockNode> {
-        let fileOptions = FileDriverOptions(filename: filename, readOnly: options.readOnly,
+        var fileOptions = FileDriverOptions(filename: filename, readOnly: options.readOnly,
                                             direct: options.cache.direct, aio: options.aio, locking: options.locking)
+        fileOptions.forceShare = options.forceShare
         return FileDriver.open(fileOptions, io: io).flatMapThrowing { driver in
             do {
                 return try graph.addNode(driver: driver, options: nodeOptions(options))
@@ -162,6 +166,7 @@ public enum ImageOpener {
                 backingOptions.cache = options.cache
                 backingOptions.aio = options.aio
                 backingOptions.locking = options.locking
+                backingOptions.forceShare = options.forceShare
                 opening.append(open(backingOptions, graph: graph, io: io, warn: warn, depth: depth + 1)
                     .flatMapErrorThrowing { error in
                         throw BlockError(errno: (error as? BlockError)?.errno ?? EIO,

@@ -33,11 +33,11 @@ final class ImageSession {
             self.io = FileIOContext(eventLoop: self.loop, threadPool: self.pool)
             var options = ImageOptions(filename: filename, format: format)
             options.readOnly = !writable
-            if forceShare { options.locking = .off }
+            options.forceShare = forceShare
             return ImageOpener.open(options, graph: self.graph, io: self.io).flatMap { node in
                 // qemu-img takes consistent read and shares only reading.
                 do {
-                    let perm: BlockPermission = forceShare ? [] : writable ? [.consistentRead, .write] : .consistentRead
+                    let perm: BlockPermission = writable ? [.consistentRead, .write] : .consistentRead
                     _ = try self.graph.attachBackend(name: "qemu-img", to: node, perm: perm,
                                                      shared: forceShare ? .all : [.consistentRead, .writeUnchanged])
                 } catch {

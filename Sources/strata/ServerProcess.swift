@@ -78,7 +78,7 @@ final class ServerProcess {
         image.offset = options.offset
         image.snapshot = options.snapshotName
         image.l2CacheSize = options.l2CacheSize.flatMap(ImageSize.parse).map { Int(min($0, UInt64(Int.max))) }
-        if options.forceShare { image.locking = .off }
+        image.forceShare = options.forceShare
         return ImageOpener.open(image, graph: graph, io: io, warn: { ServerProcess.printError($0) })
             .always { _ in
                 // Open (or failed): the overlay's name is no longer needed.
@@ -102,16 +102,9 @@ final class ServerProcess {
         // QEMU's NBD export permissions: it reads consistently, writes when
         // writable, and lets others read and write but not resize. So, as
         // with qemu-nbd, `qemu-img resize` is refused while the image is
-        // served, and `-U` takes nothing and shares everything.
-        let perm: BlockPermission
-        let shared: BlockPermission
-        if options.forceShare {
-            perm = []
-            shared = .all
-        } else {
-            perm = options.readOnly ? .consistentRead : [.consistentRead, .write]
-            shared = [.consistentRead, .write, .writeUnchanged]
-        }
+        // served. `-U` (read-only) shares everything, as `qemu-img -U` does.
+        let perm: BlockPermission = options.readOnly ? .consistentRead : [.consistentRead, .write]
+        let shared: BlockPermission = options.forceShare ? .all : [.consistentRead, .write, .writeUnchanged]
         let backend = try graph.attachBackend(name: options.exportName.isEmpty ? "export" : options.exportName,
                                               to: node, perm: perm, shared: shared)
         backend.writeThrough = options.cache.writeThrough

@@ -57,7 +57,7 @@ import Testing
 
     @Test func aSecondServerCoexistsAsWithQemuNbd() throws {
         // A second Strata wants nothing QEMU would refuse, so it starts, as a
-        // second qemu-nbd does; with -U it takes no locks at all.
+        // second qemu-nbd does; with -U it refuses nothing to anyone.
         let directory = try Harness.temporaryDirectory("lock2")
         defer { try? FileManager.default.removeItem(at: directory) }
         let image = try Harness.makeImage(in: directory)
@@ -69,6 +69,45 @@ import Testing
         let info = try Harness.run("/usr/bin/nbdinfo", ["--size", second.uri])
         #expect(info.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "16777216")
         second.stop()
+    }
+
+    /// The image lock bytes (OFD locks in /proc/locks) an image holder
+    /// takes, as "start-end" ranges.
+    static func lockRanges(of image: String) throws -> Set<String> {
+        let inode = try FileManager.default.attributesOfItem(atPath: image)[.systemFileNumber] as? UInt64 ?? 0
+        let locks = try String(contentsOfFile: "/proc/locks", encoding: .utf8)
+        var ranges: Set<String> = []
+        for line in locks.split(separator: "\n") where line.contains("OFDLCK") && line.contains(":\(inode) ") {
+            let fields = line.split(separator: " ")
+            ranges.insert("\(fields[fields.count - 2])-\(fields[fields.count - 1])")
+        }
+        return ranges
+    }
+
+    /// `-U` holds what `qemu-img -U` holds: the lock that says it reads, and
+    /// none that would refuse anything to others; so it serves an image a
+    /// writer has open, and the writer keeps it.
+    @Test func forceShareLocksAsQemuDoes() throws {
+        let directory = try Harness.temporaryDirectory("forceshare")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = directory.appendingPathComponent("disk.qcow2").path
+        #expect(try Harness.run("/usr/bin/qemu-img", ["create", "-f", "qcow2", image, "16M"]).status == 0)
+        let qemu = Process()
+        qemu.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-io")
+        qemu.arguments = ["-r", "-U", "-f", "qcow2", "-c", "sleep 5000", image]
+        qemu.standardOutput = FileHandle.nullDevice
+        try qemu.run()
+        usleep(500_000)
+        let theirs = try Self.lockRanges(of: image)
+        kill(qemu.processIdentifier, SIGKILL)
+        qemu.waitUntilExit()
+        #expect(!theirs.isEmpty)
+
+        let served = try ServedImage(image: image, options: ["-f", "qcow2", "-r", "-U"], directory: directory)
+        defer { served.stop() }
+        #expect(try Self.lockRanges(of: image) == theirs)
+        let write = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 7 0 64k", image])
+        #expect(write.status == 0, "a writer opens the image while -U serves it: \(write.stderr)")
     }
 
     @Test func probedRawRefusesWritingAnotherFormatsHeader() throws {
