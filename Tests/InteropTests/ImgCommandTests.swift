@@ -29,6 +29,8 @@ import Testing
         (["-o", "compat=0.10"], "64M"),
         (["-o", "data_file=DATA,data_file_raw=on"], "32M"),
         (["-o", "cluster_size=512,refcount_bits=1"], "3G"),
+        (["-o", "preallocation=falloc"], "32M"),
+        (["-o", "preallocation=full,cluster_size=16k"], "8M"),
     ])
     func createdImagesPassQemuImgCheck(options: [String], size: String) throws {
         let directory = try Harness.temporaryDirectory("create")
@@ -55,6 +57,16 @@ import Testing
         if text.contains("cluster_size=2M") { #expect(info["cluster-size"] as? Int == 2 << 20) }
         if text.contains("data_file") { #expect(specific["data-file"] as? String == dataPath) }
         #expect(info["virtual-size"] as? Int64 == Int64(ImageSizeForTests.bytes(size)))
+        if text.contains("preallocation=f") {
+            // Data clusters are allocated in the file too, as qemu-img's are.
+            let theirs = directory.appendingPathComponent("theirs.qcow2").path
+            #expect(try qemuImg(["create", "-f", "qcow2"] + resolved + [theirs, size]).status == 0)
+            let mine = try FileManager.default.attributesOfItem(atPath: path)[.size] as? Int64 ?? 0
+            let qemus = try FileManager.default.attributesOfItem(atPath: theirs)[.size] as? Int64 ?? 0
+            #expect(mine == qemus, "file length \(mine), qemu-img's \(qemus)")
+            #expect(try qemuImg(["map", "--output=json", path]).stdout == qemuImg(["map", "--output=json", theirs]).stdout
+                        .replacingOccurrences(of: theirs, with: path))
+        }
         // qemu-io can use it, and it still checks clean afterwards.
         let write = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 0x42 0 1M", path])
         #expect(write.status == 0, "\(write.stderr)")
@@ -199,6 +211,21 @@ import Testing
         let first = try #require(handle.readData(ofLength: 1).first)
         try handle.seek(toOffset: offset)
         handle.write(Data([first ^ 0x80]))
+    }
+
+    /// Exit status 1 (the check could not run) where qemu-img gives it.
+    @Test func checkThatCannotRunExitsOneLikeQemuImg() throws {
+        let directory = try Harness.temporaryDirectory("check1")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let truncated = directory.appendingPathComponent("truncated.qcow2").path
+        FileManager.default.createFile(atPath: truncated, contents: Data([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3]))
+        for image in [directory.appendingPathComponent("missing.qcow2").path, truncated] {
+            let ours = try img(["check", "-f", "qcow2", image])
+            let theirs = try qemuImg(["check", "-f", "qcow2", image])
+            #expect(theirs.status == 1)
+            #expect(ours.status == theirs.status, "\(image): \(ours.stderr)")
+            #expect(ours.stderr.contains("Could not open"), "\(ours.stderr)")
+        }
     }
 
     @Test func checkFindsAndRepairsCopiedFlagsLikeQemuImg() throws {
