@@ -29,6 +29,9 @@ Usage: Benchmarks/run.sh [options]
   --dir DIR         work dir (default: fresh mktemp -d under /var/tmp)
   --build           build Strata (swift build -c release) if the binary is missing
   --keep-image      keep the test images in the work dir after the run
+  --peers-first     start each row set with the peers (qemu-nbd, nbdkit, disk)
+                    and run Strata after them, to see whether a row depends
+                    on its place in the run
   --pin CPU         run every server and its client (fio, nbdcopy) on this
                     one CPU (taskset -c CPU), all servers alike. On a small VM
                     waking the other side on another CPU costs more than the
@@ -60,7 +63,7 @@ warn() { printf 'run.sh: WARNING: %s\n' "$*" >&2; }
 die()  { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- options ---
-SIZE="" RUNTIME="" QUICK=0 ONLY="" WORK="" BUILD=0 KEEP_IMAGE=0 REPORT_ONLY="" PIN_CPU=""
+SIZE="" RUNTIME="" QUICK=0 ONLY="" WORK="" BUILD=0 KEEP_IMAGE=0 REPORT_ONLY="" PIN_CPU="" PEERS_FIRST=0
 FORMATS_ARG=raw,qcow2,chain,alloc
 need_arg() { [ $# -ge 2 ] || die "$1 needs an argument"; }
 while [ $# -gt 0 ]; do
@@ -78,6 +81,7 @@ while [ $# -gt 0 ]; do
     --dir=*)      WORK=${1#*=}; shift ;;
     --build)      BUILD=1; shift ;;
     --keep-image) KEEP_IMAGE=1; shift ;;
+    --peers-first) PEERS_FIRST=1; shift ;;
     --pin)        need_arg "$@"; PIN_CPU=$2; shift 2 ;;
     --pin=*)      PIN_CPU=${1#*=}; shift ;;
     --report)     need_arg "$@"; REPORT_ONLY=$2; shift 2 ;;
@@ -209,6 +213,8 @@ p(f"host: {meta.get('host','')}  cpus: {meta.get('cpus','')}  kernel: {meta.get(
 p(f"image: {meta.get('size','')} ({meta.get('bytes','')} bytes) on {meta.get('fstype','')}  "
   f"runtime: {meta.get('runtime','')} s/job  load at start: {meta.get('load','')}")
 p(f"tools: {meta.get('versions','')}")
+if meta.get("peers_first") == "1":
+    p("order: peers first, Strata last in every row set (--peers-first)")
 if meta.get("pin"):
     p(f"pinned: every server and its client ran on CPU {meta['pin']} only (--pin)")
 if meta.get("formats"):
@@ -434,6 +440,11 @@ QSERVERS=(
   "strata|defaults"
   "qemu-nbd|defaults"
 )
+if [ "$PEERS_FIRST" = 1 ]; then
+  # Same servers, Strata's two last.
+  SERVERS=("${SERVERS[@]:1:2}" "${SERVERS[@]:4}" "${SERVERS[0]}" "${SERVERS[3]}")
+  QSERVERS=("${QSERVERS[1]}" "${QSERVERS[3]}" "${QSERVERS[0]}" "${QSERVERS[2]}")
+fi
 NBDCOPY_REQ=$((256 * 1024))
 NBDCOPY_RUNS=${NBDCOPY_RUNS:-3}
 [[ "$NBDCOPY_RUNS" =~ ^[1-9][0-9]*$ ]] || die "NBDCOPY_RUNS must be a whole number, 1 or more (got '$NBDCOPY_RUNS')"
@@ -872,6 +883,7 @@ versions+="; $(first_line nbdcopy --version)"
   echo "bytes=$BYTES"
   echo "runtime=$RUNTIME"
   echo "pin=$PIN_CPU"
+  echo "peers_first=$PEERS_FIRST"
   echo "fstype=$FSTYPE ($(df -P "$WORK" | awk 'NR==2 {print $1}'))"
   echo "load=$(cut -d' ' -f1-3 /proc/loadavg)"
   echo "clk_tck=$CLK_TCK"
