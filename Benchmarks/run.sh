@@ -440,10 +440,16 @@ QSERVERS=(
   "strata|defaults"
   "qemu-nbd|defaults"
 )
+# The same servers with Strata's last, in their order otherwise.
+peers_first() {
+  local spec
+  for spec in "$@"; do [[ "$spec" == strata* ]] || echo "$spec"; done
+  for spec in "$@"; do [[ "$spec" == strata* ]] && echo "$spec"; done
+  return 0
+}
 if [ "$PEERS_FIRST" = 1 ]; then
-  # Same servers, Strata's two last.
-  SERVERS=("${SERVERS[@]:1:2}" "${SERVERS[@]:4}" "${SERVERS[0]}" "${SERVERS[3]}")
-  QSERVERS=("${QSERVERS[1]}" "${QSERVERS[3]}" "${QSERVERS[0]}" "${QSERVERS[2]}")
+  mapfile -t SERVERS < <(peers_first "${SERVERS[@]}")
+  mapfile -t QSERVERS < <(peers_first "${QSERVERS[@]}")
 fi
 NBDCOPY_REQ=$((256 * 1024))
 NBDCOPY_RUNS=${NBDCOPY_RUNS:-3}

@@ -281,6 +281,8 @@ public final class QCOW2Driver: BlockDriver {
                         guard stored != expected, !onlyLeaks || stored > expected else { continue }
                         QCOW2Refcounter.store(block.mutableBytes, index: index, bits: refcounter.bits, value: expected)
                         refcounter.dirtyBlocks.insert(offset)
+                        // A repaired leak is free for the allocator again.
+                        if expected == 0 { refcounter.firstFreeCandidate = min(refcounter.firstFreeCandidate, cluster) }
                     }
                 }
             } catch {

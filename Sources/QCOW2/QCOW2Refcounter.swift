@@ -22,7 +22,8 @@ final class QCOW2Refcounter {
     /// The end of everything allocated: clusters past it are free, and a
     /// cluster no free one below it can serve is allocated here.
     var allocationEnd: Int64
-    /// No cluster below this one is free (refcount 0). Freeing lowers it, so
+    /// No cluster below this one is free (refcount 0): set when the blocks
+    /// are loaded, lowered by freeing, so
     /// freed clusters are handed out again, lowest first, as QEMU does:
     /// discarding and rewriting does not grow the file for ever.
     var firstFreeCandidate: Int64 = 0
@@ -91,19 +92,25 @@ final class QCOW2Refcounter {
             }
             return chain.map {
                 // Allocate past every cluster in use, even where the file is
-                // shorter than its refcounts say.
+                // shorter than its refcounts say; the first free cluster in
+                // a block is where reuse starts looking.
+                var firstFree = Int64.max
                 for (tableIndex, entry) in table.enumerated() where entry != 0 {
                     guard let block = refcounter.blocks[entry & ~UInt64(511)] else { continue }
                     var last = -1
-                    for index in 0..<Int(refcounter.perBlock)
-                        where QCOW2Refcounts.entry(block.bytes, index: index, bits: refcounter.bits) != 0 {
-                        last = index
+                    for index in 0..<Int(refcounter.perBlock) {
+                        if QCOW2Refcounts.entry(block.bytes, index: index, bits: refcounter.bits) != 0 {
+                            last = index
+                        } else if firstFree == .max {
+                            firstFree = Int64(tableIndex) * refcounter.perBlock + Int64(index)
+                        }
                     }
                     if last >= 0 {
                         let end = (Int64(tableIndex) * refcounter.perBlock + Int64(last) + 1) * refcounter.clusterSize
                         refcounter.allocationEnd = max(refcounter.allocationEnd, end)
                     }
                 }
+                refcounter.firstFreeCandidate = min(firstFree, refcounter.allocationEnd / refcounter.clusterSize)
                 return refcounter
             }
         }

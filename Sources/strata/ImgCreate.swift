@@ -191,10 +191,10 @@ struct ImgCreate: ParsableCommand {
         let fd = Glibc.open(filename, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else { fail("\(filename): Could not create image: \(String(cString: strerror(errno)))") }
         defer { Glibc.close(fd) }
-        guard ftruncate(fd, off_t(layout.fileLength)) == 0 else { fail("Could not resize the image") }
-        for (offset, data) in layout.writes {
-            let written = data.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }
-            guard written == data.count else { fail("Could not write the image: \(String(cString: strerror(errno)))") }
+        do {
+            try layout.write(to: fd)
+        } catch {
+            fail("\(error)")
         }
         if builder.dataFile == nil, preallocation == "falloc" || preallocation == "full" {
             // Data clusters follow the preallocated metadata.

@@ -1,3 +1,4 @@
+import BlockLayer
 import Foundation
 import QCOW2
 #if canImport(Glibc)
@@ -27,30 +28,16 @@ enum TemporaryOverlay {
         var template = Array("\(directory)/vl.XXXXXX".utf8CString)
         let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
         guard fd >= 0 else {
-            throw OverlayError("Could not create temporary overlay in '\(directory)': \(String(cString: strerror(errno)))")
+            throw BlockError(errno: errno, "Could not create temporary overlay in '\(directory)': \(String(cString: strerror(errno)))")
         }
         defer { close(fd) }
         let path = String(cString: template)
         do {
-            guard ftruncate(fd, off_t(layout.fileLength)) == 0 else { throw OverlayError.errno("resize", path) }
-            for (offset, bytes) in layout.writes {
-                let written = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }
-                guard written == bytes.count else { throw OverlayError.errno("write", path) }
-            }
+            try layout.write(to: fd)
         } catch {
             unlink(path)
             throw error
         }
         return path
-    }
-}
-
-/// Why the temporary overlay could not be made.
-struct OverlayError: Error, CustomStringConvertible {
-    let description: String
-    init(_ description: String) { self.description = description }
-
-    static func errno(_ action: String, _ path: String) -> OverlayError {
-        OverlayError("Could not \(action) temporary overlay '\(path)': \(String(cString: strerror(Glibc.errno)))")
     }
 }

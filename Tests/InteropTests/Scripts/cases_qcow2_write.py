@@ -65,9 +65,24 @@ import common  # noqa: E402
 common.Context.qemu_img_compare_fmt = _compare
 
 
-def run_clients_and_compare(ctx, srv, img, threads, errors, expected):
-    """Runs the client threads, stops the server, then requires a clean
-    `qemu-img check` and the image to equal `expected` byte for byte."""
+def run_clients_and_compare(ctx, srv, img, clients, work, expected):
+    """Runs one thread per client number in `clients`, each connected to
+    `srv` and running `work(n, handle)`, then a flush; stops the server,
+    then requires a clean `qemu-img check` and the image to equal
+    `expected` byte for byte."""
+    errors = []
+
+    def client(n):
+        try:
+            h = nbd.NBD()
+            h.connect_uri(srv.uri())
+            work(n, h)
+            h.flush()
+            h.shutdown()
+        except Exception as e:  # noqa: BLE001
+            errors.append("client %d: %s" % (n, e))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in clients]
     for t in threads:
         t.start()
     for t in threads:
@@ -221,30 +236,21 @@ def qcow2_write_concurrent(ctx):
     srv = ctx.start_server(img, fmt="qcow2", extra=["-e", "8"])
     piece = 8192
     expected = bytearray(size)
-    errors = []
 
-    def client(n):
-        try:
-            h = nbd.NBD()
-            h.connect_uri(srv.uri())
-            rng = random.Random(n)
-            for cluster in range(0, size // 65536, 1):
-                offset = cluster * 65536 + n * piece
-                data = bytes([(n * 31 + cluster) & 0xff or 1]) * piece
-                h.pwrite(data, offset)
-                if rng.random() < 0.05:
-                    h.flush()
-            h.flush()
-            h.shutdown()
-        except Exception as e:  # noqa: BLE001
-            errors.append("client %d: %s" % (n, e))
+    def work(n, h):
+        rng = random.Random(n)
+        for cluster in range(0, size // 65536, 1):
+            offset = cluster * 65536 + n * piece
+            data = bytes([(n * 31 + cluster) & 0xff or 1]) * piece
+            h.pwrite(data, offset)
+            if rng.random() < 0.05:
+                h.flush()
 
     for n in range(8):
         for cluster in range(0, size // 65536):
             offset = cluster * 65536 + n * piece
             expected[offset:offset + piece] = bytes([(n * 31 + cluster) & 0xff or 1]) * piece
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
-    run_clients_and_compare(ctx, srv, img, threads, errors, expected)
+    run_clients_and_compare(ctx, srv, img, range(8), work, expected)
 
 
 @case
@@ -329,7 +335,6 @@ def qcow2_write_concurrent_shared(ctx):
     srv = ctx.start_server(img, fmt="qcow2", extra=["-e", "8"])
     expected = bytearray(b"\x61") * size
     piece = 1024
-    errors = []
     plan = {}
     for n in range(8):
         rng = random.Random(100 + n)
@@ -340,31 +345,23 @@ def qcow2_write_concurrent_shared(ctx):
             spots.append(offset)
         plan[n] = spots
 
-    def client(n):
-        try:
-            h = nbd.NBD()
-            h.connect_uri(srv.uri())
-            for i, offset in enumerate(plan[n]):
-                h.aio_pwrite(bytes([n + 1]) * piece, offset)
-                if i % 16 == 15:
-                    while h.aio_in_flight() > 0:
-                        h.poll(-1)
-            while h.aio_in_flight() > 0:
-                h.poll(-1)
-            h.flush()
-            h.shutdown()
-        except Exception as e:  # noqa: BLE001
-            errors.append("client %d: %s" % (n, e))
+    def work(n, h):
+        for i, offset in enumerate(plan[n]):
+            h.aio_pwrite(bytes([n + 1]) * piece, offset)
+            if i % 16 == 15:
+                while h.aio_in_flight() > 0:
+                    h.poll(-1)
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
 
     # Clients write disjoint 1 KiB slots (n * 512 apart, 1 KiB long: the
     # slots of clients n and n+1 overlap by 512 bytes, so replay order must
     # not matter: give each byte the highest client that wrote it last...).
     # Keep it deterministic instead: only even clients, non-overlapping slots.
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(0, 8, 2)]
     for n in range(0, 8, 2):
         for offset in plan[n]:
             expected[offset:offset + piece] = bytes([n + 1]) * piece
-    run_clients_and_compare(ctx, srv, img, threads, errors, expected)
+    run_clients_and_compare(ctx, srv, img, range(0, 8, 2), work, expected)
     after = ctx.path("after.raw")
     qimg(ctx, "convert", "-O", "raw", "-l", "snapshot.name=base", img, after)
     ctx.cmp_files(before, after, what="the snapshot after concurrent writes")
@@ -434,35 +431,26 @@ def qcow2_discard_and_write_storm(ctx):
     qimg(ctx, "create", "-f", "qcow2", img, str(size))
     srv = ctx.start_server(img, fmt="qcow2", extra=["-e", "4", "--discard=unmap"])
     expected = bytearray(size)
-    errors = []
     per_client = size // 4 // cluster
 
-    def client(n):
-        try:
-            h = nbd.NBD()
-            h.connect_uri(srv.uri())
-            rng = random.Random(n)
-            base = n * per_client * cluster
-            for step in range(600):
-                offset = base + rng.randrange(per_client) * cluster
-                if rng.random() < 0.3:
-                    h.trim(cluster, offset)
-                    expected[offset:offset + cluster] = bytes(cluster)
-                else:
-                    start = offset + rng.randrange(0, cluster, 4096)
-                    length = min(offset + cluster - start, 4096 * rng.randrange(1, 9))
-                    data = bytes([(n * 64 + step) % 255 + 1]) * length
-                    h.pwrite(data, start)
-                    expected[start:start + length] = data
-                if rng.random() < 0.1:
-                    h.flush()
-            h.flush()
-            h.shutdown()
-        except Exception as e:  # noqa: BLE001
-            errors.append("client %d: %s" % (n, e))
+    def work(n, h):
+        rng = random.Random(n)
+        base = n * per_client * cluster
+        for step in range(600):
+            offset = base + rng.randrange(per_client) * cluster
+            if rng.random() < 0.3:
+                h.trim(cluster, offset)
+                expected[offset:offset + cluster] = bytes(cluster)
+            else:
+                start = offset + rng.randrange(0, cluster, 4096)
+                length = min(offset + cluster - start, 4096 * rng.randrange(1, 9))
+                data = bytes([(n * 64 + step) % 255 + 1]) * length
+                h.pwrite(data, start)
+                expected[start:start + length] = data
+            if rng.random() < 0.1:
+                h.flush()
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
-    run_clients_and_compare(ctx, srv, img, threads, errors, expected)
+    run_clients_and_compare(ctx, srv, img, range(4), work, expected)
     # Without reuse the ~700 clusters rewritten after a discard come on top
     # of the 512 first allocated (about 75 MiB); with it the file holds the
     # live clusters, plus those freed since the last flush.
