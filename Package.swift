@@ -28,6 +28,7 @@ let package = Package(
             name: "CLinuxAIO",
             linkerSettings: [.linkedLibrary("aio")]
         ),
+        .target(name: "CHugePages"),
         .target(
             name: "CCompression",
             linkerSettings: [.linkedLibrary("z"), .linkedLibrary("zstd")]
@@ -35,6 +36,7 @@ let package = Package(
         .target(
             name: "BlockLayer",
             dependencies: [
+                "CHugePages",
                 .product(name: "NIOCore", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings

@@ -108,7 +108,11 @@ extension NBDConnectionHandler {
             return endRequest(bytes: length)
         }
         let alignment = export.backend.node?.limits.memoryAlignment ?? 1
-        var data = allocator.buffer(capacity: length + alignment)
+        // O_DIRECT reads too long for scattered pages go to huge-page slabs
+        // (one disk request each, not two); those are aligned already.
+        var data = HugePageBuffers.suits(length: length, alignment: alignment)
+            ? HugePageBuffers.allocator.buffer(capacity: length)
+            : allocator.buffer(capacity: length + alignment)
         let base = data.withUnsafeMutableWritableBytes { $0.baseAddress! }
         let padding = (alignment - Int(bitPattern: base) % alignment) % alignment
         data.moveWriterIndex(forwardBy: padding + length)

@@ -9,7 +9,7 @@ import shutil
 import nbd
 
 from common import (KiB, MiB, STD_EXTENTS, STD_SIZE, CaseFailure, Options, case, check,
-                    check_eq, fail, make_sparse_image, note, pattern)
+                    check_bytes, check_eq, fail, make_sparse_image, note, pattern)
 
 
 def random_image(path, size, seed):
@@ -310,6 +310,41 @@ def block_device(ctx):
         check("Pattern verification" not in local, "the device holds what was written: %s" % local[-300:])
     finally:
         ctx.run(["losetup", "-d", dev], check=False)
+
+
+@case
+def direct_large_reads(ctx):
+    """--cache=none --aio=native reads longer than 254 pages (the size a
+    block device splits when the buffer is scattered 4 KiB pages; Strata
+    reads those into 2 MiB huge-page buffers): 1 MiB, 2 MiB, odd lengths
+    and offsets, and 48 reads of 1 MiB in flight at once (more than the
+    buffers set aside, so some use ordinary memory) all return the file's
+    bytes."""
+    require_odirect(ctx)
+    size = 64 * MiB
+    img = ctx.path("direct.raw")
+    data = pattern(77, size)
+    with open(img, "wb") as f:
+        f.write(data)
+    srv = ctx.start_server(img, nocache_native=True)
+    h = nbd.NBD()
+    h.connect_unix(srv.sock)
+    for offset, length in ((0, 1 * MiB), (3 * MiB, 2 * MiB), (5 * MiB + 512, 1 * MiB + 4096),
+                           (7 * MiB + 17, 1016 * KiB + 1), (9 * MiB - 3, 2 * MiB - 5),
+                           (12 * MiB, 2 * MiB + 4096)):
+        check_bytes("read [%d, +%d)" % (offset, length), data[offset:offset + length],
+                    h.pread(length, offset))
+    buffers = []
+    for i in range(48):
+        buf = nbd.Buffer(1 * MiB)
+        h.aio_pread(buf, i * MiB + (i % 3) * 4096)
+        buffers.append((i * MiB + (i % 3) * 4096, buf))
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for offset, buf in buffers:
+        check_bytes("concurrent read at %d" % offset, data[offset:offset + MiB], buf.to_bytearray())
+    h.shutdown()
+    srv.stop()
 
 
 @case

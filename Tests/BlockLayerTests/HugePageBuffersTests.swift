@@ -1,0 +1,73 @@
+import BlockLayer
+import NIOCore
+import Testing
+
+@Suite(.serialized) struct HugePageBuffersTests {
+    let megabyte = 1 << 20
+
+    @Test func aMebibyteReadBufferIsOneSlab() {
+        // What the NBD server asks for on a 1 MiB O_DIRECT read.
+        var buffer = HugePageBuffers.allocator.buffer(capacity: megabyte)
+        #expect(HugePageBuffers.isSlab(buffer))
+        let start = buffer.withUnsafeMutableWritableBytes { Int(bitPattern: $0.baseAddress!) }
+        #expect(start % (2 << 20) == 0, "a slab starts on a huge page boundary")
+        buffer.writeRepeatingByte(0xA5, count: megabyte)
+        #expect(bytes(of: buffer) == [0xA5, 0xA5, 0xA5])
+    }
+
+    @Test func shortBuffersAreAlignedButNotSlabs() {
+        // NIO rounds capacities to powers of two: this is a 512 KiB allocation.
+        let buffer = HugePageBuffers.allocator.buffer(capacity: 300_000)
+        #expect(!HugePageBuffers.isSlab(buffer))
+        let start = buffer.withUnsafeReadableBytes { Int(bitPattern: $0.baseAddress!) }
+        #expect(start % HugePageBuffers.alignment == 0, "O_DIRECT needs no padding")
+    }
+
+    @Test func onlyDirectTransfersLongerThan254PagesSuit() {
+        #expect(HugePageBuffers.suits(length: megabyte, alignment: 4096))
+        #expect(HugePageBuffers.suits(length: 2 * megabyte, alignment: 512))
+        #expect(!HugePageBuffers.suits(length: 254 * 4096, alignment: 4096), "254 pages: never split")
+        #expect(!HugePageBuffers.suits(length: 2 * megabyte + 1, alignment: 4096), "past one slab")
+        #expect(!HugePageBuffers.suits(length: megabyte, alignment: 1), "not O_DIRECT")
+        #expect(!HugePageBuffers.suits(length: megabyte, alignment: 8192), "stricter than the allocator")
+    }
+
+    @Test func growingPastASlabKeepsTheBytes() {
+        var buffer = HugePageBuffers.allocator.buffer(capacity: megabyte + 1)
+        #expect(HugePageBuffers.isSlab(buffer))
+        buffer.writeRepeatingByte(7, count: megabyte)
+        buffer.writeRepeatingByte(8, count: megabyte)
+        buffer.writeBytes([1, 2, 3])  // past 2 MiB: reallocated out of the slab
+        #expect(!HugePageBuffers.isSlab(buffer))
+        #expect(buffer.readableBytes == 2 * megabyte + 3)
+        #expect(buffer.getBytes(at: 0, length: 1) == [7])
+        #expect(buffer.getBytes(at: megabyte - 1, length: 2) == [7, 8])
+        #expect(buffer.getBytes(at: 2 * megabyte - 1, length: 4) == [8, 1, 2, 3])
+    }
+
+    @Test func moreBuffersThanSlabsStillWorkAndSlabsComeBack() {
+        // 32 slabs exist; a burst beyond them falls back to malloc, and
+        // every buffer keeps its own bytes.
+        var buffers: [ByteBuffer] = []
+        for index in 0..<40 {
+            var buffer = HugePageBuffers.allocator.buffer(capacity: megabyte + 4096)
+            buffer.writeRepeatingByte(UInt8(index), count: megabyte)
+            buffers.append(buffer)
+        }
+        #expect(buffers.filter(HugePageBuffers.isSlab).count >= 1)
+        #expect(buffers.contains { !HugePageBuffers.isSlab($0) }, "40 buffers cannot all be slabs")
+        for (index, buffer) in buffers.enumerated() {
+            #expect(bytes(of: buffer) == Array(repeating: UInt8(index), count: 3))
+        }
+        buffers.removeAll()
+        // Freed slabs are handed out again.
+        let again = HugePageBuffers.allocator.buffer(capacity: megabyte + 4096)
+        #expect(HugePageBuffers.isSlab(again))
+    }
+
+    /// The first, middle and last byte: enough to see two buffers sharing memory.
+    private func bytes(of buffer: ByteBuffer) -> [UInt8] {
+        let count = buffer.readableBytes
+        return [0, count / 2, count - 1].map { buffer.getInteger(at: buffer.readerIndex + $0, as: UInt8.self)! }
+    }
+}
