@@ -27,7 +27,8 @@ public enum HugePageBuffers {
     /// Whether a transfer of `length` bytes at memory `alignment` should
     /// use `allocator`.
     public static func suits(length: Int, alignment: Int) -> Bool {
-        alignment > 1 && alignment <= Self.alignment && length >= minimumTransfer && length <= longestTransfer
+        alignment > 1 && alignment <= Self.alignment && alignment & (alignment - 1) == 0
+            && length >= minimumTransfer && length <= longestTransfer
     }
 
     /// Whether a buffer's storage is a huge-page slab.

@@ -75,15 +75,22 @@ void *strata_huge_alloc(size_t size) {
 void strata_huge_free(void *ptr) {
     pthread_mutex_lock(&lock);
     int index = slab_index(ptr);
-    if (index >= 0) {
-        // Past a few idle slabs, give the memory back (the slab stays
-        // reserved and is faulted in again if a burst needs it).
-        if (free_top >= resident_free_slabs)
-            madvise(region + (size_t)index * STRATA_HUGE_SLAB_SIZE, STRATA_HUGE_SLAB_SIZE, MADV_DONTNEED);
-        free_stack[free_top++] = index;
-    }
+    int release = index >= 0 && free_top >= resident_free_slabs;
+    if (index >= 0 && !release) free_stack[free_top++] = index;
     pthread_mutex_unlock(&lock);
-    if (index < 0) free(ptr);
+    if (index < 0) {
+        free(ptr);
+    } else if (release) {
+        // Past a few idle slabs, give the memory back. The slab stays
+        // reserved and goes to the bottom of the stack, so the resident
+        // ones are handed out first and a later burst faults it in again.
+        madvise(region + (size_t)index * STRATA_HUGE_SLAB_SIZE, STRATA_HUGE_SLAB_SIZE, MADV_DONTNEED);
+        pthread_mutex_lock(&lock);
+        memmove(free_stack + 1, free_stack, (size_t)free_top * sizeof free_stack[0]);
+        free_stack[0] = index;
+        free_top++;
+        pthread_mutex_unlock(&lock);
+    }
 }
 
 void *strata_huge_realloc(void *ptr, size_t old_size, size_t new_size) {

@@ -1,4 +1,7 @@
 import BlockLayer
+#if canImport(Glibc)
+import Glibc
+#endif
 import NIOCore
 import Testing
 
@@ -30,6 +33,7 @@ import Testing
         #expect(!HugePageBuffers.suits(length: 2 * megabyte + 1, alignment: 4096), "past one slab")
         #expect(!HugePageBuffers.suits(length: megabyte, alignment: 1), "not O_DIRECT")
         #expect(!HugePageBuffers.suits(length: megabyte, alignment: 8192), "stricter than the allocator")
+        #expect(!HugePageBuffers.suits(length: megabyte, alignment: 3072), "not a power of two")
     }
 
     @Test func growingPastASlabKeepsTheBytes() {
@@ -60,9 +64,21 @@ import Testing
             #expect(bytes(of: buffer) == Array(repeating: UInt8(index), count: 3))
         }
         buffers.removeAll()
-        // Freed slabs are handed out again.
-        let again = HugePageBuffers.allocator.buffer(capacity: megabyte + 4096)
-        #expect(HugePageBuffers.isSlab(again))
+        // Freed slabs are handed out again, resident ones first: past 16
+        // idle slabs the memory goes back to the kernel, and those must not
+        // be the next ones used (each would fault in 2 MiB again).
+        let again = (0..<8).map { _ in HugePageBuffers.allocator.buffer(capacity: megabyte) }
+        #expect(again.allSatisfy(HugePageBuffers.isSlab))
+        #expect(again.allSatisfy(isResident))
+    }
+
+    /// Whether the buffer's first page is in memory (mincore).
+    private func isResident(_ buffer: ByteBuffer) -> Bool {
+        buffer.withUnsafeReadableBytes { bytes in
+            var vector: UInt8 = 0
+            let page = UnsafeMutableRawPointer(mutating: bytes.baseAddress!)
+            return mincore(page, 4096, &vector) == 0 && vector & 1 == 1
+        }
     }
 
     /// The first, middle and last byte: enough to see two buffers sharing memory.

@@ -37,10 +37,11 @@ final class RAMDriver: BlockDriver {
 
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
                completion: @escaping BlockCompletion) {
-        let bytes = Array(buffer)
+        // Copied when the write completes, as an I/O engine reads the
+        // caller's memory when the I/O runs: the payload must stay intact.
         finish {
             if let failure = self.failure { return completion(failure) }
-            for (index, byte) in bytes.enumerated() { self.data[Int(offset) + index] = byte }
+            for (index, byte) in buffer.enumerated() { self.data[Int(offset) + index] = byte }
             completion(nil)
         }
     }
