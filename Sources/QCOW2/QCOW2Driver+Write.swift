@@ -118,8 +118,12 @@ extension QCOW2Driver {
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
                       completion: @escaping BlockCompletion) {
         guard writable else { return completion(.eperm) }
-        let group = PendingGroup(completion: completion)
         let clusterSize = Int64(header.clusterSize)
+        if buffer.count > 0, offset / clusterSize != (offset + Int64(buffer.count) - 1) / clusterSize,
+           let host = contiguousInPlaceHost(at: offset, count: buffer.count) {
+            return writeInPlace(at: host, from: buffer, completion: completion)
+        }
+        let group = PendingGroup(completion: completion)
         var position = offset
         let end = offset + Int64(buffer.count)
         while position < end {
@@ -131,6 +135,62 @@ extension QCOW2Driver {
             position = clusterEnd
         }
         group.finishIssuing()
+    }
+
+    /// Where a write spanning clusters can go as one host write: every
+    /// cluster it touches is owned outright and holds data (the checks of
+    /// the per-cluster path), lies right after the previous one in the file,
+    /// has its L2 table cached and no allocation in progress. Nil sends the
+    /// write cluster by cluster, which also reports whatever is wrong. A
+    /// 1 MiB write over allocated 64 KiB clusters is then one file write, not
+    /// sixteen, as in QEMU.
+    private func contiguousInPlaceHost(at offset: Int64, count: Int) -> Int64? {
+        let clusterSize = Int64(header.clusterSize)
+        let end = offset + Int64(count)
+        var position = offset
+        var start: Int64 = -1
+        var next: Int64 = -1
+        while position < end {
+            let cluster = position / clusterSize
+            let index = Int(position / header.bytesPerL2)
+            guard allocating[cluster] == nil, index < l1.count else { return nil }
+            let l1Entry = l1[index]
+            let tableOffset = l1Entry & QCOW2Entry.offsetMask
+            guard l1Entry & QCOW2Entry.copied != 0, l1Entry & QCOW2Entry.l1ReservedMask == 0, tableOffset != 0,
+                  let table = dirtyL2[tableOffset] ?? pinnedL2[tableOffset]?.table ?? l2Cache.get(tableOffset) else { return nil }
+            let clusterEnd = min(end, (cluster + 1) * clusterSize)
+            let slot = Int(cluster % Int64(header.l2Entries))
+            guard let host = inPlaceHost(table, slot: slot, offset: position, count: Int(clusterEnd - position)) else {
+                return nil
+            }
+            if !externalData {
+                let hostCluster = Int64(host) / clusterSize
+                guard !refcounter!.metadataClusters.contains(hostCluster),
+                      Int64(host) < refcounter!.allocationEnd else { return nil }
+            }
+            let hostPosition = Int64(host) + position % clusterSize
+            if start < 0 {
+                start = hostPosition
+            } else if hostPosition != next {
+                return nil
+            }
+            next = hostPosition + (clusterEnd - position)
+            position = clusterEnd
+        }
+        return start >= 0 ? start : nil
+    }
+
+    /// One write to owned, contiguous clusters (see `contiguousInPlaceHost`).
+    private func writeInPlace(at host: Int64, from buffer: UnsafeRawBufferPointer,
+                              completion: @escaping BlockCompletion) {
+        guard !externalData else { return dataFile.write(at: host, from: buffer, flags: [], completion: completion) }
+        let clusterSize = Int64(header.clusterSize)
+        let clusters = host / clusterSize...(host + Int64(buffer.count) - 1) / clusterSize
+        for cluster in clusters { refcounter!.beginWrite(cluster) }
+        dataFile.write(at: host, from: buffer, flags: []) { error in
+            for cluster in clusters { self.refcounter?.endWrite(cluster) }
+            completion(error)
+        }
     }
 
     /// Writes within one cluster.

@@ -48,9 +48,13 @@ final class RecordingFile: BlockDriver {
 /// cost the image file exactly one data request each, no metadata I/O.
 @Suite struct QCOW2MetadataCacheTests {
     let loop = EmbeddedEventLoop()
+    /// Nodes and backends refer to their graph without owning it.
+    final class Graphs { var all: [BlockGraph] = [] }
+    let graphs = Graphs()
 
     func open(_ file: RecordingFile, readOnly: Bool, l2CacheSize: Int? = nil) throws -> BlockBackend {
         let graph = BlockGraph(eventLoop: loop)
+        graphs.all.append(graph)
         let fileNode = try graph.addNode(name: "file", driver: file)
         let future = QCOW2Driver.open(file: fileNode, options: QCOW2Options(readOnly: readOnly, l2CacheSize: l2CacheSize))
         loop.run()
@@ -104,6 +108,56 @@ final class RecordingFile: BlockDriver {
         #expect(same.count == 64, "one file request per guest request: \(same.count)")
         #expect(same.allSatisfy { $0.count == 4096 })
         #expect(other.isEmpty, "no metadata requests: \(other.count)")
+    }
+
+    /// A write over clusters that follow each other in the file is one
+    /// file write, however many clusters it spans (as in QEMU); the bytes
+    /// land where a read finds them.
+    @Test func aWriteOverContiguousClustersIsOneFileWrite() throws {
+        let file = try preallocatedImage()
+        let backend = try open(file, readOnly: false)
+        pass(backend, write: true, size: 4 << 20, step: 64 << 10)  // the tables are warm
+        file.forget()
+        let data = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 9) }
+        let offset: Int64 = (64 << 10) + 100  // 17 clusters, unaligned at both ends
+        try write(backend, data, at: offset)
+        #expect(file.writes.count == 1 && file.writes.first?.count == 1 << 20, "\(file.writes)")
+        #expect(try read(backend, count: data.count, at: offset) == data)
+    }
+
+    /// Clusters allocated out of order are not contiguous in the file: the
+    /// write goes cluster by cluster and still lands right.
+    @Test func aWriteOverScatteredClustersGoesClusterByCluster() throws {
+        var options = QCOW2ImageBuilder.Options(size: 4 << 20)
+        options.clusterBits = 16
+        let layout = try QCOW2ImageBuilder(options: options).build()
+        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
+        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
+        let file = RecordingFile(bytes: bytes)
+        let backend = try open(file, readOnly: false)
+        try write(backend, [1], at: 64 << 10)  // allocates guest cluster 1 first,
+        try write(backend, [2], at: 0)         // then cluster 0 after it in the file
+        file.forget()
+        let data = (0..<(128 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+        try write(backend, data, at: 0)
+        #expect(file.writes.count == 2, "one write per cluster: \(file.writes)")
+        #expect(try read(backend, count: data.count, at: 0) == data)
+    }
+
+    func write(_ backend: BlockBackend, _ data: [UInt8], at offset: Int64) throws {
+        var failure: BlockError?
+        data.withUnsafeBytes { backend.write(at: offset, from: $0) { failure = $0 } }
+        loop.run()
+        if let failure { throw failure }
+    }
+
+    func read(_ backend: BlockBackend, count: Int, at offset: Int64) throws -> [UInt8] {
+        var result = [UInt8](repeating: 0, count: count)
+        var failure: BlockError?
+        result.withUnsafeMutableBytes { backend.read(at: offset, into: $0) { failure = $0 } }
+        loop.run()
+        if let failure { throw failure }
+        return result
     }
 
     /// The control: 512-byte clusters (one table maps 32 KiB) and a cache
