@@ -117,6 +117,11 @@ struct Serve: ParsableCommand {
         if nocache { cache = .none }
         // qemu-nbd -l exports the snapshot read-only.
         if loadSnapshot != nil { readOnly = true }
+        // As qemu-nbd: a relative path would depend on where the server was
+        // started (and on the daemon's working directory with --fork).
+        if let socket, !socket.hasPrefix("/") {
+            throw ValidationError("--socket (-k): socket path must be absolute: '\(socket)'")
+        }
         if socket != nil, port != nil || bind != nil {
             throw ValidationError("--socket (-k) cannot be combined with --port (-p) or --bind (-b)")
         }

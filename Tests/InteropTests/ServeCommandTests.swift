@@ -13,6 +13,7 @@ import Testing
         (["-f", "vmdk"], "--format"),
         (["--shared=-1"], "--shared"),
         (["-k", "/tmp/x.sock", "-p", "1234"], "--socket"),
+        (["-k", "relative.sock"], "socket path must be absolute"),
         (["--aio-max-batch=0"], "--aio-max-batch"),
         (["--poll-max-ns=-1"], "--poll-max-ns"),
         (["-s", "-l", "snap"], "--load-snapshot"),
