@@ -55,6 +55,26 @@ import Testing
         #expect(try Harness.waitForSize("nbd://127.0.0.1:\(port)") == "16777216")
     }
 
+    /// Without -k, -p or -b, as qemu-nbd: TCP port 10809 on every IPv4
+    /// address. Skipped where something else holds the port.
+    @Test(.enabled(if: portIsFree(10809), "TCP port 10809 is in use on this machine"))
+    func defaultsListenOnPort10809OnEveryAddress() throws {
+        let directory = try Harness.temporaryDirectory("default-port")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try Harness.makeImage(in: directory)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Harness.strata)
+        process.arguments = ["serve", "-f", "raw", "-t", image]
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        defer { kill(process.processIdentifier, SIGTERM); process.waitUntilExit() }
+        #expect(try Harness.waitForSize("nbd://127.0.0.1") == "16777216")
+        // Listening (state 0A) on 0.0.0.0, port 0x2A39.
+        let table = try String(contentsOfFile: "/proc/net/tcp", encoding: .utf8)
+        #expect(table.split(separator: "\n").contains { $0.contains(" 00000000:2A39 ") && $0.contains(" 0A ") },
+                "no listener on 0.0.0.0:10809 in /proc/net/tcp")
+    }
+
     @Test func adoptsASocketPassedBySystemd() throws {
         let directory = try Harness.temporaryDirectory("activate")
         defer { try? FileManager.default.removeItem(at: directory) }
@@ -133,4 +153,10 @@ import Testing
         let result = try Harness.run("/usr/bin/python3", ["-c", script, served.uri], timeout: 40)
         #expect(result.stdout.split(separator: "\n") == ["waiting", "16777216"], "\(result.stdout)\(result.stderr)")
     }
+}
+
+/// Whether a TCP port can be bound on every IPv4 address right now.
+private func portIsFree(_ port: Int) -> Bool {
+    let probe = "import socket; s = socket.socket(); s.bind(('0.0.0.0', \(port)))"
+    return (try? Harness.run("/usr/bin/python3", ["-c", probe]).status) == 0
 }
