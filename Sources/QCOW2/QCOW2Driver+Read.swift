@@ -27,7 +27,7 @@ extension QCOW2Driver {
         if entry & QCOW2Entry.l1ReservedMask != 0 || offset % UInt64(header.clusterSize) != 0 {
             return completion(.failure(BlockError(errno: EIO, "L2 table offset 0x\(String(offset, radix: 16)) unaligned or reserved bits set")))
         }
-        if let table = dirtyL2[offset] ?? pinnedL2[offset]?.table ?? l2Cache.get(offset) {
+        if let table = cachedL2Table(at: offset) {
             return completion(.success(table))
         }
         if l2Loads[offset] != nil {
@@ -54,6 +54,11 @@ extension QCOW2Driver {
             }
             waiters.forEach { $0(result) }
         }
+    }
+
+    /// The L2 table at host `offset` if it is in memory: dirty, pinned or cached.
+    func cachedL2Table(at offset: UInt64) -> QCOW2L2Table? {
+        dirtyL2[offset] ?? pinnedL2[offset]?.table ?? l2Cache.get(offset)
     }
 
     /// The run starting at guest `offset`, at most `maxLength` long and

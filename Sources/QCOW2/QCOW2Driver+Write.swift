@@ -73,7 +73,7 @@ extension QCOW2Driver {
         if current?.offset != named {
             if named == 0 {
                 current = nil
-            } else if let loaded = dirtyL2[named] ?? pinnedL2[named]?.table ?? l2Cache.get(named) {
+            } else if let loaded = cachedL2Table(at: named) {
                 current = loaded
             } else {
                 throw Self.retry
@@ -157,17 +157,11 @@ extension QCOW2Driver {
             let l1Entry = l1[index]
             let tableOffset = l1Entry & QCOW2Entry.offsetMask
             guard l1Entry & QCOW2Entry.copied != 0, l1Entry & QCOW2Entry.l1ReservedMask == 0, tableOffset != 0,
-                  let table = dirtyL2[tableOffset] ?? pinnedL2[tableOffset]?.table ?? l2Cache.get(tableOffset) else { return nil }
+                  let table = cachedL2Table(at: tableOffset) else { return nil }
             let clusterEnd = min(end, (cluster + 1) * clusterSize)
             let slot = Int(cluster % Int64(header.l2Entries))
-            guard let host = inPlaceHost(table, slot: slot, offset: position, count: Int(clusterEnd - position)) else {
-                return nil
-            }
-            if !externalData {
-                let hostCluster = Int64(host) / clusterSize
-                guard !refcounter!.metadataClusters.contains(hostCluster),
-                      Int64(host) < refcounter!.allocationEnd else { return nil }
-            }
+            guard let host = inPlaceHost(table, slot: slot, offset: position, count: Int(clusterEnd - position)),
+                  inPlaceWriteRefusal(host: host) == nil else { return nil }
             let hostPosition = Int64(host) + position % clusterSize
             if start < 0 {
                 start = hostPosition
@@ -180,7 +174,24 @@ extension QCOW2Driver {
         return start >= 0 ? start : nil
     }
 
-    /// One write to owned, contiguous clusters (see `contiguousInPlaceHost`).
+    /// Why an in-place write to the cluster at `host` would corrupt the
+    /// image, or nil. Metadata lives in the image file; data in an external
+    /// file cannot overlap it.
+    private func inPlaceWriteRefusal(host: UInt64) -> String? {
+        guard !externalData else { return nil }
+        if refcounter!.metadataClusters.contains(Int64(host) / Int64(header.clusterSize)) {
+            return "Preventing invalid write on metadata at 0x\(String(host, radix: 16))"
+        }
+        if Int64(host) >= refcounter!.allocationEnd {
+            // No refcount covers it: a later allocation could hand the same
+            // cluster out again.
+            return "Data cluster at 0x\(String(host, radix: 16)) lies past the allocated end of the image"
+        }
+        return nil
+    }
+
+    /// One write to owned clusters, contiguous in the file: those written
+    /// are not handed out again before it lands, should a discard free them.
     private func writeInPlace(at host: Int64, from buffer: UnsafeRawBufferPointer,
                               completion: @escaping BlockCompletion) {
         guard !externalData else { return dataFile.write(at: host, from: buffer, flags: [], completion: completion) }
@@ -213,29 +224,10 @@ extension QCOW2Driver {
                     }
                     if let table, self.l1[index] & QCOW2Entry.copied != 0,
                        let host = self.inPlaceHost(table, slot: slot, offset: offset, count: piece.count) {
-                        // Metadata lives in the image file; data in an external
-                        // file cannot overlap it.
-                        if !self.externalData, self.refcounter!.metadataClusters.contains(Int64(host) / clusterSize) {
-                            return self.markCorrupt("Preventing invalid write on metadata at 0x\(String(host, radix: 16))",
-                                                    completion: completion)
+                        if let refusal = self.inPlaceWriteRefusal(host: host) {
+                            return self.markCorrupt(refusal, completion: completion)
                         }
-                        if !self.externalData, Int64(host) >= self.refcounter!.allocationEnd {
-                            // No refcount covers it: a later allocation could hand
-                            // the same cluster out again.
-                            return self.markCorrupt("Data cluster at 0x\(String(host, radix: 16)) lies past the allocated end of the image",
-                                                    completion: completion)
-                        }
-                        guard !self.externalData else {
-                            return self.dataFile.write(at: Int64(host) + offset % clusterSize, from: piece, flags: [],
-                                                       completion: completion)
-                        }
-                        let hostCluster = Int64(host) / clusterSize
-                        self.refcounter!.beginWrite(hostCluster)
-                        self.dataFile.write(at: Int64(host) + offset % clusterSize, from: piece, flags: []) { error in
-                            self.refcounter?.endWrite(hostCluster)
-                            completion(error)
-                        }
-                        return
+                        return self.writeInPlace(at: Int64(host) + offset % clusterSize, from: piece, completion: completion)
                     }
                     self.whenMetadataIdle {
                         guard self.allocating[cluster] == nil else { return attempt() }

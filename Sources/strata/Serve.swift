@@ -117,8 +117,8 @@ struct Serve: ParsableCommand {
         if nocache { cache = .none }
         // qemu-nbd -l exports the snapshot read-only.
         if loadSnapshot != nil { readOnly = true }
-        // As qemu-nbd: a relative path would depend on where the server was
-        // started (and on the daemon's working directory with --fork).
+        // As qemu-nbd: a relative path would depend on where the server
+        // happened to be started.
         if let socket, !socket.hasPrefix("/") {
             throw ValidationError("--socket (-k): socket path must be absolute: '\(socket)'")
         }
