@@ -101,15 +101,25 @@ extension QCOW2Driver {
         return table
     }
 
-    /// Host ranges an entry references, to release when it is replaced.
+    /// Host ranges an entry references, to release when it is replaced;
+    /// nil for none, and for an entry of a corrupt image that names
+    /// metadata or an unaligned cluster (freeing those would corrupt more).
     func references(of entry: UInt64) -> (UInt64, Int64)? {
         if entry & QCOW2Entry.compressed != 0 {
             guard case .compressed(let host, let size)? = QCOW2Entry.mapping(entry: entry, bitmap: nil, subcluster: 0,
                                                                            clusterBits: header.clusterBits) else { return nil }
-            return (host & ~511, Int64(size) + Int64(host & 511))
+            let start = host & ~511
+            let length = Int64(size) + Int64(host & 511)
+            let clusterSize = Int64(header.clusterSize)
+            // A hostile entry naming metadata must not free it: it would be
+            // handed out as data next.
+            let clusters = Int64(start) / clusterSize...(Int64(start) + length - 1) / clusterSize
+            guard !clusters.contains(where: refcounter!.metadataClusters.contains) else { return nil }
+            return (start, length)
         }
         let host = entry & QCOW2Entry.offsetMask
-        guard host != 0, !externalData else { return nil }
+        guard host != 0, !externalData, host % UInt64(header.clusterSize) == 0,
+              !refcounter!.metadataClusters.contains(Int64(host) / Int64(header.clusterSize)) else { return nil }
         return (host, Int64(header.clusterSize))
     }
 
@@ -178,14 +188,23 @@ extension QCOW2Driver {
     /// image, or nil. Metadata lives in the image file; data in an external
     /// file cannot overlap it.
     private func inPlaceWriteRefusal(host: UInt64) -> String? {
+        if host % UInt64(header.clusterSize) != 0 {
+            return "Cluster allocation offset 0x\(String(host, radix: 16)) unaligned"
+        }
         guard !externalData else { return nil }
-        if refcounter!.metadataClusters.contains(Int64(host) / Int64(header.clusterSize)) {
+        let cluster = Int64(host) / Int64(header.clusterSize)
+        if refcounter!.metadataClusters.contains(cluster) {
             return "Preventing invalid write on metadata at 0x\(String(host, radix: 16))"
         }
         if Int64(host) >= refcounter!.allocationEnd {
             // No refcount covers it: a later allocation could hand the same
             // cluster out again.
             return "Data cluster at 0x\(String(host, radix: 16)) lies past the allocated end of the image"
+        }
+        if refcounter!.refcount(cluster) == 0 {
+            // Free by its refcount, so the allocator could hand it to
+            // another guest cluster while this one still writes to it.
+            return "Data cluster at 0x\(String(host, radix: 16)) has a reference count of 0"
         }
         return nil
     }
@@ -284,9 +303,8 @@ extension QCOW2Driver {
             oldEntry = table.entry(slot)
             if header.hasExtendedL2, !externalData, oldEntry & QCOW2Entry.copied != 0 {
                 let reused = oldEntry & QCOW2Entry.offsetMask
-                if reused != 0, refcounter!.metadataClusters.contains(Int64(reused) / clusterSize)
-                    || Int64(reused) >= refcounter!.allocationEnd {
-                    return markCorrupt("Preventing invalid write at 0x\(String(reused, radix: 16))", completion: completion)
+                if reused != 0, let refusal = inPlaceWriteRefusal(host: reused) {
+                    return markCorrupt(refusal, completion: completion)
                 }
             }
             if externalData {

@@ -1,0 +1,87 @@
+import BlockLayer
+import NIOCore
+import NIOEmbedded
+@testable import QCOW2
+import Testing
+
+/// L2 entries of a corrupt image that name metadata or free clusters:
+/// writes refuse them and mark the image corrupt, and a discard never frees
+/// metadata for the allocator to hand out as data.
+@Suite struct QCOW2HostileEntryTests {
+    let loop = EmbeddedEventLoop()
+    /// Nodes refer to their graph without owning it.
+    final class Graphs { var all: [BlockGraph] = [] }
+    let graphs = Graphs()
+    let clusterSize = 64 << 10
+
+    /// A preallocated 4 MiB image, followed by one cluster no refcount
+    /// counts, whose L2 entry for guest cluster 0 is replaced by
+    /// `entry(header, offset of that free cluster)`.
+    func image(entry: (QCOW2Header, UInt64) -> UInt64) throws -> (RecordingFile, QCOW2Header) {
+        var options = QCOW2ImageBuilder.Options(size: 4 << 20)
+        options.clusterBits = 16
+        options.preallocateMetadata = true
+        let layout = try QCOW2ImageBuilder(options: options).build()
+        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength) + clusterSize)
+        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
+        let header = try QCOW2Header.parse(bytes)
+        let l1Entry = bytes[Int(header.l1TableOffset)..<Int(header.l1TableOffset) + 8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        let l2 = Int(l1Entry & QCOW2Entry.offsetMask)
+        let value = entry(header, UInt64(layout.fileLength))
+        for index in 0..<8 { bytes[l2 + index] = UInt8(truncatingIfNeeded: value >> UInt64(56 - 8 * index)) }
+        return (RecordingFile(bytes: bytes), header)
+    }
+
+    func open(_ file: RecordingFile) throws -> QCOW2Driver {
+        let graph = BlockGraph(eventLoop: loop)
+        graphs.all.append(graph)
+        let fileNode = try graph.addNode(name: "file", driver: file)
+        let future = QCOW2Driver.open(file: fileNode, options: QCOW2Options(readOnly: false))
+        loop.run()
+        let driver = try future.wait()
+        _ = try graph.addNode(name: "image", driver: driver, options: BlockNodeOptions(readOnly: false),
+                              children: [.init(name: "file", role: .image, node: fileNode)])
+        return driver
+    }
+
+    func run(_ body: (@escaping BlockCompletion) -> Void) -> BlockError? {
+        var result: BlockError?
+        var done = false
+        body { result = $0; done = true }
+        loop.run()
+        #expect(done)
+        return result
+    }
+
+    @Test func aDiscardOfAnEntryNamingMetadataDoesNotFreeIt() throws {
+        let (file, header) = try image { header, _ in QCOW2Entry.copied | header.l1TableOffset }
+        let driver = try open(file)
+        let l1Cluster = Int64(header.l1TableOffset) / Int64(clusterSize)
+        let before = driver.refcounter!.refcount(l1Cluster)
+        #expect(run { driver.discard(at: 0, length: Int64(clusterSize), completion: $0) } == nil)
+        #expect(run { driver.flush(completion: $0) } == nil)
+        #expect(driver.refcounter!.refcount(l1Cluster) == before, "the L1 table's refcount is untouched")
+        #expect(driver.refcounter!.metadataClusters.contains(l1Cluster))
+        // The next allocation does not land on the L1 table.
+        let data = [UInt8](repeating: 0x77, count: clusterSize)
+        #expect(run { done in data.withUnsafeBytes { driver.write(at: Int64(clusterSize), from: $0, flags: [], completion: done) } } == nil)
+        #expect(run { driver.flush(completion: $0) } == nil)
+        #expect(Array(file.bytes[Int(header.l1TableOffset)..<Int(header.l1TableOffset) + 8]) != [UInt8](repeating: 0x77, count: 8))
+    }
+
+    @Test(arguments: ["metadata", "unaligned", "free"])
+    func anInPlaceWriteToABadClusterMarksTheImageCorrupt(kind: String) throws {
+        let (file, _) = try image { header, free in
+            switch kind {
+            case "metadata": return QCOW2Entry.copied | header.l1TableOffset
+            case "unaligned": return QCOW2Entry.copied | (header.l1TableOffset + UInt64(4 * (64 << 10)) + 512)
+            default: return QCOW2Entry.copied | free
+            }
+        }
+        let driver = try open(file)
+        let data = [UInt8](repeating: 0x55, count: 4096)
+        let error = run { done in data.withUnsafeBytes { driver.write(at: 0, from: $0, flags: [], completion: done) } }
+        #expect(error != nil, "the write is refused")
+        #expect(driver.header.incompatibleFeatures.contains(.corrupt), "and the image is marked corrupt")
+    }
+}
