@@ -30,8 +30,11 @@ struct SparseReadPlan {
     /// One piece when the reply must not be fragmented (`NBD_CMD_FLAG_DF`).
     static func pieces(of buffer: UnsafeRawBufferPointer, offset: UInt64, dontFragment: Bool) -> [Piece] {
         let count = buffer.count
-        if isAllZero(buffer) { return [Piece(start: 0, length: count, hole: true)] }
-        guard maySplit(count: count, dontFragment: dontFragment) else { return [Piece(start: 0, length: count, hole: false)] }
+        // Split reads need no whole-buffer check first: an all-zero buffer
+        // comes out of the unit scan as one hole.
+        guard maySplit(count: count, dontFragment: dontFragment) else {
+            return [Piece(start: 0, length: count, hole: isAllZero(buffer))]
+        }
         var pieces: [Piece] = []
         func append(_ start: Int, _ end: Int, hole: Bool) {
             guard end > start else { return }
