@@ -173,7 +173,7 @@ QMODES = lambda what: [
 SECTIONS = [
     ("raw", [
         ("O_DIRECT mode: --cache=none --aio=native "
-         "(disk = fio libaio --direct=1 on the image file, no NBD)",
+         "(disk = fio libaio --direct=1 on served.img, no NBD)",
          ["strata-none", "qemu-nbd-none", "disk"], "strata-none"),
         ("Defaults mode: no cache/aio options "
          "(nbdkit-null = protocol ceiling, read jobs only)",
@@ -235,9 +235,11 @@ p("nbdcopy = median of NBDCOPY_RUNS copies (each cold one after its own cache dr
   "requests = image size / 256 KiB (its --request-size) per copy; "
   "cold = page cache dropped right before the job, warm = same job repeated at once")
 present_fmts = {k[0] for k in rows}
+p("every server serves one file, served.img, restored in place from its row set's image and read once "
+  "(O_DIRECT) before it starts, not timed: same blocks, same host cache for all")
 if present_fmts - {"raw"}:
-    p("qcow2 row sets: every server gets its own copy of the image (made before it starts, not timed); "
-      "read jobs run before write jobs. alloc: one pass at most, fresh = new empty image, cache dropped")
+    p("qcow2 row sets: read jobs run before write jobs. alloc: one pass at most, "
+      "fresh = new empty image, cache dropped")
 
 def section(fmt, title, servers, strata):
     present = {k[1] for k in rows if k[0] == fmt}
