@@ -548,7 +548,7 @@ for f in image.raw image.qcow2 base.qcow2 overlay.qcow2; do
 done
 # Peak use: image.raw, the qcow2 masters (image.qcow2, base.qcow2,
 # overlay.qcow2: 1 + 1 + 1/2 image) and served.img (up to 1 image and its
-# metadata, plus a copy kept for a look when a qemu-img check fails).
+# metadata). A server image that fails qemu-img check is copied aside on top.
 need=$((BYTES + (256 << 20) + BYTES + BYTES / 25))
 if want qcow2; then need=$((need + BYTES + BYTES / 50)); fi
 if want chain; then need=$((need + BYTES + BYTES / 2 + BYTES / 25)); fi
@@ -904,6 +904,11 @@ check_server_image() { # check_server_image FORMAT SERVER IMAGE [BASE-STAMP]
     cp --sparse=always "$img" "$kept" || kept="(copy failed)"
     warn "qemu-img check of $fmt/$server's image: exit $rc${note:+, $note}; kept as $kept (details: $LOGS/$lbl.check.err)"
     sed 's/^/    /' "$LOGS/$lbl.check.err" >&2 || true
+    if [ "$fmt" = chain ]; then   # the kept overlay needs its base after exit
+      local keep=() f
+      for f in "${CLEAN_FILES[@]}"; do [ "$f" = "$BASE" ] || keep+=("$f"); done
+      CLEAN_FILES=("${keep[@]}")
+    fi
   else
     log "  qemu-img check $fmt/$server: exit 0, $a/$t clusters allocated"
   fi
