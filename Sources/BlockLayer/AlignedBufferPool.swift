@@ -11,6 +11,9 @@ public final class AlignedBufferPool {
 
     /// Free buffers by size class (log2 of the size, from 12).
     private var free: [[AlignedBuffer]]
+    /// Buffers handed out so far: a path meant to need no bounce can be
+    /// checked to take none.
+    public private(set) var taken = 0
 
     public init() {
         free = Array(repeating: [], count: Self.largestPooled.trailingZeroBitCount - 11)
@@ -24,6 +27,7 @@ public final class AlignedBufferPool {
 
     /// A buffer of at least `count` bytes; its `count` is `count`.
     public func take(count: Int, alignment: Int) -> AlignedBuffer? {
+        taken += 1
         guard alignment <= Self.alignment, let (index, size) = Self.sizeClass(count) else {
             return AlignedBuffer.allocate(count: count, alignment: max(alignment, Self.alignment))
         }

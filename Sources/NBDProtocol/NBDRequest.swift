@@ -8,12 +8,18 @@ public struct NBDRequest: Sendable {
     public var cookie: UInt64
     public var offset: UInt64
     public var length: UInt32
-    /// The data of a WRITE; nil for other commands and for a WRITE whose
-    /// payload was too large to accept (it was skipped, see `payloadDiscarded`).
+    /// The data of a WRITE; nil for other commands, for a WRITE whose
+    /// payload was too large to accept (it was skipped, see
+    /// `payloadDiscarded`) and for one whose payload follows (see
+    /// `payloadFollows`).
     public var payload: ByteBuffer?
     /// True for a WRITE longer than the maximum payload: its data was read
     /// and thrown away so the connection stays in sync; answer it with an error.
     public var payloadDiscarded: Bool
+    /// True for a WRITE at least `NBDRequestDecoder.streamingThreshold`
+    /// long: the decoder read only its header, and the caller takes the
+    /// payload with `NBDRequestDecoder.takePayload` before the next request.
+    public var payloadFollows = false
 
     public var command: NBDCommand? { NBDCommand(rawValue: type) }
 
@@ -32,9 +38,13 @@ public struct NBDRequest: Sendable {
 /// Parses transmission-phase requests from the connection's bytes.
 ///
 /// Pure: feed it the accumulated buffer, get whole requests or nil for "need
-/// more". A WRITE's payload is returned as a slice of the buffer (no copy). A
-/// WRITE longer than `maxPayload` has its payload skipped as it arrives,
-/// without buffering it.
+/// more". A short WRITE's payload is returned as a slice of the buffer (no
+/// copy). A long one is left for the caller to move into memory of its own
+/// as it arrives (`takePayload`): a slice would pin the buffer, so every
+/// later read appended to it would copy the whole buffer, and an O_DIRECT
+/// write would copy the slice once more into aligned memory. A WRITE longer
+/// than `maxPayload` has its payload skipped as it arrives, without
+/// buffering it.
 public struct NBDRequestDecoder: Sendable {
     public enum DecodingError: Error, Equatable, Sendable {
         /// A request did not start with the request magic: the stream is lost.
@@ -45,12 +55,19 @@ public struct NBDRequestDecoder: Sendable {
 
     private var skipping: (request: NBDRequest, remaining: Int)?
     public let maxPayload: Int
+    /// WRITE payloads at least this long follow their request (see
+    /// `NBDRequest.payloadFollows`); shorter ones are slices.
+    public let streamingThreshold: Int
+    /// Bytes of a following payload not taken yet.
+    public private(set) var payloadRemaining = 0
 
-    public init(maxPayload: Int = NBDLimits.maxPayload) {
+    public init(maxPayload: Int = NBDLimits.maxPayload, streamingThreshold: Int = .max) {
         self.maxPayload = maxPayload
+        self.streamingThreshold = max(1, streamingThreshold)
     }
 
     public mutating func next(_ buffer: inout ByteBuffer) throws -> NBDRequest? {
+        precondition(payloadRemaining == 0, "the payload of the last WRITE must be taken first")
         if let (request, remaining) = skipping {
             let skip = min(remaining, buffer.readableBytes)
             buffer.moveReaderIndex(forwardBy: skip)
@@ -82,20 +99,30 @@ public struct NBDRequestDecoder: Sendable {
             skipping = (request, Int(length))
             return try next(&buffer)
         }
+        if Int(length) >= streamingThreshold {
+            buffer.moveReaderIndex(forwardBy: Self.headerSize)
+            request.payloadFollows = true
+            payloadRemaining = Int(length)
+            return request
+        }
         guard buffer.readableBytes >= Self.headerSize + Int(length) else { return nil }
         buffer.moveReaderIndex(forwardBy: Self.headerSize)
         request.payload = buffer.readSlice(length: Int(length))
         return request
     }
 
-    /// Bytes still needed to complete the request at the front of `buffer`,
-    /// so the reader can size its next read; 0 when unknown.
-    public func bytesWanted(_ buffer: ByteBuffer) -> Int {
-        guard skipping == nil, buffer.readableBytes >= Self.headerSize else { return 0 }
-        let index = buffer.readerIndex
-        guard buffer.getInteger(at: index + 6, as: UInt16.self) == NBDCommand.write.rawValue,
-              let length = buffer.getInteger(at: index + 24, as: UInt32.self),
-              Int(length) <= maxPayload else { return 0 }
-        return Self.headerSize + Int(length) - buffer.readableBytes
+    /// Moves what `buffer` holds of the following payload to the end of
+    /// `sink`; true once the whole payload has been moved. `sink` should
+    /// have room for it all, or it is reallocated (and moved) as it grows.
+    public mutating func takePayload(from buffer: inout ByteBuffer, into sink: inout ByteBuffer) -> Bool {
+        let count = min(payloadRemaining, buffer.readableBytes)
+        if count > 0 {
+            buffer.readWithUnsafeReadableBytes { source in
+                sink.writeBytes(UnsafeRawBufferPointer(rebasing: source[..<count]))
+                return count
+            }
+            payloadRemaining -= count
+        }
+        return payloadRemaining == 0
     }
 }

@@ -107,17 +107,10 @@ extension NBDConnectionHandler {
             send(reply)
             return endRequest(bytes: length)
         }
-        let alignment = export.backend.node?.limits.memoryAlignment ?? 1
-        // O_DIRECT reads too long for scattered pages go to huge-page slabs
-        // (one disk request each, not two); those are aligned already.
-        var data = HugePageBuffers.suits(length: length, alignment: alignment)
-            ? HugePageBuffers.allocator.buffer(capacity: length)
-            : allocator.buffer(capacity: length + alignment)
+        var data = transferBuffer(length: length)
         let base = data.withUnsafeMutableWritableBytes { $0.baseAddress! }
-        let padding = (alignment - Int(bitPattern: base) % alignment) % alignment
-        data.moveWriterIndex(forwardBy: padding + length)
-        data.moveReaderIndex(forwardBy: padding)
-        let target = UnsafeMutableRawBufferPointer(start: base + padding, count: length)
+        data.moveWriterIndex(forwardBy: length)
+        let target = UnsafeMutableRawBufferPointer(start: base, count: length)
         export.backend.read(at: Int64(offset), into: target) { error in
             if let error {
                 self.sendError(cookie: cookie, error: NBDError(error, for: request), message: error.description)
@@ -157,6 +150,22 @@ extension NBDConnectionHandler {
             }
             self.endRequest(bytes: length)
         }
+    }
+
+    /// An empty buffer with room for `length` bytes of READ or WRITE data
+    /// at the export node's memory alignment, so O_DIRECT uses it as it is.
+    /// Transfers too long for scattered pages go to huge-page slabs (one
+    /// disk request each, not two); those are aligned already.
+    func transferBuffer(length: Int) -> ByteBuffer {
+        let alignment = export.backend.node?.limits.memoryAlignment ?? 1
+        var data = HugePageBuffers.suits(length: length, alignment: alignment)
+            ? HugePageBuffers.allocator.buffer(capacity: length)
+            : allocator.buffer(capacity: length + alignment)
+        let base = data.withUnsafeMutableWritableBytes { $0.baseAddress! }
+        let padding = (alignment - Int(bitPattern: base) % alignment) % alignment
+        data.moveWriterIndex(forwardBy: padding)
+        data.moveReaderIndex(forwardBy: padding)
+        return data
     }
 
     /// BLOCK_STATUS: one chunk per selected context, the last marked done.

@@ -5,8 +5,11 @@ import NIOCore
 /// One client connection: negotiation, then requests to the export's
 /// backend and replies back, all on the graph's event loop.
 ///
-/// Requests are parsed straight out of the inbound buffer (WRITE payloads
-/// are slices of it, never copied); replies complete out of order and are
+/// Requests are parsed straight out of the inbound buffer. Short WRITE
+/// payloads are slices of it; long ones are copied once, as they arrive,
+/// into a buffer of their own aligned for the export's node, so neither the
+/// inbound buffer nor an O_DIRECT bounce copies them again (see
+/// `NBDRequestDecoder`). Replies complete out of order and are
 /// flushed once per loop tick. Parsing and reading pause while too many
 /// requests or bytes are in flight, or while the client is not reading its
 /// replies (the channel is not writable), so no client can make the server
@@ -22,6 +25,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         var maxInFlight = 256
         /// Payload bytes (read and written) in flight before reading pauses.
         var maxInFlightBytes = 64 << 20
+        /// WRITE payloads from this length on get a buffer of their own. On
+        /// the benchmark VM, 1 MiB O_DIRECT writes spent 58 % of the
+        /// server's CPU in copies when they were slices: the bounce into
+        /// aligned memory, and the inbound buffer copied whole whenever bytes
+        /// were appended or discarded while a slice of it was in flight.
+        var streamingThreshold = 64 << 10
         var log: ((String) -> Void)?
         var poller: LoopPoller?
     }
@@ -37,8 +46,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var phase: Phase = .negotiating
     private var handshakeDecoder = NBDHandshakeDecoder()
     private var negotiation = NBDNegotiation()
-    private var requestDecoder = NBDRequestDecoder()
+    private var requestDecoder: NBDRequestDecoder
     private var cumulation: ByteBuffer?
+    /// A WRITE whose payload is arriving into a buffer of its own.
+    private var incomingWrite: (request: NBDRequest, payload: ByteBuffer)?
     private var handshakeDeadline: Scheduled<Void>?
     private(set) var context: ChannelHandlerContext!
 
@@ -61,6 +72,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     init(registry: NBDExportRegistry, configuration: Configuration) {
         self.registry = registry
         self.configuration = configuration
+        requestDecoder = NBDRequestDecoder(streamingThreshold: configuration.streamingThreshold)
     }
 
     var allocator: ByteBufferAllocator { context.channel.allocator }
@@ -91,6 +103,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         phase = .closed
         handshakeDeadline?.cancel()
         cumulation = nil
+        incomingWrite = nil
         context.fireChannelInactive()
     }
 
@@ -218,14 +231,30 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 readsPaused = true
                 return
             }
-            let request: NBDRequest
-            do {
-                guard let next = try requestDecoder.next(&cumulation!) else { return }
-                request = next
-            } catch {
-                log("closing connection: \(error)")
-                close()
-                return
+            var request: NBDRequest
+            if var incoming = incomingWrite {
+                // Dropped while filling, so the payload's storage is unique
+                // and appending to it never copies it.
+                incomingWrite = nil
+                guard requestDecoder.takePayload(from: &cumulation!, into: &incoming.payload) else {
+                    incomingWrite = incoming
+                    return
+                }
+                request = incoming.request
+                request.payload = incoming.payload
+            } else {
+                do {
+                    guard let next = try requestDecoder.next(&cumulation!) else { return }
+                    request = next
+                } catch {
+                    log("closing connection: \(error)")
+                    close()
+                    return
+                }
+                if request.payloadFollows {
+                    incomingWrite = (request, transferBuffer(length: Int(request.length)))
+                    continue
+                }
             }
             switch ending {
             case nil:

@@ -4,16 +4,39 @@ import NIOCore
 import Testing
 
 @Suite struct NBDRequestDecoderTests {
-    func decodeAll(_ input: ByteBuffer, chunk: Int, maxPayload: Int = 1024) throws -> [NBDRequest] {
-        var decoder = NBDRequestDecoder(maxPayload: maxPayload)
+    /// Feeds `input` in pieces of `chunk` bytes; payloads that follow
+    /// their request are taken into buffers of their own, as the server does.
+    func decodeAll(_ input: ByteBuffer, chunk: Int, maxPayload: Int = 1024,
+                   streamingThreshold: Int = .max) throws -> [NBDRequest] {
+        var decoder = NBDRequestDecoder(maxPayload: maxPayload, streamingThreshold: streamingThreshold)
         var accumulated = ByteBuffer()
         var input = input
         var requests: [NBDRequest] = []
+        var following: (NBDRequest, ByteBuffer)?
         while input.readableBytes > 0 {
             var piece = input.readSlice(length: min(chunk, input.readableBytes))!
             accumulated.writeBuffer(&piece)
-            while let request = try decoder.next(&accumulated) { requests.append(request) }
+            while true {
+                if var pending = following {
+                    guard decoder.takePayload(from: &accumulated, into: &pending.1) else {
+                        following = pending
+                        break
+                    }
+                    following = nil
+                    pending.0.payload = pending.1
+                    requests.append(pending.0)
+                } else if let request = try decoder.next(&accumulated) {
+                    if request.payloadFollows {
+                        following = (request, ByteBuffer())
+                    } else {
+                        requests.append(request)
+                    }
+                } else {
+                    break
+                }
+            }
         }
+        #expect(following == nil && decoder.payloadRemaining == 0)
         return requests
     }
 
@@ -31,6 +54,29 @@ import Testing
         #expect(requests[1].flags == .fua)
         #expect(requests[1].payload.map { Array($0.readableBytesView) } == [1, 2, 3, 4, 5])
         #expect(requests[2].command == .flush)
+    }
+
+    @Test(arguments: [1, 13, 28, 999, 4096])
+    func longPayloadsFollowTheirRequestInAnyChunking(chunk: Int) throws {
+        var bytes = ByteBuffer()
+        for (cookie, length) in [(1, 600), (2, 599), (3, 1024), (4, 0)] {
+            var write = Wire.request(type: 1, cookie: UInt64(cookie), length: UInt32(length),
+                                     payload: (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ cookie) })
+            bytes.writeBuffer(&write)
+        }
+        var oversized = Wire.request(type: 1, cookie: 5, length: 3000, payload: [UInt8](repeating: 9, count: 3000))
+        bytes.writeBuffer(&oversized)
+        var read = Wire.request(type: 0, cookie: 6, length: 10)
+        bytes.writeBuffer(&read)
+        let requests = try decodeAll(bytes, chunk: chunk, streamingThreshold: 600)
+        #expect(requests.map(\.cookie) == [1, 2, 3, 4, 5, 6])
+        #expect(requests.map(\.payloadFollows) == [true, false, true, false, false, false])
+        for request in requests.prefix(4) {
+            let expected = (0..<Int(request.length)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ Int(request.cookie)) }
+            #expect(request.payload.map { Array($0.readableBytesView) } == expected)
+        }
+        #expect(requests[4].payloadDiscarded && requests[4].payload == nil)
+        #expect(requests[5].command == .read)
     }
 
     @Test(arguments: [1, 100, 10000])

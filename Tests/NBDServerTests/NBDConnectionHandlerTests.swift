@@ -218,6 +218,51 @@ import Testing
         }
     }
 
+    @Test(arguments: [1000, 65536 + 7, Int.max])
+    func longWritePayloadsArriveIntoAlignedBuffersOfTheirOwn(chunk: Int) throws {
+        // Long payloads are copied out of the inbound buffer as they arrive,
+        // into memory the node can use for O_DIRECT without a bounce; short
+        // ones between them stay slices.
+        driver.memoryAlignment = 4096
+        registry.export(named: "disk")!.backend.node!.refreshLimits()
+        try negotiate()
+        driver.holdCompletions = true
+        let long = 100_000
+        var stream = ByteBuffer()
+        let writes: [(cookie: Int, offset: Int, length: Int)] = [(1, 0, long), (2, long, 5), (3, 2 * long, long), (4, 3 * long, long)]
+        for write in writes {
+            var request = Wire.request(type: 1, cookie: UInt64(write.cookie), offset: UInt64(write.offset),
+                                       length: UInt32(write.length), payload: pattern(write.cookie, write.length))
+            stream.writeBuffer(&request)
+        }
+        try send(stream, chunk: chunk)
+        #expect(driver.held.count == 4)
+        #expect(driver.writeAddresses.allSatisfy { $0 % 4096 == 0 })
+        #expect(graph.bufferPool.taken == 1, "only the short write was copied into aligned memory")
+        driver.release()
+        loop.run()
+        for write in writes {
+            #expect(Array(driver.data[write.offset..<write.offset + write.length]) == pattern(write.cookie, write.length))
+        }
+        let replies = try outbound()
+        #expect(replies.readableBytes == 4 * NBDReplyEncoder.simpleReplyHeaderSize)
+    }
+
+    @Test func aLongWriteThatIsRefusedLeavesTheStreamInSync() throws {
+        try negotiate()
+        let long = 100_000
+        var stream = Wire.request(type: 1, cookie: 1, offset: (1 << 20) - 4096, length: UInt32(long),
+                                  payload: pattern(1, long))
+        var read = Wire.request(type: 0, cookie: 2, offset: 0, length: 8)
+        stream.writeBuffer(&read)
+        try send(stream, chunk: 4000)
+        let replies = chunks(try outbound())
+        #expect(replies.map(\.cookie) == [1, 2])
+        #expect(replies.first?.payload.prefix(4) == [0, 0, 0, 28])
+        #expect(replies.last?.type == NBDChunkType.offsetHole.rawValue)
+        #expect(channel.isActive)
+    }
+
     /// Bytes that do not repeat at any short period, so a shifted or
     /// duplicated piece of a payload shows.
     func pattern(_ seed: Int, _ count: Int) -> [UInt8] {

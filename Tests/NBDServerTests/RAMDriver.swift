@@ -9,12 +9,20 @@ final class RAMDriver: BlockDriver {
     var held: [() -> Void] = []
     /// Reads and writes fail with this while it is set.
     var failure: BlockError?
+    /// The memory alignment the node asks of its users, as O_DIRECT would.
+    var memoryAlignment = 1
+    /// Where each write's buffer started (the node bounces unaligned ones).
+    var writeAddresses: [Int] = []
 
     init(size: Int) {
         data = [UInt8](repeating: 0, count: size)
     }
 
     var length: Int64 { Int64(data.count) }
+
+    func refreshLimits(_ limits: inout BlockLimits) {
+        limits.memoryAlignment = max(limits.memoryAlignment, memoryAlignment)
+    }
 
     private func finish(_ body: @escaping () -> Void) {
         if holdCompletions { held.append(body) } else { body() }
@@ -39,6 +47,7 @@ final class RAMDriver: BlockDriver {
                completion: @escaping BlockCompletion) {
         // Copied when the write completes, as an I/O engine reads the
         // caller's memory when the I/O runs: the payload must stay intact.
+        writeAddresses.append(Int(bitPattern: buffer.baseAddress))
         finish {
             if let failure = self.failure { return completion(failure) }
             for (index, byte) in buffer.enumerated() { self.data[Int(offset) + index] = byte }
