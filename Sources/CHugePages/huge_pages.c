@@ -11,7 +11,18 @@
 // knows a slab by its address and no header is needed (NIO rounds buffer
 // capacities to powers of two: a header would push 2 MiB past a slab).
 // The range is MAP_NORESERVE: only slabs actually used take memory.
-enum { slab_count = 32, resident_free_slabs = 16 };
+//
+// A slab in use serves one size class, a power of two from
+// STRATA_HUGE_MIN_SIZE to a whole slab, cut into equal chunks; a bitmap per
+// slab says which chunks are free. A slab whose chunks are all free again
+// goes back to the free stack, for any class.
+enum {
+    slab_count = 64,
+    resident_free_slabs = 16,
+    min_shift = 16,                              // log2 of STRATA_HUGE_MIN_SIZE
+    slab_shift = 21,                             // log2 of STRATA_HUGE_SLAB_SIZE
+    max_chunks = 1 << (slab_shift - min_shift),  // 32: fits the bitmap
+};
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static char *region;          // slab_count slabs, 2 MiB aligned; NULL until used
@@ -19,6 +30,8 @@ static int region_failed;
 static int free_stack[slab_count];
 static int free_top;          // entries in free_stack
 static int never_used;        // slabs [never_used, slab_count) were never handed out
+static unsigned char slab_class[slab_count];  // chunk shift of a slab in use, 0 when free
+static uint32_t free_chunks[slab_count];      // bit i set: chunk i of the slab is free
 
 static int reserve_region(void) {
     size_t length = slab_count * STRATA_HUGE_SLAB_SIZE;
@@ -45,8 +58,12 @@ static int slab_index(const void *ptr) {
     return (int)((p - base) / STRATA_HUGE_SLAB_SIZE);
 }
 
-static int wants_slab(size_t size) {
-    return size >= STRATA_HUGE_MIN_SIZE && size <= STRATA_HUGE_SLAB_SIZE;
+/// The chunk shift for `size`, or 0 if it does not want a slab.
+static int size_shift(size_t size) {
+    if (size < STRATA_HUGE_MIN_SIZE || size > STRATA_HUGE_SLAB_SIZE) return 0;
+    int shift = min_shift;
+    while (((size_t)1 << shift) < size) shift++;
+    return shift;
 }
 
 static void *aligned_malloc(size_t size) {
@@ -55,19 +72,37 @@ static void *aligned_malloc(size_t size) {
     return memory;
 }
 
+/// A chunk of class `shift`, or NULL when every slab is taken. Holds `lock`.
+static void *take_chunk(int shift) {
+    int slab = -1;
+    for (int index = 0; index < never_used; index++) {
+        if (slab_class[index] == shift && free_chunks[index] != 0) {
+            slab = index;
+            break;
+        }
+    }
+    if (slab < 0) {
+        if (free_top > 0) slab = free_stack[--free_top];
+        else if (never_used < slab_count) slab = never_used++;
+        else return NULL;
+        int chunks = 1 << (slab_shift - shift);
+        slab_class[slab] = (unsigned char)shift;
+        free_chunks[slab] = chunks == 32 ? UINT32_MAX : ((uint32_t)1 << chunks) - 1;
+    }
+    int chunk = __builtin_ctz(free_chunks[slab]);
+    free_chunks[slab] &= ~((uint32_t)1 << chunk);
+    return region + (size_t)slab * STRATA_HUGE_SLAB_SIZE + ((size_t)chunk << shift);
+}
+
 void *strata_huge_alloc(size_t size) {
-    // Only transfers a scattered buffer could not carry in one request
-    // want a slab; shorter ones would waste most of it.
-    if (wants_slab(size)) {
+    // Short allocations would waste most of a chunk and gain nothing.
+    int shift = size_shift(size);
+    if (shift != 0) {
         pthread_mutex_lock(&lock);
         if (region == NULL && !region_failed && reserve_region() != 0) region_failed = 1;
-        int index = -1;
-        if (region != NULL) {
-            if (free_top > 0) index = free_stack[--free_top];
-            else if (never_used < slab_count) index = never_used++;
-        }
+        void *chunk = region != NULL ? take_chunk(shift) : NULL;
         pthread_mutex_unlock(&lock);
-        if (index >= 0) return region + (size_t)index * STRATA_HUGE_SLAB_SIZE;
+        if (chunk != NULL) return chunk;
     }
     return aligned_malloc(size);
 }
@@ -75,12 +110,25 @@ void *strata_huge_alloc(size_t size) {
 void strata_huge_free(void *ptr) {
     pthread_mutex_lock(&lock);
     int index = slab_index(ptr);
-    int release = index >= 0 && free_top >= resident_free_slabs;
-    if (index >= 0 && !release) free_stack[free_top++] = index;
-    pthread_mutex_unlock(&lock);
     if (index < 0) {
+        pthread_mutex_unlock(&lock);
         free(ptr);
-    } else if (release) {
+        return;
+    }
+    int shift = slab_class[index];
+    size_t offset = (size_t)((char *)ptr - region) - (size_t)index * STRATA_HUGE_SLAB_SIZE;
+    free_chunks[index] |= (uint32_t)1 << (offset >> shift);
+    int chunks = 1 << (slab_shift - shift);
+    uint32_t all = chunks == 32 ? UINT32_MAX : ((uint32_t)1 << chunks) - 1;
+    if (free_chunks[index] != all) {
+        pthread_mutex_unlock(&lock);
+        return;
+    }
+    slab_class[index] = 0;
+    int release = free_top >= resident_free_slabs;
+    if (!release) free_stack[free_top++] = index;
+    pthread_mutex_unlock(&lock);
+    if (release) {
         // Past a few idle slabs, give the memory back. The slab stays
         // reserved and goes to the bottom of the stack, so the resident
         // ones are handed out first and a later burst faults it in again.
@@ -95,11 +143,11 @@ void strata_huge_free(void *ptr) {
 
 void *strata_huge_realloc(void *ptr, size_t old_size, size_t new_size) {
     if (ptr == NULL) return strata_huge_alloc(new_size);
-    int index;
     pthread_mutex_lock(&lock);
-    index = slab_index(ptr);
+    int index = slab_index(ptr);
+    size_t room = index >= 0 ? (size_t)1 << slab_class[index] : 0;
     pthread_mutex_unlock(&lock);
-    if (index >= 0 && new_size <= STRATA_HUGE_SLAB_SIZE) return ptr;
+    if (new_size <= room) return ptr;
     void *fresh = strata_huge_alloc(new_size);
     if (fresh == NULL) return NULL;
     memcpy(fresh, ptr, old_size < new_size ? old_size : new_size);

@@ -13,27 +13,45 @@ import Testing
         var buffer = HugePageBuffers.allocator.buffer(capacity: megabyte)
         #expect(HugePageBuffers.isSlab(buffer))
         let start = buffer.withUnsafeMutableWritableBytes { Int(bitPattern: $0.baseAddress!) }
-        #expect(start % (2 << 20) == 0, "a slab starts on a huge page boundary")
+        #expect(start % megabyte == 0, "a chunk is aligned to its size, so it never straddles a huge page")
         buffer.writeRepeatingByte(0xA5, count: megabyte)
         #expect(bytes(of: buffer) == [0xA5, 0xA5, 0xA5])
     }
 
     @Test func shortBuffersAreAlignedButNotSlabs() {
-        // NIO rounds capacities to powers of two: this is a 512 KiB allocation.
-        let buffer = HugePageBuffers.allocator.buffer(capacity: 300_000)
+        // NIO rounds capacities to powers of two: this is a 32 KiB allocation.
+        let buffer = HugePageBuffers.allocator.buffer(capacity: 30_000)
         #expect(!HugePageBuffers.isSlab(buffer))
         let start = buffer.withUnsafeReadableBytes { Int(bitPattern: $0.baseAddress!) }
         #expect(start % HugePageBuffers.alignment == 0, "O_DIRECT needs no padding")
     }
 
-    @Test func onlyDirectTransfersLongerThan254PagesSuit() {
+    @Test func transfersFrom64KiBToASlabSuit() {
         #expect(HugePageBuffers.suits(length: megabyte, alignment: 4096))
         #expect(HugePageBuffers.suits(length: 2 * megabyte, alignment: 512))
-        #expect(!HugePageBuffers.suits(length: 254 * 4096, alignment: 4096), "254 pages: never split")
+        #expect(HugePageBuffers.suits(length: 64 << 10, alignment: 4096))
+        #expect(HugePageBuffers.suits(length: 256 << 10, alignment: 1), "buffered transfers too")
+        #expect(!HugePageBuffers.suits(length: (64 << 10) - 1, alignment: 4096))
         #expect(!HugePageBuffers.suits(length: 2 * megabyte + 1, alignment: 4096), "past one slab")
-        #expect(!HugePageBuffers.suits(length: megabyte, alignment: 1), "not O_DIRECT")
         #expect(!HugePageBuffers.suits(length: megabyte, alignment: 8192), "stricter than the allocator")
         #expect(!HugePageBuffers.suits(length: megabyte, alignment: 3072), "not a power of two")
+    }
+
+    @Test func buffersShorterThanASlabShareOneInChunksOfTheirOwn() {
+        // What nbdcopy's 256 KiB reads ask for, 64 at a time.
+        let chunk = 256 << 10
+        var buffers = (0..<16).map { _ in HugePageBuffers.allocator.buffer(capacity: chunk) }
+        #expect(buffers.allSatisfy(HugePageBuffers.isSlab))
+        let starts = buffers.map { buffer in buffer.withUnsafeReadableBytes { Int(bitPattern: $0.baseAddress!) } }
+        #expect(starts.allSatisfy { $0 % chunk == 0 })
+        #expect(Set(starts).count == 16)
+        #expect(Set(starts.map { $0 / (2 << 20) }).count < 16, "chunks share slabs")
+        for index in buffers.indices {
+            buffers[index].writeRepeatingByte(UInt8(index), count: chunk)
+        }
+        for (index, buffer) in buffers.enumerated() {
+            #expect(bytes(of: buffer) == Array(repeating: UInt8(index), count: 3))
+        }
     }
 
     @Test func growingPastASlabKeepsTheBytes() {
@@ -50,16 +68,16 @@ import Testing
     }
 
     @Test func moreBuffersThanSlabsStillWorkAndSlabsComeBack() {
-        // 32 slabs exist; a burst beyond them falls back to malloc, and
+        // 64 slabs exist; a burst beyond them falls back to malloc, and
         // every buffer keeps its own bytes.
         var buffers: [ByteBuffer] = []
-        for index in 0..<40 {
+        for index in 0..<70 {
             var buffer = HugePageBuffers.allocator.buffer(capacity: megabyte + 4096)
             buffer.writeRepeatingByte(UInt8(index), count: megabyte)
             buffers.append(buffer)
         }
         #expect(buffers.filter(HugePageBuffers.isSlab).count >= 1)
-        #expect(buffers.contains { !HugePageBuffers.isSlab($0) }, "40 buffers cannot all be slabs")
+        #expect(buffers.contains { !HugePageBuffers.isSlab($0) }, "70 buffers cannot all be slabs")
         for (index, buffer) in buffers.enumerated() {
             #expect(bytes(of: buffer) == Array(repeating: UInt8(index), count: 3))
         }
@@ -67,7 +85,7 @@ import Testing
         // Freed slabs are handed out again, resident ones first: past 16
         // idle slabs the memory goes back to the kernel, and those must not
         // be the next ones used (each would fault in 2 MiB again).
-        let again = (0..<8).map { _ in HugePageBuffers.allocator.buffer(capacity: megabyte) }
+        let again = (0..<8).map { _ in HugePageBuffers.allocator.buffer(capacity: megabyte + 4096) }
         #expect(again.allSatisfy(HugePageBuffers.isSlab))
         #expect(again.allSatisfy(isResident))
     }
