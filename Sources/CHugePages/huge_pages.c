@@ -27,8 +27,10 @@ enum {
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static char *region;          // slab_count slabs, 2 MiB aligned; NULL until used
 static int region_failed;
-static int free_stack[slab_count];
+static int free_stack[slab_count];  // resident slabs on top, released ones below
 static int free_top;          // entries in free_stack
+static int resident_free;     // slabs in free_stack that still hold their memory
+static unsigned char slab_resident[slab_count];  // in free_stack and not released
 static int never_used;        // slabs [never_used, slab_count) were never handed out
 static unsigned char slab_class[slab_count];  // chunk shift of a slab in use, 0 when free
 static uint32_t free_chunks[slab_count];      // bit i set: chunk i of the slab is free
@@ -82,8 +84,11 @@ static void *take_chunk(int shift) {
         }
     }
     if (slab < 0) {
-        if (free_top > 0) slab = free_stack[--free_top];
-        else if (never_used < slab_count) slab = never_used++;
+        if (free_top > 0) {
+            slab = free_stack[--free_top];
+            if (slab_resident[slab]) resident_free--;
+            slab_resident[slab] = 0;
+        } else if (never_used < slab_count) slab = never_used++;
         else return NULL;
         int chunks = 1 << (slab_shift - shift);
         slab_class[slab] = (unsigned char)shift;
@@ -116,6 +121,7 @@ void strata_huge_free(void *ptr) {
         return;
     }
     int shift = slab_class[index];
+    if (shift == 0) abort();  // a free slab: a double free, a programmer error
     size_t offset = (size_t)((char *)ptr - region) - (size_t)index * STRATA_HUGE_SLAB_SIZE;
     free_chunks[index] |= (uint32_t)1 << (offset >> shift);
     int chunks = 1 << (slab_shift - shift);
@@ -125,8 +131,14 @@ void strata_huge_free(void *ptr) {
         return;
     }
     slab_class[index] = 0;
-    int release = free_top >= resident_free_slabs;
-    if (!release) free_stack[free_top++] = index;
+    // Counted apart from released slabs: counting those too would release
+    // every slab freed after a burst, and each would fault in again.
+    int release = resident_free >= resident_free_slabs;
+    if (!release) {
+        free_stack[free_top++] = index;
+        slab_resident[index] = 1;
+        resident_free++;
+    }
     pthread_mutex_unlock(&lock);
     if (release) {
         // Past a few idle slabs, give the memory back. The slab stays

@@ -85,9 +85,19 @@ import Testing
         // Freed slabs are handed out again, resident ones first: past 16
         // idle slabs the memory goes back to the kernel, and those must not
         // be the next ones used (each would fault in 2 MiB again).
-        let again = (0..<8).map { _ in HugePageBuffers.allocator.buffer(capacity: megabyte + 4096) }
+        var again = (0..<8).map { _ in HugePageBuffers.allocator.buffer(capacity: megabyte + 4096) }
         #expect(again.allSatisfy(HugePageBuffers.isSlab))
         #expect(again.allSatisfy(isResident))
+        // Released slabs wait at the bottom of the stack; slabs freed after
+        // the burst are kept again while fewer than 16 are kept, so a steady
+        // load keeps reusing resident ones.
+        for round in 0..<3 {
+            for index in again.indices { again[index].writeRepeatingByte(UInt8(round), count: megabyte) }
+            again.removeAll()
+            again = (0..<8).map { _ in HugePageBuffers.allocator.buffer(capacity: megabyte + 4096) }
+            #expect(again.allSatisfy(HugePageBuffers.isSlab))
+            #expect(again.allSatisfy(isResident), "round \(round)")
+        }
     }
 
     /// Whether the buffer's first page is in memory (mincore).
