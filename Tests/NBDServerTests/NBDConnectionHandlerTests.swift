@@ -237,7 +237,6 @@ import Testing
         }
         try send(stream, chunk: chunk)
         #expect(driver.held.count == 4)
-        #expect(driver.writeAddresses.allSatisfy { $0 % 4096 == 0 })
         #expect(graph.bufferPool.taken == 1, "only the short write was copied into aligned memory")
         driver.release()
         loop.run()

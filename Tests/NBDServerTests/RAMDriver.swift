@@ -11,8 +11,6 @@ final class RAMDriver: BlockDriver {
     var failure: BlockError?
     /// The memory alignment the node asks of its users, as O_DIRECT would.
     var memoryAlignment = 1
-    /// Where each write's buffer started (the node bounces unaligned ones).
-    var writeAddresses: [Int] = []
 
     init(size: Int) {
         data = [UInt8](repeating: 0, count: size)
@@ -47,7 +45,6 @@ final class RAMDriver: BlockDriver {
                completion: @escaping BlockCompletion) {
         // Copied when the write completes, as an I/O engine reads the
         // caller's memory when the I/O runs: the payload must stay intact.
-        writeAddresses.append(Int(bitPattern: buffer.baseAddress))
         finish {
             if let failure = self.failure { return completion(failure) }
             for (index, byte) in buffer.enumerated() { self.data[Int(offset) + index] = byte }
