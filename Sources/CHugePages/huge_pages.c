@@ -21,16 +21,18 @@ enum {
     resident_free_slabs = 16,
     min_shift = 16,                              // log2 of STRATA_HUGE_MIN_SIZE
     slab_shift = 21,                             // log2 of STRATA_HUGE_SLAB_SIZE
-    max_chunks = 1 << (slab_shift - min_shift),  // 32: fits the bitmap
+    max_chunks = 1 << (slab_shift - min_shift),  // 32: one bit each in free_chunks
 };
+_Static_assert(max_chunks <= 32, "a slab's chunks must fit its bitmap");
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static char *region;          // slab_count slabs, 2 MiB aligned; NULL until used
 static int region_failed;
-static int free_stack[slab_count];  // resident slabs on top, released ones below
+// Free slabs: the resident_free on top still hold their memory; released
+// ones (given back to the kernel) wait below them.
+static int free_stack[slab_count];
 static int free_top;          // entries in free_stack
-static int resident_free;     // slabs in free_stack that still hold their memory
-static unsigned char slab_resident[slab_count];  // in free_stack and not released
+static int resident_free;     // the top entries of free_stack that are resident
 static int never_used;        // slabs [never_used, slab_count) were never handed out
 static unsigned char slab_class[slab_count];  // chunk shift of a slab in use, 0 when free
 static uint32_t free_chunks[slab_count];      // bit i set: chunk i of the slab is free
@@ -74,6 +76,12 @@ static void *aligned_malloc(size_t size) {
     return memory;
 }
 
+/// The bitmap of a slab of class `shift` with every chunk free.
+static uint32_t all_chunks(int shift) {
+    int chunks = 1 << (slab_shift - shift);
+    return chunks == 32 ? UINT32_MAX : ((uint32_t)1 << chunks) - 1;  // no 1 << 32
+}
+
 /// A chunk of class `shift`, or NULL when every slab is taken. Holds `lock`.
 static void *take_chunk(int shift) {
     int slab = -1;
@@ -86,13 +94,14 @@ static void *take_chunk(int shift) {
     if (slab < 0) {
         if (free_top > 0) {
             slab = free_stack[--free_top];
-            if (slab_resident[slab]) resident_free--;
-            slab_resident[slab] = 0;
-        } else if (never_used < slab_count) slab = never_used++;
-        else return NULL;
-        int chunks = 1 << (slab_shift - shift);
+            if (resident_free > 0) resident_free--;
+        } else if (never_used < slab_count) {
+            slab = never_used++;
+        } else {
+            return NULL;
+        }
         slab_class[slab] = (unsigned char)shift;
-        free_chunks[slab] = chunks == 32 ? UINT32_MAX : ((uint32_t)1 << chunks) - 1;
+        free_chunks[slab] = all_chunks(shift);
     }
     int chunk = __builtin_ctz(free_chunks[slab]);
     free_chunks[slab] &= ~((uint32_t)1 << chunk);
@@ -124,9 +133,7 @@ void strata_huge_free(void *ptr) {
     if (shift == 0) abort();  // a free slab: a double free, a programmer error
     size_t offset = (size_t)((char *)ptr - region) - (size_t)index * STRATA_HUGE_SLAB_SIZE;
     free_chunks[index] |= (uint32_t)1 << (offset >> shift);
-    int chunks = 1 << (slab_shift - shift);
-    uint32_t all = chunks == 32 ? UINT32_MAX : ((uint32_t)1 << chunks) - 1;
-    if (free_chunks[index] != all) {
+    if (free_chunks[index] != all_chunks(shift)) {
         pthread_mutex_unlock(&lock);
         return;
     }
@@ -136,7 +143,6 @@ void strata_huge_free(void *ptr) {
     int release = resident_free >= resident_free_slabs;
     if (!release) {
         free_stack[free_top++] = index;
-        slab_resident[index] = 1;
         resident_free++;
     }
     pthread_mutex_unlock(&lock);

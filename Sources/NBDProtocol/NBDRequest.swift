@@ -112,17 +112,20 @@ public struct NBDRequestDecoder: Sendable {
     }
 
     /// Moves what `buffer` holds of the following payload to the end of
-    /// `sink`; true once the whole payload has been moved. `sink` should
-    /// have room for it all, or it is reallocated (and moved) as it grows.
-    public mutating func takePayload(from buffer: inout ByteBuffer, into sink: inout ByteBuffer) -> Bool {
+    /// `sink`, or past it when `sink` is nil (a request refused anyway);
+    /// true once the whole payload has been taken. `sink` should have room
+    /// for it all, or it is reallocated (and moved) as it grows.
+    public mutating func takePayload(from buffer: inout ByteBuffer, into sink: inout ByteBuffer?) -> Bool {
         let count = min(payloadRemaining, buffer.readableBytes)
-        if count > 0 {
+        if sink == nil {
+            buffer.moveReaderIndex(forwardBy: count)
+        } else {
             buffer.readWithUnsafeReadableBytes { source in
-                sink.writeBytes(UnsafeRawBufferPointer(rebasing: source[..<count]))
+                sink!.writeBytes(UnsafeRawBufferPointer(rebasing: source[..<count]))
                 return count
             }
-            payloadRemaining -= count
         }
+        payloadRemaining -= count
         return payloadRemaining == 0
     }
 }

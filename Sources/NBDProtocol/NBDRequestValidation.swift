@@ -32,7 +32,9 @@ public enum NBDRequestValidation {
         guard let command = request.command else {
             return (.einval, "unknown command \(request.type)")
         }
-        if request.payloadDiscarded || (command == .write && request.payload == nil) {
+        // A payload that follows the request is not here yet when its
+        // header is checked (see `NBDRequestDecoder.takePayload`).
+        if request.payloadDiscarded || (command == .write && request.payload == nil && !request.payloadFollows) {
             return (.einval, "write of \(request.length) bytes is over the maximum payload")
         }
         let flags = session.transmissionFlags

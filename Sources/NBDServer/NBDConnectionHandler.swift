@@ -48,8 +48,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var negotiation = NBDNegotiation()
     private var requestDecoder: NBDRequestDecoder
     private var cumulation: ByteBuffer?
-    /// A WRITE whose payload is arriving into a buffer of its own.
-    private var incomingWrite: (request: NBDRequest, payload: ByteBuffer)?
+    /// A WRITE whose payload is arriving into a buffer of its own, or being
+    /// skipped (nil) when the request is refused anyway.
+    private var incomingWrite: (request: NBDRequest, payload: ByteBuffer?)?
     private var handshakeDeadline: Scheduled<Void>?
     private(set) var context: ChannelHandlerContext!
 
@@ -231,31 +232,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 readsPaused = true
                 return
             }
-            var request: NBDRequest
-            if var incoming = incomingWrite {
-                // Dropped while filling, so the payload's storage is unique
-                // and appending to it never copies it.
-                incomingWrite = nil
-                guard requestDecoder.takePayload(from: &cumulation!, into: &incoming.payload) else {
-                    incomingWrite = incoming
-                    return
-                }
-                request = incoming.request
-                request.payload = incoming.payload
-            } else {
-                do {
-                    guard let next = try requestDecoder.next(&cumulation!) else { return }
-                    request = next
-                } catch {
-                    log("closing connection: \(error)")
-                    close()
-                    return
-                }
-                if request.payloadFollows {
-                    incomingWrite = (request, transferBuffer(length: Int(request.length)))
-                    continue
-                }
-            }
+            guard let request = nextRequest() else { return }
             switch ending {
             case nil:
                 handle(request)
@@ -270,6 +247,37 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 return
             }
         }
+    }
+
+    /// The next whole request; nil when more bytes are needed or the
+    /// stream is lost (the connection is then closed). A long WRITE's
+    /// payload is copied into a buffer of its own as it arrives, or skipped
+    /// without a buffer when the request's header is refused already.
+    private func nextRequest() -> NBDRequest? {
+        if incomingWrite == nil {
+            let request: NBDRequest
+            do {
+                guard let next = try requestDecoder.next(&cumulation!) else { return nil }
+                request = next
+            } catch {
+                log("closing connection: \(error)")
+                close()
+                return nil
+            }
+            guard request.payloadFollows else { return request }
+            let refused = NBDRequestValidation.check(request, session: session) != nil
+            incomingWrite = (request, refused ? nil : transferBuffer(length: Int(request.length)))
+        }
+        // Dropped while filling, so the payload's storage is unique and
+        // appending to it never copies it.
+        var incoming = incomingWrite!
+        incomingWrite = nil
+        guard requestDecoder.takePayload(from: &cumulation!, into: &incoming.payload) else {
+            incomingWrite = incoming
+            return nil
+        }
+        incoming.request.payload = incoming.payload
+        return incoming.request
     }
 
     // MARK: request lifetime

@@ -5,14 +5,15 @@ import Testing
 
 @Suite struct NBDRequestDecoderTests {
     /// Feeds `input` in pieces of `chunk` bytes; payloads that follow
-    /// their request are taken into buffers of their own, as the server does.
+    /// their request are taken into buffers of their own, as the server does,
+    /// or skipped for the cookies in `skipping`.
     func decodeAll(_ input: ByteBuffer, chunk: Int, maxPayload: Int = 1024,
-                   streamingThreshold: Int = .max) throws -> [NBDRequest] {
+                   streamingThreshold: Int = .max, skipping: Set<UInt64> = []) throws -> [NBDRequest] {
         var decoder = NBDRequestDecoder(maxPayload: maxPayload, streamingThreshold: streamingThreshold)
         var accumulated = ByteBuffer()
         var input = input
         var requests: [NBDRequest] = []
-        var following: (NBDRequest, ByteBuffer)?
+        var following: (NBDRequest, ByteBuffer?)?
         while input.readableBytes > 0 {
             var piece = input.readSlice(length: min(chunk, input.readableBytes))!
             accumulated.writeBuffer(&piece)
@@ -27,7 +28,7 @@ import Testing
                     requests.append(pending.0)
                 } else if let request = try decoder.next(&accumulated) {
                     if request.payloadFollows {
-                        following = (request, ByteBuffer())
+                        following = (request, skipping.contains(request.cookie) ? nil : ByteBuffer())
                     } else {
                         requests.append(request)
                     }
@@ -77,6 +78,17 @@ import Testing
         }
         #expect(requests[4].payloadDiscarded && requests[4].payload == nil)
         #expect(requests[5].command == .read)
+    }
+
+    @Test(arguments: [1, 700, 4096])
+    func aFollowingPayloadCanBeSkippedWithoutABuffer(chunk: Int) throws {
+        var bytes = Wire.request(type: 1, cookie: 1, length: 900, payload: [UInt8](repeating: 7, count: 900))
+        var read = Wire.request(type: 0, cookie: 2, length: 10)
+        bytes.writeBuffer(&read)
+        let requests = try decodeAll(bytes, chunk: chunk, streamingThreshold: 600, skipping: [1])
+        #expect(requests.map(\.cookie) == [1, 2])
+        #expect(requests[0].payloadFollows && requests[0].payload == nil)
+        #expect(requests[1].command == .read && requests[1].offset == 0)
     }
 
     @Test(arguments: [1, 100, 10000])
@@ -135,6 +147,18 @@ import Testing
         #expect(check(1, flags: NBDCommandFlags(rawValue: 1 << 10), session: s) == .einval)
         #expect(check(0, flags: .fua, session: s) == nil, "FUA is tolerated on every command")
         #expect(check(42, session: s) == .einval)
+    }
+
+    @Test func aWriteWhosePayloadFollowsIsCheckedByItsHeader() {
+        var request = NBDRequest(type: 1, flags: [], cookie: 1, offset: 0, length: 100_000)
+        request.payloadFollows = true
+        #expect(NBDRequestValidation.check(request, session: session()) == nil)
+        #expect(NBDRequestValidation.check(request, session: session(readOnly: true))?.error == .eperm)
+        request.offset = (1 << 20) - 4096
+        #expect(NBDRequestValidation.check(request, session: session())?.error == .enospc)
+        request.payloadFollows = false
+        request.offset = 0
+        #expect(NBDRequestValidation.check(request, session: session())?.error == .einval, "no payload at all")
     }
 
     @Test func discardedPayloadsAreRefused() {
