@@ -35,6 +35,10 @@ Usage: Benchmarks/run.sh [options]
   --peers-first     start each row set with the peers (qemu-nbd, nbdkit, disk)
                     and run Strata after them, to see whether a row depends
                     on its place in the run
+  --rounds N        run each row set N times, the server order reversed in
+                    every round after the first; the tables show each cell's
+                    median over the rounds, and each ratio's range over the
+                    rounds' own ratios (default 1)
   --pin CPU         run every server and its client (fio, nbdcopy) on this
                     one CPU (taskset -c CPU), all servers alike. On a small VM
                     waking the other side on another CPU costs more than the
@@ -66,7 +70,7 @@ warn() { printf 'run.sh: WARNING: %s\n' "$*" >&2; }
 die()  { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- options ---
-SIZE="" RUNTIME="" QUICK=0 ONLY="" WORK="" BUILD=0 KEEP_IMAGE=0 REPORT_ONLY="" PIN_CPU="" PEERS_FIRST=0
+SIZE="" RUNTIME="" QUICK=0 ONLY="" WORK="" BUILD=0 KEEP_IMAGE=0 REPORT_ONLY="" PIN_CPU="" PEERS_FIRST=0 ROUNDS=1
 FORMATS_ARG=raw,qcow2,chain,alloc
 need_arg() { [ $# -ge 2 ] || die "$1 needs an argument"; }
 while [ $# -gt 0 ]; do
@@ -85,6 +89,8 @@ while [ $# -gt 0 ]; do
     --build)      BUILD=1; shift ;;
     --keep-image) KEEP_IMAGE=1; shift ;;
     --peers-first) PEERS_FIRST=1; shift ;;
+    --rounds)     need_arg "$@"; ROUNDS=$2; shift 2 ;;
+    --rounds=*)   ROUNDS=${1#*=}; shift ;;
     --pin)        need_arg "$@"; PIN_CPU=$2; shift 2 ;;
     --pin=*)      PIN_CPU=${1#*=}; shift ;;
     --report)     need_arg "$@"; REPORT_ONLY=$2; shift 2 ;;
@@ -98,6 +104,8 @@ if [ "$QUICK" = 1 ]; then
 fi
 SIZE=${SIZE:-2G}; RUNTIME=${RUNTIME:-10}
 [[ "$RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer (seconds), got '$RUNTIME'"
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "--rounds must be a positive integer, got '$ROUNDS'"
+ROUND=1
 # Prefix for every server, fio and nbdcopy command (empty unless --pin).
 PIN=()
 if [ -n "$PIN_CPU" ]; then
@@ -145,11 +153,30 @@ with open(os.path.join(work, "meta.txt")) as f:
             k, v = line.rstrip("\n").split("=", 1)
             meta[k] = v
 
-rows = {}   # (format, server, job, phase) -> dict
+import statistics
+
+runs = {}   # (format, server, job, phase) -> {round: row of results.tsv}
 with open(os.path.join(work, "results.tsv")) as f:
     for r in csv.DictReader(f, delimiter="\t"):
         fmt = r.get("format") or "raw"     # work dirs from before --formats: raw only
-        rows[(fmt, r["server"], r["job"], r["phase"])] = r
+        rnd = int(r.get("round") or 1)     # work dirs from before --rounds: one round
+        runs.setdefault((fmt, r["server"], r["job"], r["phase"]), {})[rnd] = r
+
+def median_row(by_round):
+    """One row for a cell: the median value and CPU over its rounds. A cell
+    with any failed round shows that round's status, so no failure hides
+    behind a median."""
+    rs = [by_round[k] for k in sorted(by_round)]
+    bad = [r for r in rs if r["status"] != "ok"]
+    if bad:
+        return bad[0]
+    out = dict(rs[0])
+    for key in ("value", "cpu_us_per_req"):
+        vals = [num(r, key) for r in rs]
+        out[key] = "n/a" if None in vals else str(statistics.median(vals))
+    return out
+
+rows = {}   # (format, server, job, phase) -> the cell's median row
 
 checks = []  # rows of checks.tsv: qemu-img check after each qcow2 server
 cpath = os.path.join(work, "checks.tsv")
@@ -193,6 +220,21 @@ def num(r, key):
 def ok(r):
     return r is not None and r["status"] == "ok"
 
+for key, by_round in runs.items():
+    rows[key] = median_row(by_round)
+ROUNDS = max((max(v) for v in runs.values()), default=1)
+
+def round_ratios(a_key, b_key):
+    """The rounds' own ratios of a to b (rounds where both ran and are ok)."""
+    a, b = runs.get(a_key, {}), runs.get(b_key, {})
+    out = []
+    for rnd in sorted(set(a) & set(b)):
+        if ok(a[rnd]) and ok(b[rnd]):
+            va, vb = num(a[rnd], "value"), num(b[rnd], "value")
+            if va is not None and vb:
+                out.append(va / vb)
+    return out
+
 def fmt_val(v, unit):
     if v is None:
         return "-"
@@ -218,6 +260,10 @@ p(f"image: {meta.get('size','')} ({meta.get('bytes','')} bytes) on {meta.get('fs
 p(f"tools: {meta.get('versions','')}")
 if meta.get("peers_first") == "1":
     p("order: peers first, Strata last in every row set (--peers-first)")
+if ROUNDS > 1:
+    p(f"rounds: {ROUNDS}, the server order reversed in each round after the first; every cell is "
+      "the median over the rounds, every ratio the ratio of medians with the range of the "
+      "rounds' own ratios in brackets")
 if meta.get("pin"):
     p(f"pinned: every server and its client ran on CPU {meta['pin']} only (--pin)")
 if meta.get("formats"):
@@ -295,6 +341,9 @@ def section(fmt, title, servers, strata):
                     va, vb = num(a, "value"), num(b, "value")
                     if va is not None and vb:
                         perf = f"{va / vb:.2f}x"
+                        spread = round_ratios((fmt, strata, job, ph), (fmt, s, job, ph))
+                        if len(spread) > 1:
+                            perf += f" ({min(spread):.2f}-{max(spread):.2f})"
                     ca, cb = num(a, "cpu_us_per_req"), num(b, "cpu_us_per_req")
                     if ca is not None and cb:
                         cpu = f"{ca / cb:.2f}x"
@@ -352,7 +401,10 @@ if checks:
             pass
         verdict = "ok" if c["rc"] == "0" and c.get("note", "") == "" else "FAILED"
         extra = f"  {c['note']}" if c.get("note") else ""
-        p(f"{c['format'] + '/' + c['server']:<22} exit {c['rc']}: {verdict}{alloc}{extra}")
+        name = c['format'] + '/' + c['server']
+        if ROUNDS > 1:
+            name += f" (round {c.get('round') or 1})"
+        p(f"{name:<{32 if ROUNDS > 1 else 22}} exit {c['rc']}: {verdict}{alloc}{extra}")
 
 text = "\n".join(out) + "\n"
 with open(os.path.join(work, "report.txt"), "w") as f:
@@ -479,8 +531,10 @@ fmt_servers() {  # fmt_servers FORMAT -> sets FSERVERS and FJOBS arrays
 fmt_phases() {   # fmt_phases FORMAT -> sets PHASES array
   if [ "$1" = alloc ]; then PHASES=(fresh); else PHASES=(cold warm); fi
 }
-label() {        # label FORMAT SERVER: name in logs and file names
-  if [ "$1" = raw ]; then echo "$2"; else echo "$1.$2"; fi
+label() {        # label FORMAT SERVER: name in logs and file names (with the round, if several)
+  local tag=""
+  [ "$ROUNDS" -gt 1 ] && tag=".r$ROUND"
+  if [ "$1" = raw ]; then echo "$2$tag"; else echo "$1.$2$tag"; fi
 }
 
 server_cmd() {   # server_cmd ID SOCK [DRIVER FILE] -> sets CMD array
@@ -526,7 +580,7 @@ done
 [ "$selected" -gt 0 ] || die "nothing to run: no SERVER:JOB (or FORMAT/SERVER:JOB) matches --only '$ONLY' in row sets ${FORMATS[*]} (servers: strata-none qemu-nbd-none disk strata qemu-nbd nbdkit-file nbdkit-null; qcow2 row sets: strata-none qemu-nbd-none strata qemu-nbd)"
 summary=""
 for fmt in "${FORMATS[@]}"; do summary+=" $fmt:${FMT_SELECTED[$fmt]}"; done
-log "$selected server×job pairs to run ($summary ), each cold then warm (alloc: once)"
+log "$selected server×job pairs to run ($summary ), each cold then warm (alloc: once), $ROUNDS round(s)"
 
 # --------------------------------------------------------------- work dir ---
 if [ -z "$WORK" ]; then
@@ -683,8 +737,9 @@ record() {       # server mode job phase unit value ios ticks lat_us status [for
   if [ "$8" != "n/a" ] && [ "$7" != "n/a" ] && [ "$7" -gt 0 ]; then
     us=$(python3 -c "print(f'{$8 * 1e6 / $CLK_TCK / $7:.3f}')")
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-    "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$us" "$9" "${10}" "$fmt" >>"$RESULTS"
+  [ "$ROUNDS" -gt 1 ] && name="$name (round $ROUND)"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$us" "$9" "${10}" "$fmt" "$ROUND" >>"$RESULTS"
   if [ "${10}" = ok ] && [ "$8" = "n/a" ]; then
     log "  $name $3 $4: $6 $5, $7 ios"
   elif [ "${10}" = ok ]; then
@@ -895,7 +950,7 @@ check_server_image() { # check_server_image FORMAT SERVER IMAGE [BASE-STAMP]
   if [ -n "$stamp" ] && [ "$(stat -c '%y %s' "$BASE")" != "$stamp" ]; then
     note="base.qcow2 was modified"
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$fmt" "$server" "$rc" "$a" "$t" "$note" >>"$CHECKS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$fmt" "$server" "$rc" "$a" "$t" "$note" "$ROUND" >>"$CHECKS"
   if [ "$rc" -ne 0 ] || [ -n "$note" ]; then
     CHECK_FAILED=$((CHECK_FAILED + 1))
     # served.img is about to be overwritten for the next server: keep a copy
@@ -930,6 +985,7 @@ versions+="; $(first_line nbdcopy --version)"
   echo "runtime=$RUNTIME"
   echo "pin=$PIN_CPU"
   echo "peers_first=$PEERS_FIRST"
+  echo "rounds=$ROUNDS"
   echo "fstype=$FSTYPE ($(df -P "$WORK" | awk 'NR==2 {print $1}'))"
   echo "load=$(cut -d' ' -f1-3 /proc/loadavg)"
   echo "clk_tck=$CLK_TCK"
@@ -939,8 +995,8 @@ versions+="; $(first_line nbdcopy --version)"
   echo "formats=${FORMATS[*]}"
   echo "notes=$(IFS='|'; echo "${NOTES[*]:-}")"
 } >"$META"
-printf 'server\tmode\tjob\tphase\tunit\tvalue\tios\tcpu_ticks\tcpu_us_per_req\tlat_us_mean\tstatus\tformat\n' >"$RESULTS"
-printf 'format\tserver\trc\tallocated\ttotal\tnote\n' >"$CHECKS"
+printf 'server\tmode\tjob\tphase\tunit\tvalue\tios\tcpu_ticks\tcpu_us_per_req\tlat_us_mean\tstatus\tformat\tround\n' >"$RESULTS"
+printf 'format\tserver\trc\tallocated\ttotal\tnote\tround\n' >"$CHECKS"
 
 load1=$(cut -d' ' -f1 /proc/loadavg)
 if python3 -c "import sys; sys.exit(0 if $load1 > 0.5 else 1)"; then
@@ -959,61 +1015,67 @@ for fmt in "${FORMATS[@]}"; do
   fmt_servers "$fmt"
   fmt_phases "$fmt"
   [ "$fmt" = raw ] || log "==== row set $fmt ===="
-  for sdef in "${FSERVERS[@]}"; do
-    IFS='|' read -r server mode <<<"$sdef"
-    lbl=$(label "$fmt" "$server")
-    if [[ "$server" == strata* ]] && [ "$HAVE_STRATA" = 0 ]; then
-      log "skipping $lbl (no Strata binary)"
-      continue
-    fi
-    todo=()
-    for spec in "${FJOBS[@]}"; do
-      if job_applies "$server" "$spec" "$fmt"; then todo+=("$spec"); fi
-    done
-    [ ${#todo[@]} -gt 0 ] || continue
-
-    drv=raw stamp="" SIMG=""
-    if [ "$server" != nbdkit-null ]; then
-      stage_image "$fmt"
-      warm=("$SIMG")
-      if [ "$fmt" = chain ]; then warm+=("$BASE"); stamp=$(stat -c '%y %s' "$BASE"); fi
-      warm_host_cache "${warm[@]}"
-    fi
-    [ "$fmt" = raw ] || drv=qcow2
-    sock="" SPID=""
-    if [ "$server" != disk ]; then
-      sock=$WORK/$lbl.sock
-      started=0
-      for try in 1 2 3; do
-        if start_server "$server" "$sock" "$lbl" "$drv" "$SIMG"; then started=1; break; fi
-        # a Strata binary that is being rebuilt fails to start: try again
-        if [[ "$server" == strata* ]] && [ "$try" -lt 3 ]; then
-          warn "retrying $lbl in 10 s"
-          sleep 10
-        else
-          break
-        fi
-      done
-      if [ "$started" = 0 ]; then
-        for spec in "${todo[@]}"; do
-          for phase in "${PHASES[@]}"; do
-            IFS='|' read -r name _ _ _ unit _ <<<"$spec"
-            record "$server" "$mode" "$name" "$phase" "$unit" "" 0 0 "" "server-failed-to-start" "$fmt"
-          done
-        done
+  order=("${FSERVERS[@]}")
+  for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+    [ "$ROUNDS" -gt 1 ] && log "== $fmt: round $ROUND of $ROUNDS =="
+    for sdef in "${order[@]}"; do
+      IFS='|' read -r server mode <<<"$sdef"
+      lbl=$(label "$fmt" "$server")
+      if [[ "$server" == strata* ]] && [ "$HAVE_STRATA" = 0 ]; then
+        log "skipping $lbl (no Strata binary)"
         continue
       fi
-    fi
-    log "== $lbl =="
-    for spec in "${todo[@]}"; do
-      for phase in "${PHASES[@]}"; do
-        run_job "$server" "$mode" "$SPID" "$spec" "$phase" "$sock" "$fmt" || break
+      todo=()
+      for spec in "${FJOBS[@]}"; do
+        if job_applies "$server" "$spec" "$fmt"; then todo+=("$spec"); fi
       done
+      [ ${#todo[@]} -gt 0 ] || continue
+
+      drv=raw stamp="" SIMG=""
+      if [ "$server" != nbdkit-null ]; then
+        stage_image "$fmt"
+        warm=("$SIMG")
+        if [ "$fmt" = chain ]; then warm+=("$BASE"); stamp=$(stat -c '%y %s' "$BASE"); fi
+        warm_host_cache "${warm[@]}"
+      fi
+      [ "$fmt" = raw ] || drv=qcow2
+      sock="" SPID=""
+      if [ "$server" != disk ]; then
+        sock=$WORK/$lbl.sock
+        started=0
+        for try in 1 2 3; do
+          if start_server "$server" "$sock" "$lbl" "$drv" "$SIMG"; then started=1; break; fi
+          # a Strata binary that is being rebuilt fails to start: try again
+          if [[ "$server" == strata* ]] && [ "$try" -lt 3 ]; then
+            warn "retrying $lbl in 10 s"
+            sleep 10
+          else
+            break
+          fi
+        done
+        if [ "$started" = 0 ]; then
+          for spec in "${todo[@]}"; do
+            for phase in "${PHASES[@]}"; do
+              IFS='|' read -r name _ _ _ unit _ <<<"$spec"
+              record "$server" "$mode" "$name" "$phase" "$unit" "" 0 0 "" "server-failed-to-start" "$fmt"
+            done
+          done
+          continue
+        fi
+      fi
+      log "== $lbl =="
+      for spec in "${todo[@]}"; do
+        for phase in "${PHASES[@]}"; do
+          run_job "$server" "$mode" "$SPID" "$spec" "$phase" "$sock" "$fmt" || break
+        done
+      done
+      if [ -n "$SPID" ]; then
+        stop_server "$lbl" "$SPID"
+      fi
+      if [ "$fmt" != raw ]; then check_server_image "$fmt" "$server" "$SIMG" "$stamp"; fi
     done
-    if [ -n "$SPID" ]; then
-      stop_server "$lbl" "$SPID"
-    fi
-    if [ "$fmt" != raw ]; then check_server_image "$fmt" "$server" "$SIMG" "$stamp"; fi
+    # The next round runs the same servers in the opposite order.
+    mapfile -t order < <(printf '%s\n' "${order[@]}" | tac)
   done
   if [ "$KEEP_IMAGE" = 0 ]; then
     case "$fmt" in
