@@ -155,6 +155,7 @@ with open(os.path.join(work, "meta.txt")) as f:
 
 import statistics
 
+EXPECTED_ROUNDS = int(meta.get("rounds") or 1)   # work dirs from before --rounds: one
 runs = {}   # (format, server, job, phase) -> {round: row of results.tsv}
 with open(os.path.join(work, "results.tsv")) as f:
     for r in csv.DictReader(f, delimiter="\t"):
@@ -164,12 +165,15 @@ with open(os.path.join(work, "results.tsv")) as f:
 
 def median_row(by_round):
     """One row for a cell: the median value and CPU over its rounds. A cell
-    with any failed round shows that round's status, so no failure hides
-    behind a median."""
+    with a failed round shows that round's status, and one with a round
+    missing (a server that died skips its remaining jobs) shows that, so
+    no failure hides behind a median."""
     rs = [by_round[k] for k in sorted(by_round)]
     bad = [r for r in rs if r["status"] != "ok"]
     if bad:
         return bad[0]
+    if len(rs) < EXPECTED_ROUNDS:
+        return dict(rs[0], status="missing-round")
     out = dict(rs[0])
     for key in ("value", "cpu_us_per_req"):
         vals = [num(r, key) for r in rs]
@@ -222,7 +226,7 @@ def ok(r):
 
 for key, by_round in runs.items():
     rows[key] = median_row(by_round)
-ROUNDS = max((max(v) for v in runs.values()), default=1)
+ROUNDS = max([EXPECTED_ROUNDS] + [max(v) for v in runs.values()])
 
 def round_ratios(a_key, b_key):
     """The rounds' own ratios of a to b (rounds where both ran and are ok)."""
@@ -259,11 +263,12 @@ p(f"image: {meta.get('size','')} ({meta.get('bytes','')} bytes) on {meta.get('fs
   f"runtime: {meta.get('runtime','')} s/job  load at start: {meta.get('load','')}")
 p(f"tools: {meta.get('versions','')}")
 if meta.get("peers_first") == "1":
-    p("order: peers first, Strata last in every row set (--peers-first)")
+    p("order: peers first, Strata last in every row set (--peers-first)" if ROUNDS == 1 else
+      "order: peers first in odd rounds, Strata first in even rounds (--peers-first)")
 if ROUNDS > 1:
     p(f"rounds: {ROUNDS}, the server order reversed in each round after the first; every cell is "
-      "the median over the rounds, every ratio the ratio of medians with the range of the "
-      "rounds' own ratios in brackets")
+      "the median over the rounds (ERR if any round failed or is missing), every perf ratio the "
+      "ratio of medians with the range of the rounds' own ratios in brackets")
 if meta.get("pin"):
     p(f"pinned: every server and its client ran on CPU {meta['pin']} only (--pin)")
 if meta.get("formats"):
@@ -943,8 +948,9 @@ warm_host_cache() {  # warm_host_cache FILE...
 
 CHECK_FAILED=0
 check_server_image() { # check_server_image FORMAT SERVER IMAGE [BASE-STAMP]
-  local fmt=$1 server=$2 img=$3 stamp=${4:-} lbl rc=0 a t note=""
+  local fmt=$1 server=$2 img=$3 stamp=${4:-} lbl rc=0 a t note="" rt=""
   lbl=$(label "$fmt" "$server")
+  [ "$ROUNDS" -gt 1 ] && rt=" (round $ROUND)"
   qcheck_json "$img" "$LOGS/$lbl.check.json" || rc=$?
   read -r a t <<<"$(qcheck_clusters "$LOGS/$lbl.check.json")"
   if [ -n "$stamp" ] && [ "$(stat -c '%y %s' "$BASE")" != "$stamp" ]; then
@@ -957,7 +963,7 @@ check_server_image() { # check_server_image FORMAT SERVER IMAGE [BASE-STAMP]
     # (next to the base, for the chain, whose backing name is relative)
     local kept=$WORK/$lbl.failed.qcow2
     cp --sparse=always "$img" "$kept" || kept="(copy failed)"
-    warn "qemu-img check of $fmt/$server's image: exit $rc${note:+, $note}; kept as $kept (details: $LOGS/$lbl.check.err)"
+    warn "qemu-img check of $fmt/$server's image$rt: exit $rc${note:+, $note}; kept as $kept (details: $LOGS/$lbl.check.err)"
     sed 's/^/    /' "$LOGS/$lbl.check.err" >&2 || true
     if [ "$fmt" = chain ]; then   # the kept overlay needs its base after exit
       local keep=() f
@@ -965,7 +971,7 @@ check_server_image() { # check_server_image FORMAT SERVER IMAGE [BASE-STAMP]
       CLEAN_FILES=("${keep[@]}")
     fi
   else
-    log "  qemu-img check $fmt/$server: exit 0, $a/$t clusters allocated"
+    log "  qemu-img check $fmt/$server$rt: exit 0, $a/$t clusters allocated"
   fi
 }
 
