@@ -48,22 +48,9 @@ public final class FileDriver: BlockDriver {
     /// is told that lost data is safe.
     var flushFailure: BlockError?
 
-    /// Reads up to this size always try the page cache on the loop first.
+    /// Cached reads larger than this still go to the pool: copying them on
+    /// the loop would leave the other cores idle while it copies.
     static let largestInlineRead = 128 << 10
-    /// Larger reads try it only while such tries keep hitting: after one
-    /// that does not (not cached, or only partly), this many large reads go
-    /// straight to the pool before the next try. Why: warm, one copy on the
-    /// loop costs less than the pool's two thread hops; cold, trying every
-    /// read leaves the loop copying pages that readahead has just brought
-    /// in, one after another, while the pool copies on every core.
-    /// Measured on the benchmark VM, nbdcopy of a 2 GiB qcow2 (256 KiB
-    /// reads), medians of alternating runs against the pool alone: warm
-    /// 2,074 → 2,356 MiB/s at 126 → 96 µs of CPU per request; cold
-    /// 1,026 → 1,392 MiB/s. Trying every read: warm 2,201 → 2,303, but
-    /// cold 1,395 → 853.
-    static let largeReadBackoff = 256
-    /// Large reads still to send to the pool before trying the cache again.
-    var largeReadsToSkip = 0
 
     /// An inline write slower than this means the kernel is throttling.
     static let slowInlineWrite = TimeAmount.milliseconds(1)
@@ -175,13 +162,8 @@ public final class FileDriver: BlockDriver {
         if let engine {
             return read(on: engine, at: offset, into: pointer, count: count, completion: completion)
         }
-        let large = count > Self.largestInlineRead
-        if large, largeReadsToSkip > 0 {
-            largeReadsToSkip -= 1
-        } else if nowaitReads {
+        if nowaitReads, count <= Self.largestInlineRead {
             let result = strata_pread(fd, pointer, count, offset, strata_RWF_NOWAIT)
-            let missed = result < 0 || (result < count && offset + Int64(result) < size)
-            if large, missed { largeReadsToSkip = Self.largeReadBackoff }
             if result >= 0 {
                 return readDone(result, at: offset, into: pointer, count: count, completion: completion)
             }
@@ -189,7 +171,7 @@ public final class FileDriver: BlockDriver {
             // EAGAIN: not cached (the kernel has started reading it ahead);
             // anything else is retried on the ring or the pool.
         }
-        // Other large reads go to the pool, whose threads copy them in parallel.
+        // Large cached reads stay on the pool, whose threads copy them in parallel.
         if let threadsRing, options.direct || count <= Self.largestInlineRead {
             return read(on: threadsRing, at: offset, into: pointer, count: count, completion: completion)
         }

@@ -16,8 +16,6 @@ public final class FileIOContext {
     /// the page cache misses, O_DIRECT reads and writes) goes to the
     /// io_uring instead, when the kernel allows one. Tests turn it off.
     public var threadsModeUsesURing = true
-    /// Calls handed to the pool, for tests of which I/O goes there.
-    private(set) var blockingCalls = 0
     /// Set once io_uring could not be set up, so `aio=threads` stops asking.
     private var uringUnavailable = false
 
@@ -65,7 +63,6 @@ public final class FileIOContext {
     /// Runs a blocking call on the pool; `completion` runs on the loop with
     /// its result (bytes or a negative errno).
     func runBlocking(_ body: @escaping @Sendable () -> Int, completion: @escaping (Int) -> Void) {
-        blockingCalls += 1
         threadPool.runIfActive(eventLoop: eventLoop, body).whenComplete { result in
             switch result {
             case .success(let value): completion(value)

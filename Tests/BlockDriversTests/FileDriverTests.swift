@@ -252,35 +252,6 @@ import Testing
         try close(graph, io)
     }
 
-    @Test func largeCachedReadsRunOnTheLoopUntilOneMisses() throws {
-        let size = 4 << 20, count = 512 << 10
-        let pattern = { (offset: Int) in (offset..<offset + count).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) } }
-        let (path, fd) = try evictedFile(size: size, name: "large.raw")
-        defer { Glibc.close(fd) }
-        try #require(!(try isResident(fd, at: 0, fileSize: size)), "the kernel kept the page cached")
-        let (graph, node, io) = try open(path, direct: false, aio: .threads)
-        // A miss goes to the pool, and so does the next large read, cached or not.
-        #expect(try read(node, 0, count) == pattern(0))
-        #expect(io.blockingCalls >= 1)
-        var before = io.blockingCalls
-        #expect(try isResident(fd, at: 0, fileSize: size))
-        #expect(try read(node, 0, count) == pattern(0))
-        #expect(io.blockingCalls == before + 1)
-        // Once the pool has taken its share, cached large reads are copied on the loop.
-        let backoff = try loop.submit { () -> Int in
-            let driver = node.driver as! FileDriver
-            let skipped = driver.largeReadsToSkip
-            driver.largeReadsToSkip = 0
-            return skipped
-        }.wait()
-        #expect(backoff == FileDriver.largeReadBackoff - 1)
-        before = io.blockingCalls
-        #expect(try read(node, 0, count) == pattern(0))
-        #expect(try read(node, 4096, count) == pattern(4096))
-        #expect(io.blockingCalls == before)
-        try close(graph, io)
-    }
-
     @Test func theRingFlushesAndReportsAFailedFlush() throws {
         let path = try makeFile(size: 4096, name: "sync.raw")
         let engine = try IOURingEngine.make(on: loop).wait()
