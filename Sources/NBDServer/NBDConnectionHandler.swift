@@ -190,7 +190,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Handles one negotiation message; false when more bytes are needed
     /// or the connection ended.
     private func negotiateStep() -> Bool {
-        guard let message = decoded({ try handshakeDecoder.next(&cumulation!) }) else { return false }
+        let message: NBDHandshakeDecoder.Message
+        do {
+            guard let next = try handshakeDecoder.next(&cumulation!) else { return false }
+            message = next
+        } catch {
+            log("closing connection: \(error)")
+            close()
+            return false
+        }
         var out = allocator.buffer(capacity: 256)
         let action = negotiation.receive(message, catalog: registry, into: &out)
         if out.readableBytes > 0 {
@@ -241,25 +249,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// One step of a decoder: its message, or nil when it needs more bytes
-    /// or found the stream lost (then the connection is closed).
-    private func decoded<Message>(_ step: () throws -> Message?) -> Message? {
-        do {
-            return try step()
-        } catch {
-            log("closing connection: \(error)")
-            close()
-            return nil
-        }
-    }
-
     /// The next whole request; nil when more bytes are needed or the
     /// stream is lost (the connection is then closed). A long WRITE's
     /// payload is copied into a buffer of its own as it arrives, or skipped
     /// without a buffer when the request's header is refused already.
     private func nextRequest() -> NBDRequest? {
         if incomingWrite == nil {
-            guard let request = decoded({ try requestDecoder.next(&cumulation!) }) else { return nil }
+            let request: NBDRequest
+            do {
+                guard let next = try requestDecoder.next(&cumulation!) else { return nil }
+                request = next
+            } catch {
+                log("closing connection: \(error)")
+                close()
+                return nil
+            }
             guard request.payloadFollows else { return request }
             let refused = NBDRequestValidation.check(request, session: session) != nil
             incomingWrite = (request, refused ? nil : transferBuffer(length: Int(request.length)))
