@@ -35,8 +35,9 @@ Usage: Benchmarks/run.sh [options]
   --peers-first     start each row set with the peers (qemu-nbd, nbdkit, disk)
                     and run Strata after them, to see whether a row depends
                     on its place in the run
-  --rounds N        run each row set N times, the server order reversed in
-                    every round after the first; the tables show each cell's
+  --rounds N        run every row set N times: each round runs them all, the
+                    row sets and their servers in reverse order in even
+                    rounds; the tables show each cell's
                     median over the rounds, and each ratio's range over the
                     rounds' own ratios (default 1)
   --pin CPU         run every server and its client (fio, nbdcopy) on this
@@ -266,7 +267,10 @@ if meta.get("peers_first") == "1":
     p("order: peers first, Strata last in every row set (--peers-first)" if ROUNDS == 1 else
       "order: peers first in odd rounds, Strata first in even rounds (--peers-first)")
 if ROUNDS > 1:
-    p(f"rounds: {ROUNDS}, the server order reversed in each round after the first; every cell is "
+    order = ("each running every row set, the row sets and the servers in reverse order in even rounds"
+             if meta.get("interleaved") == "1" else   # work dirs from before: each row set's rounds in a row
+             "the server order reversed in each round after the first")
+    p(f"rounds: {ROUNDS}, {order}; every cell is "
       "the median over the rounds (ERR if any round failed or is missing), every perf ratio the "
       "ratio of medians with the range of the rounds' own ratios in brackets")
 if meta.get("pin"):
@@ -319,6 +323,11 @@ def section(fmt, title, servers, strata):
                 line += f" | {v:>{w}} {u:>{w}}"
             p(line)
 
+    ratios(fmt, servers, strata)
+    if fmt == "qcow2":
+        raw_share(servers, strata)
+
+def ratios(fmt, servers, strata):
     peers = [s for s in servers if s != strata]
     p("")
     if strata not in servers:
@@ -362,31 +371,38 @@ def section(fmt, title, servers, strata):
                 pct = 100.0 * num(a, "value") / num(b, "value")
                 p(f"Strata O_DIRECT randread-4k-qd32 ({ph}): {pct:.1f}% of disk "
                   f"({num(a,'value'):,.0f} vs {num(b,'value'):,.0f} IOPS)")
-    if fmt == "qcow2":
-        # The cost of the qcow2 layer: each server's qcow2 row as a % of its
-        # own raw row (same data, same blocks of the disk, same mode).
-        peer = "qemu-nbd-none" if strata == "strata-none" else "qemu-nbd"
-        pair = [s for s in (strata, peer) if s in servers]
-        p("")
-        p("qcow2 as a % of raw (same data, same served file, same server and mode):")
-        hdr = f"{'job':<18} {'phase':<5}" + "".join(f" | {s:>14}" for s in pair)
-        p(hdr)
-        p("-" * len(hdr))
-        shown = False
-        for job in JOBS:
-            for ph in PHASES:
-                cells = []
-                for s in pair:
-                    a, b = rows.get(("qcow2", s, job, ph)), rows.get(("raw", s, job, ph))
-                    if ok(a) and ok(b) and num(a, "value") is not None and num(b, "value"):
-                        cells.append(f"{100.0 * num(a, 'value') / num(b, 'value'):.1f}%")
-                    else:
-                        cells.append("-")
-                if any(c != "-" for c in cells):
-                    shown = True
-                    p(f"{job:<18} {ph:<5}" + "".join(f" | {c:>14}" for c in cells))
-        if not shown:
-            p("n/a: needs the same server's rows in both row sets (--formats raw,qcow2)")
+
+def raw_share(servers, strata):
+    # The cost of the qcow2 layer: each server's qcow2 row as a % of its
+    # own raw row (same data, same blocks of the disk, same mode).
+    peer = "qemu-nbd-none" if strata == "strata-none" else "qemu-nbd"
+    pair = [s for s in (strata, peer) if s in servers]
+    p("")
+    p("qcow2 as a % of raw (same data, same served file, same server and mode)"
+      + (": median of qcow2 over median of raw, the rounds' own range in brackets" if ROUNDS > 1 else ":"))
+    width = 22 if ROUNDS > 1 else 14
+    hdr = f"{'job':<18} {'phase':<5}" + "".join(f" | {s:>{width}}" for s in pair)
+    p(hdr)
+    p("-" * len(hdr))
+    shown = False
+    for job in JOBS:
+        for ph in PHASES:
+            cells = []
+            for s in pair:
+                a, b = rows.get(("qcow2", s, job, ph)), rows.get(("raw", s, job, ph))
+                if ok(a) and ok(b) and num(a, "value") is not None and num(b, "value"):
+                    pct = f"{100.0 * num(a, 'value') / num(b, 'value'):.1f}%"
+                    spread = round_ratios(("qcow2", s, job, ph), ("raw", s, job, ph))
+                    if len(spread) > 1:
+                        pct += f" ({100 * min(spread):.0f}-{100 * max(spread):.0f})"
+                    cells.append(pct)
+                else:
+                    cells.append("-")
+            if any(c != "-" for c in cells):
+                shown = True
+                p(f"{job:<18} {ph:<5}" + "".join(f" | {c:>{width}}" for c in cells))
+    if not shown:
+        p("n/a: needs the same server's rows in both row sets (--formats raw,qcow2)")
 
 for fmt, modes in SECTIONS:
     if fmt not in present_fmts:
@@ -992,6 +1008,7 @@ versions+="; $(first_line nbdcopy --version)"
   echo "pin=$PIN_CPU"
   echo "peers_first=$PEERS_FIRST"
   echo "rounds=$ROUNDS"
+  echo "interleaved=1"
   echo "fstype=$FSTYPE ($(df -P "$WORK" | awk 'NR==2 {print $1}'))"
   echo "load=$(cut -d' ' -f1-3 /proc/loadavg)"
   echo "clk_tck=$CLK_TCK"
@@ -1016,14 +1033,20 @@ if [ "${FMT_SELECTED[qcow2]:-0}" -gt 0 ]; then make_qcow2; fi
 if [ "${FMT_SELECTED[chain]:-0}" -gt 0 ]; then make_chain; fi
 if ! want raw && [ "$KEEP_IMAGE" = 0 ]; then rm -f "$IMG"; fi   # converted; not served
 
-for fmt in "${FORMATS[@]}"; do
-  [ "${FMT_SELECTED[$fmt]}" -gt 0 ] || continue
-  fmt_servers "$fmt"
-  fmt_phases "$fmt"
-  [ "$fmt" = raw ] || log "==== row set $fmt ===="
-  order=("${FSERVERS[@]}")
-  for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-    [ "$ROUNDS" -gt 1 ] && log "== $fmt: round $ROUND of $ROUNDS =="
+# Rounds outermost: every round runs each row set once, so a qcow2 row and
+# the raw row it is compared with were measured minutes apart, not a whole
+# row set's rounds apart. Even rounds run the row sets, and the servers in
+# each, in the reverse order, so neither side always goes first.
+fmt_order=("${FORMATS[@]}")
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+  [ "$ROUNDS" -gt 1 ] && log "==== round $ROUND of $ROUNDS ===="
+  for fmt in "${fmt_order[@]}"; do
+    [ "${FMT_SELECTED[$fmt]}" -gt 0 ] || continue
+    fmt_servers "$fmt"
+    fmt_phases "$fmt"
+    [ "$fmt" = raw ] || log "==== row set $fmt ===="
+    order=("${FSERVERS[@]}")
+    if [ $((ROUND % 2)) = 0 ]; then mapfile -t order < <(printf '%s\n' "${FSERVERS[@]}" | tac); fi
     for sdef in "${order[@]}"; do
       IFS='|' read -r server mode <<<"$sdef"
       lbl=$(label "$fmt" "$server")
@@ -1080,16 +1103,13 @@ for fmt in "${FORMATS[@]}"; do
       fi
       if [ "$fmt" != raw ]; then check_server_image "$fmt" "$server" "$SIMG" "$stamp"; fi
     done
-    # The next round runs the same servers in the opposite order.
-    mapfile -t order < <(printf '%s\n' "${order[@]}" | tac)
   done
-  if [ "$KEEP_IMAGE" = 0 ]; then
-    case "$fmt" in
-      qcow2) rm -f "$QIMG" ;;
-      chain) rm -f "$OVERLAY"; [ "$CHECK_FAILED" -gt 0 ] || rm -f "$BASE" ;;
-    esac
-  fi
+  mapfile -t fmt_order < <(printf '%s\n' "${fmt_order[@]}" | tac)
 done
+if [ "$KEEP_IMAGE" = 0 ]; then
+  rm -f "$QIMG" "$OVERLAY"
+  [ "$CHECK_FAILED" -gt 0 ] || rm -f "$BASE"
+fi
 
 echo
 report "$WORK"
