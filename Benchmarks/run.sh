@@ -7,7 +7,8 @@
 # measured, stopped, then the next one. Each job runs twice: cold (page cache
 # dropped right before) and warm (repeated at once). Server CPU is read from
 # /proc/PID/stat around each job and divided by the number of requests.
-# Every server serves the same file, served.img, restored from its row set's
+# Every server of the raw and qcow2 row sets serves the same file,
+# served.img (chain and alloc: one file each), restored from its row set's
 # master image in place and read once before it starts (stage_image,
 # warm_host_cache), so no server gets better blocks or a warmer host cache.
 #
@@ -35,11 +36,11 @@ Usage: Benchmarks/run.sh [options]
   --peers-first     start each row set with the peers (qemu-nbd, nbdkit, disk)
                     and run Strata after them, to see whether a row depends
                     on its place in the run
-  --rounds N        run every row set N times: each round runs them all, the
-                    row sets and their servers in reverse order in even
-                    rounds; the tables show each cell's
-                    median over the rounds, and each ratio's range over the
-                    rounds' own ratios (default 1)
+  --rounds N        run every row set N times: each round runs all the
+                    selected row sets, and even rounds run the row sets and
+                    their servers in reverse order; the tables show each
+                    cell's median over the rounds, and each ratio's range
+                    over the rounds' own ratios (default 1)
   --pin CPU         run every server and its client (fio, nbdcopy) on this
                     one CPU (taskset -c CPU), all servers alike. On a small VM
                     waking the other side on another CPU costs more than the
@@ -115,7 +116,8 @@ if [ -n "$PIN_CPU" ]; then
   taskset -c "$PIN_CPU" true 2>/dev/null || die "--pin: cannot run on CPU $PIN_CPU (taskset -c $PIN_CPU failed)"
   PIN=(taskset -c "$PIN_CPU")
 fi
-# Row sets, always run in this order whatever order --formats lists them in.
+# Row sets, run in this order whatever order --formats lists them in (the
+# reverse in even rounds).
 ALL_FORMATS=(raw qcow2 chain alloc)
 declare -A WANT=()
 IFS=',' read -ra _fmts <<<"$FORMATS_ARG"
@@ -290,7 +292,9 @@ p("nbdcopy = median of NBDCOPY_RUNS copies (each cold one after its own cache dr
   "requests = image size / 256 KiB (its --request-size) per copy; "
   "cold = page cache dropped right before the job, warm = same job repeated at once")
 present_fmts = {k[0] for k in rows}
-p("every server serves one file, served.img, restored in place from its row set's image and read once "
+p(("every raw and qcow2 server serves one file, served.img (chain and alloc: one each), "
+   if meta.get("interleaved") == "1" else "every server serves one file, served.img, ")
+  + "restored in place from its row set's image and read once "
   "(O_DIRECT) before it starts, not timed: same blocks, same host cache for all")
 if present_fmts - {"raw"}:
     p("qcow2 row sets: read jobs run before write jobs. alloc: one pass at most, "
@@ -377,6 +381,8 @@ def raw_share(servers, strata):
     # own raw row (same data, same blocks of the disk, same mode).
     peer = "qemu-nbd-none" if strata == "strata-none" else "qemu-nbd"
     pair = [s for s in (strata, peer) if s in servers]
+    if pair != [strata, peer] and not any(k[0] == "raw" and k[1] in pair for k in rows):
+        return   # one server and no raw rows: nothing to show, not even "n/a"
     p("")
     p("qcow2 as a % of raw (same data, same served file, same server and mode)"
       + (": median of qcow2 over median of raw, the rounds' own range in brackets" if ROUNDS > 1 else ":"))
@@ -413,6 +419,9 @@ for fmt, modes in SECTIONS:
 if checks:
     p("")
     p("== qemu-img check of each server's qcow2 after its jobs (exit 0 = clean) ==")
+    if meta.get("interleaved") == "1":   # rounds mix the row sets: list them apart
+        order = [f for f, _ in SECTIONS]
+        checks.sort(key=lambda c: order.index(c["format"]) if c["format"] in order else len(order))
     for c in checks:
         alloc = ""
         try:
@@ -622,22 +631,26 @@ for f in image.raw image.qcow2 base.qcow2 overlay.qcow2; do
   if [ -f "$WORK/$f" ]; then avail=$((avail + $(stat -c %b "$WORK/$f") * $(stat -c %B "$WORK/$f"))); fi
 done
 # Peak use: image.raw, the qcow2 masters (image.qcow2, base.qcow2,
-# overlay.qcow2: 1 + 1 + 1/2 image) and served.img (up to 1 image and its
-# metadata). A server image that fails qemu-img check is copied aside on top.
+# overlay.qcow2: 1 + 1 + 1/2 image) and the served files (served.img,
+# served-chain.img, served-alloc.img: up to 1 image and its metadata each).
+# A server image that fails qemu-img check is copied aside on top.
 need=$((BYTES + (256 << 20) + BYTES + BYTES / 25))
 if want qcow2; then need=$((need + BYTES + BYTES / 50)); fi
-if want chain; then need=$((need + BYTES + BYTES / 2 + BYTES / 25)); fi
+if want chain; then need=$((need + BYTES + BYTES / 2 + BYTES / 25 + BYTES + BYTES / 25)); fi
+if want alloc; then need=$((need + BYTES + BYTES / 25)); fi
 [ "$avail" -gt "$need" ] || die "not enough space in $WORK for the $SIZE images of row sets ${FORMATS[*]} ($avail bytes free, about $need needed)"
 
 IMG=$WORK/image.raw
 QIMG=$WORK/image.qcow2      # qcow2 row set: qemu-img convert -O qcow2 image.raw
 BASE=$WORK/base.qcow2       # chain: the whole image ...
 OVERLAY=$WORK/overlay.qcow2 # ... under an overlay holding every other 1 MiB
-STAGE=$WORK/served.img      # what every server serves (see stage_image)
+STAGE=$WORK/served.img      # what every raw and qcow2 server serves (see stage_image)
+CSTAGE=$WORK/served-chain.img  # ... every chain server
+ASTAGE=$WORK/served-alloc.img  # ... every alloc server
 RESULTS=$WORK/results.tsv
 CHECKS=$WORK/checks.tsv
 META=$WORK/meta.txt
-CLEAN_FILES=("$STAGE")      # removed on exit unless --keep-image
+CLEAN_FILES=("$STAGE" "$CSTAGE" "$ASTAGE")  # removed on exit unless --keep-image
 
 # ---------------------------------------------------------- cleanup trap ---
 declare -A SERVER_PIDS=()   # pid -> socket
@@ -923,27 +936,31 @@ make_chain() {
   sync
 }
 
-# Every server, in every row set, serves the same file: served.img. Before a
-# server starts, its row set's master image is written into served.img in
-# place (dd conv=notrunc keeps the file's blocks where they are), so each
-# server reads and writes the same blocks of the disk, and a qcow2 row and its
-# raw row sit on the same blocks too. Separate copies do not: on the benchmark
-# VM, fio 4k O_DIRECT randwrite straight on two copies of one file gave 34K
-# and 77K IOPS, depending only on where each copy sat on the virtual disk.
+# Every server of the raw and qcow2 row sets serves the same file:
+# served.img. Before a server starts, its row set's master image is written
+# into served.img in place (dd conv=notrunc keeps the file's blocks where they
+# are), so each server reads and writes the same blocks of the disk, and a
+# qcow2 row and its raw row sit on the same blocks too, in every round.
+# Separate copies do not: on the benchmark VM, fio 4k O_DIRECT randwrite
+# straight on two copies of one file gave 34K and 77K IOPS, depending only on
+# where each copy sat on the virtual disk. The chain's overlay is half the
+# size and alloc starts empty: each has a file of its own, so that shrinking
+# it never frees blocks of served.img between rounds.
 stage_image() {  # stage_image FORMAT -> sets SIMG (not timed)
   local fmt=$1 master
   SIMG=$STAGE
   case "$fmt" in
     raw)   master=$IMG ;;
     qcow2) master=$QIMG ;;
-    chain) master=$OVERLAY ;;   # its backing name, base.qcow2, is relative
-    alloc) qemu-img create -q -f qcow2 "$STAGE" "$BYTES" \
-             || die "could not create an empty qcow2 as $STAGE"
+    chain) master=$OVERLAY; SIMG=$CSTAGE ;;   # its backing name, base.qcow2, is relative
+    alloc) SIMG=$ASTAGE
+           qemu-img create -q -f qcow2 "$SIMG" "$BYTES" \
+             || die "could not create an empty qcow2 as $SIMG"
            sync; return 0 ;;
   esac
-  dd if="$master" of="$STAGE" bs=4M conv=notrunc,fsync status=none \
-    || die "could not write $master into $STAGE"
-  truncate -s "$(stat -c %s "$master")" "$STAGE" || die "could not truncate $STAGE"
+  dd if="$master" of="$SIMG" bs=4M conv=notrunc,fsync status=none \
+    || die "could not write $master into $SIMG"
+  truncate -s "$(stat -c %s "$master")" "$SIMG" || die "could not truncate $SIMG"
   sync
 }
 
@@ -1044,7 +1061,7 @@ for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
     [ "${FMT_SELECTED[$fmt]}" -gt 0 ] || continue
     fmt_servers "$fmt"
     fmt_phases "$fmt"
-    [ "$fmt" = raw ] || log "==== row set $fmt ===="
+    if [ "$fmt" != raw ] || [ "$ROUNDS" -gt 1 ]; then log "==== row set $fmt ===="; fi
     order=("${FSERVERS[@]}")
     if [ $((ROUND % 2)) = 0 ]; then mapfile -t order < <(printf '%s\n' "${FSERVERS[@]}" | tac); fi
     for sdef in "${order[@]}"; do
