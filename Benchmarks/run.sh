@@ -381,8 +381,9 @@ def raw_share(servers, strata):
     # own raw row (same data, same blocks of the disk, same mode).
     peer = "qemu-nbd-none" if strata == "strata-none" else "qemu-nbd"
     pair = [s for s in (strata, peer) if s in servers]
-    if pair != [strata, peer] and not any(k[0] == "raw" and k[1] in pair for k in rows):
-        return   # one server and no raw rows: nothing to show, not even "n/a"
+    has_raw = any(k[0] == "raw" and k[1] in pair for k in rows)
+    if len(pair) < 2 and not has_raw:
+        return   # a lone server and no raw rows: nothing to show, not even "n/a"
     p("")
     p("qcow2 as a % of raw (same data, same served file, same server and mode)"
       + (": median of qcow2 over median of raw, the rounds' own range in brackets" if ROUNDS > 1 else ":"))
@@ -420,8 +421,8 @@ if checks:
     p("")
     p("== qemu-img check of each server's qcow2 after its jobs (exit 0 = clean) ==")
     if meta.get("interleaved") == "1":   # rounds mix the row sets: list them apart
-        order = [f for f, _ in SECTIONS]
-        checks.sort(key=lambda c: order.index(c["format"]) if c["format"] in order else len(order))
+        fmt_rank = [f for f, _ in SECTIONS]
+        checks.sort(key=lambda c: fmt_rank.index(c["format"]) if c["format"] in fmt_rank else len(fmt_rank))
     for c in checks:
         alloc = ""
         try:
@@ -1050,20 +1051,25 @@ if [ "${FMT_SELECTED[qcow2]:-0}" -gt 0 ]; then make_qcow2; fi
 if [ "${FMT_SELECTED[chain]:-0}" -gt 0 ]; then make_chain; fi
 if ! want raw && [ "$KEEP_IMAGE" = 0 ]; then rm -f "$IMG"; fi   # converted; not served
 
+# Prints its arguments one per line, in reverse in even rounds, so that
+# neither side of a comparison always goes first.
+in_round_order() {
+  if [ $((ROUND % 2)) = 0 ]; then printf '%s\n' "$@" | tac; else printf '%s\n' "$@"; fi
+}
+
 # Rounds outermost: every round runs each row set once, so a qcow2 row and
-# the raw row it is compared with were measured minutes apart, not a whole
-# row set's rounds apart. Even rounds run the row sets, and the servers in
-# each, in the reverse order, so neither side always goes first.
-fmt_order=("${FORMATS[@]}")
+# the raw row it is compared with were measured one row set apart, not a
+# whole row set's rounds apart. Even rounds run the row sets, and the
+# servers in each, in the reverse order.
 for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
   [ "$ROUNDS" -gt 1 ] && log "==== round $ROUND of $ROUNDS ===="
+  mapfile -t fmt_order < <(in_round_order "${FORMATS[@]}")
   for fmt in "${fmt_order[@]}"; do
     [ "${FMT_SELECTED[$fmt]}" -gt 0 ] || continue
     fmt_servers "$fmt"
     fmt_phases "$fmt"
     if [ "$fmt" != raw ] || [ "$ROUNDS" -gt 1 ]; then log "==== row set $fmt ===="; fi
-    order=("${FSERVERS[@]}")
-    if [ $((ROUND % 2)) = 0 ]; then mapfile -t order < <(printf '%s\n' "${FSERVERS[@]}" | tac); fi
+    mapfile -t order < <(in_round_order "${FSERVERS[@]}")
     for sdef in "${order[@]}"; do
       IFS='|' read -r server mode <<<"$sdef"
       lbl=$(label "$fmt" "$server")
@@ -1121,7 +1127,6 @@ for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
       if [ "$fmt" != raw ]; then check_server_image "$fmt" "$server" "$SIMG" "$stamp"; fi
     done
   done
-  mapfile -t fmt_order < <(printf '%s\n' "${fmt_order[@]}" | tac)
 done
 if [ "$KEEP_IMAGE" = 0 ]; then
   rm -f "$QIMG" "$OVERLAY"
