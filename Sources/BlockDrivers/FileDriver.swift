@@ -43,6 +43,12 @@ public final class FileDriver: BlockDriver {
     /// Inline buffered writes are allowed again from this time on.
     var inlineWritesResume = NIODeadline.uptimeNanoseconds(0)
     var locks: ImageLocks?
+    /// The file for `sendfile` of cached ranges (a duplicate of `fd`, which
+    /// NIO's `FileRegion` needs as a handle); nil with O_DIRECT, where the
+    /// page cache is not used.
+    let cacheFile: NIOFileHandle?
+    /// Cleared the first time the kernel has no cachestat(2).
+    var cacheResidency = true
     /// Once fdatasync fails, the kernel forgets the error and may have
     /// dropped the dirty pages: every later flush fails too, so no client
     /// is told that lost data is safe.
@@ -73,6 +79,8 @@ public final class FileDriver: BlockDriver {
         if options.locking != .off {
             locks = ImageLocks(fd: fd, filename: options.filename)
         }
+        let copy = options.direct ? -1 : dup(fd)
+        cacheFile = copy >= 0 ? NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: copy) : nil
     }
 
     /// Opens a file node; fails with QEMU's messages for missing files,
@@ -382,6 +390,7 @@ public final class FileDriver: BlockDriver {
     }
 
     public func close() {
+        try? cacheFile?.close()
         Glibc.close(fd)
     }
 }

@@ -55,6 +55,10 @@ public final class RawDriver: BlockDriver {
         file.read(at: self.offset + offset, into: buffer, flags: flags, completion: completion)
     }
 
+    public func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
+        file.cachedFileExtent(at: self.offset + offset, length: length)
+    }
+
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer,
                       flags: BlockRequestFlags, completion: @escaping BlockCompletion) {
         if probed, offset < Int64(FormatProbe.probeSize) {

@@ -60,6 +60,24 @@ public final class BlockBackend: BlockParent {
         }
     }
 
+    /// Starts a read that the caller hands to the kernel as a file range
+    /// (`CachedFileExtent`), when the graph has the whole range cached. It
+    /// stays in flight, so a drain waits for it, until the caller has sent
+    /// it and calls `endCachedRead()`. Nil (and nothing started) while
+    /// drained or when the range is not cached: then `read` as usual.
+    public func beginCachedRead(at offset: Int64, length: Int) -> CachedFileExtent? {
+        guard quiesceCount == 0, let extent = root?.node.cachedFileExtent(at: offset, length: length) else {
+            return nil
+        }
+        _ = begin()
+        return extent
+    }
+
+    /// Ends a read started by `beginCachedRead`.
+    public func endCachedRead() {
+        end()
+    }
+
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer,
                       flags: BlockRequestFlags = [], completion: @escaping BlockCompletion) {
         if quiesceCount > 0 { return queued.append { self.write(at: offset, from: buffer, flags: flags, completion: completion) } }

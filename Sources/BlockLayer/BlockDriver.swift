@@ -44,6 +44,10 @@ public protocol BlockDriver: AnyObject {
     /// Allocation state from `offset`, for at most `length` bytes.
     func blockStatus(at offset: Int64, length: Int64,
                      completion: @escaping (Result<BlockStatus, BlockError>) -> Void)
+    /// The file range holding `[offset, offset + length)` if all of it is
+    /// plain data in one file's page cache, read as it is; nil otherwise,
+    /// and then the caller reads. Must not block or do I/O.
+    func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent?
     /// Hints that a range will be read soon (NBD_CMD_CACHE).
     func prefetch(at offset: Int64, length: Int64, completion: @escaping BlockCompletion)
     func truncate(to length: Int64, completion: @escaping BlockCompletion)
@@ -87,6 +91,8 @@ extension BlockDriver {
     public func prefetch(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
         completion(nil)
     }
+
+    public func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? { nil }
 
     public func truncate(to length: Int64, completion: @escaping BlockCompletion) {
         completion(.enotsup)

@@ -28,6 +28,15 @@ extension BlockNode {
         }
     }
 
+    /// The file range to send for a read of `[offset, offset + length)`,
+    /// if the driver has all of it as plain data in the page cache (see
+    /// `CachedFileExtent`). Sending it is a read like any other: no
+    /// alignment applies, since nothing is read with O_DIRECT.
+    public func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
+        guard length > 0, contains(offset: offset, length: Int64(length)) else { return nil }
+        return driver.cachedFileExtent(at: offset, length: length)
+    }
+
     /// NBD_CMD_CACHE: asks the driver to warm a range.
     public func prefetch(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
         guard contains(offset: offset, length: length) else { return completion(.einval) }

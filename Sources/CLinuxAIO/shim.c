@@ -144,6 +144,19 @@ int strata_fdatasync(int fd) {
     return fdatasync(fd) == 0 ? 0 : -errno;
 }
 
+#ifndef __NR_cachestat
+#define __NR_cachestat 451   /* the same number on every architecture */
+#endif
+
+int64_t strata_cached_pages(int fd, int64_t offset, int64_t length) {
+    /* The kernel's struct cachestat_range and struct cachestat, spelled out
+       so older headers build too. */
+    struct { uint64_t off, len; } range = { (uint64_t)offset, (uint64_t)length };
+    struct { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; } stat;
+    long r = syscall(__NR_cachestat, fd, &range, &stat, 0);
+    return r < 0 ? -errno : (int64_t)stat.nr_cache;
+}
+
 int strata_ofd_lock(int fd, int64_t offset, int exclusive, int unlock) {
     struct flock fl;
     memset(&fl, 0, sizeof(fl));

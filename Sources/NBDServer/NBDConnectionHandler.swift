@@ -17,7 +17,7 @@ import NIOCore
 final class NBDConnectionHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
+    typealias OutboundOut = IOData
 
     struct Configuration {
         var handshakeTimeout: TimeAmount = .seconds(10)
@@ -31,6 +31,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         /// aligned memory, and the inbound buffer copied whole whenever bytes
         /// were appended or discarded while a slice of it was in flight.
         var streamingThreshold = 64 << 10
+        /// READs from this length on whose data is all in the page cache go
+        /// out with `sendfile` (see `CachedFileExtent`). Shorter ones are
+        /// copied on the loop, where that costs less than the two syscalls.
+        var smallestCachedSend = 64 << 10
         var log: ((String) -> Void)?
         var poller: LoopPoller?
     }
@@ -91,7 +95,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func channelActive(context: ChannelHandlerContext) {
         var greeting = context.channel.allocator.buffer(capacity: 18)
         NBDNegotiation.writeGreeting(into: &greeting)
-        context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.byteBuffer(greeting)), promise: nil)
         handshakeDeadline = context.eventLoop.scheduleTask(in: configuration.handshakeTimeout) { [weak self] in
             guard let self, self.phase == .negotiating else { return }
             self.log("closing connection: negotiation took longer than \(self.configuration.handshakeTimeout)")
@@ -202,7 +206,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         var out = allocator.buffer(capacity: 256)
         let action = negotiation.receive(message, catalog: registry, into: &out)
         if out.readableBytes > 0 {
-            context.write(wrapOutboundOut(out), promise: nil)
+            context.write(wrapOutboundOut(.byteBuffer(out)), promise: nil)
         }
         switch action {
         case .proceed:
@@ -313,7 +317,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Writes a reply part; flushing is batched per tick.
     func send(_ buffer: ByteBuffer) {
-        context.write(wrapOutboundOut(buffer), promise: nil)
+        context.write(wrapOutboundOut(.byteBuffer(buffer)), promise: nil)
+    }
+
+    /// Writes a file range (READ data the kernel sends from the page
+    /// cache); `sent` runs once it has reached the socket, or failed to.
+    func send(_ region: FileRegion, sent: @escaping () -> Void) {
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        promise.futureResult.whenComplete { _ in sent() }
+        context.write(wrapOutboundOut(.fileRegion(region)), promise: promise)
+        scheduleFlush()
     }
 
     /// Sends what is written. After replies the client's next request is
@@ -365,7 +378,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func finishAndClose() {
         guard phase != .closed else { return }
         let done = context.eventLoop.makePromise(of: Void.self)
-        context.writeAndFlush(wrapOutboundOut(allocator.buffer(capacity: 0)), promise: done)
+        context.writeAndFlush(wrapOutboundOut(.byteBuffer(allocator.buffer(capacity: 0))), promise: done)
         done.futureResult.whenComplete { [weak self] _ in self?.close() }
     }
 

@@ -157,6 +157,25 @@ extension QCOW2Driver {
 
     // MARK: read
 
+    /// Where a range of plain data sits in the data file, when its L2
+    /// table is in memory already: the file driver then says whether the
+    /// pages are cached. Zero, compressed, unallocated and mixed ranges,
+    /// and ranges across two L2 tables, are read as usual.
+    public func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
+        let index = Int(offset / header.bytesPerL2)
+        guard index < l1.count else { return nil }
+        let entry = l1[index]
+        let tableOffset = entry & QCOW2Entry.offsetMask
+        guard tableOffset != 0, entry & QCOW2Entry.l1ReservedMask == 0,
+              tableOffset % UInt64(header.clusterSize) == 0,
+              let table = cachedL2Table(at: tableOffset),
+              let run = try? run(at: offset, maxLength: Int64(length), table: table),
+              case .data = run.mapping, run.length == Int64(length) else {
+            return nil
+        }
+        return dataFile.cachedFileExtent(at: Int64(run.hostOffset), length: length)
+    }
+
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
                      completion: @escaping BlockCompletion) {
         runs(at: offset, length: Int64(buffer.count)) { result in

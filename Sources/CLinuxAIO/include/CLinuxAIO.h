@@ -94,6 +94,12 @@ ssize_t strata_pread(int fd, void *buf, size_t count, int64_t offset, int flags)
 ssize_t strata_pwrite(int fd, const void *buf, size_t count, int64_t offset, int flags);
 int strata_fdatasync(int fd);
 
+// --- page cache residency -------------------------------------------------------
+/// cachestat(2) (Linux 6.5): how many of the pages spanning
+/// [offset, offset + length) are in the page cache; -errno on failure
+/// (-ENOSYS on older kernels).
+int64_t strata_cached_pages(int fd, int64_t offset, int64_t length);
+
 // --- OFD locks ------------------------------------------------------------
 /// Takes (`exclusive` 0: shared, 1: exclusive) or drops (`unlock` 1) a
 /// one-byte OFD lock at `offset`; 0 or -errno.

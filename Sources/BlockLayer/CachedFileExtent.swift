@@ -1,0 +1,28 @@
+import NIOCore
+
+/// Where the bytes of a guest range sit, whole, in the page cache of one
+/// file: what a reader can hand to the kernel (`sendfile`) instead of
+/// copying them out and back in.
+///
+/// A READ of 256 KiB copied from the page cache into a buffer and from the
+/// buffer into the socket costs the server ~85 µs of CPU on the benchmark
+/// VM; `sendfile` of the same range ~28 µs, the socket taking the cached
+/// pages as they are.
+public struct CachedFileExtent {
+    /// The file; open as long as the node is, and used only on the graph's
+    /// event loop (NIO lets one user at a time have a handle's descriptor).
+    public let file: NIOFileHandle
+    public let offset: Int64
+    public let length: Int
+
+    public init(file: NIOFileHandle, offset: Int64, length: Int) {
+        self.file = file
+        self.offset = offset
+        self.length = length
+    }
+
+    /// The region to write to a channel.
+    public var region: FileRegion {
+        FileRegion(fileHandle: file, readerIndex: Int(offset), endIndex: Int(offset) + length)
+    }
+}
