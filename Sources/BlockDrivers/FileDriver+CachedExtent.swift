@@ -9,24 +9,39 @@ extension FileDriver {
     private static let pageSize = Int64(max(sysconf(Int32(_SC_PAGESIZE)), 4096))
 
     /// The range itself when every page of it is data in the page cache,
-    /// asked of cachestat(2): a range the kernel would have to read from
-    /// the disk goes the usual way, since `sendfile` on the event loop would
-    /// block it.
+    /// read from the disk already: `sendfile` runs on the event loop, and a
+    /// range it would have to wait for goes the usual way.
+    ///
+    /// cachestat(2) counts the cached pages, but readahead puts pages in the
+    /// cache before the disk has filled them, so the first and the last page
+    /// are also read with RWF_NOWAIT (one byte each), which fails for a page
+    /// still being read. Pages of a hole read as cached zeroes: a file with
+    /// fewer blocks than bytes is asked for holes (SEEK_HOLE takes the inode
+    /// lock, which a throttled writer may hold, so not for every file), and
+    /// a hole goes the usual way too, to become a hole chunk.
     public func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
         guard let cacheFile, cacheResidency, length > 0, offset >= 0, offset + Int64(length) <= size else {
             return nil
         }
+        let end = offset + Int64(length)
         let cached = strata_cached_pages(fd, offset, Int64(length))
         if cached < 0 {
             if cached == -Int64(ENOSYS) || cached == -Int64(EPERM) { cacheResidency = false }
             return nil
         }
-        let pages = (offset + Int64(length) - 1) / Self.pageSize - offset / Self.pageSize + 1
-        guard cached >= pages else { return nil }
-        // A hole read (cached zero pages) goes the usual way too, where
-        // its zeroes become a hole chunk instead of data on the wire.
-        let hole = strata_seek_hole(fd, offset)
-        guard hole >= offset + Int64(length) || (hole < 0 && isBlockDevice) else { return nil }
+        guard cached >= (end - 1) / Self.pageSize - offset / Self.pageSize + 1,
+              isReadable(at: offset), isReadable(at: end - 1) else {
+            return nil
+        }
+        if !isBlockDevice, strata_fd_allocated_bytes(fd) < size, strata_seek_hole(fd, offset) < end {
+            return nil
+        }
         return CachedFileExtent(file: cacheFile, offset: offset, length: length)
+    }
+
+    /// Whether the byte at `offset` reads without waiting for the disk.
+    private func isReadable(at offset: Int64) -> Bool {
+        var byte: UInt8 = 0
+        return strata_pread(fd, &byte, 1, offset, strata_RWF_NOWAIT) == 1
     }
 }

@@ -79,7 +79,7 @@ public final class FileDriver: BlockDriver {
         if options.locking != .off {
             locks = ImageLocks(fd: fd, filename: options.filename)
         }
-        let copy = options.direct ? -1 : dup(fd)
+        let copy = options.direct ? -1 : fcntl(fd, F_DUPFD_CLOEXEC, 0)
         cacheFile = copy >= 0 ? NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: copy) : nil
     }
 

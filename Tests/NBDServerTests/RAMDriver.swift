@@ -1,4 +1,5 @@
 import BlockLayer
+import NIOCore
 
 /// An in-memory disk for server tests: zeroes except what is written,
 /// with block status that reports untouched 64 KiB regions as holes.
@@ -11,6 +12,9 @@ final class RAMDriver: BlockDriver {
     var failure: BlockError?
     /// The memory alignment the node asks of its users, as O_DIRECT would.
     var memoryAlignment = 1
+    /// While set, every read is offered as this file's range at the same
+    /// offset, as a file driver offers cached ranges for `sendfile`.
+    var cachedFile: NIOFileHandle?
 
     init(size: Int) {
         data = [UInt8](repeating: 0, count: size)
@@ -39,6 +43,10 @@ final class RAMDriver: BlockDriver {
             for index in 0..<buffer.count { buffer[index] = self.data[Int(offset) + index] }
             completion(nil)
         }
+    }
+
+    func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
+        cachedFile.map { CachedFileExtent(file: $0, offset: offset, length: length) }
     }
 
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,

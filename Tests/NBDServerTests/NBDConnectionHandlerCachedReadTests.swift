@@ -1,0 +1,42 @@
+import BlockLayer
+import Glibc
+import NBDProtocol
+import NBDTestSupport
+@testable import NBDServer
+import NIOCore
+import Testing
+
+/// READs whose data the driver offers as a cached file range go out as a
+/// reply header and a `FileRegion` for the kernel to send.
+extension NBDConnectionHandlerTests {
+    @Test func cachedReadsGoOutAsAHeaderAndAFileRegion() throws {
+        try negotiate()
+        let file = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: open("/dev/zero", O_RDONLY | O_CLOEXEC))
+        defer { try? file.close() }
+        driver.cachedFile = file
+        defer { driver.cachedFile = nil }
+
+        try send(Wire.request(type: 0, cookie: 5, offset: 65536, length: 128 << 10))
+        guard case .byteBuffer(var header)? = try channel.readOutbound(as: IOData.self) else {
+            Issue.record("no reply header")
+            return
+        }
+        #expect(header.readInteger(as: UInt32.self) == NBDMagic.structuredReply)
+        #expect(header.readInteger(as: UInt16.self) == 1, "the only chunk is the last")
+        #expect(header.readInteger(as: UInt16.self) == NBDChunkType.offsetData.rawValue)
+        #expect(header.readInteger(as: UInt64.self) == 5)
+        #expect(header.readInteger(as: UInt32.self) == UInt32(8 + (128 << 10)))
+        #expect(header.readInteger(as: UInt64.self) == 65536)
+        #expect(header.readableBytes == 0)
+        guard case .fileRegion(let region)? = try channel.readOutbound(as: IOData.self) else {
+            Issue.record("no file region after the header")
+            return
+        }
+        #expect(region.readerIndex == 65536 && region.endIndex == 65536 + (128 << 10))
+        #expect(graph.backends.first?.inFlight == 0, "the read ended once its data was written")
+
+        // Short reads are copied as before: too little to save.
+        try send(Wire.request(type: 0, cookie: 6, offset: 0, length: 4096))
+        #expect(chunks(try outbound()).map(\.cookie) == [6])
+    }
+}
