@@ -17,15 +17,28 @@ extension QCOW2Driver {
 
     // MARK: L2 tables
 
+    /// The host offset of the L2 table for L1 index `index`; nil when the
+    /// L1 entry is empty, an error when it is unaligned or has reserved bits.
+    func l2TableOffset(for index: Int) throws(BlockError) -> UInt64? {
+        guard index < l1.count else { return nil }
+        let entry = l1[index]
+        let offset = entry & QCOW2Entry.offsetMask
+        guard offset != 0 else { return nil }
+        if entry & QCOW2Entry.l1ReservedMask != 0 || offset % UInt64(header.clusterSize) != 0 {
+            throw BlockError(errno: EIO, "L2 table offset 0x\(String(offset, radix: 16)) unaligned or reserved bits set")
+        }
+        return offset
+    }
+
     /// The L2 table for L1 index `index`, from the cache or the file; nil
     /// (success) when the L1 entry is empty.
     func l2Table(for index: Int, completion: @escaping (Result<QCOW2L2Table?, BlockError>) -> Void) {
-        guard index < l1.count else { return completion(.success(nil)) }
-        let entry = l1[index]
-        let offset = entry & QCOW2Entry.offsetMask
-        guard offset != 0 else { return completion(.success(nil)) }
-        if entry & QCOW2Entry.l1ReservedMask != 0 || offset % UInt64(header.clusterSize) != 0 {
-            return completion(.failure(BlockError(errno: EIO, "L2 table offset 0x\(String(offset, radix: 16)) unaligned or reserved bits set")))
+        let offset: UInt64
+        do {
+            guard let found = try l2TableOffset(for: index) else { return completion(.success(nil)) }
+            offset = found
+        } catch {
+            return completion(.failure(error))
         }
         if let table = cachedL2Table(at: offset) {
             return completion(.success(table))
@@ -162,12 +175,7 @@ extension QCOW2Driver {
     /// pages are cached. Zero, compressed, unallocated and mixed ranges,
     /// and ranges across two L2 tables, are read as usual.
     public func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
-        let index = Int(offset / header.bytesPerL2)
-        guard index < l1.count else { return nil }
-        let entry = l1[index]
-        let tableOffset = entry & QCOW2Entry.offsetMask
-        guard tableOffset != 0, entry & QCOW2Entry.l1ReservedMask == 0,
-              tableOffset % UInt64(header.clusterSize) == 0,
+        guard let tableOffset = try? l2TableOffset(for: Int(offset / header.bytesPerL2)),
               let table = cachedL2Table(at: tableOffset),
               let run = try? run(at: offset, maxLength: Int64(length), table: table),
               case .data = run.mapping, run.length == Int64(length) else {
