@@ -170,18 +170,34 @@ extension QCOW2Driver {
 
     // MARK: read
 
-    /// Where a range of plain data sits in the data file, when its L2
-    /// table is in memory already: the file driver then says whether the
-    /// pages are cached. Zero, compressed, unallocated and mixed ranges,
-    /// and ranges across two L2 tables, are read as usual.
+    /// Where a range sits, whole, in one file's page cache, when its L2
+    /// table is in memory already (or its L1 entry is empty): plain data in
+    /// the data file, or a range this image leaves unallocated, which reads
+    /// through to the backing file (whose own driver answers for it; nil
+    /// without one, since that reads as zeroes). Zero, compressed and mixed
+    /// ranges, and ranges across two L2 tables, are read as usual.
     public func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
-        guard let tableOffset = try? l2TableOffset(for: Int(offset / header.bytesPerL2)),
-              let table = cachedL2Table(at: tableOffset),
-              let run = try? run(at: offset, maxLength: Int64(length), table: table),
-              case .data = run.mapping, run.length == Int64(length) else {
+        let table: QCOW2L2Table?
+        do {
+            if let tableOffset = try l2TableOffset(for: Int(offset / header.bytesPerL2)) {
+                guard let cached = cachedL2Table(at: tableOffset) else { return nil }
+                table = cached
+            } else {
+                table = nil
+            }
+        } catch {
             return nil
         }
-        return dataFile.cachedFileExtent(at: Int64(run.hostOffset), length: length)
+        guard let run = try? run(at: offset, maxLength: Int64(length), table: table),
+              run.length == Int64(length) else { return nil }
+        switch run.mapping {
+        case .data:
+            return dataFile.cachedFileExtent(at: Int64(run.hostOffset), length: length)
+        case .unallocated, .unallocatedSubcluster:
+            return backingNode?.cachedFileExtent(at: offset, length: length)
+        case .zero, .compressed:
+            return nil
+        }
     }
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
