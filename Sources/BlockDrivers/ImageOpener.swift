@@ -47,14 +47,29 @@ public enum ImageOpener {
     /// QEMU-style messages.
     public static func open(_ options: ImageOptions, graph: BlockGraph, io: FileIOContext,
                             warn: @escaping (String) -> Void = { _ in }) -> EventLoopFuture<BlockNode> {
-        open(options, graph: graph, io: io, warn: warn, depth: 0)
+        open(options, graph: graph, io: io, warn: warn, depth: 0, above: [])
     }
 
+    /// The device and inode of a file, to find a backing chain that leads
+    /// back to one of its own images (nil when it cannot be stat'ed; the
+    /// open then reports why).
+    private static func fileIdentity(_ path: String) -> String? {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return nil }
+        return "\(info.st_dev):\(info.st_ino)"
+    }
+
+    /// `above` holds the identities of the images above this one in the chain.
     private static func open(_ options: ImageOptions, graph: BlockGraph, io: FileIOContext,
-                             warn: @escaping (String) -> Void, depth: Int) -> EventLoopFuture<BlockNode> {
+                             warn: @escaping (String) -> Void, depth: Int,
+                             above: Set<String>) -> EventLoopFuture<BlockNode> {
         let loop = graph.eventLoop
         guard depth < maxChainDepth else {
             return loop.makeFailedFuture(BlockError(errno: ELOOP, "Backing file chain of '\(options.filename)' is too deep (a loop?)"))
+        }
+        var chain = above
+        if let identity = fileIdentity(options.filename), !chain.insert(identity).inserted {
+            return loop.makeFailedFuture(BlockError(errno: ELOOP, "Backing file chain loops: '\(options.filename)' is also an image above it"))
         }
         let format: String
         let probed: Bool
@@ -88,7 +103,8 @@ public enum ImageOpener {
             let opened: EventLoopFuture<BlockNode>
             switch format {
             case "qcow2":
-                opened = openQCOW2(above: fileNode, options: options, graph: graph, io: io, warn: warn, depth: depth)
+                opened = openQCOW2(above: fileNode, options: options, graph: graph, io: io, warn: warn,
+                                   depth: depth, chain: chain)
             default:
                 opened = loop.makeCompletedFuture { try openRaw(above: fileNode, options: options, probed: probed, graph: graph) }
             }
@@ -135,7 +151,7 @@ public enum ImageOpener {
 
     private static func openQCOW2(above fileNode: BlockNode, options: ImageOptions, graph: BlockGraph,
                                   io: FileIOContext, warn: @escaping (String) -> Void,
-                                  depth: Int) -> EventLoopFuture<BlockNode> {
+                                  depth: Int, chain: Set<String>) -> EventLoopFuture<BlockNode> {
         let loop = graph.eventLoop
         let qcowOptions = QCOW2Options(readOnly: options.readOnly, snapshot: options.snapshot,
                                        l2CacheSize: options.l2CacheSize)
@@ -167,7 +183,7 @@ public enum ImageOpener {
                 backingOptions.aio = options.aio
                 backingOptions.locking = options.locking
                 backingOptions.forceShare = options.forceShare
-                opening.append(open(backingOptions, graph: graph, io: io, warn: warn, depth: depth + 1)
+                opening.append(open(backingOptions, graph: graph, io: io, warn: warn, depth: depth + 1, above: chain)
                     .flatMapErrorThrowing { error in
                         throw BlockError(errno: (error as? BlockError)?.errno ?? EIO,
                             "Could not open backing file: \((error as? BlockError)?.description ?? "\(error)")")

@@ -42,6 +42,7 @@ public final class QCOW2Checker {
     let snapshots: [QCOW2Snapshot]
     let externalData: Bool
     let snapshotTableLength: Int
+    let bitmapDirectory: QCOW2BitmapDirectory?
     var references: [Int64: Int] = [:]
     /// Refcounts as stored in the image (known once they are compared).
     var stored: [Int64: UInt64] = [:]
@@ -55,6 +56,7 @@ public final class QCOW2Checker {
         snapshots = driver.snapshots
         externalData = header.incompatibleFeatures.contains(.externalDataFile)
         snapshotTableLength = driver.snapshotTableLength
+        bitmapDirectory = driver.bitmapDirectory
     }
 
     /// Counts one reference to every cluster of `[offset, offset + length)`.
@@ -62,9 +64,13 @@ public final class QCOW2Checker {
         guard length > 0, offset < QCOW2Header.maxSize else { return }
         let first = Int64(offset) / clusterSize
         let last = (Int64(offset) + length - 1) / clusterSize
+        // A cluster or more past the end is an error, and not counted (as
+        // in QEMU): a hostile offset must not make the comparison walk
+        // refcounts up to 2^61.
         if (last + 1) * clusterSize > file.length + clusterSize {
             report.corruptions += 1
             report.messages.append("ERROR \(what) at offset 0x\(String(offset, radix: 16)) lies past the end of the image")
+            return
         }
         for cluster in first...last { references[cluster, default: 0] += 1 }
     }
@@ -185,45 +191,33 @@ public final class QCOW2Checker {
         }
     }
 
-    /// The bitmap directory, each bitmap's table and the clusters it names.
+    /// The bitmap directory, each bitmap's table and the clusters it
+    /// names. The directory was checked on open, as QEMU checks it, so a
+    /// table is at most 512 MiB of bitmap; one named twice is read once.
     private func checkBitmaps() -> EventLoopFuture<Void> {
         let loop = file.eventLoop
-        guard header.autoclearFeatures.contains(.bitmaps),
-              let ext = header.extensions.first(where: { $0.type == QCOW2HeaderExtension.bitmaps }),
-              ext.data.count >= 24 else { return loop.makeSucceededVoidFuture() }
-        let reader = BigEndianReader(ext.data)
-        let count = Int(reader.u32(at: 0))
-        let directorySize = reader.u64(at: 8)
-        let directoryOffset = reader.u64(at: 16)
-        guard directorySize > 0, directorySize <= 64 << 20, directoryOffset < QCOW2Header.maxSize else {
-            return loop.makeSucceededVoidFuture()
-        }
-        reference(directoryOffset, length: Int64(directorySize), what: "bitmap directory")
-        return read(directoryOffset, Int(directorySize)).flatMap { bytes in
-            let directory = BigEndianReader(bytes)
-            var position = 0
-            var chain = loop.makeSucceededVoidFuture()
-            for _ in 0..<count {
-                guard position + 24 <= bytes.count else { break }
-                let tableOffset = directory.u64(at: position)
-                let tableSize = Int(directory.u32(at: position + 8))
-                let nameSize = Int(directory.u16(at: position + 18))
-                let extraSize = Int(directory.u32(at: position + 20))
-                position += (24 + extraSize + nameSize + 7) / 8 * 8
-                guard tableSize > 0, tableSize <= 1 << 24, tableOffset < QCOW2Header.maxSize else { continue }
-                self.reference(tableOffset, length: Int64(tableSize) * 8, what: "bitmap table")
-                chain = chain.flatMap {
-                    self.read(tableOffset, tableSize * 8).map { table in
-                        let entries = BigEndianReader(table)
-                        for index in 0..<tableSize {
-                            let offset = entries.u64(at: index * 8) & QCOW2Entry.offsetMask
-                            if offset != 0 { self.reference(offset, length: self.clusterSize, what: "bitmap data") }
-                        }
-                    }
+        guard let directory = bitmapDirectory else { return loop.makeSucceededVoidFuture() }
+        reference(directory.offset, length: Int64(directory.bytes.count), what: "bitmap directory")
+        var chain = loop.makeSucceededVoidFuture()
+        var tables: [UInt64: EventLoopFuture<[UInt64]>] = [:]
+        for bitmap in directory.entries {
+            let (tableOffset, tableSize) = (bitmap.tableOffset, bitmap.tableSize)
+            reference(tableOffset, length: Int64(tableSize) * 8, what: "bitmap table")
+            guard Int64(tableOffset) + Int64(tableSize) * 8 <= file.length else { continue }
+            let table = tables[tableOffset] ?? chain.flatMap {
+                self.read(tableOffset, tableSize * 8).map { bytes in
+                    let entries = BigEndianReader(bytes)
+                    return (0..<tableSize).map { entries.u64(at: $0 * 8) & QCOW2Entry.offsetMask }.filter { $0 != 0 }
                 }
             }
-            return chain
+            tables[tableOffset] = table
+            chain = chain.flatMap {
+                table.map { offsets in
+                    for offset in offsets { self.reference(offset, length: self.clusterSize, what: "bitmap data") }
+                }
+            }
         }
+        return chain
     }
 
     /// Reads every refcount block and compares with what was counted.
@@ -251,10 +245,13 @@ public final class QCOW2Checker {
                     self.report.messages.append("ERROR refcount block \(block) is not cluster aligned or past the end; refcount table entry corrupted")
                     continue
                 }
+                // Refcounts past the clusters the file and the metadata
+                // reach are not compared, as in QEMU.
+                let counted = Int(min(perBlock, clusters - Int64(block) * perBlock))
                 chain = chain.flatMap {
                     self.read(offset, self.header.clusterSize).map { bytes in
                         bytes.withUnsafeBytes { raw in
-                            for index in 0..<Int(perBlock) {
+                            for index in 0..<counted {
                                 let value = QCOW2Refcounts.entry(raw, index: index, bits: self.header.refcountBits)
                                 if value != 0 { self.stored[Int64(block) * perBlock + Int64(index)] = value }
                             }

@@ -521,9 +521,14 @@ extension QCOW2Driver {
                 self.metadataBusy = false
                 return completion(BlockError(errno: ENOSPC, "The refcount table cannot grow further"))
             }
+            let start: Int64
+            do {
+                start = try refcounter.claimAtEnd(newClusters * clusterSize)
+            } catch {
+                self.metadataBusy = false
+                return completion(error as? BlockError ?? .eio)
+            }
             refcounter.table += [UInt64](repeating: 0, count: Int(count) - refcounter.table.count)
-            let start = refcounter.allocationEnd
-            refcounter.allocationEnd += newClusters * clusterSize
             do {
                 for index in 0..<newClusters {
                     let cluster = start / clusterSize + index

@@ -81,6 +81,8 @@ public final class QCOW2Driver: BlockDriver {
 
     /// The image file node, known from the open on (before the node exists).
     var openedFile: BlockNode?
+    /// The persistent bitmaps' directory, when the image has bitmaps in use.
+    var bitmapDirectory: QCOW2BitmapDirectory?
     var file: BlockNode { node?.child(named: "file")?.node ?? openedFile! }
     /// Where data clusters live: the external data file, or the image.
     var dataFile: BlockNode { node?.child(named: "data-file")?.node ?? file }
@@ -146,6 +148,11 @@ public final class QCOW2Driver: BlockDriver {
                 driver.snapshotTableLength = tableLength
                 driver.openedFile = file
                 return driver
+            }.flatMap { driver in
+                QCOW2BitmapDirectory.load(file: file, header: header).map { directory in
+                    driver.bitmapDirectory = directory
+                    return driver
+                }
             }.flatMap { driver in
                 guard !options.readOnly, options.snapshot == nil else { return loop.makeSucceededFuture(driver) }
                 return driver.prepareForWriting(file: file).map { driver }
@@ -222,37 +229,23 @@ public final class QCOW2Driver: BlockDriver {
     /// bitmaps of an image it has open, so no tool trusts a stale bitmap.
     func markBitmapsInUse(file: BlockNode) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
-        guard let ext = header.extensions.first(where: { $0.type == QCOW2HeaderExtension.bitmaps }),
-              ext.data.count >= 24 else { return loop.makeSucceededVoidFuture() }
-        let reader = BigEndianReader(ext.data)
-        let count = Int(reader.u32(at: 0))
-        let size = reader.u64(at: 8)
-        let offset = reader.u64(at: 16)
-        guard size > 0, size <= 64 << 20, offset < QCOW2Header.maxSize, Int64(offset) + Int64(size) <= file.length else {
-            return loop.makeFailedFuture(QCOW2Error("Bitmap directory is invalid").blockError)
+        guard let directory = bitmapDirectory else { return loop.makeSucceededVoidFuture() }
+        var bytes = directory.bytes
+        for entry in directory.entries {
+            bytes[entry.position + 15] |= UInt8(QCOW2BitmapDirectory.Entry.inUseFlag)  // the big-endian flags' low byte
         }
-        return QCOW2Driver.readBytes(file, at: Int64(offset), count: Int(size)).flatMap { bytes in
-            var directory = bytes
-            var position = 0
-            for _ in 0..<count {
-                guard position + 24 <= directory.count else { break }
-                directory[position + 15] |= 1  // IN_USE, the low bit of the big-endian flags
-                let entry = BigEndianReader(directory)
-                let nameSize = Int(entry.u16(at: position + 18))
-                let extraSize = Int(entry.u32(at: position + 20))
-                position += (24 + extraSize + nameSize + 7) / 8 * 8
-            }
-            guard directory != bytes, let buffer = AlignedBuffer.allocate(count: directory.count, alignment: 4096) else {
-                return loop.makeSucceededVoidFuture()
-            }
-            buffer.pointer.copyMemory(from: directory, byteCount: directory.count)
-            let promise = loop.makePromise(of: Void.self)
-            file.write(at: Int64(offset), from: buffer.bytes, flags: .fua) { error in
-                buffer.deallocate()
-                if let error { promise.fail(error) } else { promise.succeed(()) }
-            }
-            return promise.futureResult
+        guard bytes != directory.bytes, let buffer = AlignedBuffer.allocate(count: bytes.count, alignment: 4096) else {
+            return loop.makeSucceededVoidFuture()
         }
+        buffer.pointer.copyMemory(from: bytes, byteCount: bytes.count)
+        let promise = loop.makePromise(of: Void.self)
+        file.write(at: Int64(directory.offset), from: buffer.bytes, flags: .fua) { error in
+            buffer.deallocate()
+            if let error { return promise.fail(error) }
+            self.bitmapDirectory?.bytes = bytes
+            promise.succeed(())
+        }
+        return promise.futureResult
     }
 
     /// Sets every refcount to the references the metadata holds (what

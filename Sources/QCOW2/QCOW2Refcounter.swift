@@ -35,6 +35,21 @@ final class QCOW2Refcounter {
     /// Clusters holding metadata, for overlap checks before data writes.
     var metadataClusters: Set<Int64> = []
 
+    /// Host offsets an L1 or L2 entry can hold are below 2^56 (QEMU's
+    /// `QCOW_MAX_CLUSTER_OFFSET`): nothing is allocated from there on.
+    static let hostOffsetLimit: Int64 = 1 << 56
+
+    /// Takes `bytes` at the end of everything allocated, returning where
+    /// they start; ENOSPC once the image would reach `hostOffsetLimit`.
+    func claimAtEnd(_ bytes: Int64) throws -> Int64 {
+        let start = allocationEnd
+        guard bytes <= Self.hostOffsetLimit - start else {
+            throw BlockError(errno: ENOSPC, "The image cannot grow past 2^56 bytes")
+        }
+        allocationEnd += bytes
+        return start
+    }
+
     init(header: QCOW2Header, table: [UInt64], fileLength: Int64) {
         clusterSize = Int64(header.clusterSize)
         bits = header.refcountBits
@@ -67,8 +82,12 @@ final class QCOW2Refcounter {
                       Int64(offset) + refcounter.clusterSize <= file.length else {
                     return loop.makeFailedFuture(BlockError(errno: EIO, "Refcount block at 0x\(String(offset, radix: 16)) is invalid"))
                 }
-                // A block named twice is loaded once.
-                guard seen.insert(offset).inserted else { continue }
+                // Two table entries sharing a block would count two ranges
+                // of clusters in the same bits: allocating in one would
+                // change the other's refcounts.
+                guard seen.insert(offset).inserted else {
+                    return loop.makeFailedFuture(BlockError(errno: EIO, "Refcount block at 0x\(String(offset, radix: 16)) is named by more than one refcount table entry"))
+                }
                 chain = chain.flatMap {
                     guard let buffer = AlignedBuffer.allocate(count: header.clusterSize, alignment: 4096) else {
                         return loop.makeFailedFuture(BlockError.enomem)
@@ -94,19 +113,24 @@ final class QCOW2Refcounter {
                 // Allocate past every cluster in use, even where the file is
                 // shorter than its refcounts say; the first free cluster in
                 // a block is where reuse starts looking.
+                // Refcounts of clusters no L2 entry can name (past 2^56) are
+                // not counted: a hostile image could otherwise put the end
+                // past what an offset can hold.
                 var firstFree = Int64.max
+                let clusterLimit = Self.hostOffsetLimit / refcounter.clusterSize
                 for (tableIndex, entry) in table.enumerated() where entry != 0 {
-                    guard let block = refcounter.blocks[entry & ~UInt64(511)] else { continue }
+                    let firstCluster = Int64(tableIndex) * refcounter.perBlock
+                    guard firstCluster < clusterLimit, let block = refcounter.blocks[entry & ~UInt64(511)] else { continue }
                     var last = -1
-                    for index in 0..<Int(refcounter.perBlock) {
+                    for index in 0..<Int(min(refcounter.perBlock, clusterLimit - firstCluster)) {
                         if QCOW2Refcounts.entry(block.bytes, index: index, bits: refcounter.bits) != 0 {
                             last = index
                         } else if firstFree == .max {
-                            firstFree = Int64(tableIndex) * refcounter.perBlock + Int64(index)
+                            firstFree = firstCluster + Int64(index)
                         }
                     }
                     if last >= 0 {
-                        let end = (Int64(tableIndex) * refcounter.perBlock + Int64(last) + 1) * refcounter.clusterSize
+                        let end = (firstCluster + Int64(last) + 1) * refcounter.clusterSize
                         refcounter.allocationEnd = max(refcounter.allocationEnd, end)
                     }
                 }
@@ -183,8 +207,7 @@ final class QCOW2Refcounter {
             throw BlockError(errno: ENOSPC, "The refcount table is full")
         }
         guard table[tableIndex] == 0 else { return }
-        let blockOffset = UInt64(allocationEnd)
-        allocationEnd += clusterSize
+        let blockOffset = UInt64(try claimAtEnd(clusterSize))
         guard let buffer = AlignedBuffer.zeroed(count: Int(clusterSize), alignment: 4096) else {
             throw BlockError.enomem
         }
@@ -259,8 +282,7 @@ final class QCOW2Refcounter {
             try adjust(free, by: 1)
             return UInt64(free * clusterSize)
         }
-        let host = allocationEnd
-        allocationEnd += clusterSize
+        let host = try claimAtEnd(clusterSize)
         try ensureBlock(for: host / clusterSize)
         try adjust(host / clusterSize, by: 1)
         return UInt64(host)

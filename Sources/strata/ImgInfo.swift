@@ -103,7 +103,7 @@ struct ImgInfo: ParsableCommand {
                 formatter.dateFormat = "yyyy-MM-dd HH:mm:ss"
                 let id = (snapshot["id"] as? String ?? "").padding(toLength: 10, withPad: " ", startingAt: 0)
                 let name = (snapshot["name"] as? String ?? "").padding(toLength: 18, withPad: " ", startingAt: 0)
-                let size = ImageSize.human(Int64(snapshot["vm-state-size"] as? UInt64 ?? 0))
+                let size = ImageSize.human(Int64(clamping: snapshot["vm-state-size"] as? UInt64 ?? 0))
                 lines.append("\(id)\(name)\(String(repeating: " ", count: max(0, 6 - size.count)))\(size) \(formatter.string(from: date)) 00:00:00.000          0")
             }
         }

@@ -1,0 +1,108 @@
+import Foundation
+import Testing
+
+/// Images qemu-img made, then damaged the way fuzzing found hurtful:
+/// `strata img` answers with an error or a report, never a trap, a hang
+/// or gigabytes of memory.
+@Suite struct ImgHostileImageTests {
+    func img(_ arguments: [String]) throws -> Harness.Output {
+        try Harness.run(Harness.strata, ["img"] + arguments)
+    }
+
+    func qemuImg(_ arguments: [String]) throws -> Harness.Output {
+        try Harness.run("/usr/bin/qemu-img", arguments)
+    }
+
+    func read(_ path: String, at offset: UInt64, count: Int) throws -> [UInt8] {
+        let handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: path))
+        defer { try? handle.close() }
+        try handle.seek(toOffset: offset)
+        return [UInt8](try #require(try handle.read(upToCount: count)))
+    }
+
+    func u64(_ path: String, at offset: UInt64) throws -> UInt64 {
+        try read(path, at: offset, count: 8).reduce(0) { $0 << 8 | UInt64($1) }
+    }
+
+    func u32(_ path: String, at offset: UInt64) throws -> UInt32 {
+        try read(path, at: offset, count: 4).reduce(0) { $0 << 8 | UInt32($1) }
+    }
+
+    /// Writes `value` big-endian in `width` bytes at `offset`.
+    func write(_ path: String, _ value: UInt64, width: Int, at offset: UInt64) throws {
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        defer { try? handle.close() }
+        try handle.seek(toOffset: offset)
+        handle.write(Data((0..<width).map { UInt8(truncatingIfNeeded: value >> UInt64(8 * (width - 1 - $0))) }))
+    }
+
+    /// A snapshot whose 64-bit VM state size does not fit a signed integer.
+    @Test func aHugeSnapshotStateSizeIsPrinted() throws {
+        let directory = try Harness.temporaryDirectory("vmstate")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("s.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", path, "16M"]).status == 0)
+        #expect(try qemuImg(["snapshot", "-c", "s1", path]).status == 0)
+        let table = try u64(path, at: 64)
+        // The entry's extra data starts 40 bytes in, with vm_state_size_large.
+        #expect(try u32(path, at: table + 36) >= 8, "qemu-img wrote the extra data")
+        try write(path, UInt64.max, width: 8, at: table + 40)
+        for arguments in [["info", path], ["info", "--output=json", path]] {
+            let info = try img(arguments)
+            #expect(info.status == 0, "\(arguments): \(info.stderr)")
+            #expect(info.stdout.contains("s1"))
+        }
+    }
+
+    /// An image that names itself as its backing file, and two that name
+    /// each other: refused at once, not opened 64 levels deep.
+    @Test func aBackingChainThatLoopsIsRefused() throws {
+        let directory = try Harness.temporaryDirectory("loop")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let a = directory.appendingPathComponent("a.qcow2").path
+        let b = directory.appendingPathComponent("b.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", a, "16M"]).status == 0)
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-b", a, "-F", "qcow2", b]).status == 0)
+        #expect(try qemuImg(["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", a]).status == 0)
+        let own = directory.appendingPathComponent("own.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", own, "16M"]).status == 0)
+        #expect(try qemuImg(["rebase", "-u", "-b", "own.qcow2", "-F", "qcow2", own]).status == 0)
+        for image in [a, b, own] {
+            for command in ["info", "check", "map"] {
+                let result = try img([command, image])
+                #expect(result.status == 1, "\(command) \(image): \(result.stdout)\(result.stderr)")
+                #expect(result.stderr.contains("Backing file chain loops"), "\(result.stderr)")
+            }
+        }
+    }
+
+    /// A bitmap whose table would be 128 MiB for a 16 MiB disk: refused on
+    /// open, naming the bitmap, as qemu-img refuses it (not a table to read).
+    @Test func aBitmapOutsideQemusConstraintsIsRefused() throws {
+        let directory = try Harness.temporaryDirectory("bitmap")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("b.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", path, "16M"]).status == 0)
+        #expect(try qemuImg(["bitmap", "--add", path, "b0"]).status == 0)
+        #expect(try img(["check", path]).status == 0)
+        // Header extensions follow the header; the bitmaps one holds the
+        // directory's offset, whose first entry has the table size at 8.
+        var position = UInt64(try u32(path, at: 100))
+        var directoryOffset: UInt64?
+        while directoryOffset == nil, position < 4096 {
+            let type = try u32(path, at: position)
+            let length = UInt64(try u32(path, at: position + 4))
+            guard type != 0 else { break }
+            if type == 0x2385_2875 { directoryOffset = try u64(path, at: position + 8 + 16) }
+            position += 8 + (length + 7) / 8 * 8
+        }
+        let directory0 = try #require(directoryOffset, "no bitmaps extension")
+        try write(path, 1 << 24, width: 4, at: directory0 + 8)
+        #expect(try qemuImg(["check", path]).status == 1)
+        for command in ["info", "check", "map"] {
+            let result = try img([command, path])
+            #expect(result.status == 1, "\(command): \(result.stdout)\(result.stderr)")
+            #expect(result.stderr.contains("Bitmap 'b0' doesn't satisfy the constraints"), "\(command): \(result.stderr)")
+        }
+    }
+}

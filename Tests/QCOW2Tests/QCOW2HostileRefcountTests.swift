@@ -1,0 +1,151 @@
+import BlockLayer
+import NIOCore
+import NIOEmbedded
+@testable import QCOW2
+import Testing
+
+/// Refcount structures a hostile image can hold: refcounts for clusters no
+/// offset can name, one block named twice, references far past the end,
+/// and tables full of wrong COPIED flags. Each ends in an error or a
+/// report, promptly, never a trap or gigabytes of memory (found by
+/// fuzzing `strata img check` and `strata serve`).
+@Suite struct QCOW2HostileRefcountTests {
+    let loop = EmbeddedEventLoop()
+    final class Graphs { var all: [BlockGraph] = [] }
+    let graphs = Graphs()
+
+    struct Image {
+        var bytes: [UInt8]
+        var header: QCOW2Header
+
+        mutating func setU64(_ value: UInt64, at offset: UInt64) {
+            for index in 0..<8 { bytes[Int(offset) + index] = UInt8(truncatingIfNeeded: value >> UInt64(56 - 8 * index)) }
+        }
+
+        func u64(at offset: UInt64) -> UInt64 {
+            (0..<8).reduce(UInt64(0)) { $0 << 8 | UInt64(bytes[Int(offset) + $1]) }
+        }
+
+        /// Appends a zeroed cluster and returns its offset.
+        mutating func appendCluster() -> UInt64 {
+            let offset = UInt64(bytes.count)
+            bytes += [UInt8](repeating: 0, count: header.clusterSize)
+            return offset
+        }
+    }
+
+    func image(clusterBits: UInt32, refcountBits: Int, size: UInt64 = 64 << 20, preallocate: Bool = false) throws -> Image {
+        var options = QCOW2ImageBuilder.Options(size: size)
+        options.clusterBits = clusterBits
+        options.refcountBits = refcountBits
+        options.preallocateMetadata = preallocate
+        let layout = try QCOW2ImageBuilder(options: options).build()
+        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
+        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
+        return Image(bytes: bytes, header: layout.header)
+    }
+
+    func openDriver(_ file: RecordingFile, readOnly: Bool) throws -> (QCOW2Driver, BlockNode) {
+        let graph = BlockGraph(eventLoop: loop)
+        graphs.all.append(graph)
+        let fileNode = try graph.addNode(name: "file", driver: file)
+        let future = QCOW2Driver.open(file: fileNode, options: QCOW2Options(readOnly: readOnly))
+        loop.run()
+        return (try future.wait(), fileNode)
+    }
+
+    func backend(_ driver: QCOW2Driver, above fileNode: BlockNode) throws -> BlockBackend {
+        let graph = graphs.all.last!
+        let node = try graph.addNode(name: "image", driver: driver,
+                                     children: [.init(name: "file", role: .image, node: fileNode)])
+        return try graph.attachBackend(name: "test", to: node, perm: [.consistentRead, .write], shared: .all)
+    }
+
+    /// 2 MiB clusters with 1-bit refcounts: one block counts 2^45 bytes, so
+    /// the last entry of a one-cluster table counts clusters just below 2^63.
+    @Test func refcountsOfClustersPastTheLargestOffsetDoNotMoveTheAllocationEnd() throws {
+        var image = try image(clusterBits: 21, refcountBits: 1)
+        let block = image.appendCluster()
+        image.bytes[image.bytes.count - 1] = 0x80  // the block's last cluster is in use
+        let firstBlock = image.u64(at: image.header.refcountTableOffset)
+        let cluster = Int(block) / image.header.clusterSize  // the new block counts itself as used
+        image.bytes[Int(firstBlock) + cluster / 8] |= 1 << UInt8(cluster % 8)
+        image.setU64(block, at: image.header.refcountTableOffset + 8 * 262_143)
+        let file = RecordingFile(bytes: image.bytes)
+        let (driver, fileNode) = try openDriver(file, readOnly: false)
+        #expect(driver.refcounter!.allocationEnd < QCOW2Refcounter.hostOffsetLimit)
+        let backend = try backend(driver, above: fileNode)
+        var result: BlockError??
+        [UInt8](repeating: 7, count: 4096).withUnsafeBytes { bytes in
+            backend.write(at: 0, from: bytes) { result = .some($0) }
+        }
+        loop.run()
+        let error = try #require(result, "the write did not complete")
+        #expect(error == nil, "\(String(describing: error))")
+    }
+
+    @Test func theAllocatorStopsAtTheLargestOffset() throws {
+        let image = try image(clusterBits: 16, refcountBits: 16)
+        let (driver, _) = try openDriver(RecordingFile(bytes: image.bytes), readOnly: false)
+        let refcounter = try #require(driver.refcounter)
+        refcounter.allocationEnd = QCOW2Refcounter.hostOffsetLimit - refcounter.clusterSize
+        #expect(throws: BlockError.self) { _ = try refcounter.claimAtEnd(2 * refcounter.clusterSize) }
+        #expect(refcounter.allocationEnd == QCOW2Refcounter.hostOffsetLimit - refcounter.clusterSize, "unchanged")
+    }
+
+    @Test func aRefcountBlockNamedTwiceIsRefusedForWriting() throws {
+        var image = try image(clusterBits: 16, refcountBits: 16)
+        let first = image.u64(at: image.header.refcountTableOffset)
+        for index in 1..<64 { image.setU64(first, at: image.header.refcountTableOffset + 8 * UInt64(index)) }
+        let file = RecordingFile(bytes: image.bytes)
+        #expect(throws: BlockError.self) { _ = try openDriver(file, readOnly: false) }
+        do {
+            _ = try openDriver(file, readOnly: false)
+        } catch let error as BlockError {
+            #expect(error.description.contains("named by more than one refcount table entry"), "\(error)")
+        }
+        _ = try openDriver(file, readOnly: true)  // reading needs no refcounts
+    }
+
+    /// An L2 entry 2^55 bytes in, and 1-bit refcount blocks with every bit
+    /// set: the check reports the entry and compares only the refcounts of
+    /// clusters the file holds.
+    @Test func referencesFarPastTheEndAreReportedNotCounted() throws {
+        var image = try image(clusterBits: 9, refcountBits: 1, size: 1 << 20, preallocate: true)
+        let l2 = image.u64(at: image.header.l1TableOffset) & QCOW2Entry.offsetMask
+        image.setU64(QCOW2Entry.copied | 1 << 55, at: l2)
+        let firstBlock = image.u64(at: image.header.refcountTableOffset)
+        for index in 0..<image.header.clusterSize { image.bytes[Int(firstBlock) + index] = 0xff }
+        let file = RecordingFile(bytes: image.bytes)
+        let (driver, fileNode) = try openDriver(file, readOnly: true)
+        let checker = QCOW2Checker(driver: driver, file: fileNode)
+        let future = checker.run()
+        loop.run()
+        let report = try future.wait()
+        #expect(report.corruptions > 0)
+        #expect(report.messages.contains { $0.contains("lies past the end of the image") })
+        let fileClusters = (image.bytes.count + 511) / 512
+        #expect(checker.stored.count <= fileClusters + 1, "\(checker.stored.count) refcounts kept")
+    }
+
+    /// A table full of wrong COPIED flags is rewritten with one write per
+    /// table cluster, and the flags are right afterwards.
+    @Test func copiedFlagsAreRepairedOneTableClusterAtATime() throws {
+        var image = try image(clusterBits: 12, refcountBits: 16, size: 4 << 20, preallocate: true)
+        let l2 = image.u64(at: image.header.l1TableOffset) & QCOW2Entry.offsetMask
+        for slot in 0..<(image.header.clusterSize / 8) {
+            let entry = l2 + UInt64(slot * 8)
+            image.setU64(image.u64(at: entry) & ~QCOW2Entry.copied, at: entry)
+        }
+        let file = RecordingFile(bytes: image.bytes)
+        let (driver, fileNode) = try openDriver(file, readOnly: false)
+        file.forget()
+        let repaired = driver.repairCopiedFlags(file: fileNode)
+        loop.run()
+        #expect(try repaired.wait() == image.header.clusterSize / 8)
+        #expect(file.writes.count == 1 && file.writes.first?.offset == Int64(l2), "\(file.writes)")
+        let checked = QCOW2Checker(driver: driver, file: fileNode).run()
+        loop.run()
+        #expect(try checked.wait().corruptions == 0)
+    }
+}
