@@ -18,7 +18,7 @@ import Testing
     func interopCase(_ name: String) throws {
         let result = try Harness.run("/usr/bin/python3",
                                      [Self.runner, "--server-cmd", "\(Harness.strata) serve", "--case", name],
-                                     timeout: 180)
+                                     timeout: 360)  // above the slowest case's own limit (interop.py)
         #expect(result.status == 0, "case \(name) failed:\n\(result.stdout)\n\(result.stderr)")
     }
 }

@@ -482,6 +482,19 @@ class Context:
 CASES = {}
 
 
+# Cases allowed longer than the default (seconds), by name: those bound by
+# the disk's flush latency, which a busy or slow VM stretches.
+CASE_TIMEOUTS = {}
+
+
+def case_timeout(seconds):
+    """Give the case below a longer watchdog limit than the default."""
+    def register(fn):
+        CASE_TIMEOUTS[fn.__name__] = seconds
+        return fn
+    return register
+
+
 def case(fn):
     """Register ``fn(ctx)`` as a case named after the function."""
     if fn.__name__ in CASES:

@@ -122,7 +122,7 @@ except ImportError:
                      " Debian's /usr/bin/python3 (package python3-libnbd)\n")
     sys.exit(3)
 
-from common import CASES, CaseFailure, Context, Options  # noqa: E402
+from common import CASE_TIMEOUTS, CASES, CaseFailure, Context, Options  # noqa: E402
 
 # Registration order = --list order.
 import cases_nbdinfo  # noqa: E402,F401
@@ -144,14 +144,15 @@ def _watchdog(name, ctx, done):
     signal cannot interrupt them, so after CASE_TIMEOUT report, stop the
     servers, clean up and exit.  Holding _result_lock keeps the main thread
     (whose blocked calls now fail) from printing a second verdict."""
-    if done.wait(CASE_TIMEOUT):
+    limit = max(CASE_TIMEOUT, CASE_TIMEOUTS.get(name, 0))
+    if done.wait(limit):
         return
     _result_lock.acquire()
     if done.is_set():
         _result_lock.release()
         return
     print("FAIL %s: case did not finish within %d s (hung server or client)"
-          % (name, CASE_TIMEOUT))
+          % (name, limit))
     print(ctx.server_stderr_report())
     sys.stdout.flush()
     ctx.close()
@@ -211,7 +212,7 @@ def run_all(args):
             running[name] = (p, time.monotonic())
         for name, (p, started) in list(running.items()):
             if p.poll() is None:
-                if time.monotonic() - started > CASE_TIMEOUT + 30:
+                if time.monotonic() - started > max(CASE_TIMEOUT, CASE_TIMEOUTS.get(name, 0)) + 30:
                     p.kill()
                 continue
             out = p.stdout.read().decode("utf-8", "replace")
