@@ -33,26 +33,14 @@ extension QCOW2Driver {
         guard count > 0, fixes.allSatisfy({ $0.entryOffset - offset + 8 <= UInt64(count) }) else {
             return loop.makeFailedFuture(BlockError(errno: EIO, "Table entry at 0x\(String(offset, radix: 16)) lies past the end of the image"))
         }
-        guard let buffer = AlignedBuffer.allocate(count: count, alignment: 4096) else {
-            return loop.makeFailedFuture(BlockError.enomem)
-        }
-        let promise = loop.makePromise(of: Void.self)
-        file.read(at: Int64(offset), into: buffer.mutableBytes) { error in
-            if let error {
-                buffer.deallocate()
-                return promise.fail(error)
-            }
+        return QCOW2Driver.readBytes(file, at: Int64(offset), count: count).flatMap { bytes in
+            var patched = bytes
             for fix in fixes {
-                buffer.pointer.storeBytes(of: fix.entry.bigEndian, toByteOffset: Int(fix.entryOffset - offset), as: UInt64.self)
+                let at = Int(fix.entryOffset - offset)
+                for index in 0..<8 { patched[at + index] = UInt8(truncatingIfNeeded: fix.entry >> UInt64(56 - 8 * index)) }
             }
-            file.write(at: Int64(offset), from: buffer.bytes, flags: .fua) { error in
-                buffer.deallocate()
-                if let error { return promise.fail(error) }
-                fixes.forEach(self.applyInMemory)
-                promise.succeed(())
-            }
+            return QCOW2Driver.writeBytes(file, patched, at: Int64(offset)).map { fixes.forEach(self.applyInMemory) }
         }
-        return promise.futureResult
     }
 
     private func applyInMemory(_ fix: QCOW2Checker.CopiedFix) {

@@ -179,6 +179,21 @@ public final class QCOW2Driver: BlockDriver {
         return promise.futureResult
     }
 
+    /// Writes metadata bytes through to the disk (FUA; a cold path).
+    static func writeBytes(_ node: BlockNode, _ bytes: [UInt8], at offset: Int64) -> EventLoopFuture<Void> {
+        let promise = node.eventLoop.makePromise(of: Void.self)
+        guard let buffer = AlignedBuffer.allocate(count: bytes.count, alignment: 4096) else {
+            promise.fail(BlockError.enomem)
+            return promise.futureResult
+        }
+        buffer.pointer.copyMemory(from: bytes, byteCount: bytes.count)
+        node.write(at: offset, from: buffer.bytes, flags: .fua) { error in
+            buffer.deallocate()
+            if let error { promise.fail(error) } else { promise.succeed(()) }
+        }
+        return promise.futureResult
+    }
+
     /// Loads refcounts, notes where metadata lives (for overlap checks),
     /// repairs refcounts left stale by lazy refcounts, and clears unknown
     /// autoclear bits, as QEMU does on a read-write open.
@@ -234,18 +249,10 @@ public final class QCOW2Driver: BlockDriver {
         for entry in directory.entries {
             bytes[entry.position + 15] |= UInt8(QCOW2BitmapDirectory.Entry.inUseFlag)  // the big-endian flags' low byte
         }
-        guard bytes != directory.bytes, let buffer = AlignedBuffer.allocate(count: bytes.count, alignment: 4096) else {
-            return loop.makeSucceededVoidFuture()
-        }
-        buffer.pointer.copyMemory(from: bytes, byteCount: bytes.count)
-        let promise = loop.makePromise(of: Void.self)
-        file.write(at: Int64(directory.offset), from: buffer.bytes, flags: .fua) { error in
-            buffer.deallocate()
-            if let error { return promise.fail(error) }
+        guard bytes != directory.bytes else { return loop.makeSucceededVoidFuture() }
+        return QCOW2Driver.writeBytes(file, bytes, at: Int64(directory.offset)).map {
             self.bitmapDirectory?.bytes = bytes
-            promise.succeed(())
         }
-        return promise.futureResult
     }
 
     /// Sets every refcount to the references the metadata holds (what
@@ -310,15 +317,6 @@ public final class QCOW2Driver: BlockDriver {
         let loop = file.eventLoop
         let bytes: [UInt8]
         do { bytes = try header.serialize() } catch { return loop.makeFailedFuture(error) }
-        guard let buffer = AlignedBuffer.allocate(count: bytes.count, alignment: 4096) else {
-            return loop.makeFailedFuture(BlockError.enomem)
-        }
-        buffer.pointer.copyMemory(from: bytes, byteCount: bytes.count)
-        let promise = loop.makePromise(of: Void.self)
-        file.write(at: 0, from: buffer.bytes, flags: .fua) { error in
-            buffer.deallocate()
-            if let error { promise.fail(error) } else { promise.succeed(()) }
-        }
-        return promise.futureResult
+        return QCOW2Driver.writeBytes(file, bytes, at: 0)
     }
 }

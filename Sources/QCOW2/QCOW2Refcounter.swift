@@ -112,10 +112,9 @@ final class QCOW2Refcounter {
             return chain.map {
                 // Allocate past every cluster in use, even where the file is
                 // shorter than its refcounts say; the first free cluster in
-                // a block is where reuse starts looking.
-                // Refcounts of clusters no L2 entry can name (past 2^56) are
-                // not counted: a hostile image could otherwise put the end
-                // past what an offset can hold.
+                // a block is where reuse starts looking. Refcounts of
+                // clusters no L2 entry can name (past 2^56) are not counted,
+                // or a hostile image could put the end past any offset.
                 var firstFree = Int64.max
                 let clusterLimit = Self.hostOffsetLimit / refcounter.clusterSize
                 for (tableIndex, entry) in table.enumerated() where entry != 0 {

@@ -5,49 +5,6 @@ import NIOEmbedded
 @testable import QCOW2
 import Testing
 
-/// A file in memory whose every range counts as cached: it offers any
-/// range it holds, as a region of its own descriptor, so a test can tell
-/// which file the qcow2 driver sent a range to.
-final class WhollyCachedFile: BlockDriver {
-    let formatName = "file"
-    var bytes: [UInt8]
-    let handle: NIOFileHandle
-
-    init(bytes: [UInt8]) {
-        self.bytes = bytes
-        handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: open("/dev/zero", O_RDONLY | O_CLOEXEC))
-    }
-
-    var length: Int64 { Int64(bytes.count) }
-
-    func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
-        offset + Int64(length) <= self.length ? CachedFileExtent(file: handle, offset: offset, length: length) : nil
-    }
-
-    func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
-              completion: @escaping BlockCompletion) {
-        let start = Int(offset)
-        let available = max(0, min(buffer.count, bytes.count - start))
-        buffer.initializeMemory(as: UInt8.self, repeating: 0)
-        if available > 0 {
-            bytes.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress! + start, byteCount: available) }
-        }
-        completion(nil)
-    }
-
-    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
-               completion: @escaping BlockCompletion) {
-        let end = Int(offset) + buffer.count
-        if end > bytes.count { bytes += [UInt8](repeating: 0, count: end - bytes.count) }
-        bytes.replaceSubrange(Int(offset)..<end, with: buffer)
-        completion(nil)
-    }
-
-    func flush(completion: @escaping BlockCompletion) { completion(nil) }
-
-    func close() { try? handle.close() }
-}
-
 /// Which ranges of a qcow2 overlay go out with `sendfile`, and from which
 /// file: its own data clusters from the image file, what it leaves
 /// unallocated from the backing file, nothing else.
@@ -57,8 +14,20 @@ final class WhollyCachedFile: BlockDriver {
     struct Chain {
         var graph: BlockGraph
         var backend: BlockBackend
-        var overlay: WhollyCachedFile
-        var base: WhollyCachedFile
+        var overlay: RecordingFile
+        var base: RecordingFile
+
+        func close() {
+            try? overlay.cachedHandle?.close()
+            try? base.cachedHandle?.close()
+        }
+    }
+
+    /// A file in memory whose every range counts as cached.
+    func cachedFile(_ bytes: [UInt8]) -> RecordingFile {
+        let file = RecordingFile(bytes: bytes)
+        file.cachedHandle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: open("/dev/zero", O_RDONLY | O_CLOEXEC))
+        return file
     }
 
     /// A 4 MiB qcow2 overlay over a raw base of `baseSize` bytes.
@@ -69,8 +38,8 @@ final class WhollyCachedFile: BlockDriver {
         let layout = try QCOW2ImageBuilder(options: options).build()
         var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
         for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
-        let overlay = WhollyCachedFile(bytes: bytes)
-        let base = WhollyCachedFile(bytes: [UInt8](repeating: 0xb5, count: baseSize))
+        let overlay = cachedFile(bytes)
+        let base = cachedFile([UInt8](repeating: 0xb5, count: baseSize))
 
         let graph = BlockGraph(eventLoop: loop)
         let baseNode = try graph.addNode(name: "base", driver: base, options: BlockNodeOptions(readOnly: true))
@@ -91,7 +60,7 @@ final class WhollyCachedFile: BlockDriver {
         return (try! extent.file.withUnsafeFileDescriptor { $0 }, extent.offset)
     }
 
-    func fd(_ file: WhollyCachedFile) -> CInt { try! file.handle.withUnsafeFileDescriptor { $0 } }
+    func fd(_ file: RecordingFile) -> CInt { try! file.cachedHandle!.withUnsafeFileDescriptor { $0 } }
 
     func run(_ body: (@escaping BlockCompletion) -> Void) throws {
         var result: BlockError??
@@ -103,7 +72,7 @@ final class WhollyCachedFile: BlockDriver {
 
     @Test func ownDataComesFromTheImageAndUnallocatedRangesFromTheBackingFile() throws {
         let chain = try chain(baseSize: 4 << 20)
-        defer { chain.overlay.close(); chain.base.close() }
+        defer { chain.close() }
         let data = [UInt8](repeating: 0x11, count: 64 << 10)
         try data.withUnsafeBytes { bytes in try run { chain.backend.write(at: 0, from: bytes, completion: $0) } }
 
@@ -120,7 +89,7 @@ final class WhollyCachedFile: BlockDriver {
 
     @Test func zeroClustersAndRangesPastAShortBackingFileAreReadAsUsual() throws {
         let chain = try chain(baseSize: 2 << 20)
-        defer { chain.overlay.close(); chain.base.close() }
+        defer { chain.close() }
         try run { chain.backend.writeZeroes(at: 1 << 20, length: 64 << 10, flags: [], completion: $0) }
         #expect(extent(chain, 1 << 20, 64 << 10) == nil)
         #expect(extent(chain, (2 << 20) - (64 << 10), 64 << 10) != nil)

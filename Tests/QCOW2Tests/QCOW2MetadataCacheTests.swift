@@ -11,9 +11,18 @@ final class RecordingFile: BlockDriver {
     private(set) var reads: [(offset: Int64, count: Int)] = []
     private(set) var writes: [(offset: Int64, count: Int)] = []
 
+    /// When set, every range the file holds counts as cached, offered as a
+    /// region of this handle (so a test can tell which file a range came from).
+    var cachedHandle: NIOFileHandle?
+
     init(bytes: [UInt8]) { self.bytes = bytes }
 
     var length: Int64 { Int64(bytes.count) }
+
+    func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
+        guard let handle = cachedHandle, offset + Int64(length) <= self.length else { return nil }
+        return CachedFileExtent(file: handle, offset: offset, length: length)
+    }
 
     func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
               completion: @escaping BlockCompletion) {
