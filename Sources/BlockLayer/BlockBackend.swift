@@ -63,7 +63,7 @@ public final class BlockBackend: BlockParent {
     /// Starts a read that the caller hands to the kernel as a file range
     /// (`CachedFileExtent`), when the graph has the whole range cached. It
     /// stays in flight, so a drain waits for it, until the caller has sent
-    /// it and calls `endCachedRead()`. Nil (and nothing started) while
+    /// it and calls `endCachedRead(_:)`. Nil (and nothing started) while
     /// drained or when the range is not cached: then `read` as usual.
     public func beginCachedRead(at offset: Int64, length: Int) -> CachedFileExtent? {
         guard quiesceCount == 0, let extent = root?.node.cachedFileExtent(at: offset, length: length) else {
@@ -73,8 +73,10 @@ public final class BlockBackend: BlockParent {
         return extent
     }
 
-    /// Ends a read started by `beginCachedRead`.
-    public func endCachedRead() {
+    /// Ends a read started by `beginCachedRead`: what the extent covers may
+    /// change from now on.
+    public func endCachedRead(_ extent: CachedFileExtent) {
+        extent.holder?.release(extent)
         end()
     }
 

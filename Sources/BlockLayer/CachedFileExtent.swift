@@ -23,6 +23,10 @@ public struct CachedFileExtent {
     public let file: NIOFileHandle
     public let offset: Int64
     public let length: Int
+    /// The driver keeping the range's bytes where they are until it has
+    /// been sent, if anything could move them meanwhile (a qcow2 image
+    /// hands freed clusters to other guest ranges).
+    public var holder: (any CachedFileExtentHolder)?
 
     public init(file: NIOFileHandle, offset: Int64, length: Int) {
         self.file = file

@@ -171,7 +171,7 @@ extension NBDConnectionHandler {
         send(header)
         let backend = export.backend
         send(extent.region) {
-            backend.endCachedRead()
+            backend.endCachedRead(extent)
             self.endRequest(bytes: extent.length)
         }
     }

@@ -192,7 +192,17 @@ extension QCOW2Driver {
               run.length == Int64(length) else { return nil }
         switch run.mapping {
         case .data:
-            return dataFile.cachedFileExtent(at: Int64(run.hostOffset), length: length)
+            let host = Int64(run.hostOffset)
+            guard var extent = dataFile.cachedFileExtent(at: host, length: length) else { return nil }
+            if let clusters = beginUse(host: host, length: Int64(length)) {
+                // `release` finds the clusters from the extent's offset.
+                guard extent.offset == host else {
+                    endUse(clusters)
+                    return nil
+                }
+                extent.holder = self
+            }
+            return extent
         case .unallocated, .unallocatedSubcluster:
             return backingNode?.cachedFileExtent(at: offset, length: length)
         case .zero, .compressed:
@@ -255,7 +265,11 @@ extension QCOW2Driver {
         }
         guard available > 0 else { return }
         group.begin()
-        node.read(at: host, into: UnsafeMutableRawBufferPointer(rebasing: piece[..<available])) { group.end($0) }
+        let clusters = beginUse(host: host, length: Int64(available))
+        node.read(at: host, into: UnsafeMutableRawBufferPointer(rebasing: piece[..<available])) { error in
+            self.endUse(clusters)
+            group.end(error)
+        }
     }
 
     private func readCompressed(host: UInt64, size: Int, guestOffset: Int64,
@@ -273,7 +287,9 @@ extension QCOW2Driver {
         }
         let type = header.compressionType
         group.begin()
+        let clusters = beginUse(host: Int64(host), length: Int64(readSize))
         file.read(at: Int64(host), into: compressed.mutableBytes) { error in
+            self.endUse(clusters)
             defer {
                 compressed.deallocate()
                 cluster.deallocate()

@@ -213,12 +213,9 @@ extension QCOW2Driver {
     /// are not handed out again before it lands, should a discard free them.
     private func writeInPlace(at host: Int64, from buffer: UnsafeRawBufferPointer,
                               completion: @escaping BlockCompletion) {
-        guard !externalData else { return dataFile.write(at: host, from: buffer, flags: [], completion: completion) }
-        let clusterSize = Int64(header.clusterSize)
-        let clusters = host / clusterSize...(host + Int64(buffer.count) - 1) / clusterSize
-        for cluster in clusters { refcounter!.beginWrite(cluster) }
+        let clusters = beginUse(host: host, length: Int64(buffer.count))
         dataFile.write(at: host, from: buffer, flags: []) { error in
-            for cluster in clusters { self.refcounter?.endWrite(cluster) }
+            self.endUse(clusters)
             completion(error)
         }
     }

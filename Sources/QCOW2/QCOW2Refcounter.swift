@@ -27,11 +27,12 @@ final class QCOW2Refcounter {
     /// freed clusters are handed out again, lowest first, as QEMU does:
     /// discarding and rewriting does not grow the file for ever.
     var firstFreeCandidate: Int64 = 0
-    /// Clusters with data writes in flight that went straight to their host
-    /// offset, by count. Such a cluster may be freed meanwhile (a discard of
-    /// the same guest range), but must not be handed out again until the
-    /// write has landed, or it would land in the new owner's data.
-    var clustersBeingWritten: [Int64: Int] = [:]
+    /// Clusters with data reads or in-place writes in flight, by count
+    /// (a read sent with `sendfile` counts until it has gone out). Such a
+    /// cluster may be freed meanwhile (a discard of the same guest range),
+    /// but must not be handed out again until the I/O has ended: a write
+    /// would land in the new owner's data, a read would return it.
+    var clustersInUse: [Int64: Int] = [:]
     /// Clusters holding metadata, for overlap checks before data writes.
     var metadataClusters: Set<Int64> = []
 
@@ -227,19 +228,19 @@ final class QCOW2Refcounter {
         firstFreeCandidate = min(firstFreeCandidate, cluster)
     }
 
-    /// Counts an in-place data write to `cluster` until `endWrite`.
-    func beginWrite(_ cluster: Int64) {
-        clustersBeingWritten[cluster, default: 0] += 1
+    /// Counts data I/O on `cluster` until `endUse`.
+    func beginUse(_ cluster: Int64) {
+        clustersInUse[cluster, default: 0] += 1
     }
 
-    func endWrite(_ cluster: Int64) {
-        guard let count = clustersBeingWritten[cluster] else { return }
+    func endUse(_ cluster: Int64) {
+        guard let count = clustersInUse[cluster] else { return }
         if count > 1 {
-            clustersBeingWritten[cluster] = count - 1
+            clustersInUse[cluster] = count - 1
             return
         }
-        clustersBeingWritten[cluster] = nil
-        // Freed while the write was in flight: free for the allocator now.
+        clustersInUse[cluster] = nil
+        // Freed while the I/O was in flight: free for the allocator now.
         if refcount(cluster) == 0 { firstFreeCandidate = min(firstFreeCandidate, cluster) }
     }
 
@@ -264,7 +265,7 @@ final class QCOW2Refcounter {
             let limit = Int(min(perBlock, end - blockStart))
             for index in first..<limit where QCOW2Refcounts.entry(block.bytes, index: index, bits: bits) == 0 {
                 let candidate = blockStart + Int64(index)
-                if metadataClusters.contains(candidate) || clustersBeingWritten[candidate] != nil { continue }
+                if metadataClusters.contains(candidate) || clustersInUse[candidate] != nil { continue }
                 cluster = candidate + 1
                 return candidate
             }

@@ -56,7 +56,7 @@ import Testing
 
     func extent(_ chain: Chain, _ offset: Int64, _ length: Int) -> (file: CInt, offset: Int64)? {
         guard let extent = chain.backend.beginCachedRead(at: offset, length: length) else { return nil }
-        chain.backend.endCachedRead()
+        chain.backend.endCachedRead(extent)
         return (try! extent.file.withUnsafeFileDescriptor { $0 }, extent.offset)
     }
 

@@ -15,6 +15,10 @@ final class RecordingFile: BlockDriver {
     /// region of this handle (so a test can tell which file a range came from).
     var cachedHandle: NIOFileHandle?
 
+    /// When set, reads wait here with their data unread until the test
+    /// runs them: reads in flight at the disk.
+    var heldReads: [() -> Void]?
+
     init(bytes: [UInt8]) { self.bytes = bytes }
 
     var length: Int64 { Int64(bytes.count) }
@@ -27,13 +31,16 @@ final class RecordingFile: BlockDriver {
     func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
               completion: @escaping BlockCompletion) {
         reads.append((offset, buffer.count))
-        let start = Int(offset)
-        let available = max(0, min(buffer.count, bytes.count - start))
-        buffer.initializeMemory(as: UInt8.self, repeating: 0)
-        if available > 0 {
-            bytes.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress! + start, byteCount: available) }
+        let perform = {
+            let start = Int(offset)
+            let available = max(0, min(buffer.count, self.bytes.count - start))
+            buffer.initializeMemory(as: UInt8.self, repeating: 0)
+            if available > 0 {
+                self.bytes.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress! + start, byteCount: available) }
+            }
+            completion(nil)
         }
-        completion(nil)
+        if heldReads != nil { heldReads!.append(perform) } else { perform() }
     }
 
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,

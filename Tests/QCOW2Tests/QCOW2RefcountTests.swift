@@ -61,13 +61,13 @@ import Testing
         #expect(Int64(try counter.allocateCluster()) / 512 == 9)
     }
 
-    @Test func aClusterFreedDuringAWriteIsNotReusedUntilTheWriteEnds() throws {
+    @Test func aClusterFreedDuringItsIOIsNotReusedUntilTheIOEnds() throws {
         let counter = refcounter()
         let clusters = try (0..<3).map { _ in Int64(try counter.allocateCluster()) / 512 }
-        counter.beginWrite(clusters[0])
+        counter.beginUse(clusters[0])
         counter.release(clusters[0])
         #expect(Int64(try counter.allocateCluster()) / 512 == 8)
-        counter.endWrite(clusters[0])
+        counter.endUse(clusters[0])
         #expect(Int64(try counter.allocateCluster()) / 512 == clusters[0])
     }
 

@@ -1,0 +1,118 @@
+import BlockLayer
+import Glibc
+import NIOCore
+import NIOEmbedded
+@testable import QCOW2
+import Testing
+
+/// A cluster that a discard frees while a read of it is still in flight
+/// (at the disk, or lent out for `sendfile`) is not handed to another
+/// guest range until the read has ended: the read returns the discarded
+/// range's old data, never the new owner's.
+@Suite struct QCOW2ClusterUseTests {
+    let loop = EmbeddedEventLoop()
+    /// Nodes refer to their graph without owning it.
+    final class Graphs { var all: [BlockGraph] = [] }
+    let graphs = Graphs()
+    let clusterSize = 64 << 10
+
+    /// An empty, writable 4 MiB image with 64 KiB clusters.
+    func open() throws -> (QCOW2Driver, RecordingFile, BlockBackend) {
+        var options = QCOW2ImageBuilder.Options(size: 4 << 20)
+        options.clusterBits = 16
+        let layout = try QCOW2ImageBuilder(options: options).build()
+        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
+        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
+        let file = RecordingFile(bytes: bytes)
+        let graph = BlockGraph(eventLoop: loop)
+        graphs.all.append(graph)
+        let fileNode = try graph.addNode(name: "file", driver: file)
+        let future = QCOW2Driver.open(file: fileNode, options: QCOW2Options(readOnly: false))
+        loop.run()
+        let driver = try future.wait()
+        let node = try graph.addNode(name: "image", driver: driver, options: BlockNodeOptions(readOnly: false),
+                                     children: [.init(name: "file", role: .image, node: fileNode)])
+        let backend = try graph.attachBackend(name: "test", to: node, perm: [.consistentRead, .write], shared: .all)
+        return (driver, file, backend)
+    }
+
+    func run(_ body: (@escaping BlockCompletion) -> Void) {
+        var result: BlockError??
+        body { result = .some($0) }
+        loop.run()
+        #expect(result != nil, "the request completed")
+        #expect(result ?? nil == nil, "the request succeeded")
+    }
+
+    func write(_ driver: QCOW2Driver, cluster: Int, byte: UInt8) {
+        let data = [UInt8](repeating: byte, count: clusterSize)
+        run { done in data.withUnsafeBytes { driver.write(at: Int64(cluster * clusterSize), from: $0, flags: [], completion: done) } }
+    }
+
+    /// Discards guest cluster `cluster` and flushes: its host cluster is free.
+    func discard(_ driver: QCOW2Driver, cluster: Int) {
+        run { driver.discard(at: Int64(cluster * clusterSize), length: Int64(clusterSize), completion: $0) }
+        run { driver.flush(completion: $0) }
+    }
+
+    func host(_ driver: QCOW2Driver, cluster: Int) throws -> Int64 {
+        var status: BlockStatus?
+        driver.blockStatus(at: Int64(cluster * clusterSize), length: Int64(clusterSize)) { status = try? $0.get() }
+        loop.run()
+        let found = try #require(status)
+        #expect(found.flags.contains(.offsetValid))
+        return found.offset
+    }
+
+    @Test func aReadInFlightKeepsItsClusterFromTheAllocator() throws {
+        let (driver, file, _) = try open()
+        write(driver, cluster: 0, byte: 0x11)
+        run { driver.flush(completion: $0) }
+        let old = try host(driver, cluster: 0)
+
+        file.heldReads = []
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterSize, alignment: 4096)
+        defer { buffer.deallocate() }
+        var readResult: BlockError??
+        driver.read(at: 0, into: buffer, flags: []) { readResult = .some($0) }
+        loop.run()
+        #expect(file.heldReads?.count == 1 && readResult == nil, "the read waits at the disk")
+
+        discard(driver, cluster: 0)
+        write(driver, cluster: 1, byte: 0x22)
+        #expect(try host(driver, cluster: 1) != old, "the cluster being read is not handed out")
+
+        let held = file.heldReads ?? []
+        file.heldReads = nil
+        held.forEach { $0() }
+        loop.run()
+        #expect(readResult.map { $0 == nil } == true)
+        #expect(buffer.allSatisfy { $0 == 0x11 }, "the read returns the discarded range's data")
+
+        // Once the read has ended the cluster is free for the next allocation.
+        write(driver, cluster: 2, byte: 0x33)
+        #expect(try host(driver, cluster: 2) == old)
+    }
+
+    @Test func anExtentLentForSendfileKeepsItsClusterUntilReleased() throws {
+        let (driver, file, backend) = try open()
+        file.cachedHandle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: Glibc.open("/dev/zero", O_RDONLY | O_CLOEXEC))
+        defer { try? file.cachedHandle?.close() }
+        write(driver, cluster: 0, byte: 0x11)
+        run { driver.flush(completion: $0) }
+        let old = try host(driver, cluster: 0)
+
+        let extent = try #require(backend.beginCachedRead(at: 0, length: clusterSize))
+        #expect(extent.offset == old)
+        #expect(extent.holder === driver)
+
+        discard(driver, cluster: 0)
+        write(driver, cluster: 1, byte: 0x22)
+        #expect(try host(driver, cluster: 1) != old, "the lent cluster is not handed out")
+        #expect(file.bytes[Int(old)] == 0x11, "and still holds the data being sent")
+
+        backend.endCachedRead(extent)
+        write(driver, cluster: 2, byte: 0x33)
+        #expect(try host(driver, cluster: 2) == old, "released, it is free again")
+    }
+}
