@@ -92,6 +92,7 @@ import Testing
         // Once the read has ended the cluster is free for the next allocation.
         write(driver, cluster: 2, byte: 0x33)
         #expect(try host(driver, cluster: 2) == old)
+        #expect(driver.refcounter!.clustersInUse.isEmpty, "no cluster stays counted")
     }
 
     @Test func anExtentLentForSendfileKeepsItsClusterUntilReleased() throws {
@@ -114,5 +115,6 @@ import Testing
         backend.endCachedRead(extent)
         write(driver, cluster: 2, byte: 0x33)
         #expect(try host(driver, cluster: 2) == old, "released, it is free again")
+        #expect(driver.refcounter!.clustersInUse.isEmpty, "no cluster stays counted")
     }
 }

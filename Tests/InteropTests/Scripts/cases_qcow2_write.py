@@ -421,10 +421,11 @@ def qcow2_discarded_clusters_are_reused(ctx):
 
 @case
 def qcow2_discard_and_write_storm(ctx):
-    """Four clients write, overwrite and discard their own clusters at
-    once, so clusters are freed and handed out again under in-flight
-    writes: every byte reads back, the image checks clean, and the file
-    stays near the data it holds."""
+    """Four clients write, overwrite, discard and read their own clusters
+    at once, so clusters are freed and handed out again under in-flight
+    writes and reads: every read sees the client's own last data, every
+    byte reads back at the end, the image checks clean, and the file stays
+    near the data it holds. (Reads of cached data go out with sendfile.)"""
     img = ctx.path("storm.qcow2")
     size = 32 * MiB
     cluster = 65536
@@ -438,7 +439,12 @@ def qcow2_discard_and_write_storm(ctx):
         base = n * per_client * cluster
         for step in range(600):
             offset = base + rng.randrange(per_client) * cluster
-            if rng.random() < 0.3:
+            choice = rng.random()
+            if choice < 0.2:
+                got = h.pread(cluster, offset)
+                if got != bytes(expected[offset:offset + cluster]):
+                    raise RuntimeError("read of its own cluster at %d returned other data" % offset)
+            elif choice < 0.45:
                 h.trim(cluster, offset)
                 expected[offset:offset + cluster] = bytes(cluster)
             else:
