@@ -138,36 +138,6 @@ extension QCOW2Driver {
         return Run(mapping: first, length: length, hostOffset: hostStart)
     }
 
-    /// Runs covering `[offset, offset + length)`, loading L2 tables as needed.
-    func runs(at offset: Int64, length: Int64, completion: @escaping (Result<[(Int64, Run)], BlockError>) -> Void) {
-        var result: [(Int64, Run)] = []
-        let end = offset + length
-        func next(_ position: Int64) {
-            guard position < end else { return completion(.success(result)) }
-            let index = Int(position / header.bytesPerL2)
-            l2Table(for: index) { loaded in
-                switch loaded {
-                case .failure(let error):
-                    completion(.failure(error))
-                case .success(let table):
-                    do {
-                        var position = position
-                        let tableEnd = min(end, (Int64(index) + 1) * self.header.bytesPerL2)
-                        while position < tableEnd {
-                            let run = try self.run(at: position, maxLength: tableEnd - position, table: table)
-                            result.append((position, run))
-                            position += run.length
-                        }
-                        next(position)
-                    } catch {
-                        completion(.failure(error as? BlockError ?? .eio))
-                    }
-                }
-            }
-        }
-        next(offset)
-    }
-
     // MARK: read
 
     /// Where a range sits, whole, in one file's page cache, when its L2
@@ -210,22 +180,43 @@ extension QCOW2Driver {
         }
     }
 
+    /// Reads L2 table by table: the runs found in a table are read in the
+    /// same turn of the event loop that looked them up, so their host
+    /// clusters count as in use (`beginUse`) before a discard can free them
+    /// and the allocator hand them to another guest range. (Runs collected
+    /// while a later table loads from disk would not be counted yet.)
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
                      completion: @escaping BlockCompletion) {
-        runs(at: offset, length: Int64(buffer.count)) { result in
-            switch result {
-            case .failure(let error):
-                completion(error)
-            case .success(let runs):
-                let group = PendingGroup(completion: completion)
-                for (position, run) in runs {
-                    let start = Int(position - offset)
-                    let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[start..<start + Int(run.length)])
-                    self.read(run, at: position, into: piece, group: group)
+        let group = PendingGroup(completion: completion)
+        let end = offset + Int64(buffer.count)
+        func next(_ position: Int64) {
+            guard position < end else { return group.finishIssuing() }
+            let index = Int(position / header.bytesPerL2)
+            l2Table(for: index) { loaded in
+                switch loaded {
+                case .failure(let error):
+                    group.fail(error)
+                    group.finishIssuing()
+                case .success(let table):
+                    var position = position
+                    let tableEnd = min(end, (Int64(index) + 1) * self.header.bytesPerL2)
+                    do {
+                        while position < tableEnd {
+                            let run = try self.run(at: position, maxLength: tableEnd - position, table: table)
+                            let start = Int(position - offset)
+                            let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[start..<start + Int(run.length)])
+                            self.read(run, at: position, into: piece, group: group)
+                            position += run.length
+                        }
+                    } catch {
+                        group.fail(error as? BlockError ?? .eio)
+                        return group.finishIssuing()
+                    }
+                    next(position)
                 }
-                group.finishIssuing()
             }
         }
+        next(offset)
     }
 
     private func read(_ run: Run, at position: Int64, into piece: UnsafeMutableRawBufferPointer, group: PendingGroup) {

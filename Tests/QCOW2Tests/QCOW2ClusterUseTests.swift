@@ -16,14 +16,18 @@ import Testing
     let graphs = Graphs()
     let clusterSize = 64 << 10
 
-    /// An empty, writable 4 MiB image with 64 KiB clusters.
-    func open() throws -> (QCOW2Driver, RecordingFile, BlockBackend) {
-        var options = QCOW2ImageBuilder.Options(size: 4 << 20)
+    /// An empty, writable image with 64 KiB clusters.
+    func open(size: UInt64 = 4 << 20) throws -> (QCOW2Driver, RecordingFile, BlockBackend) {
+        var options = QCOW2ImageBuilder.Options(size: size)
         options.clusterBits = 16
         let layout = try QCOW2ImageBuilder(options: options).build()
         var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
         for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
-        let file = RecordingFile(bytes: bytes)
+        return try open(RecordingFile(bytes: bytes))
+    }
+
+    /// The image in `file`, opened writable with empty metadata caches.
+    func open(_ file: RecordingFile) throws -> (QCOW2Driver, RecordingFile, BlockBackend) {
         let graph = BlockGraph(eventLoop: loop)
         graphs.all.append(graph)
         let fileNode = try graph.addNode(name: "file", driver: file)
@@ -92,6 +96,42 @@ import Testing
         // Once the read has ended the cluster is free for the next allocation.
         write(driver, cluster: 2, byte: 0x33)
         #expect(try host(driver, cluster: 2) == old)
+        #expect(driver.refcounter!.clustersInUse.isEmpty, "no cluster stays counted")
+    }
+
+    @Test func aReadAcrossTwoL2TablesCountsTheFirstTablesClustersWhileTheSecondLoads() throws {
+        let tableSpan = 512 << 20  // one L2 table of 64 KiB clusters
+        let (writer, file, _) = try open(size: 1 << 30)
+        let last = tableSpan / clusterSize - 1
+        write(writer, cluster: last, byte: 0x11)
+        write(writer, cluster: last + 1, byte: 0x44)
+        run { writer.flush(completion: $0) }
+        let old = try host(writer, cluster: last)
+
+        // A second open of the file: its L2 cache holds only the first table.
+        let (driver, _, _) = try open(file)
+        #expect(try host(driver, cluster: last) == old)
+        file.heldReads = []
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 2 * clusterSize, alignment: 4096)
+        defer { buffer.deallocate() }
+        var readResult: BlockError??
+        driver.read(at: Int64(last * clusterSize), into: buffer, flags: []) { readResult = .some($0) }
+        loop.run()
+        #expect(readResult == nil, "the second table is loading")
+
+        discard(driver, cluster: last)
+        write(driver, cluster: 0, byte: 0x22)
+        #expect(try host(driver, cluster: 0) != old, "the first table's cluster is counted as being read")
+
+        while let held = file.heldReads, !held.isEmpty {
+            file.heldReads = []
+            held.forEach { $0() }
+            loop.run()
+        }
+        file.heldReads = nil
+        #expect(readResult.map { $0 == nil } == true)
+        #expect(buffer[..<clusterSize].allSatisfy { $0 == 0x11 }, "the discarded cluster's data, not the new write's")
+        #expect(buffer[clusterSize...].allSatisfy { $0 == 0x44 })
         #expect(driver.refcounter!.clustersInUse.isEmpty, "no cluster stays counted")
     }
 
