@@ -1,11 +1,24 @@
 import BlockLayer
+#if canImport(Glibc)
+import Glibc
+#endif
 
-/// Host clusters with data I/O in flight. A discard frees a cluster once
-/// the tables that dropped it are on disk, which does not wait for reads
-/// and writes that looked it up before: the refcounter then keeps it from
-/// the allocator until they end, so another guest range's data never
-/// reaches a read of this one, nor a late write of this one the other's.
+/// Host clusters with data I/O in flight, and freed clusters on their way
+/// back to the allocator.
+///
+/// A discard frees a cluster once the tables that dropped it are on disk,
+/// which does not wait for reads and writes that looked it up before: the
+/// refcounter keeps it from the allocator until they end, so another guest
+/// range's data never reaches a read of this one, nor a late write of this
+/// one the other's. `sendfile` adds a twist: the socket keeps references to
+/// the page cache pages, not copies, until the client has read them, so a
+/// freed cluster's bytes are punched out of the file before it is handed
+/// out again (see `free`).
 extension QCOW2Driver: CachedFileExtentHolder {
+    /// Below this cluster size one page holds several clusters, and a freed
+    /// one cannot be punched out alone: such images lend nothing writable.
+    static let pageSize = max(Int(sysconf(Int32(_SC_PAGESIZE))), 4096)
+
     /// Counts the host clusters under `[host, host + length)` as in use,
     /// when anything could free them: a writable image with its data in
     /// its own file (an external data file maps guest offsets one to one).
@@ -20,12 +33,55 @@ extension QCOW2Driver: CachedFileExtentHolder {
 
     func endUse(_ clusters: ClosedRange<Int64>?) {
         guard let clusters, let refcounter else { return }
-        for cluster in clusters { refcounter.endUse(cluster) }
+        var idle: [Int64] = []
+        for cluster in clusters where refcounter.endUse(cluster) {
+            if !refcounter.awaitingPunch.isEmpty, refcounter.awaitingPunch.contains(cluster) { idle.append(cluster) }
+        }
+        if !idle.isEmpty { punch(idle) }
     }
 
     /// A data range lent for `sendfile` (see `cachedFileExtent`) has gone out.
     public func release(_ extent: CachedFileExtent) {
         let clusterSize = Int64(header.clusterSize)
         endUse(extent.offset / clusterSize...(extent.offset + Int64(extent.length) - 1) / clusterSize)
+    }
+
+    /// Drops the references of `ranges`, which the tables on disk no longer
+    /// hold. A cluster left with none has its bytes punched out of the file
+    /// once no I/O uses it (the file node does so with discard=unmap, as
+    /// QEMU passes discards down), and only then goes back to the
+    /// allocator: the page cache drops its pages, so a reply still queued
+    /// in a socket keeps the old bytes while the next owner writes to fresh
+    /// pages.
+    func free(_ ranges: [(UInt64, Int64)]) {
+        guard let refcounter else { return }
+        let clusterSize = Int64(header.clusterSize)
+        var idle: [Int64] = []
+        for (host, length) in ranges where length > 0 {
+            for cluster in Int64(host) / clusterSize...(Int64(host) + length - 1) / clusterSize
+            where refcounter.release(cluster) {
+                refcounter.awaitingPunch.insert(cluster)
+                if refcounter.clustersInUse[cluster] == nil { idle.append(cluster) }
+            }
+        }
+        punch(idle)
+    }
+
+    /// Punches free, idle clusters out of the image file, contiguous ones
+    /// together, then hands them to the allocator (whether or not the file
+    /// could punch).
+    private func punch(_ clusters: [Int64]) {
+        let clusterSize = Int64(header.clusterSize)
+        let sorted = clusters.sorted()
+        var start = 0
+        while start < sorted.count {
+            var end = start + 1
+            while end < sorted.count, sorted[end] == sorted[end - 1] + 1 { end += 1 }
+            let range = sorted[start]...sorted[end - 1]
+            file.discard(at: range.lowerBound * clusterSize, length: Int64(range.count) * clusterSize) { _ in
+                for cluster in range { self.refcounter?.finishPunch(cluster) }
+            }
+            start = end
+        }
     }
 }

@@ -165,8 +165,9 @@ extension QCOW2Driver {
             let host = Int64(run.hostOffset)
             guard var extent = dataFile.cachedFileExtent(at: host, length: length) else { return nil }
             if let clusters = beginUse(host: host, length: Int64(length)) {
-                // `release` finds the clusters from the extent's offset.
-                guard extent.offset == host else {
+                // `release` finds the clusters from the extent's offset;
+                // a freed cluster must fill whole pages to be punched out.
+                guard extent.offset == host, header.clusterSize >= Self.pageSize else {
                     endUse(clusters)
                     return nil
                 }

@@ -620,11 +620,7 @@ extension QCOW2Driver {
             tables.forEach(unpin)
             if error == nil {
                 // The tables no longer reference these: now drop the counts.
-                for (host, length) in frees {
-                    let first = Int64(host) / Int64(clusterSize)
-                    let last = (Int64(host) + length - 1) / Int64(clusterSize)
-                    for cluster in first...last { refcounter.release(cluster) }
-                }
+                self.free(frees)
             } else {
                 // Nothing was lost: what failed to reach the disk stays dirty.
                 pendingFrees += frees

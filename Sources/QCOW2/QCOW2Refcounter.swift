@@ -33,6 +33,9 @@ final class QCOW2Refcounter {
     /// but must not be handed out again until the I/O has ended: a write
     /// would land in the new owner's data, a read would return it.
     var clustersInUse: [Int64: Int] = [:]
+    /// Freed clusters whose bytes are still to be punched out of the file;
+    /// the allocator leaves them alone until then (see `QCOW2Driver.free`).
+    var awaitingPunch: Set<Int64> = []
     /// Clusters holding metadata, for overlap checks before data writes.
     var metadataClusters: Set<Int64> = []
 
@@ -220,11 +223,19 @@ final class QCOW2Refcounter {
         try adjust(Int64(blockOffset) / clusterSize, by: 1)
     }
 
-    /// Drops one reference to `cluster`; at zero the cluster is free for
-    /// the allocator again.
-    func release(_ cluster: Int64) {
-        guard (try? adjust(cluster, by: -1)) != nil, refcount(cluster) == 0 else { return }
+    /// Drops one reference to `cluster`; at zero (true) the cluster is free
+    /// for the allocator again.
+    @discardableResult
+    func release(_ cluster: Int64) -> Bool {
+        guard (try? adjust(cluster, by: -1)) != nil, refcount(cluster) == 0 else { return false }
         metadataClusters.remove(cluster)
+        firstFreeCandidate = min(firstFreeCandidate, cluster)
+        return true
+    }
+
+    /// The hole is punched: a free `cluster` is the allocator's again.
+    func finishPunch(_ cluster: Int64) {
+        guard awaitingPunch.remove(cluster) != nil, refcount(cluster) == 0 else { return }
         firstFreeCandidate = min(firstFreeCandidate, cluster)
     }
 
@@ -233,15 +244,18 @@ final class QCOW2Refcounter {
         clustersInUse[cluster, default: 0] += 1
     }
 
-    func endUse(_ cluster: Int64) {
-        guard let count = clustersInUse[cluster] else { return }
+    /// Ends one use of `cluster`; true when that was the last.
+    @discardableResult
+    func endUse(_ cluster: Int64) -> Bool {
+        guard let count = clustersInUse[cluster] else { return false }
         if count > 1 {
             clustersInUse[cluster] = count - 1
-            return
+            return false
         }
         clustersInUse[cluster] = nil
         // Freed while the I/O was in flight: free for the allocator now.
         if refcount(cluster) == 0 { firstFreeCandidate = min(firstFreeCandidate, cluster) }
+        return true
     }
 
     /// The lowest free cluster below `allocationEnd` that a refcount block
@@ -265,7 +279,8 @@ final class QCOW2Refcounter {
             let limit = Int(min(perBlock, end - blockStart))
             for index in first..<limit where QCOW2Refcounts.entry(block.bytes, index: index, bits: bits) == 0 {
                 let candidate = blockStart + Int64(index)
-                if metadataClusters.contains(candidate) || clustersInUse[candidate] != nil { continue }
+                if metadataClusters.contains(candidate) || clustersInUse[candidate] != nil
+                    || awaitingPunch.contains(candidate) { continue }
                 cluster = candidate + 1
                 return candidate
             }

@@ -26,11 +26,13 @@ import Testing
         return try open(RecordingFile(bytes: bytes))
     }
 
-    /// The image in `file`, opened writable with empty metadata caches.
-    func open(_ file: RecordingFile) throws -> (QCOW2Driver, RecordingFile, BlockBackend) {
+    /// The image in `file`, opened writable with empty metadata caches;
+    /// the file node punches discarded ranges (discard=unmap) when `unmap`.
+    func open(_ file: RecordingFile, unmap: Bool = false) throws -> (QCOW2Driver, RecordingFile, BlockBackend) {
         let graph = BlockGraph(eventLoop: loop)
         graphs.all.append(graph)
-        let fileNode = try graph.addNode(name: "file", driver: file)
+        let fileNode = try graph.addNode(name: "file", driver: file,
+                                         options: BlockNodeOptions(discard: unmap ? .unmap : .ignore))
         let future = QCOW2Driver.open(file: fileNode, options: QCOW2Options(readOnly: false))
         loop.run()
         let driver = try future.wait()
@@ -156,5 +158,42 @@ import Testing
         write(driver, cluster: 2, byte: 0x33)
         #expect(try host(driver, cluster: 2) == old, "released, it is free again")
         #expect(driver.refcounter!.clustersInUse.isEmpty, "no cluster stays counted")
+    }
+
+    /// `sendfile` leaves page references, not copies, in the socket: a
+    /// freed cluster is punched out of the file (the page cache drops its
+    /// pages) only once its last read has been sent, and is handed out
+    /// again only once the punch is done.
+    @Test func aFreedClusterIsPunchedOutWhenIdleBeforeItIsHandedOutAgain() throws {
+        var options = QCOW2ImageBuilder.Options(size: 4 << 20)
+        options.clusterBits = 16
+        let layout = try QCOW2ImageBuilder(options: options).build()
+        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
+        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
+        let (driver, file, backend) = try open(RecordingFile(bytes: bytes), unmap: true)
+        file.cachedHandle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: Glibc.open("/dev/zero", O_RDONLY | O_CLOEXEC))
+        defer { try? file.cachedHandle?.close() }
+        write(driver, cluster: 0, byte: 0x11)
+        run { driver.flush(completion: $0) }
+        let old = try host(driver, cluster: 0)
+
+        let extent = try #require(backend.beginCachedRead(at: 0, length: clusterSize))
+        discard(driver, cluster: 0)
+        #expect(file.discards.isEmpty, "not punched while the extent is out")
+
+        file.heldDiscards = []
+        backend.endCachedRead(extent)
+        #expect(file.heldDiscards?.count == 1, "punched once it has been sent")
+        write(driver, cluster: 1, byte: 0x22)
+        #expect(try host(driver, cluster: 1) != old, "not handed out while the punch runs")
+
+        let held = file.heldDiscards ?? []
+        file.heldDiscards = nil
+        held.forEach { $0() }
+        loop.run()
+        #expect(file.discards.count == 1 && file.discards.first?.offset == old && file.discards.first?.count == Int64(clusterSize))
+        write(driver, cluster: 2, byte: 0x33)
+        #expect(try host(driver, cluster: 2) == old, "punched, it is free again")
+        #expect(driver.refcounter!.awaitingPunch.isEmpty && driver.refcounter!.clustersInUse.isEmpty)
     }
 }

@@ -18,6 +18,10 @@ final class RecordingFile: BlockDriver {
     /// When set, reads wait here with their data unread until the test
     /// runs them: reads in flight at the disk.
     var heldReads: [() -> Void]?
+    /// Ranges punched out (discarded), in order; when `heldDiscards` is
+    /// set, a discard waits there until the test runs it.
+    private(set) var discards: [(offset: Int64, count: Int64)] = []
+    var heldDiscards: [() -> Void]?
 
     init(bytes: [UInt8]) { self.bytes = bytes }
 
@@ -53,6 +57,16 @@ final class RecordingFile: BlockDriver {
     }
 
     func flush(completion: @escaping BlockCompletion) { completion(nil) }
+
+    func discard(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
+        let perform = {
+            self.discards.append((offset, length))
+            let end = min(Int(offset + length), self.bytes.count)
+            if Int(offset) < end { self.bytes.replaceSubrange(Int(offset)..<end, with: repeatElement(0, count: end - Int(offset))) }
+            completion(nil)
+        }
+        if heldDiscards != nil { heldDiscards!.append(perform) } else { perform() }
+    }
 
     func forget() {
         reads = []

@@ -466,39 +466,44 @@ def qcow2_discard_and_write_storm(ctx):
 
 @case
 def qcow2_unsent_read_keeps_its_clusters(ctx):
-    """A client asks for 4 MiB and does not read the reply; meanwhile a
-    second client discards that range, flushes (the clusters are free) and
-    writes 4 MiB elsewhere. The first reply still carries the discarded
-    range's data: the clusters it is sent from (sendfile, once the range is
-    in the page cache) are not handed to the new write until it has gone
-    out. Before the fix, all 1024 pages of the reply held the new data."""
-    img = ctx.path("unsent.qcow2")
-    qimg(ctx, "create", "-f", "qcow2", img, "64M")
-    qio(ctx, img, "write -P 0x11 0 4M")
-    with open(img, "rb") as f:  # into the page cache
-        while f.read(MiB):
-            pass
-    srv = ctx.start_server(img, fmt="qcow2", shared=2, discard="unmap")
-    reader, writer = nbd.NBD(), nbd.NBD()
-    reader.connect_uri(srv.uri())
-    writer.connect_uri(srv.uri())
-    reader.pread(4096, 0)  # loads the L2 table, so the next read is sent from the cache
-    buf = nbd.Buffer(4 * MiB)
-    cookie = reader.aio_pread(buf, 0)
-    time.sleep(0.5)  # the request reaches the server; its reply is not read
-    writer.trim(4 * MiB, 0)
-    writer.flush()
-    writer.pwrite(b"\x22" * (4 * MiB), 8 * MiB)
-    writer.flush()
-    while not reader.aio_command_completed(cookie):
-        reader.poll(-1)
-    data = buf.to_bytearray()
-    wrong = sum(1 for i in range(0, len(data), 4096) if data[i:i + 4096] != b"\x11" * 4096)
-    check_eq("pages of the reply not holding the discarded range's data", 0, wrong)
-    reader.shutdown()
-    writer.shutdown()
-    srv.stop()
-    check_eq("qemu-img check exit status", 0, ctx.run(["qemu-img", "check", img], check=False).returncode)
+    """A client asks for part of a cached range and does not read the
+    reply; meanwhile a second client discards that range, flushes (the
+    clusters are free) and writes 4 MiB elsewhere. The first reply still
+    carries the discarded range's data. 4 MiB does not fit in the socket's
+    buffers: the clusters it is sent from (sendfile) are not handed out
+    until it has gone out. 128 KiB does: the socket then holds references
+    to the page cache pages, not copies, so the freed clusters are punched
+    out of the file (discard=unmap, as QEMU) before they are handed out,
+    and the next owner writes to fresh pages. Before the fixes, every page
+    of either reply held the new data."""
+    for size in (4 * MiB, 128 * 1024):
+        img = ctx.path("unsent-%d.qcow2" % size)
+        qimg(ctx, "create", "-f", "qcow2", img, "64M")
+        qio(ctx, img, "write -P 0x11 0 4M")
+        with open(img, "rb") as f:  # into the page cache
+            while f.read(MiB):
+                pass
+        srv = ctx.start_server(img, fmt="qcow2", shared=2, discard="unmap")
+        reader, writer = nbd.NBD(), nbd.NBD()
+        reader.connect_uri(srv.uri())
+        writer.connect_uri(srv.uri())
+        reader.pread(4096, 0)  # loads the L2 table, so the next read is sent from the cache
+        buf = nbd.Buffer(size)
+        cookie = reader.aio_pread(buf, 0)
+        time.sleep(0.5)  # the request reaches the server; its reply is not read
+        writer.trim(4 * MiB, 0)
+        writer.flush()
+        writer.pwrite(b"\x22" * (4 * MiB), 8 * MiB)
+        writer.flush()
+        while not reader.aio_command_completed(cookie):
+            reader.poll(-1)
+        data = buf.to_bytearray()
+        wrong = sum(1 for i in range(0, len(data), 4096) if data[i:i + 4096] != b"\x11" * 4096)
+        check_eq("pages of the %d-byte reply not holding the discarded range's data" % size, 0, wrong)
+        reader.shutdown()
+        writer.shutdown()
+        srv.stop()
+        check_eq("qemu-img check exit status", 0, ctx.run(["qemu-img", "check", img], check=False).returncode)
 
 
 @case
