@@ -6,7 +6,7 @@ import Glibc
 
 /// Ranges a reader can `sendfile` (see `CachedFileExtent`).
 extension FileDriver {
-    private static let pageSize = Int64(max(sysconf(Int32(_SC_PAGESIZE)), 4096))
+    private static let pageSize = Int64(CachedFileExtent.pageSize)
 
     /// The range itself when every page of it is data in the page cache,
     /// read from the disk already: `sendfile` runs on the event loop, and a

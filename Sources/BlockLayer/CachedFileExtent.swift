@@ -1,4 +1,7 @@
 import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Where the bytes of a guest range sit, whole, in the page cache of one
 /// file: what a reader can hand to the kernel (`sendfile`) instead of
@@ -27,6 +30,10 @@ public struct CachedFileExtent {
     /// been sent, if anything could move them meanwhile (a qcow2 image
     /// hands freed clusters to other guest ranges).
     public var holder: (any CachedFileExtentHolder)?
+
+    /// The page cache's unit: residency is counted, and holes punched, in
+    /// whole pages.
+    public static let pageSize = max(Int(sysconf(Int32(_SC_PAGESIZE))), 4096)
 
     public init(file: NIOFileHandle, offset: Int64, length: Int) {
         self.file = file

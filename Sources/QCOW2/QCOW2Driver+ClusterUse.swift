@@ -1,7 +1,4 @@
 import BlockLayer
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Host clusters with data I/O in flight, and freed clusters on their way
 /// back to the allocator.
@@ -15,9 +12,11 @@ import Glibc
 /// freed cluster's bytes are punched out of the file before it is handed
 /// out again (see `free`).
 extension QCOW2Driver: CachedFileExtentHolder {
-    /// Below this cluster size one page holds several clusters, and a freed
-    /// one cannot be punched out alone: such images lend nothing writable.
-    static let pageSize = max(Int(sysconf(Int32(_SC_PAGESIZE))), 4096)
+    /// The host clusters under `[host, host + length)`, `length` > 0.
+    func hostClusters(at host: Int64, length: Int64) -> ClosedRange<Int64> {
+        let clusterSize = Int64(header.clusterSize)
+        return host / clusterSize...(host + length - 1) / clusterSize
+    }
 
     /// Counts the host clusters under `[host, host + length)` as in use,
     /// when anything could free them: a writable image with its data in
@@ -25,8 +24,7 @@ extension QCOW2Driver: CachedFileExtentHolder {
     /// Returns what to pass to `endUse`.
     func beginUse(host: Int64, length: Int64) -> ClosedRange<Int64>? {
         guard let refcounter, !externalData, length > 0 else { return nil }
-        let clusterSize = Int64(header.clusterSize)
-        let clusters = host / clusterSize...(host + length - 1) / clusterSize
+        let clusters = hostClusters(at: host, length: length)
         for cluster in clusters { refcounter.beginUse(cluster) }
         return clusters
     }
@@ -42,8 +40,7 @@ extension QCOW2Driver: CachedFileExtentHolder {
 
     /// A data range lent for `sendfile` (see `cachedFileExtent`) has gone out.
     public func release(_ extent: CachedFileExtent) {
-        let clusterSize = Int64(header.clusterSize)
-        endUse(extent.offset / clusterSize...(extent.offset + Int64(extent.length) - 1) / clusterSize)
+        endUse(hostClusters(at: extent.offset, length: Int64(extent.length)))
     }
 
     /// Drops the references of `ranges`, which the tables on disk no longer
@@ -55,11 +52,9 @@ extension QCOW2Driver: CachedFileExtentHolder {
     /// pages.
     func free(_ ranges: [(UInt64, Int64)]) {
         guard let refcounter else { return }
-        let clusterSize = Int64(header.clusterSize)
         var idle: [Int64] = []
         for (host, length) in ranges where length > 0 {
-            for cluster in Int64(host) / clusterSize...(Int64(host) + length - 1) / clusterSize
-            where refcounter.release(cluster) {
+            for cluster in hostClusters(at: Int64(host), length: length) where refcounter.release(cluster) {
                 refcounter.awaitingPunch.insert(cluster)
                 if refcounter.clustersInUse[cluster] == nil { idle.append(cluster) }
             }

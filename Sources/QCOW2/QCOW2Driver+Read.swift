@@ -166,8 +166,9 @@ extension QCOW2Driver {
             guard var extent = dataFile.cachedFileExtent(at: host, length: length) else { return nil }
             if let clusters = beginUse(host: host, length: Int64(length)) {
                 // `release` finds the clusters from the extent's offset;
-                // a freed cluster must fill whole pages to be punched out.
-                guard extent.offset == host, header.clusterSize >= Self.pageSize else {
+                // a freed cluster must fill whole pages to be punched out
+                // alone (see `free`), so smaller ones are not lent.
+                guard extent.offset == host, header.clusterSize >= CachedFileExtent.pageSize else {
                     endUse(clusters)
                     return nil
                 }

@@ -17,13 +17,13 @@ import Testing
     let clusterSize = 64 << 10
 
     /// An empty, writable image with 64 KiB clusters.
-    func open(size: UInt64 = 4 << 20) throws -> (QCOW2Driver, RecordingFile, BlockBackend) {
+    func open(size: UInt64 = 4 << 20, unmap: Bool = false) throws -> (QCOW2Driver, RecordingFile, BlockBackend) {
         var options = QCOW2ImageBuilder.Options(size: size)
         options.clusterBits = 16
         let layout = try QCOW2ImageBuilder(options: options).build()
         var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
         for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
-        return try open(RecordingFile(bytes: bytes))
+        return try open(RecordingFile(bytes: bytes), unmap: unmap)
     }
 
     /// The image in `file`, opened writable with empty metadata caches;
@@ -40,6 +40,16 @@ import Testing
                                      children: [.init(name: "file", role: .image, node: fileNode)])
         let backend = try graph.attachBackend(name: "test", to: node, perm: [.consistentRead, .write], shared: .all)
         return (driver, file, backend)
+    }
+
+    /// Runs the completions held in `held` (and any they hold again) until none is left.
+    func release(_ held: ReferenceWritableKeyPath<RecordingFile, [() -> Void]?>, of file: RecordingFile) {
+        while let waiting = file[keyPath: held], !waiting.isEmpty {
+            file[keyPath: held] = []
+            waiting.forEach { $0() }
+            loop.run()
+        }
+        file[keyPath: held] = nil
     }
 
     func run(_ body: (@escaping BlockCompletion) -> Void) {
@@ -88,10 +98,7 @@ import Testing
         write(driver, cluster: 1, byte: 0x22)
         #expect(try host(driver, cluster: 1) != old, "the cluster being read is not handed out")
 
-        let held = file.heldReads ?? []
-        file.heldReads = nil
-        held.forEach { $0() }
-        loop.run()
+        release(\.heldReads, of: file)
         #expect(readResult.map { $0 == nil } == true)
         #expect(buffer.allSatisfy { $0 == 0x11 }, "the read returns the discarded range's data")
 
@@ -125,12 +132,7 @@ import Testing
         write(driver, cluster: 0, byte: 0x22)
         #expect(try host(driver, cluster: 0) != old, "the first table's cluster is counted as being read")
 
-        while let held = file.heldReads, !held.isEmpty {
-            file.heldReads = []
-            held.forEach { $0() }
-            loop.run()
-        }
-        file.heldReads = nil
+        release(\.heldReads, of: file)
         #expect(readResult.map { $0 == nil } == true)
         #expect(buffer[..<clusterSize].allSatisfy { $0 == 0x11 }, "the discarded cluster's data, not the new write's")
         #expect(buffer[clusterSize...].allSatisfy { $0 == 0x44 })
@@ -165,12 +167,7 @@ import Testing
     /// pages) only once its last read has been sent, and is handed out
     /// again only once the punch is done.
     @Test func aFreedClusterIsPunchedOutWhenIdleBeforeItIsHandedOutAgain() throws {
-        var options = QCOW2ImageBuilder.Options(size: 4 << 20)
-        options.clusterBits = 16
-        let layout = try QCOW2ImageBuilder(options: options).build()
-        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
-        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
-        let (driver, file, backend) = try open(RecordingFile(bytes: bytes), unmap: true)
+        let (driver, file, backend) = try open(unmap: true)
         file.cachedHandle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: Glibc.open("/dev/zero", O_RDONLY | O_CLOEXEC))
         defer { try? file.cachedHandle?.close() }
         write(driver, cluster: 0, byte: 0x11)
@@ -187,10 +184,7 @@ import Testing
         write(driver, cluster: 1, byte: 0x22)
         #expect(try host(driver, cluster: 1) != old, "not handed out while the punch runs")
 
-        let held = file.heldDiscards ?? []
-        file.heldDiscards = nil
-        held.forEach { $0() }
-        loop.run()
+        release(\.heldDiscards, of: file)
         #expect(file.discards.count == 1 && file.discards.first?.offset == old && file.discards.first?.count == Int64(clusterSize))
         write(driver, cluster: 2, byte: 0x33)
         #expect(try host(driver, cluster: 2) == old, "punched, it is free again")
