@@ -93,11 +93,10 @@ public final class FileDriver: BlockDriver {
         }
         var flags = (options.readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC
         if options.direct { flags |= strata_O_DIRECT }
-        let fd = Glibc.open(options.filename, flags)
-        guard fd >= 0 else {
-            let error = errno
-            return loop.makeFailedFuture(BlockError(errno: error,
-                "Could not open '\(options.filename)': \(String(cString: strerror(error)))"))
+        let fd: Int32
+        switch ImageFile.open(options.filename, flags: flags) {
+        case .success(let opened): fd = opened
+        case .failure(let error): return loop.makeFailedFuture(error)
         }
         let blockDevice = strata_is_block_device(fd) == 1
         let size = strata_fd_size(fd)

@@ -220,10 +220,10 @@ public enum ImageOpener {
 
     /// Reads the first bytes of `path` and names the format they show.
     static func probe(_ path: String) -> Result<String, BlockError> {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            let error = errno
-            return .failure(BlockError(errno: error, "Could not open '\(path)': \(String(cString: strerror(error)))"))
+        let fd: Int32
+        switch ImageFile.open(path, flags: O_RDONLY | O_CLOEXEC) {
+        case .success(let opened): fd = opened
+        case .failure(let error): return .failure(error)
         }
         defer { Glibc.close(fd) }
         var head = [UInt8](repeating: 0, count: FormatProbe.probeSize)
