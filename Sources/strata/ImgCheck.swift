@@ -57,20 +57,23 @@ struct ImgCheck: ParsableCommand {
         guard let report = outcome.report else {
             fail("This image format does not support checks", status: 63)
         }
+        // qemu-img writes what it found to stderr whatever the output format.
+        for message in report.messages { FileHandle.standardError.write(Data((message + "\n").utf8)) }
         switch image.output {
         case .json:
             var object: [String: Any] = [
                 "filename": image.filename, "format": outcome.format,
                 "check-errors": report.checkErrors, "image-end-offset": report.imageEndOffset,
-                "total-clusters": report.totalClusters, "allocated-clusters": report.allocatedClusters,
-                "fragmented-clusters": report.fragmentedClusters, "compressed-clusters": report.compressedClusters,
             ]
+            // qemu-img leaves out the cluster counts that are 0.
+            let counts = ["total-clusters": report.totalClusters, "allocated-clusters": report.allocatedClusters,
+                          "fragmented-clusters": report.fragmentedClusters, "compressed-clusters": report.compressedClusters]
+            for (key, count) in counts where count > 0 { object[key] = count }
             if report.corruptions > 0 { object["corruptions"] = report.corruptions }
             if report.leaks > 0 { object["leaks"] = report.leaks }
             let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
             print(String(decoding: data, as: UTF8.self))
         case .human:
-            for message in report.messages { FileHandle.standardError.write(Data((message + "\n").utf8)) }
             if report.corruptions > 0 {
                 print("\n\(report.corruptions) errors were found on the image.")
                 print("Data may be corrupted, or further writes to the image may corrupt it.")
@@ -80,12 +83,14 @@ struct ImgCheck: ParsableCommand {
                 print("This means waste of disk space, but no harm to data.")
             }
             if report.corruptions == 0, report.leaks == 0 { print("No errors were found on the image.") }
-            let total = max(report.totalClusters, 1)
-            let percent = { (value: Int) in String(format: "%.2f", Double(value) * 100 / Double(total)) }
-            let fragmentedBase = max(report.allocatedClusters, 1)
-            print("\(report.allocatedClusters)/\(report.totalClusters) = \(percent(report.allocatedClusters))% allocated, "
-                  + "\(String(format: "%.2f", Double(report.fragmentedClusters) * 100 / Double(fragmentedBase)))% fragmented, "
-                  + "\(String(format: "%.2f", Double(report.compressedClusters) * 100 / Double(fragmentedBase)))% compressed clusters")
+            // As qemu-img, only an image with allocated clusters gets the line.
+            if report.totalClusters > 0, report.allocatedClusters > 0 {
+                let percent = { (value: Int, base: Int) in String(format: "%.2f", Double(value) * 100 / Double(base)) }
+                print("\(report.allocatedClusters)/\(report.totalClusters) = "
+                      + "\(percent(report.allocatedClusters, report.totalClusters))% allocated, "
+                      + "\(percent(report.fragmentedClusters, report.allocatedClusters))% fragmented, "
+                      + "\(percent(report.compressedClusters, report.allocatedClusters))% compressed clusters")
+            }
             print("Image end offset: \(report.imageEndOffset)")
         }
         if report.checkErrors > 0 { throw ExitCode(1) }

@@ -163,6 +163,39 @@ import Testing
         }
     }
 
+    /// `check` prints what qemu-img prints: no allocation line and no zero
+    /// cluster counts in JSON for an empty image, and a refcount table past
+    /// the end of the file is a corruption (exit 2) checked as empty, not a
+    /// failure to check.
+    @Test func checkOutputMatchesQemuImgForEmptyImagesAndAMisplacedRefcountTable() throws {
+        let directory = try Harness.temporaryDirectory("checkout")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let empty = directory.appendingPathComponent("empty.qcow2").path
+        let written = directory.appendingPathComponent("written.qcow2").path
+        let misplaced = directory.appendingPathComponent("misplaced.qcow2").path
+        for image in [empty, written, misplaced] {
+            #expect(try qemuImg(["create", "-q", "-f", "qcow2", image, "64M"]).status == 0)
+        }
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 7 0 1M", written])
+        let handle = try #require(FileHandle(forUpdatingAtPath: misplaced))
+        try handle.seek(toOffset: 48)  // refcount_table_offset
+        handle.write(Data([0, 0, 1, 0, 0, 0, 0, 0]))  // 1 TiB, far past the end
+        try handle.close()
+        for (image, status) in [(empty, Int32(0)), (written, 0), (misplaced, 2)] {
+            let ours = try img(["check", image])
+            let theirs = try qemuImg(["check", image])
+            #expect(theirs.status == status)
+            #expect(ours.status == theirs.status, "\(image): \(ours.stderr)")
+            #expect(ours.stdout == theirs.stdout, "\(image):\n\(ours.stdout)\n--\n\(theirs.stdout)")
+            let oursJSON = try img(["check", "--output=json", image])
+            let theirsJSON = try qemuImg(["check", "--output=json", image])
+            let a = try JSONSerialization.jsonObject(with: Data(oursJSON.stdout.utf8)) as? [String: Any] ?? [:]
+            let b = try JSONSerialization.jsonObject(with: Data(theirsJSON.stdout.utf8)) as? [String: Any] ?? [:]
+            #expect(Set(a.keys) == Set(b.keys), "\(image): \(a.keys.sorted()) vs \(b.keys.sorted())")
+            for key in b.keys { #expect("\(a[key] ?? "-")" == "\(b[key] ?? "-")", "\(image): \(key)") }
+        }
+    }
+
     @Test func checkFindsLeaksAndCorruption() throws {
         let directory = try Harness.temporaryDirectory("damage")
         defer { try? FileManager.default.removeItem(at: directory) }
@@ -225,6 +258,26 @@ import Testing
             #expect(theirs.status == 1)
             #expect(ours.status == theirs.status, "\(image): \(ours.stderr)")
             #expect(ours.stderr.contains("Could not open"), "\(ours.stderr)")
+        }
+    }
+
+    /// A FIFO named as an image or a backing file is refused at once, with
+    /// the message qemu-img gives a directory; qemu-img itself would wait in
+    /// `open` for a writer that never comes.
+    @Test func aFifoAsImageOrBackingFileIsRefusedWithoutWaiting() throws {
+        let directory = try Harness.temporaryDirectory("fifo")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let fifo = directory.appendingPathComponent("pipe").path
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let overlay = directory.appendingPathComponent("overlay.qcow2").path
+        let made = try qemuImg(["create", "-q", "-f", "qcow2", "-u", "-b", fifo, "-F", "raw", overlay, "1M"])
+        #expect(made.status == 0, "\(made.stderr)")
+        let runs: [[String]] = [["img", "info", fifo], ["img", "info", overlay], ["img", "check", overlay],
+                                ["serve", "-k", directory.appendingPathComponent("s").path, "-f", "raw", fifo]]
+        for arguments in runs {
+            let ours = try Harness.run(Harness.strata, arguments, timeout: 20)
+            #expect(ours.status == 1, "\(arguments): \(ours.status) \(ours.stderr)")
+            #expect(ours.stderr.contains("'file' driver requires '\(fifo)' to be a regular file"), "\(ours.stderr)")
         }
     }
 
