@@ -21,15 +21,17 @@ struct ImgCheck: ParsableCommand {
         if let repair, !["leaks", "all"].contains(repair) {
             fail("Unknown option for -r (expecting 'leaks' or 'all'): \(repair)")
         }
-        let outcome: (format: String, report: QCOW2Checker.Report?)
+        /// What a repair fixed: the first check's counts less the second's.
+        typealias Fixed = (leaks: Int, corruptions: Int)
+        let outcome: (format: String, report: QCOW2Checker.Report?, fixed: Fixed)
         do {
             outcome = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare,
                                                    writable: repair != nil) { node in
                 guard let driver = node.driver as? QCOW2Driver, let file = node.child(named: "file")?.node else {
-                    return node.eventLoop.makeSucceededFuture((node.formatName, nil))
+                    return node.eventLoop.makeSucceededFuture((node.formatName, nil, (0, 0)))
                 }
                 guard let repair else {
-                    return QCOW2Checker(driver: driver, file: file).run().map { ("qcow2", $0) }
+                    return QCOW2Checker(driver: driver, file: file).run().map { ("qcow2", $0, (0, 0)) }
                 }
                 // Check, repair, then check again, reporting what was fixed.
                 return QCOW2Checker(driver: driver, file: file).run().flatMap { before in
@@ -39,15 +41,7 @@ struct ImgCheck: ParsableCommand {
                     }.flatMap {
                         QCOW2Checker(driver: driver, file: file).run()
                     }.map { after in
-                        let fixedLeaks = before.leaks - after.leaks
-                        let fixedCorruptions = before.corruptions - after.corruptions
-                        if fixedLeaks > 0 || fixedCorruptions > 0 {
-                            print("The following inconsistencies were found and repaired:\n")
-                            print("    \(fixedLeaks) leaked clusters")
-                            print("    \(fixedCorruptions) corruptions\n")
-                            print("Double checking the fixed image now...")
-                        }
-                        return ("qcow2", after)
+                        ("qcow2", after, (before.leaks - after.leaks, before.corruptions - after.corruptions))
                     }
                 }
             }
@@ -71,9 +65,17 @@ struct ImgCheck: ParsableCommand {
             for (key, count) in counts where count > 0 { object[key] = count }
             if report.corruptions > 0 { object["corruptions"] = report.corruptions }
             if report.leaks > 0 { object["leaks"] = report.leaks }
+            if outcome.fixed.leaks > 0 { object["leaks-fixed"] = outcome.fixed.leaks }
+            if outcome.fixed.corruptions > 0 { object["corruptions-fixed"] = outcome.fixed.corruptions }
             let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
             print(String(decoding: data, as: UTF8.self))
         case .human:
+            if outcome.fixed.leaks > 0 || outcome.fixed.corruptions > 0 {
+                print("The following inconsistencies were found and repaired:\n")
+                print("    \(outcome.fixed.leaks) leaked clusters")
+                print("    \(outcome.fixed.corruptions) corruptions\n")
+                print("Double checking the fixed image now...")
+            }
             if report.corruptions > 0 {
                 print("\n\(report.corruptions) errors were found on the image.")
                 print("Data may be corrupted, or further writes to the image may corrupt it.")

@@ -194,6 +194,23 @@ import Testing
             #expect(Set(a.keys) == Set(b.keys), "\(image): \(a.keys.sorted()) vs \(b.keys.sorted())")
             for key in b.keys { #expect("\(a[key] ?? "-")" == "\(b[key] ?? "-")", "\(image): \(key)") }
         }
+        // A leak repaired with JSON output: JSON only, with leaks-fixed.
+        let handle2 = try #require(FileHandle(forUpdatingAtPath: written))
+        let end = try handle2.seekToEnd()
+        try handle2.truncate(atOffset: end + 65536)
+        try handle2.seek(toOffset: 0x20000 + 2 * (end / 65536))  // the first refcount block
+        handle2.write(Data([0, 1]))
+        try handle2.close()
+        let copy = directory.appendingPathComponent("copy.qcow2").path
+        try FileManager.default.copyItem(atPath: written, toPath: copy)
+        let ours = try img(["check", "-r", "leaks", "--output=json", written])
+        let theirs = try qemuImg(["check", "-r", "leaks", "--output=json", copy])
+        #expect(ours.status == theirs.status)
+        let a = try JSONSerialization.jsonObject(with: Data(ours.stdout.utf8)) as? [String: Any] ?? [:]
+        let b = try JSONSerialization.jsonObject(with: Data(theirs.stdout.utf8)) as? [String: Any] ?? [:]
+        #expect("\(b["leaks-fixed"] ?? "-")" == "1")
+        #expect(Set(a.keys.filter { $0 != "filename" }) == Set(b.keys.filter { $0 != "filename" }), "\(ours.stdout)")
+        for key in b.keys where key != "filename" { #expect("\(a[key] ?? "-")" == "\(b[key] ?? "-")", "repair: \(key)") }
     }
 
     @Test func checkFindsLeaksAndCorruption() throws {
