@@ -8,14 +8,20 @@ final class CompletionSlots {
     /// Result of one I/O: bytes transferred, or a negative errno.
     typealias Completion = (Int) -> Void
 
+    /// A completion in a struct: stored bare in an array, a closure is
+    /// re-abstracted, which costs an allocation per request.
+    private struct Slot {
+        var completion: Completion?
+    }
+
     let capacity: Int
-    private var completions: [Completion?]
+    private var completions: [Slot]
     private var free: [Int]
     private var waiting: [() -> Void] = []
 
     init(capacity: Int) {
         self.capacity = capacity
-        completions = Array(repeating: nil, count: capacity)
+        completions = Array(repeating: Slot(), count: capacity)
         free = Array((0..<capacity).reversed())
     }
 
@@ -25,7 +31,7 @@ final class CompletionSlots {
     /// A free slot, now holding `completion`; nil when all are in use.
     func take(_ completion: @escaping Completion) -> Int? {
         guard let slot = free.popLast() else { return nil }
-        completions[slot] = completion
+        completions[slot].completion = completion
         return slot
     }
 
@@ -37,8 +43,8 @@ final class CompletionSlots {
     /// Frees `slot` and runs its completion with `result`, then lets the
     /// oldest waiting request take the slot.
     func complete(_ slot: Int, result: Int) {
-        let completion = completions[slot]
-        completions[slot] = nil
+        let completion = completions[slot].completion
+        completions[slot].completion = nil
         free.append(slot)
         completion?(result)
         if !waiting.isEmpty, !free.isEmpty {

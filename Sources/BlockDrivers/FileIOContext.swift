@@ -12,6 +12,9 @@ public final class FileIOContext {
     public private(set) var uring: IOURingEngine?
     /// Most requests per `io_submit` (or `io_uring_enter`) once an engine starts.
     public var aioMaxBatch = LinuxAIOEngine.defaultMaxBatch
+    /// Where the engines reap completions; NBD connections on this loop
+    /// flush their replies when a burst ends.
+    public let completionBurst = CompletionBurst()
     /// With `aio=threads`, I/O that would wait on a pool thread (small reads
     /// the page cache misses, O_DIRECT reads and writes) goes to the
     /// io_uring instead, when the kernel allows one. Tests turn it off.
@@ -26,12 +29,12 @@ public final class FileIOContext {
 
     /// Sets up Linux AIO if it is not running yet.
     public func startAIO() -> EventLoopFuture<LinuxAIOEngine> {
-        start(\.aio) { LinuxAIOEngine.make(on: $0, maxBatch: $1) }
+        start(\.aio) { LinuxAIOEngine.make(on: $0, maxBatch: $1, burst: self.completionBurst) }
     }
 
     /// Sets up the io_uring if it is not running yet.
     public func startURing() -> EventLoopFuture<IOURingEngine> {
-        start(\.uring) { IOURingEngine.make(on: $0, maxBatch: $1) }
+        start(\.uring) { IOURingEngine.make(on: $0, maxBatch: $1, burst: self.completionBurst) }
     }
 
     /// The engine at `slot`, made once: a second caller that asked while

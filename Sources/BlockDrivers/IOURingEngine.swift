@@ -26,6 +26,7 @@ public final class IOURingEngine: FileIOEngine {
     /// Most entries per `io_uring_enter`.
     public let maxBatch: Int
     private let slots: CompletionSlots
+    private let burst: CompletionBurst
     private var submitScheduled = false
     /// `io_uring_enter` calls made, for tests of the batching.
     private(set) var submitCalls = 0
@@ -34,8 +35,9 @@ public final class IOURingEngine: FileIOEngine {
     private var channel: Channel?
     private var closed = false
 
-    private init(eventLoop: EventLoop, ring: OpaquePointer, eventFD: Int32, maxBatch: Int) {
+    private init(eventLoop: EventLoop, ring: OpaquePointer, eventFD: Int32, maxBatch: Int, burst: CompletionBurst) {
         self.eventLoop = eventLoop
+        self.burst = burst
         self.ring = ring
         self.eventFD = eventFD
         self.maxBatch = max(1, maxBatch)
@@ -48,7 +50,8 @@ public final class IOURingEngine: FileIOEngine {
 
     /// Sets up a ring of `depth` entries whose completions arrive on `eventLoop`.
     public static func make(on eventLoop: EventLoop, depth: Int = 512,
-                            maxBatch: Int = LinuxAIOEngine.defaultMaxBatch) -> EventLoopFuture<IOURingEngine> {
+                            maxBatch: Int = LinuxAIOEngine.defaultMaxBatch,
+                            burst: CompletionBurst = CompletionBurst()) -> EventLoopFuture<IOURingEngine> {
         let fd = strata_eventfd()
         guard fd >= 0 else {
             return eventLoop.makeFailedFuture(BlockError(errno: errno, "eventfd failed"))
@@ -60,7 +63,7 @@ public final class IOURingEngine: FileIOEngine {
             return eventLoop.makeFailedFuture(BlockError(errno: error,
                 "Unable to use io_uring: failed to init linux io_uring ring: \(String(cString: strerror(error)))"))
         }
-        let engine = IOURingEngine(eventLoop: eventLoop, ring: ring, eventFD: fd, maxBatch: maxBatch)
+        let engine = IOURingEngine(eventLoop: eventLoop, ring: ring, eventFD: fd, maxBatch: maxBatch, burst: burst)
         return EventFDChannel.watch(fd, on: eventLoop) { engine.reap() }
             .map { channel in
                 engine.channel = channel
@@ -142,14 +145,16 @@ public final class IOURingEngine: FileIOEngine {
     private func reap() {
         // The eventfd channel may still deliver a read while it closes.
         guard !closed else { return }
-        while true {
-            let count = Int(strata_uring_reap(ring, tags, results, UInt32(capacity)))
-            // Completions that submit more only queue (submission waits for
-            // the end of the tick), so `tags` and `results` stay as reaped.
-            for index in 0..<count {
-                slots.complete(Int(tags[index]), result: Int(results[index]))
+        burst.run {
+            while true {
+                let count = Int(strata_uring_reap(ring, tags, results, UInt32(capacity)))
+                // Completions that submit more only queue (submission waits for
+                // the end of the tick), so `tags` and `results` stay as reaped.
+                for index in 0..<count {
+                    slots.complete(Int(tags[index]), result: Int(results[index]))
+                }
+                if count < capacity { break }
             }
-            if count < capacity { break }
         }
         if strata_uring_unsubmitted(ring) > 0, !submitScheduled {
             submitScheduled = true

@@ -33,6 +33,9 @@ public final class LinuxAIOEngine: FileIOEngine {
     private let pending: UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>
     private let events: UnsafeMutablePointer<io_event>
     private let slots: CompletionSlots
+    /// Where completions are reaped together (shared with the loop's NBD
+    /// connections, which flush replies when it ends).
+    private let burst: CompletionBurst
     private var pendingCount = 0
     private var submitScheduled = false
     /// `io_submit` calls made, for tests of the batching.
@@ -40,8 +43,10 @@ public final class LinuxAIOEngine: FileIOEngine {
     private var channel: Channel?
     private var closed = false
 
-    private init(eventLoop: EventLoop, context: io_context_t, eventFD: Int32, capacity: Int, maxBatch: Int) {
+    private init(eventLoop: EventLoop, context: io_context_t, eventFD: Int32, capacity: Int, maxBatch: Int,
+                 burst: CompletionBurst) {
         self.eventLoop = eventLoop
+        self.burst = burst
         self.maxBatch = max(1, maxBatch)
         self.context = context
         self.eventFD = eventFD
@@ -59,8 +64,8 @@ public final class LinuxAIOEngine: FileIOEngine {
     public static let defaultMaxBatch = 1
 
     /// Sets up an AIO context of `depth` requests whose completions arrive on `eventLoop`.
-    public static func make(on eventLoop: EventLoop, depth: Int = 512,
-                            maxBatch: Int = defaultMaxBatch) -> EventLoopFuture<LinuxAIOEngine> {
+    public static func make(on eventLoop: EventLoop, depth: Int = 512, maxBatch: Int = defaultMaxBatch,
+                            burst: CompletionBurst = CompletionBurst()) -> EventLoopFuture<LinuxAIOEngine> {
         var context: io_context_t?
         let result = io_setup(Int32(depth), &context)
         guard result == 0, let context else {
@@ -74,7 +79,7 @@ public final class LinuxAIOEngine: FileIOEngine {
             return eventLoop.makeFailedFuture(BlockError(errno: error, "eventfd failed"))
         }
         let engine = LinuxAIOEngine(eventLoop: eventLoop, context: context, eventFD: fd, capacity: depth,
-                                    maxBatch: maxBatch)
+                                    maxBatch: maxBatch, burst: burst)
         return EventFDChannel.watch(fd, on: eventLoop) { engine.reap() }
             .map { channel in
                 engine.channel = channel
@@ -98,9 +103,25 @@ public final class LinuxAIOEngine: FileIOEngine {
             }
         }
         strata_iocb_prep(iocbs + slot, fd, write ? 1 : 0, buffer, count, offset, eventFD, rwFlags, UInt64(slot))
+        if maxBatch == 1, pendingCount == 0, submitNow(slot) { return }
         pending[pendingCount] = iocbs + slot
         pendingCount += 1
         scheduleSubmit()
+    }
+
+    /// Submits one request at once, so the disk starts on it before the
+    /// loop finishes its other work for this tick: with one request per
+    /// `io_submit` there is nothing to batch. False when the kernel is busy
+    /// and the request must queue.
+    private func submitNow(_ slot: Int) -> Bool {
+        var request: UnsafeMutablePointer<iocb>? = iocbs + slot
+        let result = io_submit(context, 1, &request)
+        submitCalls += 1
+        if result == 1 { return true }
+        if result == -EAGAIN || result == 0 { return false }
+        // Fail it after the caller has returned, as a queued request would.
+        eventLoop.execute { [unowned self] in self.slots.complete(slot, result: Int(result)) }
+        return true
     }
 
     /// Requests the kernel has and has not completed yet.
@@ -155,15 +176,17 @@ public final class LinuxAIOEngine: FileIOEngine {
 
     /// Reaps every finished request; called when the eventfd is readable.
     private func reap() {
-        while true {
-            let count = Int(strata_io_getevents_nowait(context, capacity, events))
-            guard count > 0 else { break }
-            for index in 0..<count {
-                let event = events + index
-                let slot = Int(strata_io_event_tag(event))
-                slots.complete(slot, result: Int(strata_io_event_result(event)))
+        burst.run {
+            while true {
+                let count = Int(strata_io_getevents_nowait(context, capacity, events))
+                guard count > 0 else { break }
+                for index in 0..<count {
+                    let event = events + index
+                    let slot = Int(strata_io_event_tag(event))
+                    slots.complete(slot, result: Int(strata_io_event_result(event)))
+                }
+                if count < capacity { break }
             }
-            if count < capacity { break }
         }
         if pendingCount > 0 { scheduleSubmit() }
     }

@@ -6,6 +6,8 @@ public enum NBDReplyEncoder {
     public static let simpleReplyHeaderSize = 16
     /// Size of a structured reply chunk header.
     public static let chunkHeaderSize = 20
+    /// Size of what precedes the data of an NBD_REPLY_TYPE_OFFSET_DATA chunk.
+    public static let dataChunkHeaderSize = chunkHeaderSize + 8
 
     public static func writeGreeting(flags: NBDHandshakeFlags, into buffer: inout ByteBuffer) {
         buffer.writeInteger(NBDMagic.greeting)
@@ -31,20 +33,24 @@ public enum NBDReplyEncoder {
         buffer.writeBytes(text)
     }
 
+    // Every reply pays for its header, so headers are stored straight into
+    // the buffer's memory (`ReplyHeaderWriter`): one capacity check per
+    // header, not one per field.
+
     public static func writeSimpleReply(error: UInt32, cookie: UInt64, into buffer: inout ByteBuffer) {
-        buffer.writeInteger(NBDMagic.simpleReply)
-        buffer.writeInteger(error)
-        buffer.writeInteger(cookie)
+        ReplyHeaderWriter.write(simpleReplyHeaderSize, into: &buffer) { header in
+            header.put(NBDMagic.simpleReply)
+            header.put(error)
+            header.put(cookie)
+        }
     }
 
     public static func writeChunkHeader(
         flags: NBDChunkFlags, type: NBDChunkType, cookie: UInt64, length: Int, into buffer: inout ByteBuffer
     ) {
-        buffer.writeInteger(NBDMagic.structuredReply)
-        buffer.writeInteger(flags.rawValue)
-        buffer.writeInteger(type.rawValue)
-        buffer.writeInteger(cookie)
-        buffer.writeInteger(UInt32(length))
+        ReplyHeaderWriter.write(chunkHeaderSize, into: &buffer) { header in
+            header.putChunkHeader(flags: flags, type: type, cookie: cookie, length: length)
+        }
     }
 
     /// NBD_REPLY_TYPE_ERROR with the DONE flag, ending a structured reply.
@@ -62,17 +68,20 @@ public enum NBDReplyEncoder {
     public static func writeDataChunkHeader(
         done: Bool, cookie: UInt64, offset: UInt64, dataLength: Int, into buffer: inout ByteBuffer
     ) {
-        writeChunkHeader(flags: done ? .done : [], type: .offsetData, cookie: cookie,
-                         length: 8 + dataLength, into: &buffer)
-        buffer.writeInteger(offset)
+        ReplyHeaderWriter.write(dataChunkHeaderSize, into: &buffer) { header in
+            header.putChunkHeader(flags: done ? .done : [], type: .offsetData, cookie: cookie, length: 8 + dataLength)
+            header.put(offset)
+        }
     }
 
     public static func writeHoleChunk(
         done: Bool, cookie: UInt64, offset: UInt64, length: UInt32, into buffer: inout ByteBuffer
     ) {
-        writeChunkHeader(flags: done ? .done : [], type: .offsetHole, cookie: cookie, length: 12, into: &buffer)
-        buffer.writeInteger(offset)
-        buffer.writeInteger(length)
+        ReplyHeaderWriter.write(chunkHeaderSize + 12, into: &buffer) { header in
+            header.putChunkHeader(flags: done ? .done : [], type: .offsetHole, cookie: cookie, length: 12)
+            header.put(offset)
+            header.put(length)
+        }
     }
 
     public static func writeNoneChunk(cookie: UInt64, into buffer: inout ByteBuffer) {

@@ -111,7 +111,7 @@ extension NBDConnectionHandler {
            let extent = export.backend.beginCachedRead(at: Int64(offset), length: length) {
             return sendCached(extent, for: request)
         }
-        var data = transferBuffer(length: length)
+        var data = transferBuffer(length: length, headroom: NBDReplyEncoder.dataChunkHeaderSize)
         let base = data.withUnsafeMutableWritableBytes { $0.baseAddress! }
         data.moveWriterIndex(forwardBy: length)
         let target = UnsafeMutableRawBufferPointer(start: base, count: length)
@@ -124,12 +124,18 @@ extension NBDConnectionHandler {
                 let bytes = UnsafeRawBufferPointer(target)
                 let dontFragment = request.flags.contains(.dontFragment)
                 func chunk(_ start: Int, _ count: Int, hole: Bool, done: Bool) {
-                    var header = self.allocator.buffer(capacity: 32)
                     if hole {
+                        var header = self.allocator.buffer(capacity: 32)
                         NBDReplyEncoder.writeHoleChunk(done: done, cookie: cookie, offset: offset + UInt64(start),
                                                        length: UInt32(count), into: &header)
                         self.send(header)
+                    } else if count == length, data.prependHeader(size: NBDReplyEncoder.dataChunkHeaderSize, {
+                        NBDReplyEncoder.writeDataChunkHeader(done: done, cookie: cookie, offset: offset,
+                                                             dataLength: count, into: &$0)
+                    }) {
+                        self.send(data)
                     } else {
+                        var header = self.allocator.buffer(capacity: 32)
                         NBDReplyEncoder.writeDataChunkHeader(done: done, cookie: cookie, offset: offset + UInt64(start),
                                                              dataLength: count, into: &header)
                         self.send(header)
@@ -146,6 +152,10 @@ extension NBDConnectionHandler {
                     // chunk: no plan (and no allocation) for those.
                     chunk(0, length, hole: isAllZero(bytes), done: true)
                 }
+            } else if data.prependHeader(size: NBDReplyEncoder.simpleReplyHeaderSize, {
+                NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &$0)
+            }) {
+                self.send(data)
             } else {
                 var header = self.allocator.buffer(capacity: NBDReplyEncoder.simpleReplyHeaderSize)
                 NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &header)
@@ -179,14 +189,17 @@ extension NBDConnectionHandler {
     /// An empty buffer with room for `length` bytes of READ or WRITE data
     /// at the export node's memory alignment, so O_DIRECT uses it as it is.
     /// Transfers too long for scattered pages go to huge-page slabs (one
-    /// disk request each, not two); those are aligned already.
-    func transferBuffer(length: Int) -> ByteBuffer {
+    /// disk request each, not two); those are aligned already. `headroom`
+    /// bytes before the data are kept free for a reply header (see
+    /// `ByteBuffer.prependHeader`), except in huge-page slabs.
+    func transferBuffer(length: Int, headroom: Int = 0) -> ByteBuffer {
         let alignment = export.backend.node?.limits.memoryAlignment ?? 1
-        var data = HugePageBuffers.suits(length: length, alignment: alignment)
-            ? HugePageBuffers.allocator.buffer(capacity: length)
-            : allocator.buffer(capacity: length + alignment)
-        let base = data.withUnsafeMutableWritableBytes { $0.baseAddress! }
-        let padding = (alignment - Int(bitPattern: base) % alignment) % alignment
+        if HugePageBuffers.suits(length: length, alignment: alignment) {
+            return HugePageBuffers.allocator.buffer(capacity: length)
+        }
+        var data = allocator.buffer(capacity: length + alignment + headroom)
+        let base = Int(bitPattern: data.withUnsafeMutableWritableBytes { $0.baseAddress! }) + headroom
+        let padding = headroom + (alignment - base % alignment) % alignment
         data.moveWriterIndex(forwardBy: padding)
         data.moveReaderIndex(forwardBy: padding)
         return data

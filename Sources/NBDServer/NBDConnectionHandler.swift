@@ -10,7 +10,8 @@ import NIOCore
 /// into a buffer of their own aligned for the export's node, so neither the
 /// inbound buffer nor an O_DIRECT bounce copies them again (see
 /// `NBDRequestDecoder`). Replies complete out of order and are
-/// flushed once per loop tick. Parsing and reading pause while too many
+/// flushed once per batch: per burst of I/O completions, per inbound read,
+/// or else per loop tick. Parsing and reading pause while too many
 /// requests or bytes are in flight, or while the client is not reading its
 /// replies (the channel is not writable), so no client can make the server
 /// buffer without bound.
@@ -37,6 +38,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         var smallestCachedSend = 64 << 10
         var log: ((String) -> Void)?
         var poller: LoopPoller?
+        var completionBurst: CompletionBurst?
     }
 
     private enum Phase {
@@ -73,6 +75,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var flushScheduled = false
     /// Replies written since the last flush.
     private var repliesSinceFlush = 0
+    /// Whether anything was written since the last flush.
+    private var unflushed = false
 
     init(registry: NBDExportRegistry, configuration: Configuration) {
         self.registry = registry
@@ -206,7 +210,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         var out = allocator.buffer(capacity: 256)
         let action = negotiation.receive(message, catalog: registry, into: &out)
         if out.readableBytes > 0 {
-            context.write(wrapOutboundOut(.byteBuffer(out)), promise: nil)
+            write(.byteBuffer(out))
         }
         switch action {
         case .proceed:
@@ -317,7 +321,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Writes a reply part; flushing is batched per tick.
     func send(_ buffer: ByteBuffer) {
-        context.write(wrapOutboundOut(.byteBuffer(buffer)), promise: nil)
+        write(.byteBuffer(buffer))
     }
 
     /// Writes a file range (READ data the kernel sends from the page
@@ -325,14 +329,23 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func send(_ region: FileRegion, sent: @escaping () -> Void) {
         let promise = context.eventLoop.makePromise(of: Void.self)
         promise.futureResult.whenComplete { _ in sent() }
-        context.write(wrapOutboundOut(.fileRegion(region)), promise: promise)
+        write(.fileRegion(region), promise: promise)
         scheduleFlush()
+    }
+
+    private func write(_ data: IOData, promise: EventLoopPromise<Void>? = nil) {
+        unflushed = true
+        context.write(wrapOutboundOut(data), promise: promise)
     }
 
     /// Sends what is written. After replies the client's next request is
     /// usually a few microseconds away, so the loop polls for it instead of
     /// sleeping (see `LoopPoller`); waits for the disk are too long for that.
     private func flushReplies() {
+        // Most inbound reads only start requests: nothing to flush then,
+        // and an empty flush still walks the pipeline.
+        guard unflushed else { return }
+        unflushed = false
         context.flush()
         if repliesSinceFlush > 0 {
             repliesSinceFlush = 0
@@ -343,11 +356,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func scheduleFlush() {
         guard !inReadBatch, !flushScheduled else { return }
         flushScheduled = true
-        context.eventLoop.execute { [weak self] in
-            guard let self else { return }
-            self.flushScheduled = false
-            if self.phase != .closed { self.flushReplies() }
-        }
+        if let burst = configuration.completionBurst, burst.notifyWhenEnded(self) { return }
+        context.eventLoop.execute { [weak self] in self?.completionBurstEnded() }
     }
 
     /// NBD_CMD_DISC, a half-closed client, or server shutdown: answer what
@@ -386,5 +396,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         guard phase != .closed else { return }
         phase = .closed
         context.close(promise: nil)
+    }
+}
+
+extension NBDConnectionHandler: CompletionBurstListener {
+    /// Flushes the replies of a burst of completions (or of a loop tick).
+    func completionBurstEnded() {
+        flushScheduled = false
+        if phase != .closed { flushReplies() }
     }
 }

@@ -16,6 +16,10 @@ public final class NBDServer {
         public var log: ((String) -> Void)?
         /// Keeps the loop polling briefly after replies go out; nil: never poll.
         public var poller: LoopPoller?
+        /// The loop's I/O completion bursts (`FileIOContext.completionBurst`):
+        /// replies written during one are flushed as it ends. Without it,
+        /// replies are flushed from a task on the loop.
+        public var completionBurst: CompletionBurst?
         public init() {}
     }
 
@@ -72,7 +76,8 @@ public final class NBDServer {
 
     private func accepted(_ channel: Channel) -> EventLoopFuture<Void> {
         let handlerConfiguration = NBDConnectionHandler.Configuration(
-            handshakeTimeout: configuration.handshakeTimeout, log: configuration.log, poller: configuration.poller)
+            handshakeTimeout: configuration.handshakeTimeout, log: configuration.log, poller: configuration.poller,
+            completionBurst: configuration.completionBurst)
         let handler = NBDConnectionHandler(registry: registry, configuration: handlerConfiguration)
         let id = ObjectIdentifier(channel)
         connections[id] = (channel, handler)

@@ -117,6 +117,7 @@ final class ServerProcess {
         var configuration = NBDServer.Configuration()
         configuration.maxConnections = options.shared
         configuration.handshakeTimeout = options.handshakeLimit == 0 ? .hours(24 * 365) : .seconds(Int64(options.handshakeLimit))
+        configuration.completionBurst = io.completionBurst
         if options.pollMaxNs > 0 {
             configuration.poller = LoopPoller(eventLoop: loop, windowNanoseconds: UInt64(options.pollMaxNs))
         }

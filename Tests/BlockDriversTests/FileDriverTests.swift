@@ -170,6 +170,32 @@ import Testing
         try loop.flatSubmit { engine.close() }.wait()
     }
 
+    /// With one request per `io_submit` there is nothing to batch: the disk
+    /// starts on a request at once, not after the rest of the loop's tick.
+    @Test func linuxAIOSubmitsAtOnceWithoutBatching() throws {
+        let path = try makeFile(size: 1 << 16, name: "at-once.raw")
+        let engine = try LinuxAIOEngine.make(on: loop, maxBatch: 1).wait()
+        let fd = Glibc.open(path, O_RDONLY | strata_O_DIRECT)
+        #expect(fd >= 0)
+        defer { Glibc.close(fd) }
+        let memory = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { memory.deallocate() }
+        let (submittedAtOnce, result) = try loop.flatSubmit { () -> EventLoopFuture<(Bool, Int)> in
+            let before = engine.submitCalls
+            let promise = self.loop.makePromise(of: Int.self)
+            engine.submit(fd: fd, write: false, buffer: memory, count: 4096, offset: 4096, rwFlags: 0) {
+                promise.succeed($0)
+            }
+            let atOnce = engine.submitCalls == before + 1
+            return promise.futureResult.map { (atOnce, $0) }
+        }.wait()
+        #expect(submittedAtOnce)
+        #expect(result == 4096)
+        #expect(Array(UnsafeRawBufferPointer(start: memory, count: 4096))
+                == (4096..<8192).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) })
+        try loop.flatSubmit { engine.close() }.wait()
+    }
+
     @Test(arguments: [false, true], [1, 3, 512])
     func enginePassesAtMostMaxBatchRequestsPerSubmit(uring: Bool, maxBatch: Int) throws {
         let path = try makeFile(size: 1 << 16, name: "batch-\(uring)-\(maxBatch).raw")
