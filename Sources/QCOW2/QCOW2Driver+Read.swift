@@ -189,6 +189,7 @@ extension QCOW2Driver {
     /// while a later table loads from disk would not be counted yet.)
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
                      completion: @escaping BlockCompletion) {
+        if readWithinOneRun(at: offset, into: buffer, completion: completion) { return }
         let group = PendingGroup(completion: completion)
         let end = offset + Int64(buffer.count)
         func next(_ position: Int64) {
@@ -219,6 +220,30 @@ extension QCOW2Driver {
             }
         }
         next(offset)
+    }
+
+    /// The common case, straight through: the whole request is data in one
+    /// run of an L2 table in memory, inside the data file. One read, without
+    /// the group and closures the general path allocates (callgrind: 1,100
+    /// of the server's 30,800 instructions per 4 KiB read). False, with
+    /// nothing started, for anything else.
+    private func readWithinOneRun(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer,
+                                  completion: @escaping BlockCompletion) -> Bool {
+        guard buffer.count > 0,
+              let tableOffset = try? l2TableOffset(for: Int(offset / header.bytesPerL2)),
+              let table = cachedL2Table(at: tableOffset),
+              let run = try? run(at: offset, maxLength: Int64(buffer.count), table: table),
+              run.length == Int64(buffer.count), case .data = run.mapping else { return false }
+        let node = dataFile
+        let host = Int64(run.hostOffset)
+        // Data past the end of the file reads as zeroes: the general path's.
+        guard host + Int64(buffer.count) <= node.length else { return false }
+        let clusters = beginUse(host: host, length: Int64(buffer.count))
+        node.read(at: host, into: buffer) { error in
+            self.endUse(clusters)
+            completion(error)
+        }
+        return true
     }
 
     private func read(_ run: Run, at position: Int64, into piece: UnsafeMutableRawBufferPointer, group: PendingGroup) {

@@ -85,7 +85,11 @@ public final class QCOW2Driver: BlockDriver {
     var bitmapDirectory: QCOW2BitmapDirectory?
     var file: BlockNode { node?.child(named: "file")?.node ?? openedFile! }
     /// Where data clusters live: the external data file, or the image.
-    var dataFile: BlockNode { node?.child(named: "data-file")?.node ?? file }
+    /// (Every read asks: without the external data file bit, no lookup.)
+    var dataFile: BlockNode {
+        guard header.incompatibleFeatures.contains(.externalDataFile) else { return file }
+        return node?.child(named: "data-file")?.node ?? file
+    }
     var backingNode: BlockNode? { node?.backing?.node }
 
     public var length: Int64 { guestSize }

@@ -247,12 +247,14 @@ final class QCOW2Refcounter {
     /// Ends one use of `cluster`; true when that was the last.
     @discardableResult
     func endUse(_ cluster: Int64) -> Bool {
-        guard let count = clustersInUse[cluster] else { return false }
+        // One hash lookup: this runs once per read of allocated data.
+        guard let index = clustersInUse.index(forKey: cluster) else { return false }
+        let count = clustersInUse.values[index]
         if count > 1 {
-            clustersInUse[cluster] = count - 1
+            clustersInUse.values[index] = count - 1
             return false
         }
-        clustersInUse[cluster] = nil
+        clustersInUse.remove(at: index)
         // Freed while the I/O was in flight: free for the allocator now.
         if refcount(cluster) == 0 { firstFreeCandidate = min(firstFreeCandidate, cluster) }
         return true
