@@ -6,9 +6,10 @@ import NIOPosix
 import Glibc
 #endif
 
-/// Linux native AIO for one event loop: io_submit batched per loop tick,
-/// completions reaped from an eventfd that the loop itself watches, so a
-/// completion runs on the loop that submitted it without a thread hop.
+/// Linux native AIO for one event loop: requests go to `io_submit` at once
+/// (or, with batches, together at the end of the loop tick), completions
+/// are reaped from an eventfd that the loop itself watches, so a completion
+/// runs on the loop that submitted it without a thread hop.
 ///
 /// Requests need O_DIRECT file descriptors and aligned buffers; the node's
 /// request path guarantees both.
@@ -91,8 +92,8 @@ public final class LinuxAIOEngine: FileIOEngine {
             }
     }
 
-    /// Queues a read or write of `count` bytes; it is submitted with the
-    /// rest of this tick's requests.
+    /// Starts a read or write of `count` bytes: at once with one request
+    /// per `io_submit`, else with the rest of this tick's requests.
     public func submit(fd: Int32, write: Bool, buffer: UnsafeMutableRawPointer, count: Int, offset: Int64,
                        rwFlags: Int32 = 0, completion: @escaping Completion) {
         guard !closed else { return completion(-Int(ESHUTDOWN)) }

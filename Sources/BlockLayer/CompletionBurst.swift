@@ -3,8 +3,9 @@ public protocol CompletionBurstListener: AnyObject {
     func completionBurstEnded()
 }
 
-/// The I/O completions one event loop handles in one go (everything one
-/// `io_getevents` returns), and the listeners to tell once they are done.
+/// The I/O completions one event loop handles in one go (all an engine
+/// reaps when its eventfd fires), and the listeners to tell once they are
+/// done.
 ///
 /// Why: each completion writes an NBD reply, and replies are flushed (one
 /// `writev`) per batch, not per reply. Flushing from a task queued on the

@@ -130,7 +130,7 @@ extension NBDConnectionHandler {
                                                        length: UInt32(count), into: &header)
                         self.send(header)
                     } else if count == length, data.prependHeader(size: NBDReplyEncoder.dataChunkHeaderSize, {
-                        NBDReplyEncoder.writeDataChunkHeader(done: done, cookie: cookie, offset: offset,
+                        NBDReplyEncoder.writeDataChunkHeader(done: done, cookie: cookie, offset: offset + UInt64(start),
                                                              dataLength: count, into: &$0)
                     }) {
                         self.send(data)

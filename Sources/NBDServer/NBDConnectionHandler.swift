@@ -319,7 +319,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Writes a reply part; flushing is batched per tick.
+    /// Writes a reply part; flushing is batched (see `write`).
     func send(_ buffer: ByteBuffer) {
         write(.byteBuffer(buffer))
     }
@@ -330,12 +330,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let promise = context.eventLoop.makePromise(of: Void.self)
         promise.futureResult.whenComplete { _ in sent() }
         write(.fileRegion(region), promise: promise)
-        scheduleFlush()
     }
 
+    /// Every write goes out with the next flush: the inbound read's, the
+    /// completion burst's, or else one scheduled here (a negotiation reply
+    /// written when a paused connection resumes, say).
     private func write(_ data: IOData, promise: EventLoopPromise<Void>? = nil) {
         unflushed = true
         context.write(wrapOutboundOut(data), promise: promise)
+        scheduleFlush()
     }
 
     /// Sends what is written. After replies the client's next request is
@@ -344,9 +347,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func flushReplies() {
         // Most inbound reads only start requests: nothing to flush then,
         // and an empty flush still walks the pipeline.
-        guard unflushed else { return }
-        unflushed = false
-        context.flush()
+        if unflushed {
+            unflushed = false
+            context.flush()
+        }
+        // (A sendfile reply ends once sent, maybe after its flush.)
         if repliesSinceFlush > 0 {
             repliesSinceFlush = 0
             configuration.poller?.noteActivity()
@@ -357,7 +362,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         guard !inReadBatch, !flushScheduled else { return }
         flushScheduled = true
         if let burst = configuration.completionBurst, burst.notifyWhenEnded(self) { return }
-        context.eventLoop.execute { [weak self] in self?.completionBurstEnded() }
+        context.eventLoop.execute { [weak self] in self?.flushScheduledReplies() }
+    }
+
+    private func flushScheduledReplies() {
+        flushScheduled = false
+        if phase != .closed { flushReplies() }
     }
 
     /// NBD_CMD_DISC, a half-closed client, or server shutdown: answer what
@@ -400,9 +410,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 }
 
 extension NBDConnectionHandler: CompletionBurstListener {
-    /// Flushes the replies of a burst of completions (or of a loop tick).
+    /// Flushes the replies the burst's completions wrote.
     func completionBurstEnded() {
-        flushScheduled = false
-        if phase != .closed { flushReplies() }
+        flushScheduledReplies()
     }
 }

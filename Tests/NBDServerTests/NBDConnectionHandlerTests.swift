@@ -14,6 +14,7 @@ import Testing
     let graph: BlockGraph
     let driver = RAMDriver(size: 1 << 20)
     let registry = NBDExportRegistry()
+    let burst = CompletionBurst()
 
     init() throws {
         channel = EmbeddedChannel(loop: loop)
@@ -21,7 +22,7 @@ import Testing
         let node = try graph.addNode(name: "ram", driver: driver)
         let backend = try graph.attachBackend(name: "disk", to: node, perm: [.consistentRead, .write], shared: .all)
         try registry.add(NBDExport(name: "disk", backend: backend, readOnly: false))
-        let handler = NBDConnectionHandler(registry: registry, configuration: .init(maxInFlight: 4))
+        let handler = NBDConnectionHandler(registry: registry, configuration: .init(maxInFlight: 4, completionBurst: burst))
         try channel.pipeline.syncOperations.addHandler(handler)
         try channel.connect(to: SocketAddress(unixDomainSocketPath: "/x")).wait()
     }
@@ -319,5 +320,66 @@ import Testing
         channel.pipeline.fireChannelWritabilityChanged()
         loop.run()
         #expect(chunks(try outbound()).count == 1)
+    }
+
+    /// Replies that completions write during a burst go out when it ends,
+    /// not a loop turn later.
+    @Test func repliesWrittenDuringABurstAreFlushedWhenItEnds() throws {
+        try negotiate()
+        driver.holdCompletions = true
+        for cookie in 1...2 {
+            try send(Wire.request(type: 0, cookie: UInt64(cookie), offset: 0, length: 512))
+        }
+        #expect(driver.held.count == 2)
+        burst.run { driver.release() }
+        #expect(chunks(try outbound()).map(\.cookie) == [1, 2], "flushed without running the loop")
+        // Outside a burst, a task on the loop flushes.
+        try send(Wire.request(type: 0, cookie: 3, offset: 0, length: 512))
+        driver.release()
+        #expect(chunks(try outbound()).isEmpty)
+        loop.run()
+        #expect(chunks(try outbound()).map(\.cookie) == [3])
+    }
+
+    /// A READ into memory aligned for O_DIRECT goes out as one buffer: the
+    /// header sits in room left before the data, which the node reads into
+    /// without a bounce.
+    @Test(arguments: [false, true])
+    func anAlignedReadGoesOutAsOneBufferWithItsHeader(structured: Bool) throws {
+        driver.memoryAlignment = 4096
+        registry.export(named: "disk")!.backend.node!.refreshLimits()
+        for index in 0..<8192 { driver.data[8192 + index] = UInt8(truncatingIfNeeded: index &* 7 &+ 3) }
+        if structured {
+            try negotiate()
+        } else {
+            _ = try outbound()
+            var hello = ByteBuffer()
+            hello.writeInteger(UInt32(3))
+            var go = Wire.option(7, Wire.goPayload("disk"))
+            hello.writeBuffer(&go)
+            try send(hello)
+            _ = try outbound()
+        }
+        driver.holdCompletions = true
+        try send(Wire.request(type: 0, cookie: 9, offset: 8192, length: 8192))
+        #expect(graph.bufferPool.taken == 0, "read in place, no bounce")
+        driver.release()
+        loop.run()
+        var buffers: [ByteBuffer] = []
+        while let part = try channel.readOutbound(as: ByteBuffer.self) { buffers.append(part) }
+        #expect(buffers.count == 1)
+        var reply = buffers.first ?? ByteBuffer()
+        let expected = (0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+        if structured {
+            var header = ByteBuffer()
+            header.writeMultipleIntegers(NBDMagic.structuredReply, UInt16(1), NBDChunkType.offsetData.rawValue,
+                                         UInt64(9), UInt32(8 + 8192), UInt64(8192))
+            #expect(reply.readBytes(length: 28) == header.readBytes(length: 28))
+        } else {
+            var header = ByteBuffer()
+            header.writeMultipleIntegers(NBDMagic.simpleReply, UInt32(0), UInt64(9))
+            #expect(reply.readBytes(length: 16) == header.readBytes(length: 16))
+        }
+        #expect(reply.readBytes(length: reply.readableBytes) == expected)
     }
 }
