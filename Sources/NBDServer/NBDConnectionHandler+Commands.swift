@@ -129,17 +129,17 @@ extension NBDConnectionHandler {
                         NBDReplyEncoder.writeHoleChunk(done: done, cookie: cookie, offset: offset + UInt64(start),
                                                        length: UInt32(count), into: &header)
                         self.send(header)
-                    } else if count == length, data.prependHeader(size: NBDReplyEncoder.dataChunkHeaderSize, {
-                        NBDReplyEncoder.writeDataChunkHeader(done: done, cookie: cookie, offset: offset + UInt64(start),
-                                                             dataLength: count, into: &$0)
-                    }) {
-                        self.send(data)
                     } else {
-                        var header = self.allocator.buffer(capacity: 32)
-                        NBDReplyEncoder.writeDataChunkHeader(done: done, cookie: cookie, offset: offset + UInt64(start),
-                                                             dataLength: count, into: &header)
-                        self.send(header)
-                        self.send(count == length ? data : data.getSlice(at: data.readerIndex + start, length: count)!)
+                        func header(_ buffer: inout ByteBuffer) {
+                            NBDReplyEncoder.writeDataChunkHeader(done: done, cookie: cookie, offset: offset + UInt64(start),
+                                                                 dataLength: count, into: &buffer)
+                        }
+                        if count == length {
+                            self.send(header: NBDReplyEncoder.dataChunkHeaderSize, header, before: &data)
+                        } else {
+                            var piece = data.getSlice(at: data.readerIndex + start, length: count)!
+                            self.send(header: NBDReplyEncoder.dataChunkHeaderSize, header, before: &piece)
+                        }
                     }
                 }
                 if SparseReadPlan.maySplit(count: length, dontFragment: dontFragment) {
@@ -152,18 +152,25 @@ extension NBDConnectionHandler {
                     // chunk: no plan (and no allocation) for those.
                     chunk(0, length, hole: isAllZero(bytes), done: true)
                 }
-            } else if data.prependHeader(size: NBDReplyEncoder.simpleReplyHeaderSize, {
-                NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &$0)
-            }) {
-                self.send(data)
             } else {
-                var header = self.allocator.buffer(capacity: NBDReplyEncoder.simpleReplyHeaderSize)
-                NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &header)
-                self.send(header)
-                self.send(data)
+                self.send(header: NBDReplyEncoder.simpleReplyHeaderSize, {
+                    NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &$0)
+                }, before: &data)
             }
             self.endRequest(bytes: length)
         }
+    }
+
+    /// Sends a `size`-byte reply header that `write` writes, then `data`:
+    /// as one buffer when `data` has room for the header before it (a
+    /// `transferBuffer`'s headroom), else as two. `data` is inout so that
+    /// the header goes into its storage without a copy of the whole.
+    private func send(header size: Int, _ write: (inout ByteBuffer) -> Void, before data: inout ByteBuffer) {
+        if data.prependHeader(size: size, write) { return send(data) }
+        var header = allocator.buffer(capacity: size)
+        write(&header)
+        send(header)
+        send(data)
     }
 
     /// READ of a range the page cache holds whole: the reply header, then

@@ -87,7 +87,7 @@ public final class QCOW2Driver: BlockDriver {
     /// Where data clusters live: the external data file, or the image.
     /// (Every read asks: without the external data file bit, no lookup.)
     var dataFile: BlockNode {
-        guard header.incompatibleFeatures.contains(.externalDataFile) else { return file }
+        guard externalData else { return file }
         return node?.child(named: "data-file")?.node ?? file
     }
     var backingNode: BlockNode? { node?.backing?.node }
