@@ -417,6 +417,42 @@ for fmt, modes in SECTIONS:
     for title, servers, strata in modes:
         section(fmt, title, servers, strata)
 
+# The device's own time per I/O (guest /proc/diskstats) in the O_DIRECT
+# 4k jobs, where the disk sets the pace: a server's slow row with a slow
+# device is the disk's doing (another tenant, the host's cache), not the
+# server's.
+device = {}  # (format, server, job, phase) -> [µs per I/O, one per round]
+dpath = os.path.join(work, "device.tsv")
+if os.path.exists(dpath):
+    with open(dpath) as f:
+        for r in csv.DictReader(f, delimiter="\t"):
+            if r["mode"] != "odirect" or "-4k-" not in r["job"]:
+                continue
+            key = "write_us_per_io" if "write" in r["job"] else "read_us_per_io"
+            try:
+                device.setdefault((r["format"], r["server"], r["job"], r["phase"]), []).append(float(r[key]))
+            except ValueError:
+                pass
+if device:
+    servers = sorted({k[1] for k in device})
+    p("")
+    p("== Device time per I/O in the O_DIRECT 4k jobs (µs, /proc/diskstats; median over rounds, range in brackets) ==")
+    p(f"{'row set':<7} {'job':<18} {'phase':<5}" + "".join(f" | {s:>22}" for s in servers))
+    for fmt in [f for f, _ in SECTIONS]:
+        for job in JOBS:
+            for ph in PHASES:
+                cells = []
+                for s in servers:
+                    v = device.get((fmt, s, job, ph))
+                    if not v:
+                        cells.append("-")
+                    elif len(v) > 1:
+                        cells.append(f"{statistics.median(v):.0f} ({min(v):.0f}-{max(v):.0f})")
+                    else:
+                        cells.append(f"{v[0]:.0f}")
+                if any(c != "-" for c in cells):
+                    p(f"{fmt:<7} {job:<18} {ph:<5}" + "".join(f" | {c:>22}" for c in cells))
+
 if checks:
     p("")
     p("== qemu-img check of each server's qcow2 after its jobs (exit 0 = clean) ==")
@@ -649,6 +685,7 @@ STAGE=$WORK/served.img      # what every raw and qcow2 server serves (see stage_
 CSTAGE=$WORK/served-chain.img  # ... every chain server
 ASTAGE=$WORK/served-alloc.img  # ... every alloc server
 RESULTS=$WORK/results.tsv
+DEVICE=$WORK/device.tsv     # per job: the device's own I/O count and time (see disk_counters)
 CHECKS=$WORK/checks.tsv
 META=$WORK/meta.txt
 CLEAN_FILES=("$STAGE" "$CSTAGE" "$ASTAGE")  # removed on exit unless --keep-image
@@ -705,6 +742,30 @@ make_image() {
   local nz
   nz=$(head -c 1048576 "$IMG" | tr -d '\0' | wc -c)
   [ "$nz" -gt 1000000 ] || die "image data looks like zeroes"
+}
+
+# The block device under WORK (its /proc/diskstats line), so that each job
+# also records how long the device itself took per I/O: a slow row with a
+# slow device is the disk's doing, a slow row with a normal one the server's.
+DISK_DEV=$(basename "$(df --output=source "$WORK" 2>/dev/null | tail -1)")
+[ -e "/sys/class/block/$DISK_DEV" ] || DISK_DEV=""
+
+disk_counters() { # prints: reads read-ms writes write-ms of DISK_DEV, or n/a
+  [ -n "$DISK_DEV" ] || { echo n/a; return 0; }
+  awk -v d="$DISK_DEV" '$3 == d { print $4, $7, $8, $11; found = 1 } END { if (!found) print "n/a" }' /proc/diskstats
+}
+
+record_device() { # record_device SERVER MODE JOB PHASE FORMAT "BEFORE" "AFTER"
+  local before=$6 after=$7 r0 rm0 w0 wm0 r1 rm1 w1 wm1
+  [ "$before" != n/a ] && [ "$after" != n/a ] || return 0
+  read -r r0 rm0 w0 wm0 <<<"$before"
+  read -r r1 rm1 w1 wm1 <<<"$after"
+  local line
+  line=$(python3 -c "
+r, w = $r1 - $r0, $w1 - $w0
+f = lambda ms, n: f'{ms * 1000.0 / n:.1f}' if n else 'n/a'
+print(r, w, f($rm1 - $rm0, r), f($wm1 - $wm0, w), sep='\t')")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$ROUND" "$line" >>"$DEVICE"
 }
 
 cpu_ticks() {    # utime+stime+cutime+cstime of PID (all threads), in clock ticks
@@ -822,8 +883,9 @@ run_job() {      # run_job SERVER MODE PID JOBSPEC PHASE SOCK [FORMAT]
   local tb=(--time_based)
   if [ "$fmt" = alloc ]; then tb=(); fi
 
-  local t0="n/a" t1="n/a" rc=0
+  local t0="n/a" t1="n/a" rc=0 d0 d1
   [ -n "$pid" ] && t0=$(cpu_ticks "$pid")
+  d0=$(disk_counters)
   local copy_ns=()
   if [ "$name" = nbdcopy ]; then
     # One copy takes a second or two: take the median of NBDCOPY_RUNS, each
@@ -847,6 +909,8 @@ run_job() {      # run_job SERVER MODE PID JOBSPEC PHASE SOCK [FORMAT]
           --output-format=json --output="$base.json" >"$base.stdout" 2>&1 || rc=$?
   fi
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && t1=$(cpu_ticks "$pid")
+  d1=$(disk_counters)
+  record_device "$server" "$mode" "$name" "$phase" "$fmt" "$d0" "$d1"
   local ticks="n/a"
   if [ "$t0" != "n/a" ] && [ "$t1" != "n/a" ]; then ticks=$((t1 - t0)); fi
 
@@ -1037,6 +1101,7 @@ versions+="; $(first_line nbdcopy --version)"
   echo "notes=$(IFS='|'; echo "${NOTES[*]:-}")"
 } >"$META"
 printf 'server\tmode\tjob\tphase\tunit\tvalue\tios\tcpu_ticks\tcpu_us_per_req\tlat_us_mean\tstatus\tformat\tround\n' >"$RESULTS"
+printf 'server\tmode\tjob\tphase\tformat\tround\treads\twrites\tread_us_per_io\twrite_us_per_io\n' >"$DEVICE"
 printf 'format\tserver\trc\tallocated\ttotal\tnote\tround\n' >"$CHECKS"
 
 load1=$(cut -d' ' -f1 /proc/loadavg)
