@@ -747,8 +747,9 @@ make_image() {
 # The block device under WORK (its /proc/diskstats line), so that each job
 # also records how long the device itself took per I/O: a slow row with a
 # slow device is the disk's doing, a slow row with a normal one the server's.
-DISK_DEV=$(basename "$(df --output=source "$WORK" 2>/dev/null | tail -1)")
-[ -e "/sys/class/block/$DISK_DEV" ] || DISK_DEV=""
+# (readlink: /dev/mapper/NAME is dm-N in /proc/diskstats.)
+DISK_DEV=$(basename "$(readlink -f "$(df --output=source "$WORK" 2>/dev/null | tail -1)")")
+[ -n "$DISK_DEV" ] && [ -e "/sys/class/block/$DISK_DEV" ] || DISK_DEV=""
 
 disk_counters() { # prints: reads read-ms writes write-ms of DISK_DEV, or n/a
   [ -n "$DISK_DEV" ] || { echo n/a; return 0; }
