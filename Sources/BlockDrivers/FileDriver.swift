@@ -148,6 +148,9 @@ public final class FileDriver: BlockDriver {
     public func refreshLimits(_ limits: inout BlockLimits) {
         limits.requestAlignment = max(limits.requestAlignment, offsetAlignment)
         limits.memoryAlignment = max(limits.memoryAlignment, memoryAlignment)
+        // Page-aligned memory for O_DIRECT (see `optimalMemoryAlignment`).
+        let optimal = options.direct ? max(memoryAlignment, CachedFileExtent.pageSize) : memoryAlignment
+        limits.optimalMemoryAlignment = max(limits.optimalMemoryAlignment, optimal)
         // fallocate on a block device works in whole sectors.
         let sector = isBlockDevice ? max(Int(strata_block_sector_size(fd)), 512) : 1
         limits.discardAlignment = max(limits.discardAlignment, isBlockDevice ? sector : 4096)

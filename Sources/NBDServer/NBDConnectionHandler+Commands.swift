@@ -194,13 +194,15 @@ extension NBDConnectionHandler {
     }
 
     /// An empty buffer with room for `length` bytes of READ or WRITE data
-    /// at the export node's memory alignment, so O_DIRECT uses it as it is.
+    /// at the export node's optimal memory alignment, so O_DIRECT uses it
+    /// as it is and a page-sized transfer is one page for the device.
     /// Transfers too long for scattered pages go to huge-page slabs (one
     /// disk request each, not two); those are aligned already. `headroom`
     /// bytes before the data are kept free for a reply header (see
     /// `ByteBuffer.prependHeader`), except in huge-page slabs.
     func transferBuffer(length: Int, headroom: Int = 0) -> ByteBuffer {
-        let alignment = export.backend.node?.limits.memoryAlignment ?? 1
+        let limits = export.backend.node?.limits
+        let alignment = max(limits?.memoryAlignment ?? 1, limits?.optimalMemoryAlignment ?? 1)
         if HugePageBuffers.suits(length: length, alignment: alignment) {
             return HugePageBuffers.allocator.buffer(capacity: length)
         }

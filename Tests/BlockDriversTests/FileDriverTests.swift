@@ -108,6 +108,9 @@ import Testing
         let (graph, node, io) = try open(path, direct: direct, aio: aio) { $0.threadsModeUsesURing = ring }
         #expect((io.uring != nil) == (aio == .ioUring || ring))
         if direct { #expect(node.limits.requestAlignment >= 512) }
+        // O_DIRECT buffers are best page-aligned; cached I/O does not care.
+        #expect(node.limits.optimalMemoryAlignment
+                    == (direct ? max(CachedFileExtent.pageSize, node.limits.memoryAlignment) : 1))
         let payload = (0..<3000).map { UInt8(truncatingIfNeeded: $0 ^ 0x5a) }
         try write(node, 12345, payload)
         try write(node, 65536, [UInt8](repeating: 7, count: 8192), flags: .fua)

@@ -382,4 +382,26 @@ import Testing
         }
         #expect(reply.readBytes(length: reply.readableBytes) == expected)
     }
+
+    /// READ and WRITE buffers start at the node's optimal alignment (the
+    /// page, for O_DIRECT), not just at the alignment it requires, so a
+    /// 4 KiB transfer is one page, one segment, for the device.
+    @Test func transferBuffersStartAtTheOptimalAlignment() throws {
+        driver.memoryAlignment = 512
+        driver.optimalMemoryAlignment = 4096
+        registry.export(named: "disk")!.backend.node!.refreshLimits()
+        try negotiate()
+        var stream = ByteBuffer()
+        for cookie in 1...8 {
+            var read = Wire.request(type: 0, cookie: UInt64(cookie), offset: UInt64(cookie * 4096), length: 4096)
+            stream.writeBuffer(&read)
+            var write = Wire.request(type: 1, cookie: UInt64(100 + cookie), offset: UInt64(65536 + cookie * 4096),
+                                     length: 4096, payload: pattern(cookie, 4096))
+            stream.writeBuffer(&write)
+        }
+        try send(stream)
+        loop.run()
+        #expect(driver.bufferAddresses.count == 16)
+        #expect(driver.bufferAddresses.allSatisfy { $0 % 4096 == 0 })
+    }
 }

@@ -12,6 +12,10 @@ final class RAMDriver: BlockDriver {
     var failure: BlockError?
     /// The memory alignment the node asks of its users, as O_DIRECT would.
     var memoryAlignment = 1
+    /// The alignment the node prefers, as O_DIRECT's page size.
+    var optimalMemoryAlignment = 1
+    /// Where each read and write buffer started, in order.
+    var bufferAddresses: [Int] = []
     /// While set, every read is offered as this file's range at the same
     /// offset, as a file driver offers cached ranges for `sendfile`.
     var cachedFile: NIOFileHandle?
@@ -24,6 +28,7 @@ final class RAMDriver: BlockDriver {
 
     func refreshLimits(_ limits: inout BlockLimits) {
         limits.memoryAlignment = max(limits.memoryAlignment, memoryAlignment)
+        limits.optimalMemoryAlignment = max(limits.optimalMemoryAlignment, optimalMemoryAlignment)
     }
 
     private func finish(_ body: @escaping () -> Void) {
@@ -38,6 +43,7 @@ final class RAMDriver: BlockDriver {
 
     func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
               completion: @escaping BlockCompletion) {
+        bufferAddresses.append(Int(bitPattern: buffer.baseAddress))
         finish {
             if let failure = self.failure { return completion(failure) }
             for index in 0..<buffer.count { buffer[index] = self.data[Int(offset) + index] }
@@ -51,6 +57,7 @@ final class RAMDriver: BlockDriver {
 
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
                completion: @escaping BlockCompletion) {
+        bufferAddresses.append(Int(bitPattern: buffer.baseAddress))
         // Copied when the write completes, as an I/O engine reads the
         // caller's memory when the I/O runs: the payload must stay intact.
         finish {
