@@ -149,8 +149,9 @@ public final class FileDriver: BlockDriver {
         limits.requestAlignment = max(limits.requestAlignment, offsetAlignment)
         limits.memoryAlignment = max(limits.memoryAlignment, memoryAlignment)
         // Page-aligned memory for O_DIRECT (see `optimalMemoryAlignment`).
-        let optimal = options.direct ? max(memoryAlignment, CachedFileExtent.pageSize) : memoryAlignment
-        limits.optimalMemoryAlignment = max(limits.optimalMemoryAlignment, optimal)
+        if options.direct {
+            limits.optimalMemoryAlignment = max(limits.optimalMemoryAlignment, CachedFileExtent.pageSize)
+        }
         // fallocate on a block device works in whole sectors.
         let sector = isBlockDevice ? max(Int(strata_block_sector_size(fd)), 512) : 1
         limits.discardAlignment = max(limits.discardAlignment, isBlockDevice ? sector : 4096)

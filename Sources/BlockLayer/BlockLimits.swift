@@ -12,7 +12,8 @@ public struct BlockLimits: Equatable, Sendable {
     /// spans two pages, so the device gets two segments; on the benchmark
     /// VM's virtio disk that cost 5 µs more device time per read (QD1,
     /// 10.2K against 11.4K IOPS through the server, medians of 8 runs).
-    /// Never less than `memoryAlignment`.
+    /// Never less than `memoryAlignment` once the node has refreshed its
+    /// limits, so a driver sets it only where it prefers more.
     public var optimalMemoryAlignment: Int = 1
     /// Largest single request the driver takes; 0 for no limit.
     public var maxTransfer: Int = 0

@@ -32,9 +32,12 @@ extension BlockNode {
         guard offset % Int64(align) == 0, length % align == 0 else {
             return writePadded(at: offset, from: buffer, flags: flags, completion: completion)
         }
-        if Int(bitPattern: buffer.baseAddress) % limits.memoryAlignment != 0 {
-            // Aligned offsets, unaligned memory (O_DIRECT): copy, no RMW needed.
-            guard let bounce = graph.bufferPool.take(count: length, alignment: limits.memoryAlignment) else {
+        if Int(bitPattern: buffer.baseAddress) % limits.optimalMemoryAlignment != 0 {
+            // Aligned offsets, memory short of the optimal alignment (O_DIRECT):
+            // copy, no RMW needed. A short WRITE's payload is a slice of the
+            // inbound bytes; one that is merely 512-aligned would reach the
+            // device as two segments, which costs more than copying 4 KiB.
+            guard let bounce = graph.bufferPool.take(count: length, alignment: limits.optimalMemoryAlignment) else {
                 return completion(.enomem)
             }
             bounce.pointer.copyMemory(from: buffer.baseAddress!, byteCount: length)

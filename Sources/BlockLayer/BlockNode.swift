@@ -56,6 +56,7 @@ public final class BlockNode: BlockParent {
             limits.inherit(from: child.node.limits)
         }
         driver.refreshLimits(&limits)
+        limits.optimalMemoryAlignment = max(limits.optimalMemoryAlignment, limits.memoryAlignment)
         self.limits = limits
     }
 

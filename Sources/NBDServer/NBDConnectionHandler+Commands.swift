@@ -197,15 +197,16 @@ extension NBDConnectionHandler {
     /// at the export node's optimal memory alignment, so O_DIRECT uses it
     /// as it is and a page-sized transfer is one page for the device.
     /// Transfers too long for scattered pages go to huge-page slabs (one
-    /// disk request each, not two); those are aligned already. `headroom`
+    /// disk request each, not two), which need only the required alignment:
+    /// their chunks start on 4 KiB and lie in huge pages. `headroom`
     /// bytes before the data are kept free for a reply header (see
     /// `ByteBuffer.prependHeader`), except in huge-page slabs.
     func transferBuffer(length: Int, headroom: Int = 0) -> ByteBuffer {
-        let limits = export.backend.node?.limits
-        let alignment = max(limits?.memoryAlignment ?? 1, limits?.optimalMemoryAlignment ?? 1)
-        if HugePageBuffers.suits(length: length, alignment: alignment) {
+        let limits = export.backend.node?.limits ?? BlockLimits()
+        if HugePageBuffers.suits(length: length, alignment: limits.memoryAlignment) {
             return HugePageBuffers.allocator.buffer(capacity: length)
         }
+        let alignment = limits.optimalMemoryAlignment
         var data = allocator.buffer(capacity: length + alignment + headroom)
         let base = Int(bitPattern: data.withUnsafeMutableWritableBytes { $0.baseAddress! }) + headroom
         let padding = headroom + (alignment - base % alignment) % alignment

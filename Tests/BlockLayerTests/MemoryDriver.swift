@@ -21,6 +21,12 @@ final class MemoryDriver: BlockDriver {
     private(set) var fuaWrites = 0
     private(set) var misalignedRequests = 0
     var failNextWrite: BlockError?
+    /// Memory alignment the driver requires and the one it prefers, as
+    /// O_DIRECT's 512 bytes and page.
+    var memoryAlignment = 1
+    var optimalMemoryAlignment = 1
+    /// Where each write's buffer started, in order.
+    private(set) var writeAddresses: [Int] = []
 
     init(size: Int, alignment: Int = 1, nativeFUA: Bool = true, nativeZeroes: Bool = true) {
         data = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
@@ -33,6 +39,8 @@ final class MemoryDriver: BlockDriver {
 
     func refreshLimits(_ limits: inout BlockLimits) {
         limits.requestAlignment = alignment
+        limits.memoryAlignment = memoryAlignment
+        limits.optimalMemoryAlignment = optimalMemoryAlignment
     }
 
     var supportedWriteFlags: BlockRequestFlags { nativeFUA ? [.fua] : [] }
@@ -69,6 +77,7 @@ final class MemoryDriver: BlockDriver {
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
                completion: @escaping BlockCompletion) {
         checkAlignment(offset, buffer.count)
+        writeAddresses.append(Int(bitPattern: buffer.baseAddress))
         writeCount += 1
         if flags.contains(.fua) { fuaWrites += 1 }
         if let failure = failNextWrite {

@@ -44,6 +44,33 @@ import Testing
         #expect(driver.misalignedRequests == 0)
     }
 
+    /// Memory that meets the required alignment but not the optimal one
+    /// (512 bytes into a page, as a short WRITE's slice of the inbound
+    /// bytes can be) is copied to a page before it reaches the driver;
+    /// page-aligned memory goes as it is.
+    @Test func writesFromMemoryShortOfTheOptimalAlignmentAreBounced() throws {
+        let driver = MemoryDriver(size: 16384, alignment: 512)
+        driver.memoryAlignment = 512
+        driver.optimalMemoryAlignment = 4096
+        let (graph, node) = try makeNode(driver); defer { withExtendedLifetime(graph) {} }
+        let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: 8192, alignment: 4096)
+        defer { memory.deallocate() }
+        for index in 0..<8192 { memory[index] = UInt8(truncatingIfNeeded: index &* 5 &+ 1) }
+        var results: [BlockError?] = []
+        let straddling = UnsafeRawBufferPointer(rebasing: memory[512..<4608])
+        node.write(at: 4096, from: straddling) { results.append($0) }
+        #expect(graph.bufferPool.taken == 1, "copied")
+        let paged = UnsafeRawBufferPointer(rebasing: memory[0..<4096])
+        node.write(at: 8192, from: paged) { results.append($0) }
+        #expect(graph.bufferPool.taken == 1, "used as it is")
+        #expect(results.count == 2 && results.allSatisfy { $0 == nil })
+        #expect(driver.writeAddresses.count == 2)
+        #expect(driver.writeAddresses.allSatisfy { $0 % 4096 == 0 })
+        #expect(driver.writeAddresses.last == Int(bitPattern: memory.baseAddress))
+        #expect(Array(driver.data[4096..<8192]) == Array(straddling))
+        #expect(Array(driver.data[8192..<12288]) == Array(paged))
+    }
+
     @Test func theLastPartialBlockIsReadableAndWritable() throws {
         // 1000 bytes with 512-byte alignment: padding reaches past the end.
         let driver = MemoryDriver(size: 1000, alignment: 512)

@@ -402,6 +402,6 @@ import Testing
         try send(stream)
         loop.run()
         #expect(driver.bufferAddresses.count == 16)
-        #expect(driver.bufferAddresses.allSatisfy { $0 % 4096 == 0 })
+        #expect(driver.bufferAddresses.allSatisfy { $0 % 4096 == 0 }, "page offsets: \(driver.bufferAddresses.map { $0 % 4096 })")
     }
 }
