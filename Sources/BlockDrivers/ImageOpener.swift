@@ -28,6 +28,9 @@ public struct ImageOptions: Sendable {
     public var snapshot: String?
     /// QEMU's `l2-cache-size` for qcow2 nodes; nil for the default.
     public var l2CacheSize: Int?
+    /// Opened by `check -r all`: a qcow2 refcount structure that can only be
+    /// rebuilt does not fail the open (never inherited by backing files).
+    public var forRepair = false
 
     public init(filename: String, format: String? = nil) {
         self.filename = filename
@@ -154,7 +157,7 @@ public enum ImageOpener {
                                   depth: Int, chain: Set<String>) -> EventLoopFuture<BlockNode> {
         let loop = graph.eventLoop
         let qcowOptions = QCOW2Options(readOnly: options.readOnly, snapshot: options.snapshot,
-                                       l2CacheSize: options.l2CacheSize)
+                                       l2CacheSize: options.l2CacheSize, forRepair: options.forRepair)
         return QCOW2Driver.open(file: fileNode, options: qcowOptions).flatMap { driver in
             let header = driver.header
             let directory = (options.filename as NSString).deletingLastPathComponent

@@ -21,6 +21,9 @@ public final class QCOW2Checker {
         /// Active L1 and L2 entries whose COPIED flag disagrees with their
         /// cluster's refcount, with the value each should have.
         public var copiedFixes: [CopiedFix] = []
+        /// A refcount block shares its cluster: `-r all` must rebuild the
+        /// refcount structure rather than repair counts in place.
+        public var refcountsNeedRebuild = false
     }
 
     /// An entry of the active tables to rewrite with COPIED set or cleared.
@@ -91,6 +94,18 @@ public final class QCOW2Checker {
         collect().flatMap { self.countRefcountBlocks() }.map { self.references }
     }
 
+    /// What a refcount rebuild needs: the references of everything but the
+    /// refcount structure, and every cluster in use now, the old table and
+    /// blocks included (the rebuild must not overwrite them).
+    public func referencesForRebuild() -> EventLoopFuture<(references: [Int64: Int], occupied: Set<Int64>)> {
+        collect(countingRefcountTable: false).flatMap { () -> EventLoopFuture<[Int64: Int]> in
+            let references = self.references
+            self.reference(self.header.refcountTableOffset, length: Int64(self.header.refcountTableClusters) * self.clusterSize,
+                           what: "refcount table")
+            return self.countRefcountBlocks().map { references }
+        }.map { references in (references, Set(self.references.keys)) }
+    }
+
     /// Counts the refcount blocks themselves as referenced.
     private func countRefcountBlocks() -> EventLoopFuture<Void> {
         let tableBytes = Int(header.refcountTableClusters) * header.clusterSize
@@ -110,10 +125,12 @@ public final class QCOW2Checker {
     }
 
     /// Walks all metadata, counting references.
-    private func collect() -> EventLoopFuture<Void> {
+    private func collect(countingRefcountTable: Bool = true) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
         reference(0, length: clusterSize, what: "header")
-        reference(header.refcountTableOffset, length: Int64(header.refcountTableClusters) * clusterSize, what: "refcount table")
+        if countingRefcountTable {
+            reference(header.refcountTableOffset, length: Int64(header.refcountTableClusters) * clusterSize, what: "refcount table")
+        }
         var tables: [(l1: [UInt64]?, offset: UInt64, size: UInt32, active: Bool)] = []
         if !activeL1.isEmpty || header.l1Size == 0 {
             tables.append((activeL1, header.l1TableOffset, header.l1Size, true))
@@ -238,7 +255,10 @@ public final class QCOW2Checker {
             let maxReferenced = (self.references.keys.max() ?? 0) + 1
             let clusters = max(fileClusters, maxReferenced)
             var chain = loop.makeSucceededVoidFuture()
-            for block in 0..<min(table.count / 8, Int((clusters + perBlock - 1) / perBlock)) {
+            let comparedBlocks = Int((clusters + perBlock - 1) / perBlock)
+            // Every block the table names is counted, as qemu-img counts
+            // them, even where it describes no cluster in use.
+            for block in 0..<table.count / 8 {
                 let offset = reader.u64(at: block * 8) & ~UInt64(511)
                 guard offset != 0 else { continue }
                 guard offset < QCOW2Header.maxSize else {
@@ -246,12 +266,29 @@ public final class QCOW2Checker {
                     self.report.messages.append("ERROR refcount block \(block) offset is out of range")
                     continue
                 }
-                self.reference(offset, length: self.clusterSize, what: "refcount block")
-                guard offset % UInt64(self.clusterSize) == 0, Int64(offset) + self.clusterSize <= self.file.length else {
+                // As qemu-img: one error for a block that is misplaced, and
+                // no reference counted for it.
+                guard offset % UInt64(self.clusterSize) == 0 else {
                     self.report.corruptions += 1
-                    self.report.messages.append("ERROR refcount block \(block) is not cluster aligned or past the end; refcount table entry corrupted")
+                    self.report.messages.append("ERROR refcount block \(block) is not cluster aligned; refcount table entry corrupted")
                     continue
                 }
+                guard Int64(offset) / self.clusterSize < fileClusters else {
+                    self.report.corruptions += 1
+                    self.report.messages.append("ERROR refcount block \(block) is outside image")
+                    continue
+                }
+                self.reference(offset, length: self.clusterSize, what: "refcount block")
+                // Everything else is counted by now: a block that is also a
+                // table, data, or another entry's block must move, and only
+                // a rebuild moves it (as qemu-img judges, block by block).
+                let references = self.references[Int64(offset) / self.clusterSize] ?? 0
+                if references != 1 {
+                    self.report.corruptions += 1
+                    self.report.refcountsNeedRebuild = true
+                    self.report.messages.append("ERROR refcount block \(block) refcount=\(references)")
+                }
+                guard block < comparedBlocks else { continue }
                 // Refcounts past the clusters the file and the metadata
                 // reach are not compared, as in QEMU.
                 let counted = Int(min(perBlock, clusters - Int64(block) * perBlock))

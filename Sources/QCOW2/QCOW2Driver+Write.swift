@@ -514,7 +514,7 @@ extension QCOW2Driver {
                 count *= 2
             }
             let newClusters = (count * 8 + clusterSize - 1) / clusterSize
-            guard UInt64(newClusters) * UInt64(clusterSize) <= QCOW2Header.maxRefcountTableBytes * 8 else {
+            guard UInt64(newClusters) * UInt64(clusterSize) <= QCOW2Header.maxRefcountTableBytes else {
                 self.metadataBusy = false
                 return completion(BlockError(errno: ENOSPC, "The refcount table cannot grow further"))
             }

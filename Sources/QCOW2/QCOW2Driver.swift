@@ -12,11 +12,15 @@ public struct QCOW2Options: Sendable {
     /// Bytes of L2 tables to cache; nil for QEMU's default (enough to map
     /// the whole image, at most 32 MiB).
     public var l2CacheSize: Int?
+    /// Opened by `check -r all` (QEMU's BDRV_O_CHECK): a refcount structure
+    /// that cannot be loaded but can be rebuilt does not fail the open.
+    public var forRepair = false
 
-    public init(readOnly: Bool = true, snapshot: String? = nil, l2CacheSize: Int? = nil) {
+    public init(readOnly: Bool = true, snapshot: String? = nil, l2CacheSize: Int? = nil, forRepair: Bool = false) {
         self.readOnly = readOnly
         self.snapshot = snapshot
         self.l2CacheSize = l2CacheSize
+        self.forRepair = forRepair
     }
 }
 
@@ -63,6 +67,9 @@ public final class QCOW2Driver: BlockDriver {
     var pendingFrees: [(UInt64, Int64)] = []
     var scratchBuffers: [UnsafeMutableRawPointer] = []
     var corruptReason: String?
+    /// Set on an open for repair whose refcount structure could not be
+    /// loaded: nothing may be allocated until `rebuildRefcounts` has run.
+    public internal(set) var refcountDamage: QCOW2RefcountDamage?
 
     init(header: QCOW2Header, l1: [UInt64], snapshots: [QCOW2Snapshot], guestSize: Int64, options: QCOW2Options) {
         self.header = header
@@ -203,7 +210,15 @@ public final class QCOW2Driver: BlockDriver {
     /// autoclear bits, as QEMU does on a read-write open.
     func prepareForWriting(file: BlockNode) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
-        return QCOW2Refcounter.load(file: file, header: header).flatMap { refcounter in
+        return QCOW2Refcounter.load(file: file, header: header).map(Optional.some).flatMapError { error in
+            guard let damage = error as? QCOW2RefcountDamage else { return loop.makeFailedFuture(error) }
+            guard self.options.forRepair, damage.canRebuild else { return loop.makeFailedFuture(damage.blockError) }
+            // The check rebuilds the structure, then prepares again. Until
+            // then the driver stays read-only (no refcounter).
+            self.refcountDamage = damage
+            return loop.makeSucceededFuture(nil)
+        }.flatMap { refcounter in
+            guard let refcounter else { return loop.makeSucceededVoidFuture() }
             let clusterSize = Int64(self.header.clusterSize)
             func mark(_ offset: UInt64, _ length: Int64) {
                 guard length > 0 else { return }

@@ -67,12 +67,13 @@ final class QCOW2Refcounter {
         blocks.values.forEach { $0.deallocate() }
     }
 
-    /// Loads the table and every block it names.
+    /// Loads the table and every block it names; fails with a
+    /// `QCOW2RefcountDamage` where they cannot be used.
     static func load(file: BlockNode, header: QCOW2Header) -> EventLoopFuture<QCOW2Refcounter> {
         let loop = file.eventLoop
         let tableBytes = Int(header.refcountTableClusters) * header.clusterSize
         guard Int64(header.refcountTableOffset) + Int64(tableBytes) <= file.length else {
-            return loop.makeFailedFuture(BlockError(errno: EIO, "Refcount table lies past the end of the image"))
+            return loop.makeFailedFuture(QCOW2RefcountDamage.tablePastEnd)
         }
         return QCOW2Driver.readBytes(file, at: Int64(header.refcountTableOffset), count: tableBytes).flatMap { bytes in
             let reader = BigEndianReader(bytes)
@@ -82,15 +83,17 @@ final class QCOW2Refcounter {
             var seen: Set<UInt64> = []
             for entry in table where entry != 0 {
                 let offset = entry & ~UInt64(511)
-                guard offset % UInt64(header.clusterSize) == 0, offset < QCOW2Header.maxSize,
-                      Int64(offset) + refcounter.clusterSize <= file.length else {
-                    return loop.makeFailedFuture(BlockError(errno: EIO, "Refcount block at 0x\(String(offset, radix: 16)) is invalid"))
+                guard offset % UInt64(header.clusterSize) == 0, offset < QCOW2Header.maxSize else {
+                    return loop.makeFailedFuture(QCOW2RefcountDamage.blockMisplaced(offset))
+                }
+                guard Int64(offset) + refcounter.clusterSize <= file.length else {
+                    return loop.makeFailedFuture(QCOW2RefcountDamage.blockPastEnd(offset))
                 }
                 // Two table entries sharing a block would count two ranges
                 // of clusters in the same bits: allocating in one would
                 // change the other's refcounts.
                 guard seen.insert(offset).inserted else {
-                    return loop.makeFailedFuture(BlockError(errno: EIO, "Refcount block at 0x\(String(offset, radix: 16)) is named by more than one refcount table entry"))
+                    return loop.makeFailedFuture(QCOW2RefcountDamage.blockShared(offset))
                 }
                 chain = chain.flatMap {
                     guard let buffer = AlignedBuffer.allocate(count: header.clusterSize, alignment: 4096) else {

@@ -26,7 +26,7 @@ struct ImgCheck: ParsableCommand {
         let outcome: (format: String, report: QCOW2Checker.Report?, fixed: Fixed)
         do {
             outcome = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare,
-                                                   writable: repair != nil) { node in
+                                                   writable: repair != nil, forRepair: repair == "all") { node in
                 guard let driver = node.driver as? QCOW2Driver, let file = node.child(named: "file")?.node else {
                     return node.eventLoop.makeSucceededFuture((node.formatName, nil, (0, 0)))
                 }
@@ -35,13 +35,25 @@ struct ImgCheck: ParsableCommand {
                 }
                 // Check, repair, then check again, reporting what was fixed.
                 return QCOW2Checker(driver: driver, file: file).run().flatMap { before in
-                    driver.repairRefcounts(file: file, onlyLeaks: repair == "leaks").flatMap { () -> EventLoopFuture<Void> in
-                        guard repair == "all", before.corruptions > 0 else { return file.eventLoop.makeSucceededVoidFuture() }
-                        return driver.repairCopiedFlags(file: file).map { _ in }
-                    }.flatMap {
-                        QCOW2Checker(driver: driver, file: file).run()
-                    }.map { after in
-                        ("qcow2", after, (before.leaks - after.leaks, before.corruptions - after.corruptions))
+                    // A refcount structure that could not be loaded, or a
+                    // block sharing its cluster, is rebuilt first, as
+                    // qemu-img does (only `-r all` opens the former at all).
+                    let rebuild = driver.refcountDamage != nil || (repair == "all" && before.refcountsNeedRebuild)
+                    let rebuilt = rebuild ? driver.rebuildRefcounts(file: file) : file.eventLoop.makeSucceededVoidFuture()
+                    return rebuilt.flatMap {
+                        driver.repairRefcounts(file: file, onlyLeaks: repair == "leaks")
+                    }.flatMap { () -> EventLoopFuture<Int> in
+                        guard repair == "all", before.corruptions > 0 else { return file.eventLoop.makeSucceededFuture(0) }
+                        return driver.repairCopiedFlags(file: file)
+                    }.flatMap { copiedFixed in
+                        QCOW2Checker(driver: driver, file: file).run().map { (copiedFixed, $0) }
+                    }.map { copiedFixed, after in
+                        // As qemu-img counts: the COPIED flags are judged
+                        // against the repaired refcounts, so the first
+                        // check's COPIED errors give way to those fixed.
+                        let found = repair == "all" ? before.corruptions - before.copiedFixes.count + copiedFixed
+                            : before.corruptions
+                        return ("qcow2", after, (before.leaks - after.leaks, max(0, found - after.corruptions)))
                     }
                 }
             }

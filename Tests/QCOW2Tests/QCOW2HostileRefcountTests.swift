@@ -93,6 +93,25 @@ import Testing
         #expect(refcounter.allocationEnd == QCOW2Refcounter.hostOffsetLimit - refcounter.clusterSize, "unchanged")
     }
 
+    /// 512-byte clusters: an 8 MiB table (QEMU's limit, and the most an
+    /// open accepts) counts 128 GiB. Growing past it would write an image
+    /// that no longer opens; the write fails with ENOSPC instead.
+    @Test func theRefcountTableDoesNotGrowPastWhatAnOpenAccepts() throws {
+        let image = try image(clusterBits: 9, refcountBits: 16)
+        let (driver, _) = try openDriver(RecordingFile(bytes: image.bytes), readOnly: false)
+        let refcounter = try #require(driver.refcounter)
+        refcounter.table += [UInt64](repeating: 0, count: (1 << 20) - refcounter.table.count)
+        refcounter.allocationEnd = Int64(1 << 20) * refcounter.perBlock * refcounter.clusterSize
+        #expect(refcounter.needsLargerTable)
+        var result: BlockError??
+        driver.growRefcountTable { result = .some($0) }
+        loop.run()
+        let completed = try #require(result, "the grow did not complete")
+        let error = try #require(completed, "the grow succeeded")
+        #expect(error.description.contains("cannot grow further"), "\(error)")
+        #expect(refcounter.table.count == 1 << 20)
+    }
+
     @Test func aRefcountBlockNamedTwiceIsRefusedForWriting() throws {
         var image = try image(clusterBits: 16, refcountBits: 16)
         let first = image.u64(at: image.header.refcountTableOffset)

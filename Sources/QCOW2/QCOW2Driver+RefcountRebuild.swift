@@ -1,0 +1,35 @@
+import BlockLayer
+import NIOCore
+
+extension QCOW2Driver {
+    /// `qemu-img check -r all`'s answer to a refcount structure that could
+    /// not be loaded (`refcountDamage`): counts every cluster's references
+    /// from the other metadata, writes new blocks and a new table into free
+    /// clusters (FUA), and only then points the header at the new table and
+    /// loads it as a read-write open does. The old structure's clusters end
+    /// up free.
+    public func rebuildRefcounts(file: BlockNode) -> EventLoopFuture<Void> {
+        let loop = file.eventLoop
+        let clusterSize = Int64(header.clusterSize)
+        let bits = header.refcountBits
+        return QCOW2Checker(driver: self, file: file).referencesForRebuild().flatMapThrowing { found in
+            try QCOW2RefcountRebuild(references: found.references, occupied: found.occupied,
+                                     clusterSize: clusterSize, refcountBits: bits)
+        }.flatMap { plan in
+            var writes = loop.makeSucceededVoidFuture()
+            for (cluster, bytes) in plan.blockBytes.sorted(by: { $0.key < $1.key }) {
+                writes = writes.flatMap { QCOW2Driver.writeBytes(file, bytes, at: cluster * clusterSize) }
+            }
+            return writes.flatMap {
+                QCOW2Driver.writeBytes(file, plan.tableBytes, at: plan.tableStart * clusterSize)
+            }.flatMap {
+                self.header.refcountTableOffset = UInt64(plan.tableStart * clusterSize)
+                self.header.refcountTableClusters = UInt32(plan.tableClusters)
+                return self.rewriteHeader(file: file)
+            }.flatMap {
+                self.refcountDamage = nil
+                return self.prepareForWriting(file: file)
+            }
+        }
+    }
+}

@@ -1,0 +1,41 @@
+import BlockLayer
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Why the refcount structure on disk cannot be loaded for writing.
+///
+/// An ordinary read-write open refuses the image with `blockError`. Opened
+/// for `check -r all`, damage qemu-img rebuilds from the other metadata
+/// (`canRebuild`) is tolerated instead, and the check rebuilds the table and
+/// blocks before repairing anything else.
+public enum QCOW2RefcountDamage: Error, Equatable, Sendable {
+    /// The table reaches past the end of the file (qemu-img reads it as
+    /// zeroes: every refcount is lost).
+    case tablePastEnd
+    /// A table entry names a block past the end of the file.
+    case blockPastEnd(UInt64)
+    /// A table entry is not cluster-aligned or lies beyond any valid offset;
+    /// qemu-img marks the image corrupt and gives up on these.
+    case blockMisplaced(UInt64)
+    /// Two table entries name the same block.
+    case blockShared(UInt64)
+
+    public var canRebuild: Bool {
+        if case .blockMisplaced = self { return false }
+        return true
+    }
+
+    public var message: String {
+        switch self {
+        case .tablePastEnd:
+            return "Refcount table lies past the end of the image"
+        case .blockPastEnd(let offset), .blockMisplaced(let offset):
+            return "Refcount block at 0x\(String(offset, radix: 16)) is invalid"
+        case .blockShared(let offset):
+            return "Refcount block at 0x\(String(offset, radix: 16)) is named by more than one refcount table entry"
+        }
+    }
+
+    public var blockError: BlockError { BlockError(errno: EIO, message) }
+}
