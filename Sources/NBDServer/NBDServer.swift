@@ -13,6 +13,11 @@ public final class NBDServer {
         /// Most clients at once; 0 for no limit.
         public var maxConnections = 1
         public var handshakeTimeout: TimeAmount = .seconds(10)
+        /// How long a shutdown waits for clients to take their last replies
+        /// before closing them anyway (nil: for ever, as qemu-nbd). A client
+        /// that stops reading must not hold the server, and with it the
+        /// image's last flush, until a supervisor's SIGKILL.
+        public var shutdownGrace: TimeAmount? = .seconds(10)
         public var log: ((String) -> Void)?
         /// Keeps the loop polling briefly after replies go out; nil: never poll.
         public var poller: LoopPoller?
@@ -30,6 +35,8 @@ public final class NBDServer {
     private var connections: [ObjectIdentifier: (Channel, NBDConnectionHandler)] = [:]
     private var acceptingPaused = false
     public private(set) var totalConnections = 0
+    /// Clients the last shutdown closed at `shutdownGrace`, replies unsent.
+    public private(set) var clientsClosedAtShutdownLimit = 0
     /// Called on the loop when the last client disconnects.
     public var onIdle: (() -> Void)?
 
@@ -106,7 +113,10 @@ public final class NBDServer {
     }
 
     /// Stops listening, lets every client finish its requests in flight,
-    /// then closes them. Succeeds when all are gone.
+    /// then closes them. Succeeds when all are gone: clients still open
+    /// after `shutdownGrace` (not reading their replies) are closed then,
+    /// with their unsent replies dropped. Requests they have in flight still
+    /// finish in the block layer; the caller drains and flushes after this.
     public func shutdown() -> EventLoopFuture<Void> {
         let closingListeners = listeners.map { $0.close() }
         listeners = []
@@ -114,6 +124,14 @@ public final class NBDServer {
             handler.serverShutdown()
             return channel.closeFuture
         }
-        return EventLoopFuture.andAllComplete(closingListeners + clients, on: eventLoop)
+        let done = EventLoopFuture.andAllComplete(closingListeners + clients, on: eventLoop)
+        guard let grace = configuration.shutdownGrace, !connections.isEmpty else { return done }
+        let deadline = eventLoop.scheduleTask(in: grace) { [weak self] in
+            guard let self, !self.connections.isEmpty else { return }
+            self.clientsClosedAtShutdownLimit = self.connections.count
+            for (_, handler) in self.connections.values { handler.close() }
+        }
+        done.whenComplete { _ in deadline.cancel() }
+        return done
     }
 }

@@ -87,6 +87,10 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("handshake-limit"), help: "Seconds a client may take to negotiate (0: no limit).")
     var handshakeLimit: Int = 10
 
+    @Option(name: .customLong("shutdown-limit"),
+            help: "Seconds a shutdown waits for clients to take their last replies before closing them (0: no limit).")
+    var shutdownLimit: Int = 10
+
     @Option(name: .customLong("l2-cache-size"),
             help: "qcow2 L2 cache in bytes (k, M suffixes); default: enough for the whole image, at most 32 MiB.")
     var l2CacheSize: String?
@@ -166,6 +170,9 @@ struct Serve: ParsableCommand {
         }
         if handshakeLimit < 0 {
             throw ValidationError("Invalid value '\(handshakeLimit)' for --handshake-limit: expected seconds, 0 or more")
+        }
+        if shutdownLimit < 0 {
+            throw ValidationError("Invalid value '\(shutdownLimit)' for --shutdown-limit: expected seconds, 0 or more")
         }
     }
 

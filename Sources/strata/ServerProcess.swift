@@ -117,6 +117,7 @@ final class ServerProcess {
         var configuration = NBDServer.Configuration()
         configuration.maxConnections = options.shared
         configuration.handshakeTimeout = options.handshakeLimit == 0 ? .hours(24 * 365) : .seconds(Int64(options.handshakeLimit))
+        configuration.shutdownGrace = options.shutdownLimit == 0 ? nil : .seconds(Int64(options.shutdownLimit))
         configuration.completionBurst = io.completionBurst
         if options.pollMaxNs > 0 {
             configuration.poller = LoopPoller(eventLoop: loop, windowNanoseconds: UInt64(options.pollMaxNs))
@@ -177,8 +178,11 @@ final class ServerProcess {
         log("shutting down")
         let stopped = server?.shutdown() ?? loop.makeSucceededVoidFuture()
         stopped.flatMap { () -> EventLoopFuture<Void> in
+            if let closed = self.server?.clientsClosedAtShutdownLimit, closed > 0 {
+                ServerProcess.printError("closed \(closed) client(s) that did not take their replies within --shutdown-limit")
+            }
             // Clients that vanished may have left requests running: wait for them.
-            self.backend?.beginDrain() ?? self.loop.makeSucceededVoidFuture()
+            return self.backend?.beginDrain() ?? self.loop.makeSucceededVoidFuture()
         }.flatMap { () -> EventLoopFuture<Void> in
             guard let backend = self.backend else { return self.loop.makeSucceededVoidFuture() }
             let promise = self.loop.makePromise(of: Void.self)

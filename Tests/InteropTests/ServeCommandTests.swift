@@ -16,6 +16,7 @@ import Testing
         (["-k", "relative.sock"], "socket path must be absolute"),
         (["--aio-max-batch=0"], "--aio-max-batch"),
         (["--poll-max-ns=-1"], "--poll-max-ns"),
+        (["--shutdown-limit=-1"], "--shutdown-limit"),
         (["-s", "-l", "snap"], "--load-snapshot"),
         (["-s", "-o", "512"], "--offset"),
     ])

@@ -153,6 +153,62 @@ import Testing
         let result = try Harness.run("/usr/bin/python3", ["-c", script, served.uri], timeout: 40)
         #expect(result.stdout.split(separator: "\n") == ["waiting", "16777216"], "\(result.stdout)\(result.stderr)")
     }
+
+    /// A client that sends large READs and never reads the replies does not
+    /// hold a shutdown past --shutdown-limit: it is closed, and the image
+    /// is still flushed and closed cleanly (a lazy-refcounts qcow2 whose
+    /// dirty bit is cleared, with another client's write on disk).
+    @Test func aClientThatStopsReadingDoesNotHoldAShutdown() throws {
+        let directory = try Harness.temporaryDirectory("stopread")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = directory.appendingPathComponent("disk.qcow2").path
+        #expect(try Harness.run("/usr/bin/qemu-img", ["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", image, "64M"]).status == 0)
+        let served = try ServedImage(image: image, options: ["-f", "qcow2", "-e", "2", "--shutdown-limit=1"],
+                                     directory: directory)
+        defer { served.stop() }
+        // Negotiates (EXPORT_NAME, no zeroes), sends 64 READs of 32 MiB, and
+        // then only sleeps.
+        let script = """
+            import socket, struct, sys, time
+            s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+            def recv(n):
+                data = b""
+                while len(data) < n: data += s.recv(n - len(data))
+                return data
+            recv(18); s.sendall(struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 1, 0)); recv(10)
+            s.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, 0, 32 << 20) for i in range(64)))
+            print("sent", flush=True)
+            time.sleep(60)
+            """
+        let client = Process()
+        client.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        client.arguments = ["-c", script, served.socket]
+        let output = Pipe()
+        client.standardOutput = output
+        try client.run()
+        defer {
+            if client.isRunning { kill(client.processIdentifier, SIGKILL) }
+            client.waitUntilExit()
+        }
+        let said = String(decoding: output.fileHandleForReading.availableData, as: UTF8.self)
+        #expect(said.hasPrefix("sent"), "\(said)")
+        let write = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x3c 1M 64k", served.uri])
+        #expect(write.status == 0, "\(write.stderr)")
+        let start = Date()
+        let status = served.stop()  // SIGTERM; SIGKILL after 10 s
+        #expect(status == 0, "exit status \(status) after \(Date().timeIntervalSince(start)) s")
+        #expect(Date().timeIntervalSince(start) < 8)
+        // The client holds an inherited copy of the server's stderr pipe:
+        // end it before reading that pipe to the end.
+        kill(client.processIdentifier, SIGKILL)  // SIGTERM may be blocked in children of the test runner
+        client.waitUntilExit()
+        #expect(served.errors().contains("closed 1 client(s) that did not take their replies"), "\(served.errors())")
+        #expect(try Harness.run("/usr/bin/qemu-img", ["check", image]).status == 0)
+        let info = try Harness.run("/usr/bin/qemu-img", ["info", "--output=json", image])
+        #expect(info.stdout.contains("\"dirty-flag\": false"), "\(info.stdout)")
+        let read = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "read -P 0x3c 1M 64k", image])
+        #expect(read.status == 0 && !read.stdout.contains("fail"), "\(read.stdout)")
+    }
 }
 
 /// Whether a TCP port can be bound on every IPv4 address right now.
