@@ -21,8 +21,9 @@ public final class QCOW2Checker {
         /// Active L1 and L2 entries whose COPIED flag disagrees with their
         /// cluster's refcount, with the value each should have.
         public var copiedFixes: [CopiedFix] = []
-        /// A refcount block shares its cluster: `-r all` must rebuild the
-        /// refcount structure rather than repair counts in place.
+        /// A refcount block shares its cluster, or a cluster in use has
+        /// refcount 0 (its block may be missing): as qemu-img, `-r all`
+        /// rebuilds the refcount structure, and `-r leaks` gives up.
         public var refcountsNeedRebuild = false
     }
 
@@ -311,6 +312,7 @@ public final class QCOW2Checker {
                     let want = UInt64(self.references[cluster] ?? 0)
                     if have < want {
                         self.report.corruptions += 1
+                        if have == 0 { self.report.refcountsNeedRebuild = true }
                         self.report.messages.append("ERROR cluster \(cluster) refcount=\(have) reference=\(want)")
                     } else if have > want {
                         self.report.leaks += 1

@@ -17,6 +17,11 @@ struct ImgCheck: ParsableCommand {
     var repair: String?
 
 
+    /// `-r leaks` met refcounts only a rebuild (`-r all`) can fix.
+    struct RebuildNeeded: Error {
+        var messages: [String]
+    }
+
     func run() throws {
         if let repair, !["leaks", "all"].contains(repair) {
             fail("Unknown option for -r (expecting 'leaks' or 'all'): \(repair)")
@@ -26,7 +31,7 @@ struct ImgCheck: ParsableCommand {
         let outcome: (format: String, report: QCOW2Checker.Report?, fixed: Fixed)
         do {
             outcome = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare,
-                                                   writable: repair != nil, forRepair: repair == "all") { node in
+                                                   writable: repair != nil, forRepair: repair != nil) { node in
                 guard let driver = node.driver as? QCOW2Driver, let file = node.child(named: "file")?.node else {
                     return node.eventLoop.makeSucceededFuture((node.formatName, nil, (0, 0)))
                 }
@@ -35,10 +40,16 @@ struct ImgCheck: ParsableCommand {
                 }
                 // Check, repair, then check again, reporting what was fixed.
                 return QCOW2Checker(driver: driver, file: file).run().flatMap { before in
-                    // A refcount structure that could not be loaded, or a
-                    // block sharing its cluster, is rebuilt first, as
-                    // qemu-img does (only `-r all` opens the former at all).
-                    let rebuild = driver.refcountDamage != nil || (repair == "all" && before.refcountsNeedRebuild)
+                    // Refcounts that cannot be repaired in place (a structure
+                    // that could not be loaded, a block sharing its cluster,
+                    // a cluster in use counted 0) are rebuilt by `-r all`;
+                    // `-r leaks` gives up with qemu-img's error and status.
+                    // (qemu-img repairs the leaks it found first; Strata
+                    // writes nothing to an image it cannot make consistent.)
+                    let rebuild = driver.refcountDamage != nil || before.refcountsNeedRebuild
+                    if rebuild, repair == "leaks" {
+                        return file.eventLoop.makeFailedFuture(RebuildNeeded(messages: before.messages))
+                    }
                     let rebuilt = rebuild ? driver.rebuildRefcounts(file: file) : file.eventLoop.makeSucceededVoidFuture()
                     return rebuilt.flatMap {
                         driver.repairRefcounts(file: file, onlyLeaks: repair == "leaks")
@@ -57,6 +68,11 @@ struct ImgCheck: ParsableCommand {
                     }
                 }
             }
+        } catch let error as RebuildNeeded {
+            for message in error.messages + ["ERROR need to rebuild refcount structures"] {
+                FileHandle.standardError.write(Data((message + "\n").utf8))
+            }
+            fail("Check failed: Input/output error")
         } catch {
             fail("Could not open '\(image.filename)': \((error as? BlockError)?.description ?? "\(error)")")
         }

@@ -3,7 +3,7 @@ import Testing
 
 /// `check -r all` on refcount structures that cannot be repaired in place:
 /// a table past the end of the file, a block past the end, one block named
-/// twice, a block on top of an L2 table. Strata rebuilds them as qemu-img
+/// twice, a block on top of an L2 table, clusters in use counted 0. Strata rebuilds them as qemu-img
 /// does (same report, same image end), the data reads back unchanged, and
 /// qemu-img finds the result clean.
 @Suite struct ImgCheckRebuildTests {
@@ -41,6 +41,7 @@ import Testing
         ("block past the end", 0x10000, 0x100_0000),
         ("block named twice", 0x10008, 0x20000),
         ("block on the L2 table", 0x10008, 0x40000),
+        ("clusters in use counted 0", 0x20006, 0),  // the L1, L2 and two data clusters
     ])
     func repairAllRebuildsTheRefcountStructureLikeQemuImg(damage: String, offset: UInt64, value: UInt64) throws {
         let directory = try Harness.temporaryDirectory("rebuild")
@@ -77,13 +78,15 @@ import Testing
 
     /// Where qemu-img gives up, so does Strata (exit 1), and the image is
     /// left as it was: a misaligned block entry (qemu-img marks the image
-    /// corrupt), and a lost table with only `-r leaks`.
+    /// corrupt), and with only `-r leaks`, a lost table or clusters in use
+    /// counted 0.
     @Test func repairsQemuImgRefusesFailWithExitOne() throws {
         let directory = try Harness.temporaryDirectory("norebuild")
         defer { try? FileManager.default.removeItem(at: directory) }
         let original = try pristine(in: directory)
         for (name, offset, value, mode) in [("misaligned.qcow2", UInt64(0x10000), UInt64(0x20200), "all"),
-                                            ("lost.qcow2", 48, 1 << 30, "leaks")] {
+                                            ("lost.qcow2", 48, 1 << 30, "leaks"),
+                                            ("zeroed.qcow2", 0x20006, 0, "leaks")] {
             let ours = try damaged(original, name, setting: value, at: offset)
             let theirs = try damaged(original, "qemu-" + name, setting: value, at: offset)
             let before = try Data(contentsOf: URL(fileURLWithPath: ours))
