@@ -101,10 +101,13 @@ public final class QCOW2Checker {
     public func referencesForRebuild() -> EventLoopFuture<(references: [Int64: Int], occupied: Set<Int64>)> {
         collect(countingRefcountTable: false).flatMap { () -> EventLoopFuture<[Int64: Int]> in
             let references = self.references
-            self.reference(self.header.refcountTableOffset, length: Int64(self.header.refcountTableClusters) * self.clusterSize,
-                           what: "refcount table")
+            self.referenceRefcountTable()
             return self.countRefcountBlocks().map { references }
         }.map { references in (references, Set(self.references.keys)) }
+    }
+
+    private func referenceRefcountTable() {
+        reference(header.refcountTableOffset, length: Int64(header.refcountTableClusters) * clusterSize, what: "refcount table")
     }
 
     /// Counts the refcount blocks themselves as referenced.
@@ -129,9 +132,7 @@ public final class QCOW2Checker {
     private func collect(countingRefcountTable: Bool = true) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
         reference(0, length: clusterSize, what: "header")
-        if countingRefcountTable {
-            reference(header.refcountTableOffset, length: Int64(header.refcountTableClusters) * clusterSize, what: "refcount table")
-        }
+        if countingRefcountTable { referenceRefcountTable() }
         var tables: [(l1: [UInt64]?, offset: UInt64, size: UInt32, active: Bool)] = []
         if !activeL1.isEmpty || header.l1Size == 0 {
             tables.append((activeL1, header.l1TableOffset, header.l1Size, true))

@@ -210,7 +210,22 @@ public final class QCOW2Driver: BlockDriver {
     /// autoclear bits, as QEMU does on a read-write open.
     func prepareForWriting(file: BlockNode) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
-        return QCOW2Refcounter.load(file: file, header: header).map(Optional.some).flatMapError { error in
+        return QCOW2Refcounter.load(file: file, header: header).flatMapThrowing { refcounter -> QCOW2Refcounter? in
+            // A refcount block or table on top of other metadata would have
+            // every allocation write counts over that table, and the
+            // table's writes change counts.
+            let others = self.clustersOfOtherMetadata()
+            let clusterSize = Int64(self.header.clusterSize)
+            if let block = refcounter.blocks.keys.sorted().first(where: { others.contains(Int64($0) / clusterSize) }) {
+                throw QCOW2RefcountDamage.overlapsMetadata(block)
+            }
+            let tableStart = Int64(self.header.refcountTableOffset) / clusterSize
+            if let cluster = (tableStart..<tableStart + Int64(self.header.refcountTableClusters)).first(where: others.contains) {
+                throw QCOW2RefcountDamage.overlapsMetadata(UInt64(cluster * clusterSize))
+            }
+            refcounter.metadataClusters.formUnion(others)
+            return refcounter
+        }.flatMapError { error in
             guard let damage = error as? QCOW2RefcountDamage else { return loop.makeFailedFuture(error) }
             guard self.options.forRepair, damage.canRebuild else { return loop.makeFailedFuture(damage.blockError) }
             // The check rebuilds the structure, then prepares again. Until
@@ -219,18 +234,6 @@ public final class QCOW2Driver: BlockDriver {
             return loop.makeSucceededFuture(nil)
         }.flatMap { refcounter in
             guard let refcounter else { return loop.makeSucceededVoidFuture() }
-            let clusterSize = Int64(self.header.clusterSize)
-            func mark(_ offset: UInt64, _ length: Int64) {
-                guard length > 0 else { return }
-                for cluster in (Int64(offset) / clusterSize)...((Int64(offset) + length - 1) / clusterSize) {
-                    refcounter.metadataClusters.insert(cluster)
-                }
-            }
-            mark(0, clusterSize)
-            mark(self.header.l1TableOffset, Int64(self.header.l1Size) * 8)
-            for entry in self.l1 where entry & QCOW2Entry.offsetMask != 0 { mark(entry & QCOW2Entry.offsetMask, clusterSize) }
-            if self.header.snapshotCount > 0 { mark(self.header.snapshotsOffset, Int64(max(self.snapshotTableLength, 1))) }
-            for snapshot in self.snapshots { mark(snapshot.l1TableOffset, Int64(snapshot.l1Size) * 8) }
             self.refcounter = refcounter
             var steps = loop.makeSucceededVoidFuture()
             if self.header.incompatibleFeatures.contains(.dirty) {
@@ -256,6 +259,25 @@ public final class QCOW2Driver: BlockDriver {
             }
             return steps
         }
+    }
+
+    /// The clusters of the header, the L1 table, the active L2 tables and
+    /// the snapshot tables (for overlap checks).
+    private func clustersOfOtherMetadata() -> Set<Int64> {
+        let clusterSize = Int64(header.clusterSize)
+        var clusters: Set<Int64> = []
+        func mark(_ offset: UInt64, _ length: Int64) {
+            guard length > 0 else { return }
+            for cluster in (Int64(offset) / clusterSize)...((Int64(offset) + length - 1) / clusterSize) {
+                clusters.insert(cluster)
+            }
+        }
+        mark(0, clusterSize)
+        mark(header.l1TableOffset, Int64(header.l1Size) * 8)
+        for entry in l1 where entry & QCOW2Entry.offsetMask != 0 { mark(entry & QCOW2Entry.offsetMask, clusterSize) }
+        if header.snapshotCount > 0 { mark(header.snapshotsOffset, Int64(max(snapshotTableLength, 1))) }
+        for snapshot in snapshots { mark(snapshot.l1TableOffset, Int64(snapshot.l1Size) * 8) }
+        return clusters
     }
 
     /// Persistent dirty bitmaps are kept, but Strata does not track writes

@@ -20,6 +20,9 @@ public enum QCOW2RefcountDamage: Error, Equatable, Sendable {
     case blockMisplaced(UInt64)
     /// Two table entries name the same block.
     case blockShared(UInt64)
+    /// A block, or a cluster of the table, is also the header, an L1 or
+    /// L2 table, or a snapshot table.
+    case overlapsMetadata(UInt64)
 
     public var canRebuild: Bool {
         if case .blockMisplaced = self { return false }
@@ -34,6 +37,8 @@ public enum QCOW2RefcountDamage: Error, Equatable, Sendable {
             return "Refcount block at 0x\(String(offset, radix: 16)) is invalid"
         case .blockShared(let offset):
             return "Refcount block at 0x\(String(offset, radix: 16)) is named by more than one refcount table entry"
+        case .overlapsMetadata(let offset):
+            return "Refcount structure at 0x\(String(offset, radix: 16)) overlaps other metadata"
         }
     }
 

@@ -43,14 +43,14 @@ struct QCOW2RefcountRebuild {
         if let (cluster, count) = references.first(where: { $0.value > maxRefcount }) {
             throw BlockError(errno: EIO, "Cluster \(cluster) has \(count) references, more than \(refcountBits)-bit refcounts can hold")
         }
-        // Blocks for every range with a count, then a table naming them;
-        // the table may land in a range no block covers yet: go again.
+        // Blocks for every range with a count (the table's own, once it
+        // has clusters), then a table naming them; until it is big enough
+        // for the blocks its own clusters needed, go again.
         while true {
             try coverCountedRanges()
             let entries = (blocks.keys.max() ?? 0) + 1
             let needed = max(1, (entries * 8 + clusterSize - 1) / clusterSize)
-            let tableCovered = (tableStart..<tableStart + tableClusters).allSatisfy { blocks[$0 / perBlock] != nil }
-            if tableClusters >= needed, tableCovered { break }
+            if tableClusters >= needed { break }
             if tableClusters > 0 { releaseTable() }
             guard UInt64(needed) * UInt64(clusterSize) <= QCOW2Header.maxRefcountTableBytes else {
                 throw BlockError(errno: ENOSPC, "The rebuilt refcount table would be too large")

@@ -16,7 +16,6 @@ struct ImgCheck: ParsableCommand {
     @Option(name: .customShort("r"), help: "Repair: leaks, or all (leaks and corrupted refcounts).")
     var repair: String?
 
-
     /// `-r leaks` met refcounts only a rebuild (`-r all`) can fix.
     struct RebuildNeeded: Error {
         var messages: [String]

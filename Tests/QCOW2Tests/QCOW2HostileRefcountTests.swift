@@ -112,6 +112,31 @@ import Testing
         #expect(refcounter.table.count == 1 << 20)
     }
 
+    /// A refcount block on top of an L2 table: every allocation would write
+    /// counts over the table. A read-write open refuses it (reading is
+    /// fine); an open for repair notes it for the rebuild.
+    @Test func aRefcountBlockOnAnL2TableIsRefusedForWriting() throws {
+        var image = try image(clusterBits: 16, refcountBits: 16, preallocate: true)
+        let l2 = image.u64(at: image.header.l1TableOffset) & QCOW2Entry.offsetMask
+        try #require(l2 != 0)
+        image.setU64(l2, at: image.header.refcountTableOffset + 8)
+        let file = RecordingFile(bytes: image.bytes)
+        do {
+            _ = try openDriver(file, readOnly: false)
+            Issue.record("the open succeeded")
+        } catch let error as BlockError {
+            #expect(error.description.contains("overlaps other metadata"), "\(error)")
+        }
+        #expect(file.writes.isEmpty, "nothing written")
+        _ = try openDriver(file, readOnly: true)
+        let graph = BlockGraph(eventLoop: loop)
+        graphs.all.append(graph)
+        let future = QCOW2Driver.open(file: try graph.addNode(name: "file", driver: file),
+                                      options: QCOW2Options(readOnly: false, forRepair: true))
+        loop.run()
+        #expect(try future.wait().refcountDamage == .overlapsMetadata(l2))
+    }
+
     @Test func aRefcountBlockNamedTwiceIsRefusedForWriting() throws {
         var image = try image(clusterBits: 16, refcountBits: 16)
         let first = image.u64(at: image.header.refcountTableOffset)
