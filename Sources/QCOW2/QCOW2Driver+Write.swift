@@ -14,6 +14,16 @@ import Glibc
 /// lose their refcount only after the tables that dropped them are on disk.
 extension QCOW2Driver {
     var writable: Bool { refcounter != nil }
+
+    /// Why a write, zero write or discard must fail now: the image is
+    /// read-only, or was marked corrupt while open. QEMU then fails every
+    /// request; Strata still serves reads, so the data can be copied off,
+    /// but changes nothing more in metadata it no longer trusts.
+    var changeRefusal: BlockError? {
+        guard writable else { return .eperm }
+        guard let corruptReason else { return nil }
+        return BlockError(errno: EIO, "Image is marked corrupt (\(corruptReason)); no more writes until `strata img check -r all`")
+    }
     var externalData: Bool { header.incompatibleFeatures.contains(.externalDataFile) }
 
     public func refreshLimits(_ limits: inout BlockLimits) {
@@ -127,7 +137,7 @@ extension QCOW2Driver {
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
                       completion: @escaping BlockCompletion) {
-        guard writable else { return completion(.eperm) }
+        if let refusal = changeRefusal { return completion(refusal) }
         let clusterSize = Int64(header.clusterSize)
         if buffer.count > 0, let host = contiguousInPlaceHost(at: offset, count: buffer.count) {
             return writeInPlace(at: host, from: buffer, completion: completion)
@@ -393,7 +403,7 @@ extension QCOW2Driver {
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags,
                             completion: @escaping BlockCompletion) {
-        guard writable else { return completion(.eperm) }
+        if let refusal = changeRefusal { return completion(refusal) }
         guard header.version >= 3 || header.hasExtendedL2 else { return completion(.enotsup) }
         // A raw data file must always hold the guest's bytes: zero it by
         // writing (the node's fallback), not in the tables alone.
@@ -415,7 +425,7 @@ extension QCOW2Driver {
     }
 
     public func discard(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
-        guard writable else { return completion(.eperm) }
+        if let refusal = changeRefusal { return completion(refusal) }
         // Discarding from a raw data file's tables would unhook its bytes.
         guard !header.autoclearFeatures.contains(.rawExternalData) else { return completion(nil) }
         let clusterSize = Int64(header.clusterSize)
@@ -714,6 +724,10 @@ extension QCOW2Driver {
 
     /// Marks the image corrupt on disk, as QEMU does, and fails the request.
     func markCorrupt(_ reason: String, completion: @escaping BlockCompletion) {
+        // Told once, in qemu's words, on the server's stderr.
+        if corruptReason == nil {
+            fputs("qcow2: Marking image as corrupt: \(reason); further corruption events will be suppressed\n", stderr)
+        }
         header.incompatibleFeatures.insert(.corrupt)
         corruptReason = reason
         guard let bytes = try? header.serialize() else { return completion(BlockError(errno: EIO, reason)) }

@@ -12,8 +12,10 @@ public struct QCOW2Options: Sendable {
     /// Bytes of L2 tables to cache; nil for QEMU's default (enough to map
     /// the whole image, at most 32 MiB).
     public var l2CacheSize: Int?
-    /// Opened by `check -r all` (QEMU's BDRV_O_CHECK): a refcount structure
-    /// that cannot be loaded but can be rebuilt does not fail the open.
+    /// Opened by `check -r` (QEMU's BDRV_O_CHECK): a refcount structure
+    /// that cannot be loaded but can be rebuilt does not fail the open, the
+    /// corrupt bit does not refuse it, and a dirty lazy-refcounts image is
+    /// left for the check to repair and report (see `markConsistent`).
     public var forRepair = false
 
     public init(readOnly: Bool = true, snapshot: String? = nil, l2CacheSize: Int? = nil, forRepair: Bool = false) {
@@ -66,6 +68,8 @@ public final class QCOW2Driver: BlockDriver {
     /// Host ranges to release once the tables that dropped them are on disk.
     var pendingFrees: [(UInt64, Int64)] = []
     var scratchBuffers: [UnsafeMutableRawPointer] = []
+    /// Why the image was marked corrupt while open; from then on it takes
+    /// no more changes (see `changeRefusal`).
     var corruptReason: String?
     /// Set on an open for repair whose refcount structure could not be
     /// loaded: nothing may be allocated until `rebuildRefcounts` has run.
@@ -115,7 +119,7 @@ public final class QCOW2Driver: BlockDriver {
         return readBytes(file, at: 0, count: headerBytes).flatMapThrowing { bytes -> QCOW2Header in
             let header = try QCOW2Header.parse(bytes)
             if !options.readOnly || options.snapshot != nil {
-                if header.incompatibleFeatures.contains(.corrupt), !options.readOnly {
+                if header.incompatibleFeatures.contains(.corrupt), !options.readOnly, !options.forRepair {
                     throw QCOW2Error("qcow2: Image is corrupt; cannot be opened read/write")
                 }
             }
@@ -236,10 +240,15 @@ public final class QCOW2Driver: BlockDriver {
             guard let refcounter else { return loop.makeSucceededVoidFuture() }
             self.refcounter = refcounter
             var steps = loop.makeSucceededVoidFuture()
-            if self.header.incompatibleFeatures.contains(.dirty) {
-                steps = steps.flatMap { self.repairRefcounts(file: file) }
+            // Opened for a check's repair, the check finds and reports the
+            // stale counts itself, and clears the bit only if it fixed them.
+            let repairing = self.options.forRepair
+            if self.header.incompatibleFeatures.contains(.dirty), !repairing {
+                steps = steps.flatMap { self.repairRefcounts(file: file) }.flatMap {
+                    self.clearFlags(.dirty, file: file)
+                }
             }
-            if self.header.compatibleFeatures.contains(.lazyRefcounts) {
+            if self.header.compatibleFeatures.contains(.lazyRefcounts), !repairing {
                 // As QEMU: while open for writing, the dirty bit says the
                 // refcounts may be stale; a clean close clears it.
                 steps = steps.flatMap {
@@ -297,8 +306,7 @@ public final class QCOW2Driver: BlockDriver {
     }
 
     /// Sets every refcount to the references the metadata holds (what
-    /// `qemu-img check -r all` does for a dirty lazy-refcounts image), then
-    /// clears the dirty bit.
+    /// QEMU does on a read-write open of a dirty lazy-refcounts image).
     /// With `onlyLeaks`, only counts above the references are lowered
     /// (`qemu-img check -r leaks`); otherwise every count is set (`-r all`).
     public func repairRefcounts(file: BlockNode, onlyLeaks: Bool = false) -> EventLoopFuture<Void> {
@@ -331,20 +339,37 @@ public final class QCOW2Driver: BlockDriver {
             }
             let promise = loop.makePromise(of: Void.self)
             self.writeBackMetadata { error in
-                if let error { return promise.fail(error) }
-                self.header.incompatibleFeatures.remove(.dirty)
-                promise.completeWith(self.rewriteHeader(file: file))
+                if let error { promise.fail(error) } else { promise.succeed(()) }
             }
             return promise.futureResult
         }
     }
 
+    /// After a check's repair left no corruptions: clears the dirty and
+    /// corrupt bits, as `qemu-img check -r` does (the way to put an image
+    /// the overlap checks flagged corrupt back into service).
+    public func markConsistent(file: BlockNode) -> EventLoopFuture<Void> {
+        clearFlags([.dirty, .corrupt], file: file)
+    }
+
+    /// Clears header bits and rewrites the header if any was set.
+    func clearFlags(_ flags: QCOW2Header.IncompatibleFeatures, file: BlockNode) -> EventLoopFuture<Void> {
+        guard !header.incompatibleFeatures.isDisjoint(with: flags) else { return file.eventLoop.makeSucceededVoidFuture() }
+        header.incompatibleFeatures.subtract(flags)
+        return rewriteHeader(file: file)
+    }
+
     /// A clean close: write back metadata, then clear the dirty bit.
+    ///
+    /// Not after a check's repair: only a repair that fixed everything
+    /// clears it (`markConsistent`). qemu-img 7.2 clears it on close even
+    /// when `-r leaks` gave up, leaving clusters in use counted 0: measured,
+    /// its next write into a new cluster overwrote guest data there.
     public func prepareToClose(completion: @escaping BlockCompletion) {
         guard writable else { return completion(nil) }
         flush { error in
             if let error { return completion(error) }
-            guard self.header.incompatibleFeatures.contains(.dirty) else { return completion(nil) }
+            guard self.header.incompatibleFeatures.contains(.dirty), !self.options.forRepair else { return completion(nil) }
             self.header.incompatibleFeatures.remove(.dirty)
             self.rewriteHeader(file: self.file).whenComplete { result in
                 if case .failure(let error) = result { return completion(error as? BlockError ?? .eio) }

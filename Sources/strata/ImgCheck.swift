@@ -57,6 +57,12 @@ struct ImgCheck: ParsableCommand {
                         return driver.repairCopiedFlags(file: file)
                     }.flatMap { copiedFixed in
                         QCOW2Checker(driver: driver, file: file).run().map { (copiedFixed, $0) }
+                    }.flatMap { copiedFixed, after in
+                        // Consistent now: clear the dirty and corrupt bits.
+                        guard after.corruptions == 0, after.checkErrors == 0 else {
+                            return file.eventLoop.makeSucceededFuture((copiedFixed, after))
+                        }
+                        return driver.markConsistent(file: file).map { (copiedFixed, after) }
                     }.map { copiedFixed, after in
                         // As qemu-img counts: the COPIED flags are judged
                         // against the repaired refcounts, so the first

@@ -3,6 +3,9 @@ import NIOCore
 import NIOEmbedded
 @testable import QCOW2
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// L2 entries of a corrupt image that name metadata or free clusters:
 /// writes refuse them and mark the image corrupt, and a discard never frees
@@ -83,5 +86,13 @@ import Testing
         let error = run { done in data.withUnsafeBytes { driver.write(at: 0, from: $0, flags: [], completion: done) } }
         #expect(error != nil, "the write is refused")
         #expect(driver.header.incompatibleFeatures.contains(.corrupt), "and the image is marked corrupt")
+        // From then on nothing changes, anywhere; reads still work.
+        let elsewhere = Int64(clusterSize)
+        let later = run { done in data.withUnsafeBytes { driver.write(at: elsewhere, from: $0, flags: [], completion: done) } }
+        #expect(later?.errno == EIO, "a later write to a sound cluster fails too")
+        #expect(run { driver.writeZeroes(at: elsewhere, length: Int64(clusterSize), flags: [], completion: $0) }?.errno == EIO)
+        #expect(run { driver.discard(at: elsewhere, length: Int64(clusterSize), completion: $0) }?.errno == EIO)
+        var readBack = [UInt8](repeating: 1, count: 4096)
+        #expect(run { done in readBack.withUnsafeMutableBytes { driver.read(at: elsewhere, into: $0, flags: [], completion: done) } } == nil)
     }
 }
