@@ -256,7 +256,10 @@ public final class QCOW2Driver: BlockDriver {
                     return self.rewriteHeader(file: file)
                 }
             }
-            if self.header.autoclearFeatures.contains(.bitmaps) {
+            // A repair changes metadata, never guest data, so the bitmaps
+            // stay true: flagged in-use, backup tools would drop them and
+            // start over with a full copy.
+            if self.header.autoclearFeatures.contains(.bitmaps), !repairing {
                 steps = steps.flatMap { self.markBitmapsInUse(file: file) }
             }
             let unknownAutoclear = self.header.autoclearFeatures.subtracting(QCOW2Header.AutoclearFeatures.known)
@@ -305,8 +308,9 @@ public final class QCOW2Driver: BlockDriver {
         }
     }
 
-    /// Sets every refcount to the references the metadata holds (what
-    /// QEMU does on a read-write open of a dirty lazy-refcounts image).
+    /// Sets every refcount to the references the metadata holds: what
+    /// QEMU does on a read-write open of a dirty lazy-refcounts image, and
+    /// what `check -r` does with counts it can fix in place.
     /// With `onlyLeaks`, only counts above the references are lowered
     /// (`qemu-img check -r leaks`); otherwise every count is set (`-r all`).
     public func repairRefcounts(file: BlockNode, onlyLeaks: Bool = false) -> EventLoopFuture<Void> {

@@ -4,7 +4,8 @@ import Testing
 /// `check -r` and the header's dirty and corrupt bits, as qemu-img: the
 /// check (not the open) repairs a dirty lazy-refcounts image and reports
 /// what it fixed, and a repair that leaves the image consistent clears
-/// both bits, which is how an image flagged corrupt goes back into service.
+/// both bits, which is how an image flagged corrupt goes back into service;
+/// persistent bitmaps come out of a repair as usable as they went in.
 @Suite struct ImgCheckHeaderFlagTests {
     func img(_ arguments: [String]) throws -> Harness.Output {
         try Harness.run(Harness.strata, ["img"] + arguments)
@@ -58,6 +59,27 @@ import Testing
         #expect(gaveUp.status == 1 && gaveUp.stderr.contains("ERROR need to rebuild refcount structures"),
                 "\(gaveUp.stdout)\(gaveUp.stderr)")
         #expect(try Data(contentsOf: URL(fileURLWithPath: leaksOnly)) == before, "untouched, dirty bit and all")
+    }
+
+    /// A repair writes metadata only, so persistent bitmaps stay usable:
+    /// not flagged in-use afterwards, as after qemu-img's repair (a bitmap
+    /// in use is thrown away by backup tools, which then copy everything).
+    @Test func aRepairLeavesPersistentBitmapsUsable() throws {
+        let directory = try Harness.temporaryDirectory("bitmapcheck")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("bitmap.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", path, "16M"]).status == 0)
+        #expect(try qemuImg(["bitmap", "--add", path, "b0"]).status == 0)
+        #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write 0 64k", path]).status == 0)
+        for mode in ["leaks", "all"] {
+            #expect(try img(["check", "-r", mode, path]).status == 0)
+            let info = try qemuImg(["info", "--output=json", path])
+            let object = try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any]
+            let specific = (object?["format-specific"] as? [String: Any])?["data"] as? [String: Any]
+            let bitmaps = specific?["bitmaps"] as? [[String: Any]]
+            #expect(bitmaps?.first?["flags"] as? [String] == ["auto"], "\(mode): \(info.stdout)")
+        }
+        #expect(try qemuImg(["check", path]).status == 0)
     }
 
     /// An image flagged corrupt whose metadata is sound: `check -r` clears
