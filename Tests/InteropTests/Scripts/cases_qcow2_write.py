@@ -548,7 +548,8 @@ def qcow2_write_grows_refcount_table(ctx):
 @case
 def qcow2_hostile_metadata(ctx):
     """Hostile tables: an L2 entry pointing into the L1 table is refused on
-    write (the image is marked corrupt, as QEMU does) and an unaligned one
+    write (the image is marked corrupt, as QEMU does, and takes no more
+    writes; reads go on) and an unaligned one
     fails the read; a corrupt image will not open read-write. No crash."""
     img = ctx.path("h.qcow2")
     qimg(ctx, "create", "-f", "qcow2", img, "16M")
@@ -576,8 +577,18 @@ def qcow2_hostile_metadata(ctx):
         fail("writing over the L1 table must fail")
     except nbd.Error as e:
         note("write into metadata: %s" % e)
+    # Marked corrupt, the image takes no more changes anywhere; reads of
+    # sound clusters go on, so the data can be copied off.
+    try:
+        h.pwrite(b"\x22" * 4096, 8 << 20)
+        fail("a write after the image was marked corrupt must fail")
+    except nbd.Error as e:
+        note("later write to a sound cluster: %s" % e)
+    check(h.pread(4096, 4 << 20) == b"\0" * 4096, "a sound cluster still reads")
     h.shutdown()
     srv.stop()
+    check("Marking image as corrupt" in srv.stderr_text(),
+          "the server says so: %s" % srv.stderr_text()[-300:])
     info = ctx.run(["qemu-img", "info", "--output=json", img]).out
     check('"corrupt": true' in info, "the image is marked corrupt: %s" % info)
     srv = ctx.start_server(img, fmt="qcow2", wait=False)
