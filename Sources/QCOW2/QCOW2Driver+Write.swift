@@ -730,12 +730,6 @@ extension QCOW2Driver {
         }
         header.incompatibleFeatures.insert(.corrupt)
         corruptReason = reason
-        guard let bytes = try? header.serialize() else { return completion(BlockError(errno: EIO, reason)) }
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: bytes.count, alignment: 4096)
-        buffer.copyMemory(from: bytes, byteCount: bytes.count)
-        file.write(at: 0, from: UnsafeRawBufferPointer(start: buffer, count: bytes.count), flags: .fua) { _ in
-            buffer.deallocate()
-            completion(BlockError(errno: EIO, reason))
-        }
+        rewriteHeader(file: file).whenComplete { _ in completion(BlockError(errno: EIO, reason)) }
     }
 }

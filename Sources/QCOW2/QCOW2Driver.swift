@@ -118,10 +118,8 @@ public final class QCOW2Driver: BlockDriver {
         let headerBytes = Int(min(file.length, Int64(2 << 20)))
         return readBytes(file, at: 0, count: headerBytes).flatMapThrowing { bytes -> QCOW2Header in
             let header = try QCOW2Header.parse(bytes)
-            if !options.readOnly || options.snapshot != nil {
-                if header.incompatibleFeatures.contains(.corrupt), !options.readOnly, !options.forRepair {
-                    throw QCOW2Error("qcow2: Image is corrupt; cannot be opened read/write")
-                }
+            if header.incompatibleFeatures.contains(.corrupt), !options.readOnly, !options.forRepair {
+                throw QCOW2Error("qcow2: Image is corrupt; cannot be opened read/write")
             }
             return header
         }.flatMap { header -> EventLoopFuture<(QCOW2Header, ([QCOW2Snapshot], Int))> in
@@ -373,9 +371,8 @@ public final class QCOW2Driver: BlockDriver {
         guard writable else { return completion(nil) }
         flush { error in
             if let error { return completion(error) }
-            guard self.header.incompatibleFeatures.contains(.dirty), !self.options.forRepair else { return completion(nil) }
-            self.header.incompatibleFeatures.remove(.dirty)
-            self.rewriteHeader(file: self.file).whenComplete { result in
+            guard !self.options.forRepair else { return completion(nil) }
+            self.clearFlags(.dirty, file: self.file).whenComplete { result in
                 if case .failure(let error) = result { return completion(error as? BlockError ?? .eio) }
                 completion(nil)
             }

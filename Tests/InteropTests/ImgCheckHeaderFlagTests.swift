@@ -6,27 +6,24 @@ import Testing
 /// what it fixed, and a repair that leaves the image consistent clears
 /// both bits, which is how an image flagged corrupt goes back into service;
 /// persistent bitmaps come out of a repair as usable as they went in.
-@Suite struct ImgCheckHeaderFlagTests {
-    func img(_ arguments: [String]) throws -> Harness.Output {
-        try Harness.run(Harness.strata, ["img"] + arguments)
-    }
-
-    func qemuImg(_ arguments: [String]) throws -> Harness.Output {
-        try Harness.run("/usr/bin/qemu-img", arguments)
-    }
-
+@Suite struct ImgCheckHeaderFlagTests: ImageToolRunner {
     func copy(_ source: String, _ name: String) throws -> String {
         let path = (source as NSString).deletingLastPathComponent + "/" + name
         try FileManager.default.copyItem(atPath: source, toPath: path)
         return path
     }
 
+    /// qemu-img info's JSON for `path`, and its qcow2-specific part.
+    func info(_ path: String) throws -> (all: [String: Any]?, qcow2: [String: Any]?) {
+        let output = try qemuImg(["info", "-U", "--output=json", path])
+        let object = try JSONSerialization.jsonObject(with: Data(output.stdout.utf8)) as? [String: Any]
+        return (object, (object?["format-specific"] as? [String: Any])?["data"] as? [String: Any])
+    }
+
     /// qemu-img info's "dirty-flag" and "corrupt" for `path`.
     func flags(_ path: String) throws -> (dirty: Bool?, corrupt: Bool?) {
-        let info = try qemuImg(["info", "-U", "--output=json", path])
-        let object = try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any]
-        let specific = (object?["format-specific"] as? [String: Any])?["data"] as? [String: Any]
-        return (object?["dirty-flag"] as? Bool, specific?["corrupt"] as? Bool)
+        let (all, qcow2) = try info(path)
+        return (all?["dirty-flag"] as? Bool, qcow2?["corrupt"] as? Bool)
     }
 
     /// A lazy-refcounts image that qemu-io aborted after writing three
@@ -73,11 +70,8 @@ import Testing
         #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write 0 64k", path]).status == 0)
         for mode in ["leaks", "all"] {
             #expect(try img(["check", "-r", mode, path]).status == 0)
-            let info = try qemuImg(["info", "--output=json", path])
-            let object = try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any]
-            let specific = (object?["format-specific"] as? [String: Any])?["data"] as? [String: Any]
-            let bitmaps = specific?["bitmaps"] as? [[String: Any]]
-            #expect(bitmaps?.first?["flags"] as? [String] == ["auto"], "\(mode): \(info.stdout)")
+            let bitmaps = try info(path).qcow2?["bitmaps"] as? [[String: Any]]
+            #expect(bitmaps?.first?["flags"] as? [String] == ["auto"], "\(mode): \(String(describing: bitmaps))")
         }
         #expect(try qemuImg(["check", path]).status == 0)
     }

@@ -6,15 +6,7 @@ import Testing
 /// twice, a block on top of an L2 table, clusters in use counted 0. Strata rebuilds them as qemu-img
 /// does (same report, same image end), the data reads back unchanged, and
 /// qemu-img finds the result clean.
-@Suite struct ImgCheckRebuildTests {
-    func img(_ arguments: [String]) throws -> Harness.Output {
-        try Harness.run(Harness.strata, ["img"] + arguments)
-    }
-
-    func qemuImg(_ arguments: [String]) throws -> Harness.Output {
-        try Harness.run("/usr/bin/qemu-img", arguments)
-    }
-
+@Suite struct ImgCheckRebuildTests: ImageToolRunner {
     /// A 64 MiB image with 1 MiB written: header, refcount table (0x10000),
     /// its block (0x20000), L1, one L2 table (0x40000), 16 data clusters.
     func pristine(in directory: URL) throws -> String {

@@ -4,15 +4,7 @@ import Testing
 /// `strata img` against qemu-img: what create writes passes `qemu-img
 /// check` with the options asked for, and info/map/check agree with
 /// qemu-img on images qemu-img made.
-@Suite struct ImgCommandTests {
-    func img(_ arguments: [String]) throws -> Harness.Output {
-        try Harness.run(Harness.strata, ["img"] + arguments)
-    }
-
-    func qemuImg(_ arguments: [String]) throws -> Harness.Output {
-        try Harness.run("/usr/bin/qemu-img", arguments)
-    }
-
+@Suite struct ImgCommandTests: ImageToolRunner {
     func qemuInfo(_ path: String) throws -> [String: Any] {
         let info = try qemuImg(["info", "--output=json", path])
         return try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any] ?? [:]

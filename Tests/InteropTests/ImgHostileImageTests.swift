@@ -4,15 +4,7 @@ import Testing
 /// Images qemu-img made, then damaged the way fuzzing found hurtful:
 /// `strata img` answers with an error or a report, never a trap, a hang
 /// or gigabytes of memory.
-@Suite struct ImgHostileImageTests {
-    func img(_ arguments: [String]) throws -> Harness.Output {
-        try Harness.run(Harness.strata, ["img"] + arguments)
-    }
-
-    func qemuImg(_ arguments: [String]) throws -> Harness.Output {
-        try Harness.run("/usr/bin/qemu-img", arguments)
-    }
-
+@Suite struct ImgHostileImageTests: ImageToolRunner {
     func read(_ path: String, at offset: UInt64, count: Int) throws -> [UInt8] {
         let handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: path))
         defer { try? handle.close() }
