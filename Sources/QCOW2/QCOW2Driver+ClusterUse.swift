@@ -1,16 +1,17 @@
 import BlockLayer
 
-/// Host clusters with data I/O in flight, and freed clusters on their way
-/// back to the allocator.
+/// Data I/O in flight, and freed clusters on their way back to the
+/// allocator.
 ///
 /// A discard frees a cluster once the tables that dropped it are on disk,
 /// which does not wait for reads and writes that looked it up before: the
-/// refcounter keeps it from the allocator until they end, so another guest
-/// range's data never reaches a read of this one, nor a late write of this
-/// one the other's. `sendfile` adds a twist: the socket keeps references to
-/// the page cache pages, not copies, until the client has read them, so a
-/// freed cluster's bytes are punched out of the file before it is handed
-/// out again (see `free`).
+/// refcounter keeps it from the allocator until they end (counted by
+/// epoch, see `QCOW2IOEpochs`), so another guest range's data never
+/// reaches a read of this one, nor a late write of this one the other's.
+/// `sendfile` adds a twist: the socket keeps references to the page cache
+/// pages, not copies, until the client has read them, so a freed cluster's
+/// bytes are punched out of the file before it is handed out again (see
+/// `free`).
 extension QCOW2Driver: CachedFileExtentHolder {
     /// The host clusters under `[host, host + length)`, `length` > 0.
     func hostClusters(at host: Int64, length: Int64) -> ClosedRange<Int64> {
@@ -18,29 +19,24 @@ extension QCOW2Driver: CachedFileExtentHolder {
         return host / clusterSize...(host + length - 1) / clusterSize
     }
 
-    /// Counts the host clusters under `[host, host + length)` as in use,
-    /// when anything could free them: a writable image with its data in
+    /// Counts one data read or in-place write as in flight, when anything
+    /// could free its clusters meanwhile: a writable image with its data in
     /// its own file (an external data file maps guest offsets one to one).
     /// Returns what to pass to `endUse`.
-    func beginUse(host: Int64, length: Int64) -> ClosedRange<Int64>? {
-        guard let refcounter, !externalData, length > 0 else { return nil }
-        let clusters = hostClusters(at: host, length: length)
-        for cluster in clusters { refcounter.beginUse(cluster) }
-        return clusters
+    func beginUse() -> UInt64? {
+        guard let refcounter, !externalData else { return nil }
+        return refcounter.inFlight.begin()
     }
 
-    func endUse(_ clusters: ClosedRange<Int64>?) {
-        guard let clusters, let refcounter else { return }
-        var idle: [Int64] = []
-        for cluster in clusters where refcounter.endUse(cluster) {
-            if !refcounter.awaitingPunch.isEmpty, refcounter.awaitingPunch.contains(cluster) { idle.append(cluster) }
-        }
+    func endUse(_ epoch: UInt64?) {
+        guard let epoch, let refcounter else { return }
+        let idle = refcounter.inFlight.end(epoch)
         if !idle.isEmpty { punch(idle) }
     }
 
     /// A data range lent for `sendfile` (see `cachedFileExtent`) has gone out.
     public func release(_ extent: CachedFileExtent) {
-        endUse(hostClusters(at: extent.offset, length: Int64(extent.length)))
+        endUse(extent.holderToken)
     }
 
     /// Drops the references of `ranges`, which the tables on disk no longer
@@ -52,20 +48,21 @@ extension QCOW2Driver: CachedFileExtentHolder {
     /// pages.
     func free(_ ranges: [(UInt64, Int64)]) {
         guard let refcounter else { return }
-        var idle: [Int64] = []
+        var freed: [Int64] = []
         for (host, length) in ranges where length > 0 {
             for cluster in hostClusters(at: Int64(host), length: length) where refcounter.release(cluster) {
                 refcounter.awaitingPunch.insert(cluster)
-                if refcounter.clustersInUse[cluster] == nil { idle.append(cluster) }
+                freed.append(cluster)
             }
         }
-        punch(idle)
+        punch(refcounter.inFlight.retire(freed))
     }
 
     /// Punches free, idle clusters out of the image file, contiguous ones
     /// together, then hands them to the allocator (whether or not the file
     /// could punch).
     private func punch(_ clusters: [Int64]) {
+        guard !clusters.isEmpty else { return }
         let clusterSize = Int64(header.clusterSize)
         let sorted = clusters.sorted()
         var start = 0

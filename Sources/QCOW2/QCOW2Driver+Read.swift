@@ -24,7 +24,7 @@ extension QCOW2Driver {
         let entry = l1[index]
         let offset = entry & QCOW2Entry.offsetMask
         guard offset != 0 else { return nil }
-        if entry & QCOW2Entry.l1ReservedMask != 0 || offset % UInt64(header.clusterSize) != 0 {
+        if entry & QCOW2Entry.l1ReservedMask != 0 || offset & UInt64(geometry.clusterSize - 1) != 0 {
             throw BlockError(errno: EIO, "L2 table offset 0x\(String(offset, radix: 16)) unaligned or reserved bits set")
         }
         return offset
@@ -77,37 +77,34 @@ extension QCOW2Driver {
     /// The run starting at guest `offset`, at most `maxLength` long and
     /// never past the L2 table's coverage.
     func run(at offset: Int64, maxLength: Int64, table: QCOW2L2Table?) throws -> Run {
-        let clusterBits = Int64(header.clusterBits)
-        let clusterSize = Int64(header.clusterSize)
-        let subclusterSize = Int64(header.subclusterSize)
-        let tableStart = offset / header.bytesPerL2 * header.bytesPerL2
-        let limit = min(offset + maxLength, tableStart + header.bytesPerL2)
+        let geometry = geometry
+        let clusterBits = Int64(geometry.clusterBits)
+        let clusterSize = geometry.clusterSize
+        let subclusterSize = geometry.subclusterSize
+        let tableStart = offset & ~(geometry.bytesPerL2 - 1)
+        let limit = min(offset + maxLength, tableStart + geometry.bytesPerL2)
         guard let table else {
             return Run(mapping: .unallocated, length: limit - offset, hostOffset: 0)
         }
         func mapping(at position: Int64) throws -> (QCOW2ClusterMapping, Int64) {
             let index = Int((position - tableStart) >> clusterBits)
             let entry = table.entry(index)
-            let bitmap = header.hasExtendedL2 ? table.bitmap(index) : nil
+            let bitmap = geometry.extendedL2 ? table.bitmap(index) : nil
             let inCluster = position & (clusterSize - 1)
             let subcluster = Int(inCluster / subclusterSize)
             guard let mapping = QCOW2Entry.mapping(entry: entry, bitmap: bitmap, subcluster: subcluster,
-                                                   clusterBits: header.clusterBits,
-                                                   externalData: header.incompatibleFeatures.contains(.externalDataFile)) else {
+                                                   clusterBits: UInt32(clusterBits),
+                                                   externalData: geometry.externalData) else {
                 throw BlockError(errno: EIO, "Invalid L2 entry 0x\(String(entry, radix: 16)) for guest offset \(position)")
             }
-            if case .data(let host) = mapping, host % UInt64(clusterSize) != 0 || entry & QCOW2Entry.l2ReservedMask & ~1 != 0 {
+            if case .data(let host) = mapping, host & UInt64(clusterSize - 1) != 0 || entry & QCOW2Entry.l2ReservedMask & ~1 != 0 {
                 throw BlockError(errno: EIO, "Cluster allocation offset 0x\(String(host, radix: 16)) unaligned")
             }
             // The extent of this mapping: the rest of the subcluster, or of
             // the whole cluster for compressed data.
-            let pieceEnd: Int64
-            if case .compressed = mapping {
-                pieceEnd = (position / clusterSize + 1) * clusterSize
-            } else {
-                pieceEnd = (position / subclusterSize + 1) * subclusterSize
-            }
-            return (mapping, pieceEnd - position)
+            var pieceSize = subclusterSize
+            if case .compressed = mapping { pieceSize = clusterSize }
+            return (mapping, pieceSize - (position & (pieceSize - 1)))
         }
         let (first, firstLength) = try mapping(at: offset)
         var hostStart: UInt64 = 0
@@ -149,7 +146,7 @@ extension QCOW2Driver {
     public func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
         let table: QCOW2L2Table?
         do {
-            if let tableOffset = try l2TableOffset(for: Int(offset / header.bytesPerL2)) {
+            if let tableOffset = try l2TableOffset(for: geometry.l1Index(of: offset)) {
                 guard let cached = cachedL2Table(at: tableOffset) else { return nil }
                 table = cached
             } else {
@@ -164,15 +161,15 @@ extension QCOW2Driver {
         case .data:
             let host = Int64(run.hostOffset)
             guard var extent = dataFile.cachedFileExtent(at: host, length: length) else { return nil }
-            if let clusters = beginUse(host: host, length: Int64(length)) {
-                // `release` finds the clusters from the extent's offset;
-                // a freed cluster must fill whole pages to be punched out
+            if let epoch = beginUse() {
+                // A freed cluster must fill whole pages to be punched out
                 // alone (see `free`), so smaller ones are not lent.
-                guard extent.offset == host, header.clusterSize >= CachedFileExtent.pageSize else {
-                    endUse(clusters)
+                guard geometry.clusterSize >= CachedFileExtent.pageSize else {
+                    endUse(epoch)
                     return nil
                 }
                 extent.holder = self
+                extent.holderToken = epoch
             }
             return extent
         case .unallocated, .unallocatedSubcluster:
@@ -183,8 +180,8 @@ extension QCOW2Driver {
     }
 
     /// Reads L2 table by table: the runs found in a table are read in the
-    /// same turn of the event loop that looked them up, so their host
-    /// clusters count as in use (`beginUse`) before a discard can free them
+    /// same turn of the event loop that looked them up, so they count as in
+    /// flight (`beginUse`) before a discard can free their host clusters
     /// and the allocator hand them to another guest range. (Runs collected
     /// while a later table loads from disk would not be counted yet.)
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
@@ -194,7 +191,7 @@ extension QCOW2Driver {
         let end = offset + Int64(buffer.count)
         func next(_ position: Int64) {
             guard position < end else { return group.finishIssuing() }
-            let index = Int(position / header.bytesPerL2)
+            let index = geometry.l1Index(of: position)
             l2Table(for: index) { loaded in
                 switch loaded {
                 case .failure(let error):
@@ -202,7 +199,7 @@ extension QCOW2Driver {
                     group.finishIssuing()
                 case .success(let table):
                     var position = position
-                    let tableEnd = min(end, (Int64(index) + 1) * self.header.bytesPerL2)
+                    let tableEnd = min(end, (Int64(index) + 1) * self.geometry.bytesPerL2)
                     do {
                         while position < tableEnd {
                             let run = try self.run(at: position, maxLength: tableEnd - position, table: table)
@@ -230,7 +227,7 @@ extension QCOW2Driver {
     private func readWithinOneRun(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer,
                                   completion: @escaping BlockCompletion) -> Bool {
         guard buffer.count > 0,
-              let tableOffset = try? l2TableOffset(for: Int(offset / header.bytesPerL2)),
+              let tableOffset = try? l2TableOffset(for: geometry.l1Index(of: offset)),
               let table = cachedL2Table(at: tableOffset),
               let run = try? run(at: offset, maxLength: Int64(buffer.count), table: table),
               run.length == Int64(buffer.count), case .data = run.mapping else { return false }
@@ -238,9 +235,9 @@ extension QCOW2Driver {
         let host = Int64(run.hostOffset)
         // Data past the end of the file reads as zeroes: the general path's.
         guard host + Int64(buffer.count) <= node.length else { return false }
-        let clusters = beginUse(host: host, length: Int64(buffer.count))
+        let epoch = beginUse()
         node.read(at: host, into: buffer) { error in
-            self.endUse(clusters)
+            self.endUse(epoch)
             completion(error)
         }
         return true
@@ -283,9 +280,9 @@ extension QCOW2Driver {
         }
         guard available > 0 else { return }
         group.begin()
-        let clusters = beginUse(host: host, length: Int64(available))
+        let epoch = beginUse()
         node.read(at: host, into: UnsafeMutableRawBufferPointer(rebasing: piece[..<available])) { error in
-            self.endUse(clusters)
+            self.endUse(epoch)
             group.end(error)
         }
     }
@@ -305,9 +302,9 @@ extension QCOW2Driver {
         }
         let type = header.compressionType
         group.begin()
-        let clusters = beginUse(host: Int64(host), length: Int64(readSize))
+        let epoch = beginUse()
         file.read(at: Int64(host), into: compressed.mutableBytes) { error in
-            self.endUse(clusters)
+            self.endUse(epoch)
             defer {
                 compressed.deallocate()
                 cluster.deallocate()
@@ -331,7 +328,7 @@ extension QCOW2Driver {
 
     public func blockStatus(at offset: Int64, length: Int64,
                             completion: @escaping (Result<BlockStatus, BlockError>) -> Void) {
-        let index = Int(offset / header.bytesPerL2)
+        let index = geometry.l1Index(of: offset)
         l2Table(for: index) { loaded in
             switch loaded {
             case .failure(let error):

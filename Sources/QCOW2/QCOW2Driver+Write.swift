@@ -24,7 +24,7 @@ extension QCOW2Driver {
         guard let corruptReason else { return nil }
         return BlockError(errno: EIO, "Image is marked corrupt (\(corruptReason)); no more writes until `strata img check -r all`")
     }
-    var externalData: Bool { header.incompatibleFeatures.contains(.externalDataFile) }
+    var externalData: Bool { geometry.externalData }
 
     public func refreshLimits(_ limits: inout BlockLimits) {
         limits.zeroAlignment = max(limits.zeroAlignment, header.clusterSize)
@@ -223,9 +223,9 @@ extension QCOW2Driver {
     /// are not handed out again before it lands, should a discard free them.
     private func writeInPlace(at host: Int64, from buffer: UnsafeRawBufferPointer,
                               completion: @escaping BlockCompletion) {
-        let clusters = beginUse(host: host, length: Int64(buffer.count))
+        let epoch = beginUse()
         dataFile.write(at: host, from: buffer, flags: []) { error in
-            self.endUse(clusters)
+            self.endUse(epoch)
             completion(error)
         }
     }

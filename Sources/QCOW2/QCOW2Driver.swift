@@ -35,6 +35,7 @@ public struct QCOW2Options: Sendable {
 public final class QCOW2Driver: BlockDriver {
     public let formatName = "qcow2"
     public internal(set) var header: QCOW2Header
+    let geometry: QCOW2Geometry
     public let options: QCOW2Options
     /// The L1 table in host byte order (the active one, or the snapshot's).
     var l1: [UInt64]
@@ -77,6 +78,7 @@ public final class QCOW2Driver: BlockDriver {
 
     init(header: QCOW2Header, l1: [UInt64], snapshots: [QCOW2Snapshot], guestSize: Int64, options: QCOW2Options) {
         self.header = header
+        geometry = QCOW2Geometry(header)
         self.l1 = l1
         self.snapshots = snapshots
         self.guestSize = guestSize

@@ -27,14 +27,13 @@ final class QCOW2Refcounter {
     /// freed clusters are handed out again, lowest first, as QEMU does:
     /// discarding and rewriting does not grow the file for ever.
     var firstFreeCandidate: Int64 = 0
-    /// Clusters with data reads or in-place writes in flight, by count
-    /// (a read sent with `sendfile` counts until it has gone out). Such a
-    /// cluster may be freed meanwhile (a discard of the same guest range),
-    /// but must not be handed out again until the I/O has ended: a write
-    /// would land in the new owner's data, a read would return it.
-    var clustersInUse: [Int64: Int] = [:]
-    /// Freed clusters whose bytes are still to be punched out of the file;
-    /// the allocator leaves them alone until then (see `QCOW2Driver.free`).
+    /// Data reads and in-place writes in flight (a read sent with
+    /// `sendfile` counts until it has gone out), and the freed clusters
+    /// they hold back from the allocator (see `QCOW2Driver.free`).
+    var inFlight = QCOW2IOEpochs()
+    /// Freed clusters on their way back to the allocator, which leaves
+    /// them alone: held by I/O in flight (`inFlight`), then punched out of
+    /// the file (see `QCOW2Driver.free`).
     var awaitingPunch: Set<Int64> = []
     /// Clusters holding metadata, for overlap checks before data writes.
     var metadataClusters: Set<Int64> = []
@@ -242,27 +241,6 @@ final class QCOW2Refcounter {
         firstFreeCandidate = min(firstFreeCandidate, cluster)
     }
 
-    /// Counts data I/O on `cluster` until `endUse`.
-    func beginUse(_ cluster: Int64) {
-        clustersInUse[cluster, default: 0] += 1
-    }
-
-    /// Ends one use of `cluster`; true when that was the last.
-    @discardableResult
-    func endUse(_ cluster: Int64) -> Bool {
-        // One hash lookup: this runs once per read of allocated data.
-        guard let index = clustersInUse.index(forKey: cluster) else { return false }
-        let count = clustersInUse.values[index]
-        if count > 1 {
-            clustersInUse.values[index] = count - 1
-            return false
-        }
-        clustersInUse.remove(at: index)
-        // Freed while the I/O was in flight: free for the allocator now.
-        if refcount(cluster) == 0 { firstFreeCandidate = min(firstFreeCandidate, cluster) }
-        return true
-    }
-
     /// The lowest free cluster below `allocationEnd` that a refcount block
     /// already covers, or nil. The search resumes where the last one ended,
     /// so allocating costs no more than one pass over the refcounts between
@@ -284,8 +262,7 @@ final class QCOW2Refcounter {
             let limit = Int(min(perBlock, end - blockStart))
             for index in first..<limit where QCOW2Refcounts.entry(block.bytes, index: index, bits: bits) == 0 {
                 let candidate = blockStart + Int64(index)
-                if metadataClusters.contains(candidate) || clustersInUse[candidate] != nil
-                    || awaitingPunch.contains(candidate) { continue }
+                if metadataClusters.contains(candidate) || awaitingPunch.contains(candidate) { continue }
                 cluster = candidate + 1
                 return candidate
             }
