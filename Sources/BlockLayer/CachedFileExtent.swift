@@ -30,9 +30,6 @@ public struct CachedFileExtent {
     /// been sent, if anything could move them meanwhile (a qcow2 image
     /// hands freed clusters to other guest ranges).
     public var holder: (any CachedFileExtentHolder)?
-    /// What the holder needs back on release (qcow2: the epoch its
-    /// in-flight count is in).
-    public var holderToken: UInt64 = 0
 
     /// The page cache's unit: residency is counted, and holes punched, in
     /// whole pages.

@@ -6,8 +6,9 @@ import BlockLayer
 /// A discard frees a cluster once the tables that dropped it are on disk,
 /// which does not wait for reads and writes that looked it up before: the
 /// refcounter keeps it from the allocator until they end (counted by
-/// epoch, see `QCOW2IOEpochs`), so another guest range's data never
-/// reaches a read of this one, nor a late write of this one the other's.
+/// epoch, see `QCOW2IOEpochs`, or per cluster for ranges lent out for
+/// `sendfile`), so another guest range's data never reaches a read of this
+/// one, nor a late write of this one the other's.
 /// `sendfile` adds a twist: the socket keeps references to the page cache
 /// pages, not copies, until the client has read them, so a freed cluster's
 /// bytes are punched out of the file before it is handed out again (see
@@ -34,9 +35,30 @@ extension QCOW2Driver: CachedFileExtentHolder {
         if !idle.isEmpty { punch(idle) }
     }
 
-    /// A data range lent for `sendfile` (see `cachedFileExtent`) has gone out.
+    /// Lends a data range for `sendfile` (see `cachedFileExtent`): its
+    /// clusters stay out of the allocator until `release`.
+    func lend(_ extent: inout CachedFileExtent) {
+        guard let refcounter else { return }
+        for cluster in hostClusters(at: extent.offset, length: Int64(extent.length)) {
+            refcounter.lentClusters[cluster, default: 0] += 1
+        }
+        extent.holder = self
+    }
+
+    /// A data range lent for `sendfile` has gone out.
     public func release(_ extent: CachedFileExtent) {
-        endUse(extent.holderToken)
+        guard let refcounter else { return }
+        var idle: [Int64] = []
+        for cluster in hostClusters(at: extent.offset, length: Int64(extent.length)) {
+            guard let count = refcounter.lentClusters[cluster] else { continue }
+            if count > 1 {
+                refcounter.lentClusters[cluster] = count - 1
+                continue
+            }
+            refcounter.lentClusters[cluster] = nil
+            if refcounter.awaitingReturn.remove(cluster) != nil { idle.append(cluster) }
+        }
+        punch(idle)
     }
 
     /// Drops the references of `ranges`, which the tables on disk no longer
@@ -58,13 +80,21 @@ extension QCOW2Driver: CachedFileExtentHolder {
         punch(refcounter.inFlight.retire(freed))
     }
 
-    /// Punches free, idle clusters out of the image file, contiguous ones
-    /// together, then hands them to the allocator (whether or not the file
-    /// could punch).
+    /// Punches free clusters that no I/O holds out of the image file,
+    /// contiguous ones together, then hands them to the allocator (whether
+    /// or not the file could punch). Lent ones wait for `release`.
     private func punch(_ clusters: [Int64]) {
-        guard !clusters.isEmpty else { return }
+        guard !clusters.isEmpty, let refcounter else { return }
+        var idle = clusters
+        if !refcounter.lentClusters.isEmpty {
+            idle.removeAll { cluster in
+                guard refcounter.lentClusters[cluster] != nil else { return false }
+                refcounter.awaitingReturn.insert(cluster)
+                return true
+            }
+        }
         let clusterSize = Int64(header.clusterSize)
-        let sorted = clusters.sorted()
+        let sorted = idle.sorted()
         var start = 0
         while start < sorted.count {
             var end = start + 1

@@ -161,15 +161,12 @@ extension QCOW2Driver {
         case .data:
             let host = Int64(run.hostOffset)
             guard var extent = dataFile.cachedFileExtent(at: host, length: length) else { return nil }
-            if let epoch = beginUse() {
-                // A freed cluster must fill whole pages to be punched out
+            if refcounter != nil, !externalData {
+                // `release` finds the clusters from the extent's offset;
+                // a freed cluster must fill whole pages to be punched out
                 // alone (see `free`), so smaller ones are not lent.
-                guard geometry.clusterSize >= CachedFileExtent.pageSize else {
-                    endUse(epoch)
-                    return nil
-                }
-                extent.holder = self
-                extent.holderToken = epoch
+                guard extent.offset == host, geometry.clusterSize >= CachedFileExtent.pageSize else { return nil }
+                lend(&extent)
             }
             return extent
         case .unallocated, .unallocatedSubcluster:

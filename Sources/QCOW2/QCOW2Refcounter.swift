@@ -27,13 +27,21 @@ final class QCOW2Refcounter {
     /// freed clusters are handed out again, lowest first, as QEMU does:
     /// discarding and rewriting does not grow the file for ever.
     var firstFreeCandidate: Int64 = 0
-    /// Data reads and in-place writes in flight (a read sent with
-    /// `sendfile` counts until it has gone out), and the freed clusters
+    /// Data reads and in-place writes in flight, and the freed clusters
     /// they hold back from the allocator (see `QCOW2Driver.free`).
     var inFlight = QCOW2IOEpochs()
+    /// Clusters lent out for `sendfile`, by count. A client that stops
+    /// reading keeps its reply, and so these clusters, for as long as it
+    /// likes: counted by epoch, they would hold back every cluster freed
+    /// after them, so they are counted per cluster.
+    var lentClusters: [Int64: Int] = [:]
+    /// Freed clusters that no I/O in flight holds any more, waiting only
+    /// for their lent ranges to go out.
+    var awaitingReturn: Set<Int64> = []
     /// Freed clusters on their way back to the allocator, which leaves
-    /// them alone: held by I/O in flight (`inFlight`), then punched out of
-    /// the file (see `QCOW2Driver.free`).
+    /// them alone: held by I/O in flight (`inFlight`) or lent out
+    /// (`lentClusters`), then punched out of the file (see
+    /// `QCOW2Driver.free`).
     var awaitingPunch: Set<Int64> = []
     /// Clusters holding metadata, for overlap checks before data writes.
     var metadataClusters: Set<Int64> = []

@@ -159,7 +159,34 @@ import Testing
         backend.endCachedRead(extent)
         write(driver, cluster: 2, byte: 0x33)
         #expect(try host(driver, cluster: 2) == old, "released, it is free again")
-        #expect(driver.refcounter!.inFlight.isIdle, "no I/O stays counted, no cluster held")
+        #expect(driver.refcounter!.inFlight.isIdle && driver.refcounter!.lentClusters.isEmpty)
+    }
+
+    /// A client may leave a reply unread for as long as it likes: the
+    /// extent lent for it holds its own cluster only, not every cluster
+    /// freed after it.
+    @Test func aLentExtentHoldsBackOnlyItsOwnCluster() throws {
+        let (driver, file, backend) = try open()
+        file.cachedHandle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: Glibc.open("/dev/zero", O_RDONLY | O_CLOEXEC))
+        defer { try? file.cachedHandle?.close() }
+        write(driver, cluster: 0, byte: 0x11)
+        write(driver, cluster: 1, byte: 0x22)
+        run { driver.flush(completion: $0) }
+        let lent = try host(driver, cluster: 0)
+        let other = try host(driver, cluster: 1)
+
+        let extent = try #require(backend.beginCachedRead(at: 0, length: clusterSize))
+        discard(driver, cluster: 1)
+        write(driver, cluster: 2, byte: 0x33)
+        #expect(try host(driver, cluster: 2) == other, "a cluster freed after the lend is reused at once")
+
+        discard(driver, cluster: 0)
+        write(driver, cluster: 3, byte: 0x44)
+        #expect(try host(driver, cluster: 3) != lent, "the lent cluster is not")
+        backend.endCachedRead(extent)
+        write(driver, cluster: 4, byte: 0x55)
+        #expect(try host(driver, cluster: 4) == lent)
+        #expect(driver.refcounter!.lentClusters.isEmpty && driver.refcounter!.awaitingReturn.isEmpty)
     }
 
     /// `sendfile` leaves page references, not copies, in the socket: a
@@ -188,6 +215,7 @@ import Testing
         #expect(file.discards.count == 1 && file.discards.first?.offset == old && file.discards.first?.count == Int64(clusterSize))
         write(driver, cluster: 2, byte: 0x33)
         #expect(try host(driver, cluster: 2) == old, "punched, it is free again")
-        #expect(driver.refcounter!.awaitingPunch.isEmpty && driver.refcounter!.inFlight.isIdle)
+        #expect(driver.refcounter!.awaitingPunch.isEmpty && driver.refcounter!.inFlight.isIdle
+                && driver.refcounter!.lentClusters.isEmpty && driver.refcounter!.awaitingReturn.isEmpty)
     }
 }
