@@ -2,13 +2,15 @@
 /// still holds back from the allocator.
 ///
 /// A discard can free a cluster while a read or an in-place write that
-/// looked it up before is still in flight (at the disk, or lent out for
-/// `sendfile`); handed to another guest range meanwhile, the read would
-/// return the new owner's data, or the write land in it. Counting uses per
-/// cluster costs a hash lookup on every read and another at its end;
-/// counting per epoch costs an array increment: a freed cluster waits for
-/// every I/O that began before it was freed, not only for its own, which
-/// only delays reuse (the allocator appends meanwhile).
+/// looked it up before is still in flight at the disk; handed to another
+/// guest range meanwhile, the read would return the new owner's data, or
+/// the write land in it. Counting uses per cluster costs a hash lookup on
+/// every read and another at its end; counting per epoch costs an array
+/// increment: a freed cluster waits for every I/O that began before it was
+/// freed, not only for its own, which delays reuse by at most the longest
+/// request in flight (the allocator appends meanwhile). Ranges lent out
+/// for `sendfile` have no such bound (a client may leave a reply unread),
+/// so they are counted per cluster instead (`QCOW2Refcounter.lentClusters`).
 ///
 /// New I/O counts in the current epoch. Freeing clusters while I/O is in
 /// flight tags them with the current epoch and opens the next, so I/O
