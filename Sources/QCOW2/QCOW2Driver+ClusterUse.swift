@@ -16,17 +16,20 @@ import BlockLayer
 extension QCOW2Driver: CachedFileExtentHolder {
     /// The host clusters under `[host, host + length)`, `length` > 0.
     func hostClusters(at host: Int64, length: Int64) -> ClosedRange<Int64> {
-        let clusterSize = Int64(header.clusterSize)
-        return host / clusterSize...(host + length - 1) / clusterSize
+        let clusterBits = Int64(geometry.clusterBits)
+        return host >> clusterBits...(host + length - 1) >> clusterBits
     }
 
-    /// Counts one data read or in-place write as in flight, when anything
-    /// could free its clusters meanwhile: a writable image with its data in
-    /// its own file (an external data file maps guest offsets one to one).
-    /// Returns what to pass to `endUse`.
+    /// Whether a discard can free data clusters while I/O on them is in
+    /// flight, so the I/O must be counted: a writable image with its data
+    /// in its own file (an external data file maps guest offsets one to one).
+    var dataClustersCanBeFreed: Bool { refcounter != nil && !externalData }
+
+    /// Counts one data read or in-place write as in flight, when
+    /// `dataClustersCanBeFreed`. Returns what to pass to `endUse`.
     func beginUse() -> UInt64? {
-        guard let refcounter, !externalData else { return nil }
-        return refcounter.inFlight.begin()
+        guard !externalData else { return nil }
+        return refcounter?.inFlight.begin()
     }
 
     func endUse(_ epoch: UInt64?) {
@@ -93,7 +96,7 @@ extension QCOW2Driver: CachedFileExtentHolder {
                 return true
             }
         }
-        let clusterSize = Int64(header.clusterSize)
+        let clusterSize = geometry.clusterSize
         let sorted = idle.sorted()
         var start = 0
         while start < sorted.count {

@@ -161,7 +161,7 @@ extension QCOW2Driver {
         case .data:
             let host = Int64(run.hostOffset)
             guard var extent = dataFile.cachedFileExtent(at: host, length: length) else { return nil }
-            if refcounter != nil, !externalData {
+            if dataClustersCanBeFreed {
                 // `release` finds the clusters from the extent's offset;
                 // a freed cluster must fill whole pages to be punched out
                 // alone (see `free`), so smaller ones are not lent.

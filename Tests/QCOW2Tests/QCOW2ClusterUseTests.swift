@@ -11,19 +11,32 @@ import Testing
 /// range's old data, never the new owner's.
 @Suite struct QCOW2ClusterUseTests {
     let loop = EmbeddedEventLoop()
-    /// Nodes refer to their graph without owning it.
-    final class Graphs { var all: [BlockGraph] = [] }
+    /// Nodes refer to their graph without owning it; the handles lent
+    /// files send from are closed with the suite.
+    final class Graphs {
+        var all: [BlockGraph] = []
+        var handles: [NIOFileHandle] = []
+        deinit { handles.forEach { try? $0.close() } }
+    }
     let graphs = Graphs()
     let clusterSize = 64 << 10
 
-    /// An empty, writable image with 64 KiB clusters.
-    func open(size: UInt64 = 4 << 20, unmap: Bool = false) throws -> (QCOW2Driver, RecordingFile, BlockBackend) {
+    /// An empty, writable image with 64 KiB clusters. With `sendfile`, its
+    /// file lends ranges for sending (of /dev/zero: only the lending counts).
+    func open(size: UInt64 = 4 << 20, unmap: Bool = false, sendfile: Bool = false) throws
+        -> (QCOW2Driver, RecordingFile, BlockBackend) {
         var options = QCOW2ImageBuilder.Options(size: size)
         options.clusterBits = 16
         let layout = try QCOW2ImageBuilder(options: options).build()
         var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
         for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
-        return try open(RecordingFile(bytes: bytes), unmap: unmap)
+        let file = RecordingFile(bytes: bytes)
+        if sendfile {
+            let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: Glibc.open("/dev/zero", O_RDONLY | O_CLOEXEC))
+            graphs.handles.append(handle)
+            file.cachedHandle = handle
+        }
+        return try open(file, unmap: unmap)
     }
 
     /// The image in `file`, opened writable with empty metadata caches;
@@ -140,9 +153,7 @@ import Testing
     }
 
     @Test func anExtentLentForSendfileKeepsItsClusterUntilReleased() throws {
-        let (driver, file, backend) = try open()
-        file.cachedHandle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: Glibc.open("/dev/zero", O_RDONLY | O_CLOEXEC))
-        defer { try? file.cachedHandle?.close() }
+        let (driver, file, backend) = try open(sendfile: true)
         write(driver, cluster: 0, byte: 0x11)
         run { driver.flush(completion: $0) }
         let old = try host(driver, cluster: 0)
@@ -166,9 +177,7 @@ import Testing
     /// extent lent for it holds its own cluster only, not every cluster
     /// freed after it.
     @Test func aLentExtentHoldsBackOnlyItsOwnCluster() throws {
-        let (driver, file, backend) = try open()
-        file.cachedHandle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: Glibc.open("/dev/zero", O_RDONLY | O_CLOEXEC))
-        defer { try? file.cachedHandle?.close() }
+        let (driver, _, backend) = try open(sendfile: true)
         write(driver, cluster: 0, byte: 0x11)
         write(driver, cluster: 1, byte: 0x22)
         run { driver.flush(completion: $0) }
@@ -194,9 +203,7 @@ import Testing
     /// pages) only once its last read has been sent, and is handed out
     /// again only once the punch is done.
     @Test func aFreedClusterIsPunchedOutWhenIdleBeforeItIsHandedOutAgain() throws {
-        let (driver, file, backend) = try open(unmap: true)
-        file.cachedHandle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: Glibc.open("/dev/zero", O_RDONLY | O_CLOEXEC))
-        defer { try? file.cachedHandle?.close() }
+        let (driver, file, backend) = try open(unmap: true, sendfile: true)
         write(driver, cluster: 0, byte: 0x11)
         run { driver.flush(completion: $0) }
         let old = try host(driver, cluster: 0)

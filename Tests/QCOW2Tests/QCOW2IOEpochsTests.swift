@@ -47,6 +47,10 @@ import Testing
             var freed: Set<Int64> = []
             var nextID = 0
             var nextCluster: Int64 = 0
+            func finish(_ io: (id: Int, epoch: UInt64)) {
+                for cluster in waitsFor.keys { waitsFor[cluster]?.remove(io.id) }
+                take(epochs.end(io.epoch))
+            }
             func take(_ clusters: [Int64]) {
                 for cluster in clusters {
                     #expect(waitsFor[cluster]?.isEmpty == true, "cluster \(cluster) freed while I/O that saw it runs")
@@ -60,19 +64,14 @@ import Testing
                     inFlight.append((nextID, epochs.begin()))
                     nextID += 1
                 case 1 where !inFlight.isEmpty:
-                    let io = inFlight.remove(at: Int(generator.next() % UInt64(inFlight.count)))
-                    for cluster in waitsFor.keys { waitsFor[cluster]?.remove(io.id) }
-                    take(epochs.end(io.epoch))
+                    finish(inFlight.remove(at: Int(generator.next() % UInt64(inFlight.count))))
                 default:
                     let clusters = (0..<Int(generator.next() % 3)).map { _ in nextCluster += 1; return nextCluster }
                     for cluster in clusters { waitsFor[cluster] = Set(inFlight.map(\.id)) }
                     take(epochs.retire(clusters))
                 }
             }
-            while let io = inFlight.popLast() {
-                for cluster in waitsFor.keys { waitsFor[cluster]?.remove(io.id) }
-                take(epochs.end(io.epoch))
-            }
+            while let io = inFlight.popLast() { finish(io) }
             #expect(waitsFor.isEmpty, "nothing is held once no I/O is in flight")
             #expect(epochs.isIdle)
         }
