@@ -119,14 +119,48 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
         guard phase != .closed else { return }
+        inReadBatch = true
+        defer { inReadBatch = false }
+        if cumulation != nil, cumulation!.readableBytes > 0, !joinSplitMessage(from: &incoming) { return }
         if cumulation == nil || cumulation!.readableBytes == 0 {
             cumulation = incoming
         } else {
             cumulation!.writeBuffer(&incoming)
         }
-        inReadBatch = true
         process()
-        inReadBatch = false
+    }
+
+    /// The last read ended inside a message (a request header, or a short
+    /// WRITE with its payload): completes it from the front of `incoming`
+    /// and parses it, so the rest of the read can be parsed in place.
+    /// Appending the whole read to the last one instead would copy all of
+    /// it, and all of the last one too while slices of it (short WRITE
+    /// payloads) are in flight. The split message's start moves to a buffer
+    /// of its own, and each try appends twice as much as the last, so the
+    /// bytes copied stay within three times the message's length.
+    /// False when nothing is left to parse.
+    private func joinSplitMessage(from incoming: inout ByteBuffer) -> Bool {
+        var length = 64
+        var start = allocator.buffer(capacity: cumulation!.readableBytes + length)
+        start.writeBuffer(&cumulation!)
+        cumulation = start
+        while incoming.readableBytes > 0 {
+            length = min(incoming.readableBytes, max(length, cumulation!.readableBytes))
+            var front = incoming.readSlice(length: length)!
+            cumulation!.writeBuffer(&front)
+            process()
+            guard phase != .closed else { return false }
+            let leftover = cumulation?.readableBytes ?? 0
+            if leftover <= length {
+                // The split message is done; what follows it is still in `incoming`.
+                incoming.moveReaderIndex(to: incoming.readerIndex - leftover)
+                cumulation = nil
+                return true
+            }
+            if readsPaused { return true }
+            length *= 2
+        }
+        return false
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {

@@ -219,6 +219,48 @@ import Testing
         }
     }
 
+    /// Reads may end anywhere in a request: in its header, in its payload,
+    /// or exactly between two. Whatever the split, every request is parsed
+    /// once and every payload lands whole (the parser completes a split
+    /// header from the front of the next read, then goes on in place).
+    @Test(arguments: [1, 2, 5, 27, 28, 29, 55, 56, 57, 100, 4123, 4124, 4125, 9000])
+    func requestsSplitAnywhereAcrossReadsParseOnce(chunk: Int) throws {
+        try negotiate(chunk: chunk)
+        var stream = ByteBuffer()
+        var expected = [UInt8](repeating: 0, count: 64 << 10)
+        let lengths = [4096, 1, 4096, 100, 27, 4096, 3000]
+        for (index, length) in lengths.enumerated() {
+            let offset = index * 8192 + index
+            let payload = pattern(index + 1, length)
+            expected.replaceSubrange(offset..<offset + length, with: payload)
+            var write = Wire.request(type: 1, cookie: UInt64(index + 1), offset: UInt64(offset),
+                                     length: UInt32(length), payload: payload)
+            stream.writeBuffer(&write)
+            var read = Wire.request(type: 0, cookie: UInt64(100 + index), offset: UInt64(offset), length: 16)
+            stream.writeBuffer(&read)
+        }
+        try send(stream, chunk: chunk)
+        var replies = try outbound()
+        var cookies: [UInt64] = []
+        while replies.readableBytes > 0 {
+            let magic = replies.readInteger(as: UInt32.self)
+            if magic == NBDMagic.simpleReply {
+                #expect(replies.readInteger(as: UInt32.self) == 0)
+                cookies.append(replies.readInteger(as: UInt64.self)!)
+            } else {
+                #expect(magic == NBDMagic.structuredReply)
+                let flags = replies.readInteger(as: UInt16.self)!
+                _ = replies.readInteger(as: UInt16.self)
+                let cookie = replies.readInteger(as: UInt64.self)!
+                if flags & 1 != 0 { cookies.append(cookie) }  // one done chunk per request
+                let length = Int(replies.readInteger(as: UInt32.self)!)
+                replies.moveReaderIndex(forwardBy: length)
+            }
+        }
+        #expect(cookies.sorted() == (1...UInt64(lengths.count)).map { $0 } + (100..<100 + UInt64(lengths.count)).map { $0 })
+        #expect(Array(driver.data[0..<expected.count]) == expected)
+    }
+
     @Test(arguments: [1000, 65536 + 7, Int.max])
     func longWritePayloadsArriveIntoAlignedBuffersOfTheirOwn(chunk: Int) throws {
         // Long payloads are copied out of the inbound buffer as they arrive,
