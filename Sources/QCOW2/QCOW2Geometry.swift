@@ -24,4 +24,13 @@ struct QCOW2Geometry {
 
     /// The L1 index of the table that maps guest `offset` (≥ 0).
     func l1Index(of offset: Int64) -> Int { Int(offset >> Int64(l2Bits)) }
+
+    /// The cluster that holds guest or host `offset` (≥ 0).
+    func cluster(of offset: Int64) -> Int64 { offset >> Int64(clusterBits) }
+
+    /// Where `offset` (≥ 0) lies within its cluster.
+    func offsetInCluster(_ offset: Int64) -> Int64 { offset & (clusterSize - 1) }
+
+    /// The L2 slot of guest cluster `cluster` (≥ 0) within its table.
+    func l2Slot(of cluster: Int64) -> Int { Int(cluster & (1 << Int64(l2Bits - clusterBits) - 1)) }
 }
