@@ -22,7 +22,8 @@ public enum HugePageBuffers {
     public static let longestTransfer = 2 << 20
 
     /// ByteBuffers whose storage is a chunk of a huge-page slab when their
-    /// capacity is in the slab range, 4096-aligned memory otherwise.
+    /// capacity is in the slab range, a recycled buffer when it is at most
+    /// `longestRecycled`, 4096-aligned memory otherwise.
     public static let allocator = ByteBufferAllocator(
         allocate: strata_huge_alloc, reallocate: strata_huge_realloc,
         deallocate: strata_huge_free, copy: strata_huge_copy)
@@ -36,6 +37,24 @@ public enum HugePageBuffers {
     public static func suits(length: Int, alignment: Int) -> Bool {
         alignment >= 1 && alignment <= Self.alignment && alignment & (alignment - 1) == 0
             && length >= minimumTransfer && length <= longestTransfer
+    }
+
+    /// Longest buffer `allocator` recycles per size class rather than
+    /// mallocing it afresh (see short_buffers.c): a 4 KiB read's buffer with
+    /// its reply header's page is 8 KiB.
+    public static let longestRecycled = Int(STRATA_SHORT_MAX_SIZE)
+
+    /// Whether a buffer of `capacity` bytes at memory `alignment` is one
+    /// `allocator` recycles: page-aligned memory suits any power-of-two
+    /// alignment up to a page.
+    public static func recycles(capacity: Int, alignment: Int) -> Bool {
+        alignment >= 1 && alignment <= Self.alignment && alignment & (alignment - 1) == 0
+            && capacity <= longestRecycled
+    }
+
+    /// Whether a buffer's storage is a recycled short buffer.
+    public static func isRecycled(_ buffer: ByteBuffer) -> Bool {
+        buffer.withUnsafeReadableBytes { strata_short_room($0.baseAddress) } != 0
     }
 
     /// Whether a buffer's storage is (a chunk of) a huge-page slab.

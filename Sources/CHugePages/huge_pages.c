@@ -109,6 +109,8 @@ static void *take_chunk(int shift) {
 }
 
 void *strata_huge_alloc(size_t size) {
+    void *recycled = strata_short_take(size);
+    if (recycled != NULL) return recycled;
     // Short allocations would waste most of a chunk and gain nothing.
     int shift = size_shift(size);
     if (shift != 0) {
@@ -122,6 +124,7 @@ void *strata_huge_alloc(size_t size) {
 }
 
 void strata_huge_free(void *ptr) {
+    if (strata_short_give(ptr)) return;
     pthread_mutex_lock(&lock);
     int index = slab_index(ptr);
     if (index < 0) {
@@ -165,6 +168,7 @@ void *strata_huge_realloc(void *ptr, size_t old_size, size_t new_size) {
     int index = slab_index(ptr);
     size_t room = index >= 0 ? (size_t)1 << slab_class[index] : 0;
     pthread_mutex_unlock(&lock);
+    if (room == 0) room = strata_short_room(ptr);
     if (new_size <= room) return ptr;
     void *fresh = strata_huge_alloc(new_size);
     if (fresh == NULL) return NULL;

@@ -100,6 +100,47 @@ import Testing
         }
     }
 
+    @Test func shortBuffersAreRecycledNotMalloced() {
+        // What a 4 KiB read asks for with its reply header's page: 8 KiB.
+        // A class holds 1,024 of them; taking 5,000 in turn works only if
+        // each freed one comes back.
+        for round in 0..<5000 {
+            var buffer = HugePageBuffers.allocator.buffer(capacity: 8192)
+            #expect(HugePageBuffers.isRecycled(buffer), "round \(round)")
+            let start = buffer.withUnsafeMutableWritableBytes { Int(bitPattern: $0.baseAddress!) }
+            #expect(start % HugePageBuffers.alignment == 0, "O_DIRECT needs no padding")
+            buffer.writeRepeatingByte(UInt8(truncatingIfNeeded: round), count: 8192)
+            #expect(bytes(of: buffer) == Array(repeating: UInt8(truncatingIfNeeded: round), count: 3))
+        }
+        #expect(HugePageBuffers.recycles(capacity: 32 << 10, alignment: 4096))
+        #expect(HugePageBuffers.recycles(capacity: 4096 + 512, alignment: 1), "buffered transfers too")
+        #expect(!HugePageBuffers.recycles(capacity: (32 << 10) + 1, alignment: 4096))
+        #expect(!HugePageBuffers.recycles(capacity: 8192, alignment: 8192), "stricter than a page")
+    }
+
+    @Test func moreShortBuffersThanAClassHoldsStillWork() {
+        // The 32 KiB class holds 256: the rest come from malloc, and every
+        // buffer keeps its own bytes, also once grown out of its class.
+        var buffers = (0..<300).map { index in
+            var buffer = HugePageBuffers.allocator.buffer(capacity: 32 << 10)
+            buffer.writeRepeatingByte(UInt8(truncatingIfNeeded: index), count: 32 << 10)
+            return buffer
+        }
+        #expect(buffers.contains { !HugePageBuffers.isRecycled($0) }, "300 cannot all be recycled")
+        #expect(buffers.filter(HugePageBuffers.isRecycled).count >= 1)
+        for (index, buffer) in buffers.enumerated() {
+            #expect(bytes(of: buffer) == Array(repeating: UInt8(truncatingIfNeeded: index), count: 3))
+        }
+        buffers.removeAll()
+        var grown = HugePageBuffers.allocator.buffer(capacity: 4096)
+        #expect(HugePageBuffers.isRecycled(grown))
+        grown.writeRepeatingByte(1, count: 4096)
+        grown.writeRepeatingByte(2, count: 40 << 10)  // past 32 KiB: reallocated out of the classes
+        #expect(!HugePageBuffers.isRecycled(grown))
+        #expect(grown.getBytes(at: 4095, length: 2) == [1, 2])
+        #expect(grown.readableBytes == 4096 + 40 << 10)
+    }
+
     /// Whether the buffer's first page is in memory (mincore).
     private func isResident(_ buffer: ByteBuffer) -> Bool {
         buffer.withUnsafeReadableBytes { bytes in

@@ -12,9 +12,10 @@
 //
 // The functions match NIO's custom ByteBufferAllocator hooks. Every
 // allocation is 4096-aligned, so O_DIRECT needs no padding (which would
-// push a 2 MiB transfer past its slab). Sizes that do not want a slab, or
-// arrive when every slab is taken, come from posix_memalign, so an
-// allocation never fails for want of slabs. Thread-safe: NIO may free a
+// push a 2 MiB transfer past its slab). Short sizes come from per-size free
+// lists (below); sizes that want neither, or arrive when every slab or
+// short buffer is taken, come from posix_memalign, so an allocation never
+// fails for want of slabs. Thread-safe: NIO may free a
 // buffer on whichever thread drops it last.
 
 #include <stddef.h>
@@ -34,5 +35,17 @@ void strata_huge_copy(void *_Nonnull dst, const void *_Nonnull src, size_t count
 
 /// Whether `ptr` is a slab (for tests).
 int strata_huge_is_slab(const void *_Nullable ptr);
+
+// Short transfers (short_buffers.c): buffers up to this size are recycled
+// per power-of-two size class (4 KiB up), so a request does not pay malloc.
+#define STRATA_SHORT_MAX_SIZE ((size_t)32 << 10)
+
+/// A recycled, page-aligned buffer of at least `size` bytes; NULL when
+/// `size` is too long or its class has no room left (then use malloc).
+void *_Nullable strata_short_take(size_t size);
+/// Takes `ptr` back if it came from strata_short_take: 1, else 0.
+int strata_short_give(void *_Nonnull ptr);
+/// The usable size of a short buffer, or 0 if `ptr` is not one.
+size_t strata_short_room(const void *_Nullable ptr);
 
 #endif
