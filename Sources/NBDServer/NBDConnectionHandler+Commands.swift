@@ -70,9 +70,7 @@ extension NBDConnectionHandler {
         if let error {
             sendError(cookie: request.cookie, error: NBDError(error, for: request), message: error.description)
         } else {
-            var reply = allocator.buffer(capacity: NBDReplyEncoder.simpleReplyHeaderSize)
-            NBDReplyEncoder.writeSimpleReply(error: 0, cookie: request.cookie, into: &reply)
-            send(reply)
+            sendShort { NBDReplyEncoder.writeSimpleReply(error: 0, cookie: request.cookie, into: &$0) }
         }
         endRequest(bytes: bytes)
     }
@@ -98,13 +96,13 @@ extension NBDConnectionHandler {
         let offset = request.offset
         let structured = session.structuredReplies
         if length == 0 {
-            var reply = allocator.buffer(capacity: NBDReplyEncoder.chunkHeaderSize)
-            if structured {
-                NBDReplyEncoder.writeNoneChunk(cookie: cookie, into: &reply)
-            } else {
-                NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &reply)
+            sendShort { reply in
+                if structured {
+                    NBDReplyEncoder.writeNoneChunk(cookie: cookie, into: &reply)
+                } else {
+                    NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &reply)
+                }
             }
-            send(reply)
             return endRequest(bytes: length)
         }
         if length >= configuration.smallestCachedSend,

@@ -77,6 +77,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var repliesSinceFlush = 0
     /// Whether anything was written since the last flush.
     private var unflushed = false
+    /// Header-only replies not yet written to the channel: gathered in one
+    /// buffer per flush, not a buffer and a pending write each, and the
+    /// buffer reused once the channel has let go of it.
+    private var shortReplies: ByteBuffer?
 
     init(registry: NBDExportRegistry, configuration: Configuration) {
         self.registry = registry
@@ -358,6 +362,27 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         write(.byteBuffer(buffer))
     }
 
+    /// Writes a header-only reply, which `encode` appends, with the others
+    /// of this flush (see `shortReplies`).
+    func sendShort(_ encode: (inout ByteBuffer) -> Void) {
+        if shortReplies == nil {
+            shortReplies = allocator.buffer(capacity: 512)
+        } else if shortReplies!.readableBytes == 0 {
+            shortReplies!.clear()  // no allocation unless the channel still holds it
+        }
+        encode(&shortReplies!)
+        unflushed = true
+        scheduleFlush()
+    }
+
+    /// Hands the gathered header-only replies to the channel, ahead of
+    /// whatever is written next.
+    private func writeShortReplies() {
+        guard let replies = shortReplies, replies.readableBytes > 0 else { return }
+        context.write(wrapOutboundOut(.byteBuffer(replies)), promise: nil)
+        shortReplies!.moveReaderIndex(to: replies.writerIndex)
+    }
+
     /// Writes a file range (READ data the kernel sends from the page
     /// cache); `sent` runs once it has reached the socket, or failed to.
     func send(_ region: FileRegion, sent: @escaping () -> Void) {
@@ -370,6 +395,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// completion burst's, or else one scheduled here (a negotiation reply
     /// written when a paused connection resumes, say).
     private func write(_ data: IOData, promise: EventLoopPromise<Void>? = nil) {
+        writeShortReplies()
         unflushed = true
         context.write(wrapOutboundOut(data), promise: promise)
         scheduleFlush()
@@ -383,6 +409,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         // and an empty flush still walks the pipeline.
         if unflushed {
             unflushed = false
+            writeShortReplies()
             context.flush()
         }
         // (A sendfile reply ends once sent, maybe after its flush.)
@@ -432,6 +459,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func finishAndClose() {
         guard phase != .closed else { return }
         let done = context.eventLoop.makePromise(of: Void.self)
+        writeShortReplies()
         context.writeAndFlush(wrapOutboundOut(.byteBuffer(allocator.buffer(capacity: 0))), promise: done)
         done.futureResult.whenComplete { [weak self] _ in self?.close() }
     }

@@ -383,6 +383,38 @@ import Testing
         #expect(chunks(try outbound()).map(\.cookie) == [3])
     }
 
+    /// Header-only replies finished together go out as one buffer, in the
+    /// order they finished, and a data reply between them keeps its place.
+    @Test func headerOnlyRepliesOfABurstShareOneBuffer() throws {
+        try negotiate()
+        driver.holdCompletions = true
+        for cookie in 1...3 {
+            try send(Wire.request(type: 1, cookie: UInt64(cookie), offset: 0, length: 4, payload: [1, 2, 3, 4]))
+        }
+        try send(Wire.request(type: 0, cookie: 4, offset: 0, length: 512))
+        try send(Wire.request(type: 1, cookie: 5, offset: 0, length: 4, payload: [5, 6, 7, 8]))
+        #expect(driver.held.count == 4, "maxInFlight")
+        burst.run { while !driver.held.isEmpty { driver.release() } }
+        loop.run()
+        var buffers: [ByteBuffer] = []
+        while let buffer = try channel.readOutbound(as: ByteBuffer.self) { buffers.append(buffer) }
+        #expect(buffers.first?.readableBytes == 3 * NBDReplyEncoder.simpleReplyHeaderSize, "three replies, one buffer")
+        var all = ByteBuffer()
+        for var buffer in buffers { all.writeBuffer(&buffer) }
+        var cookies: [UInt64] = []
+        while all.readableBytes > 0 {
+            if all.readInteger(as: UInt32.self) == NBDMagic.simpleReply {
+                _ = all.readInteger(as: UInt32.self)
+                cookies.append(all.readInteger(as: UInt64.self)!)
+            } else {
+                _ = all.readInteger(as: UInt32.self)
+                cookies.append(all.readInteger(as: UInt64.self)!)
+                all.moveReaderIndex(forwardBy: Int(all.readInteger(as: UInt32.self)!))
+            }
+        }
+        #expect(cookies == [1, 2, 3, 4, 5])
+    }
+
     /// A READ into memory aligned for O_DIRECT goes out as one buffer: the
     /// header sits in room left before the data, which the node reads into
     /// without a bounce.
