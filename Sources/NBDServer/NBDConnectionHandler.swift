@@ -54,6 +54,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var negotiation = NBDNegotiation()
     private var requestDecoder: NBDRequestDecoder
     private var cumulation: ByteBuffer?
+    /// Whether `cumulation` is a buffer of the connection's own that holds
+    /// the start of a message split across reads (see `joinSplitMessage`),
+    /// not a read's buffer.
+    private var cumulationIsOwn = false
+    /// Bytes `joinSplitMessage` has copied, for tests of its bound.
+    private(set) var bytesJoined = 0
     /// A WRITE whose payload is arriving into a buffer of its own, or being
     /// skipped (nil) when the request is refused anyway.
     private var incomingWrite: (request: NBDRequest, payload: ByteBuffer?)?
@@ -128,6 +134,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if cumulation != nil, cumulation!.readableBytes > 0, !joinSplitMessage(from: &incoming) { return }
         if cumulation == nil || cumulation!.readableBytes == 0 {
             cumulation = incoming
+            cumulationIsOwn = false
         } else {
             cumulation!.writeBuffer(&incoming)
         }
@@ -139,18 +146,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// and parses it, so the rest of the read can be parsed in place.
     /// Appending the whole read to the last one instead would copy all of
     /// it, and all of the last one too while slices of it (short WRITE
-    /// payloads) are in flight. The split message's start moves to a buffer
-    /// of its own, and each try appends twice as much as the last, so the
-    /// bytes copied stay within three times the message's length.
-    /// False when nothing is left to parse.
+    /// payloads) are in flight. The split message's start moves once to a
+    /// buffer of its own, which later reads append to until the message is
+    /// whole. Each try appends twice as much as the last, so the bytes
+    /// copied stay within three times the message's length (plus 64)
+    /// however many reads it takes. False when nothing is left to parse.
     private func joinSplitMessage(from incoming: inout ByteBuffer) -> Bool {
         var length = 64
-        var start = allocator.buffer(capacity: cumulation!.readableBytes + length)
-        start.writeBuffer(&cumulation!)
-        cumulation = start
+        if !cumulationIsOwn {
+            var start = allocator.buffer(capacity: cumulation!.readableBytes + length)
+            bytesJoined += cumulation!.readableBytes
+            start.writeBuffer(&cumulation!)
+            cumulation = start
+            cumulationIsOwn = true
+        }
         while incoming.readableBytes > 0 {
-            length = min(incoming.readableBytes, max(length, cumulation!.readableBytes))
+            length = min(incoming.readableBytes, length)
             var front = incoming.readSlice(length: length)!
+            bytesJoined += length
             cumulation!.writeBuffer(&front)
             process()
             guard phase != .closed else { return false }
