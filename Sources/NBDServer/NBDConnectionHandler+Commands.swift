@@ -199,18 +199,18 @@ extension NBDConnectionHandler {
     /// their chunks start on 4 KiB and lie in huge pages. `headroom`
     /// bytes before the data are kept free for a reply header (see
     /// `ByteBuffer.prependHeader`), except in huge-page slabs. Short
-    /// buffers are recycled (see `HugePageBuffers.recycles`).
+    /// buffers are recycled (see `TransferBuffers.recycles`).
     func transferBuffer(length: Int, headroom: Int = 0) -> ByteBuffer {
         let limits = export.backend.node?.limits ?? BlockLimits()
-        if HugePageBuffers.suits(length: length, alignment: limits.memoryAlignment) {
-            return HugePageBuffers.allocator.buffer(capacity: length)
+        if TransferBuffers.suits(length: length, alignment: limits.memoryAlignment) {
+            return TransferBuffers.allocator.buffer(capacity: length)
         }
         let alignment = limits.optimalMemoryAlignment
         // Recycled buffers start on a page: the data needs padding only to
         // leave room for the header, and a request costs no malloc.
         let headerRoom = (headroom + alignment - 1) / alignment * alignment
-        if HugePageBuffers.recycles(capacity: headerRoom + length, alignment: alignment) {
-            var data = HugePageBuffers.allocator.buffer(capacity: headerRoom + length)
+        if TransferBuffers.recycles(capacity: headerRoom + length, alignment: alignment) {
+            var data = TransferBuffers.allocator.buffer(capacity: headerRoom + length)
             data.moveWriterIndex(forwardBy: headerRoom)
             data.moveReaderIndex(forwardBy: headerRoom)
             return data

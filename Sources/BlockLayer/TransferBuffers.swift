@@ -1,10 +1,13 @@
 import CHugePages
 @_spi(CustomByteBufferAllocator) import NIOCore
 
-/// Buffers for long O_DIRECT transfers: chunks of 2 MiB transparent huge
-/// pages, so each is one physically contiguous segment (see CHugePages.h).
+/// Buffers for READ and WRITE data, from one allocator: long transfers get
+/// chunks of 2 MiB transparent huge pages, short ones (4 to 32 KiB) buffers
+/// recycled per size class (see CHugePages.h and short_buffers.c), and
+/// every buffer starts on a page, so O_DIRECT needs no padding.
 ///
-/// A block device takes a bounded number of memory segments per request
+/// Long transfers want huge pages because each chunk is then one
+/// physically contiguous segment. A block device takes a bounded number of memory segments per request
 /// (virtio-blk: 254). A 1 MiB buffer of ordinary 4 KiB pages is 256
 /// segments, so the kernel splits each 1 MiB O_DIRECT read in two: on the
 /// benchmark VM, 1 MiB reads at QD8 reached the disk as 509 KiB on average,
@@ -13,7 +16,7 @@ import CHugePages
 /// the disk there also does better with few segments per request: fio
 /// 256 KiB O_DIRECT reads at QD64 ran at 719–848 MiB/s from 4 KiB pages and
 /// 1720–1884 MiB/s from huge pages.
-public enum HugePageBuffers {
+public enum TransferBuffers {
     /// Every buffer from `allocator` starts at this alignment.
     public static let alignment = 4096
     /// Transfers from this length up to `longestTransfer` get a chunk of a
