@@ -38,8 +38,7 @@ public enum TransferBuffers {
     /// page faults and 1.2–1.8 s of CPU that way, 180–190 faults and
     /// 1.0–1.1 s from chunks.
     public static func suits(length: Int, alignment: Int) -> Bool {
-        alignment >= 1 && alignment <= Self.alignment && alignment & (alignment - 1) == 0
-            && length >= minimumTransfer && length <= longestTransfer
+        pageAlignmentCovers(alignment) && length >= minimumTransfer && length <= longestTransfer
     }
 
     /// Longest buffer `allocator` recycles per size class rather than
@@ -48,11 +47,15 @@ public enum TransferBuffers {
     public static let longestRecycled = Int(STRATA_SHORT_MAX_SIZE)
 
     /// Whether a buffer of `capacity` bytes at memory `alignment` is one
-    /// `allocator` recycles: page-aligned memory suits any power-of-two
-    /// alignment up to a page.
+    /// `allocator` recycles.
     public static func recycles(capacity: Int, alignment: Int) -> Bool {
+        pageAlignmentCovers(alignment) && capacity <= longestRecycled
+    }
+
+    /// Whether memory starting on a page meets `alignment`: any power of
+    /// two up to a page.
+    private static func pageAlignmentCovers(_ alignment: Int) -> Bool {
         alignment >= 1 && alignment <= Self.alignment && alignment & (alignment - 1) == 0
-            && capacity <= longestRecycled
     }
 
     /// Whether a buffer's storage is a recycled short buffer.

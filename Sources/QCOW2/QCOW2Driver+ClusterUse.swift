@@ -28,8 +28,8 @@ extension QCOW2Driver: CachedFileExtentHolder {
     /// Counts one data read or in-place write as in flight, when
     /// `dataClustersCanBeFreed`. Returns what to pass to `endUse`.
     func beginUse() -> UInt64? {
-        guard !externalData else { return nil }
-        return refcounter?.inFlight.begin()
+        guard dataClustersCanBeFreed else { return nil }
+        return refcounter!.inFlight.begin()
     }
 
     func endUse(_ epoch: UInt64?) {
