@@ -11,7 +11,13 @@ public final class BlockNode: BlockParent {
     public unowned let graph: BlockGraph
     public internal(set) var options: BlockNodeOptions
     /// Edges to the nodes this one uses.
-    public internal(set) var children: [BlockChild] = []
+    public internal(set) var children: [BlockChild] = [] {
+        didSet { primaryChild = children.first { $0.role.contains(.primary) } }
+    }
+    /// The child that holds this node's data (`file` for formats, the
+    /// filtered child for filters). Kept with `children` rather than
+    /// searched for: every read and write of a format node asks for it.
+    public private(set) var primaryChild: BlockChild?
     /// Edges from the users of this node (nodes and backends).
     public internal(set) var parents: [BlockChild] = []
     public internal(set) var limits = BlockLimits()
@@ -44,10 +50,6 @@ public final class BlockNode: BlockParent {
 
     /// The backing child, if this node has one.
     public var backing: BlockChild? { children.first { $0.role.contains(.cow) } }
-
-    /// The child that holds this node's data (`file` for formats, the
-    /// filtered child for filters).
-    public var primaryChild: BlockChild? { children.first { $0.role.contains(.primary) } }
 
     /// Recomputes limits from the children's and the driver's.
     public func refreshLimits() {

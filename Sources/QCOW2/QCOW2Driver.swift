@@ -96,7 +96,8 @@ public final class QCOW2Driver: BlockDriver {
     var openedFile: BlockNode?
     /// The persistent bitmaps' directory, when the image has bitmaps in use.
     var bitmapDirectory: QCOW2BitmapDirectory?
-    var file: BlockNode { node?.child(named: "file")?.node ?? openedFile! }
+    /// The image file: the primary child (role `.image`, named `file`).
+    var file: BlockNode { node?.primaryChild?.node ?? openedFile! }
     /// Where data clusters live: the external data file, or the image.
     /// (Every read asks: without the external data file bit, no lookup.)
     var dataFile: BlockNode {

@@ -15,7 +15,12 @@ final class QCOW2Refcounter {
     var tableOffset: UInt64
     var table: [UInt64]
     /// Refcount blocks by their host offset.
-    var blocks: [UInt64: AlignedBuffer] = [:]
+    var blocks: [UInt64: AlignedBuffer] = [:] {
+        didSet { lastBlock = nil }
+    }
+    /// The block `block(at:)` found last. One block covers gigabytes of
+    /// the file, so nearly every lookup hits it, without hashing.
+    private var lastBlock: (offset: UInt64, block: AlignedBuffer)?
     var dirtyBlocks: Set<UInt64> = []
     /// Table clusters (indices) changed since the last writeback.
     var dirtyTableClusters: Set<Int> = []
@@ -44,7 +49,7 @@ final class QCOW2Refcounter {
     /// `QCOW2Driver.free`).
     var awaitingPunch: Set<Int64> = []
     /// Clusters holding metadata, for overlap checks before data writes.
-    var metadataClusters: Set<Int64> = []
+    var metadataClusters = QCOW2ClusterMap<Void>()
 
     /// Host offsets an L1 or L2 entry can hold are below 2^56 (QEMU's
     /// `QCOW_MAX_CLUSTER_OFFSET`): nothing is allocated from there on.
@@ -162,8 +167,17 @@ final class QCOW2Refcounter {
         let (tableIndex, index) = location(of: cluster)
         guard tableIndex < table.count else { return 0 }
         let offset = table[tableIndex] & ~UInt64(511)
-        guard offset != 0, let block = blocks[offset] else { return 0 }
+        guard offset != 0, let block = block(at: offset) else { return 0 }
         return QCOW2Refcounts.entry(block.bytes, index: index, bits: bits)
+    }
+
+    /// The refcount block at `offset`, if loaded.
+    @inline(__always)
+    private func block(at offset: UInt64) -> AlignedBuffer? {
+        if let lastBlock, lastBlock.offset == offset { return lastBlock.block }
+        guard let block = blocks[offset] else { return nil }
+        lastBlock = (offset, block)
+        return block
     }
 
     var maxRefcount: UInt64 { bits == 64 ? UInt64.max : (1 << UInt64(bits)) - 1 }
@@ -173,7 +187,7 @@ final class QCOW2Refcounter {
     func adjust(_ cluster: Int64, by delta: Int64) throws {
         let (tableIndex, index) = location(of: cluster)
         guard tableIndex < table.count, case let offset = table[tableIndex] & ~UInt64(511), offset != 0,
-              let block = blocks[offset] else {
+              let block = block(at: offset) else {
             throw BlockError(errno: EIO, "No refcount block covers cluster \(cluster)")
         }
         let current = QCOW2Refcounts.entry(block.bytes, index: index, bits: bits)
