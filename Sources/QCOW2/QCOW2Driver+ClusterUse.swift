@@ -32,6 +32,15 @@ extension QCOW2Driver: CachedFileExtentHolder {
         return refcounter!.inFlight.begin()
     }
 
+    /// `completion`, wrapped to end a use counted now (see `beginUse`)
+    /// before it runs; `completion` itself when nothing needs counting.
+    func countingUse(_ completion: @escaping BlockCompletion) -> BlockCompletion {
+        guard let epoch = beginUse() else { return completion }
+        let use = idleDataUses.popLast() ?? QCOW2DataUse()
+        use.begin(driver: self, epoch: epoch, completion: completion)
+        return { error in use.end(error) }
+    }
+
     func endUse(_ epoch: UInt64?) {
         guard let epoch, let refcounter else { return }
         let idle = refcounter.inFlight.end(epoch)

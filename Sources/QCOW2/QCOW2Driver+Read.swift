@@ -232,11 +232,7 @@ extension QCOW2Driver {
         let host = Int64(run.hostOffset)
         // Data past the end of the file reads as zeroes: the general path's.
         guard host + Int64(buffer.count) <= node.length else { return false }
-        let epoch = beginUse()
-        node.read(at: host, into: buffer) { error in
-            self.endUse(epoch)
-            completion(error)
-        }
+        node.read(at: host, into: buffer, completion: countingUse(completion))
         return true
     }
 
@@ -277,11 +273,8 @@ extension QCOW2Driver {
         }
         guard available > 0 else { return }
         group.begin()
-        let epoch = beginUse()
-        node.read(at: host, into: UnsafeMutableRawBufferPointer(rebasing: piece[..<available])) { error in
-            self.endUse(epoch)
-            group.end(error)
-        }
+        node.read(at: host, into: UnsafeMutableRawBufferPointer(rebasing: piece[..<available]),
+                  completion: countingUse { group.end($0) })
     }
 
     private func readCompressed(host: UInt64, size: Int, guestOffset: Int64,

@@ -223,11 +223,7 @@ extension QCOW2Driver {
     /// are not handed out again before it lands, should a discard free them.
     private func writeInPlace(at host: Int64, from buffer: UnsafeRawBufferPointer,
                               completion: @escaping BlockCompletion) {
-        let epoch = beginUse()
-        dataFile.write(at: host, from: buffer, flags: []) { error in
-            self.endUse(epoch)
-            completion(error)
-        }
+        dataFile.write(at: host, from: buffer, flags: [], completion: countingUse(completion))
     }
 
     /// Writes within one cluster.

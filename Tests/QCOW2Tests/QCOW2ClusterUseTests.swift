@@ -121,6 +121,53 @@ import Testing
         #expect(driver.refcounter!.inFlight.isIdle, "no I/O stays counted, no cluster held")
     }
 
+    /// The records that count reads and in-place writes in flight are
+    /// reused: as many exist as were ever in flight at once, and one that
+    /// completes can start the next request with the same record.
+    @Test func dataUsesAreReusedNotAllocatedPerRequest() throws {
+        let (driver, file, _) = try open()
+        for cluster in 0..<8 { write(driver, cluster: cluster, byte: UInt8(cluster)) }
+        run { driver.flush(completion: $0) }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { buffer.deallocate() }
+
+        for _ in 0..<2 {
+            file.heldReads = []
+            var done = 0
+            for cluster in 0..<8 {
+                driver.read(at: Int64(cluster * clusterSize), into: buffer, flags: []) { error in
+                    #expect(error == nil)
+                    done += 1
+                }
+            }
+            loop.run()
+            #expect(file.heldReads?.count == 8 && driver.idleDataUses.isEmpty, "eight in flight, none idle")
+            release(\.heldReads, of: file)
+            #expect(done == 8 && driver.idleDataUses.count == 8, "all eight back, none made the second time")
+        }
+
+        // Each completion starts the next read and write: one record serves.
+        let data = [UInt8](repeating: 0x5a, count: 4096)
+        var left = 100
+        func next() {
+            guard left > 0 else { return }
+            left -= 1
+            driver.read(at: Int64(left % 8 * clusterSize), into: buffer, flags: []) { error in
+                #expect(error == nil)
+                data.withUnsafeBytes { bytes in
+                    driver.write(at: Int64(left % 8 * clusterSize), from: bytes, flags: []) { error in
+                        #expect(error == nil)
+                        next()
+                    }
+                }
+            }
+        }
+        next()
+        loop.run()
+        #expect(left == 0 && driver.idleDataUses.count == 8, "no record added")
+        #expect(driver.refcounter!.inFlight.isIdle, "no I/O stays counted")
+    }
+
     @Test func aReadAcrossTwoL2TablesCountsTheFirstTablesClustersWhileTheSecondLoads() throws {
         let tableSpan = 512 << 20  // one L2 table of 64 KiB clusters
         let (writer, file, _) = try open(size: 1 << 30)
