@@ -27,6 +27,19 @@ public enum QCOW2Entry {
     /// Bits that must be zero in an L1 entry (0–8, 56–62).
     static let l1ReservedMask: UInt64 = 0x7f00_0000_0000_01ff
 
+    /// The host cluster of a standard L2 entry that maps plain data; nil
+    /// for anything else (unallocated, zero, compressed, or an entry a
+    /// correct image cannot contain). The one test most reads make, ahead
+    /// of the full decode: whenever it answers, `mapping` answers `.data`
+    /// at the same offset (without an external data file).
+    @inline(__always)
+    static func plainDataCluster(_ entry: UInt64, clusterSize: Int64) -> UInt64? {
+        let host = entry & offsetMask
+        guard entry & (compressed | zeroFlag | l2ReservedMask) == 0, host != 0,
+              host & UInt64(clusterSize - 1) == 0 else { return nil }
+        return host
+    }
+
     /// The mapping of subcluster `subcluster` of an entry; `bitmap` is the
     /// extended-L2 bitmap (nil for standard L2). Returns nil for entries a
     /// correct image cannot contain.

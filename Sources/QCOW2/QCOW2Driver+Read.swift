@@ -225,11 +225,20 @@ extension QCOW2Driver {
                                   completion: @escaping BlockCompletion) -> Bool {
         guard buffer.count > 0,
               let tableOffset = try? l2TableOffset(for: geometry.l1Index(of: offset)),
-              let table = cachedL2Table(at: tableOffset),
-              let run = try? run(at: offset, maxLength: Int64(buffer.count), table: table),
-              run.length == Int64(buffer.count), case .data = run.mapping else { return false }
+              let table = cachedL2Table(at: tableOffset) else { return false }
+        let host: Int64
+        let inCluster = geometry.offsetInCluster(offset)
+        if !geometry.extendedL2, !geometry.externalData, inCluster + Int64(buffer.count) <= geometry.clusterSize,
+           let cluster = QCOW2Entry.plainDataCluster(table.entry(geometry.l2Slot(of: geometry.cluster(of: offset))),
+                                                     clusterSize: geometry.clusterSize) {
+            // Within one plain data cluster: no need for the general decode.
+            host = Int64(cluster) + inCluster
+        } else {
+            guard let run = try? run(at: offset, maxLength: Int64(buffer.count), table: table),
+                  run.length == Int64(buffer.count), case .data = run.mapping else { return false }
+            host = Int64(run.hostOffset)
+        }
         let node = dataFile
-        let host = Int64(run.hostOffset)
         // Data past the end of the file reads as zeroes: the general path's.
         guard host + Int64(buffer.count) <= node.length else { return false }
         node.read(at: host, into: buffer, completion: countingUse(completion))

@@ -95,6 +95,33 @@ import Testing
         #expect(QCOW2Entry.mapping(entry: 0, bitmap: bitmap, subcluster: 5, clusterBits: 17) == .unallocated)
     }
 
+    /// The read path's shortcut answers for plain data only, and then as
+    /// the full decode does; for every other entry it leaves the decision
+    /// to the decode (which also refuses what a correct image cannot hold).
+    @Test func thePlainDataShortcutAgreesWithTheDecode() {
+        var random = SplitMix64(seed: 11)
+        let flags: [UInt64] = [0, QCOW2Entry.copied, QCOW2Entry.compressed, QCOW2Entry.zeroFlag, 1 << 3, 1 << 60]
+        for clusterBits in UInt32(9)...21 {
+            let clusterSize = Int64(1) << clusterBits
+            for _ in 0..<2000 {
+                var entry = flags[Int(random.next() % UInt64(flags.count))] | flags[Int(random.next() % UInt64(flags.count))]
+                switch random.next() % 3 {
+                case 0: break                                                  // no offset
+                case 1: entry |= (random.next() << clusterBits) & QCOW2Entry.offsetMask  // aligned
+                default: entry |= random.next() & QCOW2Entry.offsetMask        // sector-aligned only
+                }
+                let mapping = QCOW2Entry.mapping(entry: entry, bitmap: nil, subcluster: 0, clusterBits: clusterBits)
+                let host = QCOW2Entry.plainDataCluster(entry, clusterSize: clusterSize)
+                if let host {
+                    #expect(mapping == .data(hostOffset: host), "entry 0x\(String(entry, radix: 16))")
+                } else if case .data(let offset) = mapping, offset % UInt64(clusterSize) == 0,
+                          entry & QCOW2Entry.l2ReservedMask == 0 {
+                    Issue.record("valid data entry 0x\(String(entry, radix: 16)) not taken by the shortcut")
+                }
+            }
+        }
+    }
+
     @Test func parsesSnapshotTables() throws {
         var bytes = [UInt8](repeating: 0, count: 40)
         bytes[11] = 2            // l1 size 2
