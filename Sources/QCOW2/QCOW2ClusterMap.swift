@@ -5,14 +5,21 @@
 /// `Dictionary` and `Set` hash every key with SipHash: about 90 of the
 /// instructions qcow2 added to each 4 KiB request, per lookup. Keys here
 /// are non-negative integers with their low bits often all zero (aligned
-/// offsets), which a multiplicative (Fibonacci) hash spreads as well;
-/// slots are probed linearly, and a removal moves the entries after it
-/// back, so no tombstones pile up.
+/// offsets), which a multiply-shift hash spreads as well; slots are probed
+/// linearly, and a removal moves the entries after it back, so no
+/// tombstones pile up.
+///
+/// The keys come from the image, which may be hostile: with a fixed
+/// multiplier, an image could place its L2 tables so that all of them
+/// share one run of slots, and every lookup would walk it. The multiplier
+/// is random per map (any odd number gives a universal family), as
+/// SipHash's seed is random per process.
 struct QCOW2ClusterMap<Value> {
     /// A power of two, more than twice `count`.
     private var slots: [(key: Int64, value: Value)?] = Array(repeating: nil, count: 16)
     /// 64 minus log2 of `slots.count`: a hash's top bits pick the slot.
     private var shift: UInt64 = 60
+    private let multiplier = UInt64.random(in: 0...UInt64.max) | 1
     private(set) var count = 0
 
     var isEmpty: Bool { count == 0 }
@@ -36,6 +43,18 @@ struct QCOW2ClusterMap<Value> {
     /// Every key and its value, in no particular order.
     var elements: [(key: Int64, value: Value)] { slots.compactMap { $0 } }
 
+    /// The most slots a lookup probes: the longest run of occupied slots,
+    /// plus the empty one that ends it (for tests).
+    var longestProbe: Int {
+        var longest = 0, run = 0
+        // Twice round, so that a run wrapping past the end counts whole.
+        for index in 0..<2 * slots.count {
+            run = slots[index & (slots.count - 1)] == nil ? 0 : run + 1
+            longest = max(longest, run)
+        }
+        return min(longest, slots.count) + 1
+    }
+
     /// The slot holding `key`, or the empty slot where it goes.
     @inline(__always)
     private func slot(of key: Int64) -> Int {
@@ -49,7 +68,7 @@ struct QCOW2ClusterMap<Value> {
 
     @inline(__always)
     private func home(_ key: Int64) -> Int {
-        Int(truncatingIfNeeded: (UInt64(bitPattern: key) &* 0x9E37_79B9_7F4A_7C15) >> shift)
+        Int(truncatingIfNeeded: (UInt64(bitPattern: key) &* multiplier) >> shift)
     }
 
     /// Empties `hole`, then moves back into it each following entry whose

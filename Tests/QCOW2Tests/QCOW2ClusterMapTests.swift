@@ -57,6 +57,23 @@ import Testing
         #expect(known.allSatisfy { map[$0] == nil })
     }
 
+    /// Keys chosen to share one home slot under a fixed multiplier (the
+    /// golden ratio's, which this map used at first) would make one run
+    /// as long as the map; with a random multiplier they spread.
+    @Test func keysBuiltToCollideDoNotFormOneRun() {
+        let golden: UInt64 = 0x9E37_79B9_7F4A_7C15
+        var inverse = golden
+        for _ in 0..<6 { inverse = inverse &* (2 &- golden &* inverse) }
+        #expect(golden &* inverse == 1)
+        // Times the golden multiplier, each of these gives 0x15 << 58 plus
+        // at most 12 low bits: one home slot, whatever the table size.
+        let keys = (0..<UInt64(4096)).map { Int64(bitPattern: inverse &* (0x15 << 58 | $0)) }
+        var map = QCOW2ClusterMap<Void>()
+        for key in keys { map.insert(key) }
+        #expect(map.count == 4096 && keys.allSatisfy(map.contains))
+        #expect(map.longestProbe < 200, "longest probe \(map.longestProbe) of 4096 keys")
+    }
+
     @Test func aClusterSetInsertsRemovesAndUnites() {
         var set = QCOW2ClusterMap<Void>()
         set.insert(0)
