@@ -15,6 +15,8 @@ public final class BlockBackend: BlockParent {
     private var quiesceCount = 0
     private var queued: [() -> Void] = []
     private var drainPromises: [EventLoopPromise<Void>] = []
+    /// Requests that have ended, for the next ones to take.
+    private(set) var idleRequests: [BlockBackendRequest] = []
 
     init(name: String, graph: BlockGraph) {
         self.name = name
@@ -48,16 +50,28 @@ public final class BlockBackend: BlockParent {
         }
     }
 
+    /// `completion`, wrapped to end the request `begin` counted before it
+    /// runs.
+    @inline(__always)
+    private func ending(_ completion: @escaping BlockCompletion) -> BlockCompletion {
+        let request = idleRequests.popLast() ?? BlockBackendRequest()
+        request.begin(backend: self, completion: completion)
+        return { error in request.end(error) }
+    }
+
+    /// A request counted by `begin` has ended; its record is free again.
+    func ended(_ request: BlockBackendRequest) {
+        end()
+        idleRequests.append(request)
+    }
+
     private static let noMedium = BlockError(errno: 123 /* ENOMEDIUM */, "no medium")
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer,
                      flags: BlockRequestFlags = [], completion: @escaping BlockCompletion) {
         if quiesceCount > 0 { return queued.append { self.read(at: offset, into: buffer, flags: flags, completion: completion) } }
         guard let node = begin() else { return completion(Self.noMedium) }
-        node.read(at: offset, into: buffer, flags: flags) { error in
-            self.end()
-            completion(error)
-        }
+        node.read(at: offset, into: buffer, flags: flags, completion: ending(completion))
     }
 
     /// Starts a read that the caller hands to the kernel as a file range
@@ -85,10 +99,7 @@ public final class BlockBackend: BlockParent {
         if quiesceCount > 0 { return queued.append { self.write(at: offset, from: buffer, flags: flags, completion: completion) } }
         guard let node = begin() else { return completion(Self.noMedium) }
         let flags = writeThrough ? flags.union(.fua) : flags
-        node.write(at: offset, from: buffer, flags: flags) { error in
-            self.end()
-            completion(error)
-        }
+        node.write(at: offset, from: buffer, flags: flags, completion: ending(completion))
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags,
@@ -96,37 +107,25 @@ public final class BlockBackend: BlockParent {
         if quiesceCount > 0 { return queued.append { self.writeZeroes(at: offset, length: length, flags: flags, completion: completion) } }
         guard let node = begin() else { return completion(Self.noMedium) }
         let flags = writeThrough ? flags.union(.fua) : flags
-        node.writeZeroes(at: offset, length: length, flags: flags) { error in
-            self.end()
-            completion(error)
-        }
+        node.writeZeroes(at: offset, length: length, flags: flags, completion: ending(completion))
     }
 
     public func discard(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
         if quiesceCount > 0 { return queued.append { self.discard(at: offset, length: length, completion: completion) } }
         guard let node = begin() else { return completion(Self.noMedium) }
-        node.discard(at: offset, length: length) { error in
-            self.end()
-            completion(error)
-        }
+        node.discard(at: offset, length: length, completion: ending(completion))
     }
 
     public func flush(completion: @escaping BlockCompletion) {
         if quiesceCount > 0 { return queued.append { self.flush(completion: completion) } }
         guard let node = begin() else { return completion(Self.noMedium) }
-        node.flush { error in
-            self.end()
-            completion(error)
-        }
+        node.flush(completion: ending(completion))
     }
 
     public func prefetch(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
         if quiesceCount > 0 { return queued.append { self.prefetch(at: offset, length: length, completion: completion) } }
         guard let node = begin() else { return completion(Self.noMedium) }
-        node.prefetch(at: offset, length: length) { error in
-            self.end()
-            completion(error)
-        }
+        node.prefetch(at: offset, length: length, completion: ending(completion))
     }
 
     /// What a reader sees, through the backing chain (`blockStatusAbove`).

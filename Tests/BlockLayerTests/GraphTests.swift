@@ -85,4 +85,40 @@ import Testing
         driver.release()
         #expect(order == ["first", "queued"])
     }
+
+    /// The records a backend counts requests in flight with are reused: as
+    /// many exist as requests were ever in flight at once, and each has
+    /// ended (in flight 0) before its caller hears of it.
+    @Test func backendRequestRecordsAreReused() throws {
+        let graph = BlockGraph(eventLoop: loop)
+        let driver = MemoryDriver(size: 4096)
+        let node = try graph.addNode(name: "disk", driver: driver)
+        let backend = try graph.attachBackend(name: "b", to: node, perm: [.consistentRead, .write], shared: .all)
+        let bytes = [UInt8](repeating: 7, count: 512)
+        let target = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 512)
+        defer { target.deallocate() }
+        var inFlightSeen: [Int] = []
+        func issue() {
+            bytes.withUnsafeBytes { buffer in
+                backend.write(at: 0, from: buffer) { _ in inFlightSeen.append(backend.inFlight) }
+            }
+            for index in 0..<2 {
+                let half = UnsafeMutableRawBufferPointer(rebasing: target[index * 512..<(index + 1) * 512])
+                backend.read(at: 512 * Int64(index + 1), into: half) { _ in inFlightSeen.append(backend.inFlight) }
+            }
+        }
+        driver.holdCompletions = true
+        for _ in 0..<2 {
+            issue()
+            #expect(backend.inFlight == 3 && backend.idleRequests.isEmpty)
+            driver.release()
+            loop.run()
+            #expect(backend.inFlight == 0 && backend.idleRequests.count == 3, "three records, none made the second time")
+        }
+        #expect(inFlightSeen == [2, 1, 0, 2, 1, 0])
+        driver.holdCompletions = false
+        for _ in 0..<10 { issue() }
+        #expect(backend.idleRequests.count == 3)
+    }
 }
+
