@@ -53,6 +53,8 @@ public final class FileDriver: BlockDriver {
     /// dropped the dirty pages: every later flush fails too, so no client
     /// is told that lost data is safe.
     var flushFailure: BlockError?
+    /// Engine I/O records that have ended, for the next I/O to take.
+    var idleRequests: [FileRequest] = []
 
     /// Cached reads larger than this still go to the pool: copying them on
     /// the loop would leave the other cores idle while it copies.
@@ -195,12 +197,15 @@ public final class FileDriver: BlockDriver {
 
     private func read(on engine: FileIOEngine, at offset: Int64, into pointer: UnsafeMutableRawPointer, count: Int,
                       completion: @escaping BlockCompletion) {
+        let request = idleRequests.popLast() ?? FileRequest()
+        request.begin(driver: self, isWrite: false, fua: false, offset: offset, pointer: pointer, count: count,
+                      completion: completion)
         engine.submit(fd: fd, write: false, buffer: pointer, count: count, offset: offset, rwFlags: 0) { result in
-            self.readDone(result, at: offset, into: pointer, count: count, completion: completion)
+            request.end(result)
         }
     }
 
-    private func readDone(_ result: Int, at offset: Int64, into pointer: UnsafeMutableRawPointer, count: Int,
+    func readDone(_ result: Int, at offset: Int64, into pointer: UnsafeMutableRawPointer, count: Int,
                           completion: @escaping BlockCompletion) {
         if result < 0 {
             if result == -Int(EINTR) {
@@ -269,13 +274,16 @@ public final class FileDriver: BlockDriver {
 
     private func write(on engine: FileIOEngine, at offset: Int64, from pointer: UnsafeMutableRawPointer, count: Int,
                        fua: Bool, completion: @escaping BlockCompletion) {
+        let request = idleRequests.popLast() ?? FileRequest()
+        request.begin(driver: self, isWrite: true, fua: fua, offset: offset, pointer: pointer, count: count,
+                      completion: completion)
         engine.submit(fd: fd, write: true, buffer: pointer, count: count, offset: offset,
                       rwFlags: fua ? strata_RWF_DSYNC : 0) { result in
-            self.writeDone(result, at: offset, from: pointer, count: count, fua: fua, completion: completion)
+            request.end(result)
         }
     }
 
-    private func writeDone(_ result: Int, at offset: Int64, from pointer: UnsafeMutableRawPointer, count: Int,
+    func writeDone(_ result: Int, at offset: Int64, from pointer: UnsafeMutableRawPointer, count: Int,
                            fua: Bool, completion: @escaping BlockCompletion) {
         if result < 0 {
             if result == -Int(EINTR) {

@@ -135,6 +135,48 @@ import Testing
         try close(graph, io)
     }
 
+    /// The records of engine I/O are reused: as many exist as I/Os were
+    /// ever in flight at once, and every I/O still lands where it should.
+    @Test(arguments: [FileAIOMode.native, .ioUring])
+    func engineRequestRecordsAreReused(aio: FileAIOMode) throws {
+        let path = try makeFile(size: 1 << 20, name: "records-\(aio).raw")
+        let (graph, node, io) = try open(path, direct: true, aio: aio)
+        let driver = try #require(node.driver as? FileDriver)
+        let buffers = (0..<32).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096) }
+        defer { buffers.forEach { $0.deallocate() } }
+        for round in 0..<3 {
+            // Reads of the even 4 KiB blocks, writes of the odd ones, all at once.
+            let idleWhileInFlight = try loop.flatSubmit { () -> EventLoopFuture<Int> in
+                var done: [EventLoopFuture<Void>] = []
+                for (index, buffer) in buffers.enumerated() {
+                    let promise = self.loop.makePromise(of: Void.self)
+                    done.append(promise.futureResult)
+                    let completion: BlockCompletion = { error in
+                        if let error { promise.fail(error) } else { promise.succeed(()) }
+                    }
+                    if index % 2 == 0 {
+                        node.read(at: Int64(index * 4096), into: buffer, completion: completion)
+                    } else {
+                        buffer.initializeMemory(as: UInt8.self, repeating: UInt8(round * 32 + index))
+                        node.write(at: Int64(index * 4096), from: UnsafeRawBufferPointer(buffer), completion: completion)
+                    }
+                }
+                let idle = driver.idleRequests.count
+                return EventLoopFuture.andAllSucceed(done, on: self.loop).map { idle }
+            }.wait()
+            #expect(idleWhileInFlight == 0, "round \(round): all 32 records in use at once")
+            #expect(try loop.submit { driver.idleRequests.count }.wait() == 32, "round \(round): none made after the first")
+            for index in stride(from: 0, to: 32, by: 2) {
+                let expected = (index * 4096..<(index + 1) * 4096).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) }
+                #expect(Array(buffers[index]) == expected, "round \(round): block \(index) read")
+            }
+        }
+        for index in stride(from: 1, to: 32, by: 2) {
+            #expect(try read(node, Int64(index * 4096), 4096) == [UInt8](repeating: UInt8(64 + index), count: 4096))
+        }
+        try close(graph, io)
+    }
+
     @Test(arguments: [false, true])
     func failedIOSurfacesAsAnErrorAndTheEngineGoesOn(uring: Bool) throws {
         let path = try makeFile(size: 1 << 16, name: "fail-\(uring).raw")
