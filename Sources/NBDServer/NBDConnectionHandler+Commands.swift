@@ -113,50 +113,61 @@ extension NBDConnectionHandler {
         let base = data.withUnsafeMutableWritableBytes { $0.baseAddress! }
         data.moveWriterIndex(forwardBy: length)
         let target = UnsafeMutableRawBufferPointer(start: base, count: length)
-        export.backend.read(at: Int64(offset), into: target) { error in
-            if let error {
-                self.sendError(cookie: cookie, error: NBDError(error, for: request), message: error.description)
-                return self.endRequest(bytes: length)
-            }
-            if structured {
-                let bytes = UnsafeRawBufferPointer(target)
-                let dontFragment = request.flags.contains(.dontFragment)
-                func chunk(_ start: Int, _ count: Int, hole: Bool, done: Bool) {
-                    if hole {
-                        var header = self.allocator.buffer(capacity: 32)
-                        NBDReplyEncoder.writeHoleChunk(done: done, cookie: cookie, offset: offset + UInt64(start),
-                                                       length: UInt32(count), into: &header)
-                        self.send(header)
+        let pending = idleReads.popLast() ?? NBDPendingRead()
+        // Consumed, not copied: the reply writes its header into this
+        // storage, which must then have no other owner.
+        pending.begin(handler: self, request: request, data: consume data, target: target)
+        export.backend.read(at: Int64(offset), into: target) { error in pending.end(error) }
+    }
+
+    /// The reply to a READ whose data is in `data` (`target` is its bytes).
+    func readFinished(cookie: UInt64, offset: UInt64, flags: NBDCommandFlags, data: inout ByteBuffer,
+                      target: UnsafeMutableRawBufferPointer, error: BlockError?) {
+        let length = target.count
+        if let error {
+            let request = NBDRequest(type: NBDCommand.read.rawValue, flags: flags, cookie: cookie, offset: offset,
+                                     length: UInt32(length))
+            sendError(cookie: cookie, error: NBDError(error, for: request), message: error.description)
+            return endRequest(bytes: length)
+        }
+        if session.structuredReplies {
+            let bytes = UnsafeRawBufferPointer(target)
+            let dontFragment = flags.contains(.dontFragment)
+            func chunk(_ start: Int, _ count: Int, hole: Bool, done: Bool) {
+                if hole {
+                    var header = allocator.buffer(capacity: 32)
+                    NBDReplyEncoder.writeHoleChunk(done: done, cookie: cookie, offset: offset + UInt64(start),
+                                                   length: UInt32(count), into: &header)
+                    send(header)
+                } else {
+                    func header(_ buffer: inout ByteBuffer) {
+                        NBDReplyEncoder.writeDataChunkHeader(done: done, cookie: cookie, offset: offset + UInt64(start),
+                                                             dataLength: count, into: &buffer)
+                    }
+                    if count == length {
+                        send(header: NBDReplyEncoder.dataChunkHeaderSize, header, before: &data)
                     } else {
-                        func header(_ buffer: inout ByteBuffer) {
-                            NBDReplyEncoder.writeDataChunkHeader(done: done, cookie: cookie, offset: offset + UInt64(start),
-                                                                 dataLength: count, into: &buffer)
-                        }
-                        if count == length {
-                            self.send(header: NBDReplyEncoder.dataChunkHeaderSize, header, before: &data)
-                        } else {
-                            var piece = data.getSlice(at: data.readerIndex + start, length: count)!
-                            self.send(header: NBDReplyEncoder.dataChunkHeaderSize, header, before: &piece)
-                        }
+                        var piece = data.getSlice(at: data.readerIndex + start, length: count)!
+                        send(header: NBDReplyEncoder.dataChunkHeaderSize, header, before: &piece)
                     }
                 }
-                if SparseReadPlan.maySplit(count: length, dontFragment: dontFragment) {
-                    let pieces = SparseReadPlan.pieces(of: bytes, offset: offset, dontFragment: dontFragment)
-                    for (index, piece) in pieces.enumerated() {
-                        chunk(piece.start, piece.length, hole: piece.hole, done: index == pieces.count - 1)
-                    }
-                } else {
-                    // Most reads are too short to hold a hole worth its own
-                    // chunk: no plan (and no allocation) for those.
-                    chunk(0, length, hole: isAllZero(bytes), done: true)
+            }
+            if SparseReadPlan.maySplit(count: length, dontFragment: dontFragment) {
+                let pieces = SparseReadPlan.pieces(of: bytes, offset: offset, dontFragment: dontFragment)
+                for (index, piece) in pieces.enumerated() {
+                    chunk(piece.start, piece.length, hole: piece.hole, done: index == pieces.count - 1)
                 }
             } else {
-                self.send(header: NBDReplyEncoder.simpleReplyHeaderSize, {
-                    NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &$0)
-                }, before: &data)
+                // Most reads are too short to hold a hole worth its own
+                // chunk: no plan (and no allocation) for those.
+                chunk(0, length, hole: isAllZero(bytes), done: true)
             }
-            self.endRequest(bytes: length)
+        } else {
+            send(header: NBDReplyEncoder.simpleReplyHeaderSize, {
+                NBDReplyEncoder.writeSimpleReply(error: 0, cookie: cookie, into: &$0)
+            }, before: &data)
         }
+        endRequest(bytes: length)
     }
 
     /// Sends a `size`-byte reply header that `write` writes, then `data`:

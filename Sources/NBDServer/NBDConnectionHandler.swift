@@ -87,6 +87,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// buffer per flush, not a buffer and a pending write each, and the
     /// buffer reused once the channel has let go of it.
     private var shortReplies: ByteBuffer?
+    /// READs that have been answered, for the next ones to take.
+    var idleReads: [NBDPendingRead] = []
 
     init(registry: NBDExportRegistry, configuration: Configuration) {
         self.registry = registry

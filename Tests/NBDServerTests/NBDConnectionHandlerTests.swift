@@ -476,6 +476,38 @@ import Testing
         #expect(reply.readBytes(length: reply.readableBytes) == expected)
     }
 
+    /// READs in flight are kept in records the connection reuses: as many
+    /// as were ever in flight at once. Each reply goes out from the very
+    /// buffer the disk read into, completed at once or later: handing the
+    /// buffer through the record must not leave a second owner behind,
+    /// which would make writing the header copy the whole buffer.
+    @Test(arguments: [false, true])
+    func readsReuseTheirRecordsAndReplyFromTheBufferReadInto(held: Bool) throws {
+        try negotiate()
+        for index in 0..<(5 * 4096) { driver.data[index] = UInt8(truncatingIfNeeded: index | 1) }  // data, not holes
+        driver.holdCompletions = held
+        for round in 0..<2 {
+            driver.bufferAddresses = []
+            var burst = ByteBuffer()
+            for cookie in 1...4 {
+                var read = Wire.request(type: 0, cookie: UInt64(cookie), offset: UInt64(cookie * 4096), length: 4096)
+                burst.writeBuffer(&read)
+            }
+            try send(burst)
+            if held {
+                #expect(driver.held.count == 4 && handler.idleReads.isEmpty, "round \(round): all four records in use")
+                driver.release()
+                loop.run()
+            }
+            #expect(handler.idleReads.count == (held ? 4 : 1), "round \(round): no record made after the first round")
+            var replies: [ByteBuffer] = []
+            while let part = try channel.readOutbound(as: ByteBuffer.self) { replies.append(part) }
+            #expect(replies.count == 4)
+            let sent = replies.map { reply in reply.withUnsafeReadableBytes { Int(bitPattern: $0.baseAddress) + 28 } }
+            #expect(sent == driver.bufferAddresses, "round \(round): replies sent from the buffers read into")
+        }
+    }
+
     /// READ and WRITE buffers start at the node's optimal alignment (the
     /// page, for O_DIRECT), not just at the alignment it requires, so a
     /// 4 KiB transfer is one page, one segment, for the device.
