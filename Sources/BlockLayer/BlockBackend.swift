@@ -4,7 +4,7 @@ import NIOCore
 /// (QEMU's BlockBackend). It holds permissions on its root node, counts
 /// requests in flight and queues new ones while drained, so the graph below
 /// can change under live clients.
-public final class BlockBackend: BlockParent {
+public final class BlockBackend: BlockParent, InFlightRequestOwner {
     public let name: String
     public unowned let graph: BlockGraph
     public internal(set) var root: BlockChild?
@@ -16,7 +16,7 @@ public final class BlockBackend: BlockParent {
     private var queued: [() -> Void] = []
     private var drainPromises: [EventLoopPromise<Void>] = []
     /// Requests that have ended, for the next ones to take.
-    private(set) var idleRequests: [BlockBackendRequest] = []
+    private(set) var idleRequests: [InFlightRequest] = []
 
     init(name: String, graph: BlockGraph) {
         self.name = name
@@ -54,13 +54,13 @@ public final class BlockBackend: BlockParent {
     /// runs.
     @inline(__always)
     private func ending(_ completion: @escaping BlockCompletion) -> BlockCompletion {
-        let request = idleRequests.popLast() ?? BlockBackendRequest()
-        request.begin(backend: self, completion: completion)
+        let request = idleRequests.popLast() ?? InFlightRequest()
+        request.begin(owner: self, completion: completion)
         return { error in request.end(error) }
     }
 
     /// A request counted by `begin` has ended; its record is free again.
-    func ended(_ request: BlockBackendRequest) {
+    public func inFlightRequestEnded(_ request: InFlightRequest, tag: UInt64) {
         end()
         idleRequests.append(request)
     }

@@ -13,7 +13,7 @@ import BlockLayer
 /// pages, not copies, until the client has read them, so a freed cluster's
 /// bytes are punched out of the file before it is handed out again (see
 /// `free`).
-extension QCOW2Driver: CachedFileExtentHolder {
+extension QCOW2Driver: CachedFileExtentHolder, InFlightRequestOwner {
     /// The host clusters under `[host, host + length)`, `length` > 0.
     func hostClusters(at host: Int64, length: Int64) -> ClosedRange<Int64> {
         let clusterBits = Int64(geometry.clusterBits)
@@ -36,9 +36,15 @@ extension QCOW2Driver: CachedFileExtentHolder {
     /// before it runs; `completion` itself when nothing needs counting.
     func countingUse(_ completion: @escaping BlockCompletion) -> BlockCompletion {
         guard let epoch = beginUse() else { return completion }
-        let use = idleDataUses.popLast() ?? QCOW2DataUse()
-        use.begin(driver: self, epoch: epoch, completion: completion)
+        let use = idleDataUses.popLast() ?? InFlightRequest()
+        use.begin(owner: self, tag: epoch, completion: completion)
         return { error in use.end(error) }
+    }
+
+    /// A use counted by `countingUse` has ended; its record is free again.
+    public func inFlightRequestEnded(_ request: InFlightRequest, tag epoch: UInt64) {
+        endUse(epoch)
+        idleDataUses.append(request)
     }
 
     func endUse(_ epoch: UInt64?) {

@@ -69,8 +69,9 @@ public final class QCOW2Driver: BlockDriver {
     /// Host ranges to release once the tables that dropped them are on disk.
     var pendingFrees: [(UInt64, Int64)] = []
     var scratchBuffers: [UnsafeMutableRawPointer] = []
-    /// Data uses that have ended, for the next read or write to take.
-    var idleDataUses: [QCOW2DataUse] = []
+    /// Records of data reads and in-place writes in flight (see
+    /// `countingUse`) that have ended, for the next ones to take.
+    var idleDataUses: [InFlightRequest] = []
     /// Why the image was marked corrupt while open; from then on it takes
     /// no more changes (see `changeRefusal`).
     var corruptReason: String?
