@@ -1,0 +1,243 @@
+import BlockLayer
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Metadata on its way to disk: growing the refcount table, writing back
+/// changed refcount blocks, L2 tables and L1 entries in crash-safe order on
+/// flush, and marking the image corrupt when an overlap check fails.
+extension QCOW2Driver {
+    // MARK: growing the refcount table
+
+    /// Replaces the refcount table with one twice as large (or more) at the
+    /// end of the file, with refcount blocks covering itself: blocks and
+    /// table are written and synced before the header points to the new
+    /// table, and the old table's clusters are released after that.
+    func growRefcountTable(completion: @escaping BlockCompletion) {
+        writeBackMetadata { error in
+            if let error { return completion(error) }
+            guard !self.metadataBusy else {
+                self.metadataWaiters.append { self.growRefcountTable(completion: completion) }
+                return
+            }
+            let refcounter = self.refcounter!
+            guard refcounter.needsLargerTable else { return completion(nil) }
+            self.metadataBusy = true
+            let clusterSize = refcounter.clusterSize
+            let oldOffset = refcounter.tableOffset
+            let oldClusters = (Int64(refcounter.table.count) * 8 + clusterSize - 1) / clusterSize
+            var count = Int64(refcounter.table.count) * 2
+            while (refcounter.allocationEnd / clusterSize + 64 + count * 8 / clusterSize) / refcounter.perBlock >= count {
+                count *= 2
+            }
+            let newClusters = (count * 8 + clusterSize - 1) / clusterSize
+            guard UInt64(newClusters) * UInt64(clusterSize) <= QCOW2Header.maxRefcountTableBytes else {
+                self.metadataBusy = false
+                return completion(BlockError(errno: ENOSPC, "The refcount table cannot grow further"))
+            }
+            let start: Int64
+            do {
+                start = try refcounter.claimAtEnd(newClusters * clusterSize)
+            } catch {
+                self.metadataBusy = false
+                return completion(error as? BlockError ?? .eio)
+            }
+            refcounter.table += [UInt64](repeating: 0, count: Int(count) - refcounter.table.count)
+            do {
+                for index in 0..<newClusters {
+                    let cluster = start / clusterSize + index
+                    try refcounter.ensureBlock(for: cluster)
+                    try refcounter.adjust(cluster, by: 1)
+                    refcounter.metadataClusters.insert(cluster)
+                }
+            } catch {
+                self.metadataBusy = false
+                return completion(error as? BlockError ?? .eio)
+            }
+            refcounter.tableOffset = UInt64(start)
+            refcounter.dirtyTableClusters = []
+            let blocks = refcounter.dirtyBlocks.compactMap { offset in refcounter.blocks[offset].map { (Int64(offset), $0.bytes) } }
+            refcounter.dirtyBlocks = []
+            let table = (0..<Int(newClusters)).map { cluster in
+                (start + Int64(cluster) * clusterSize, self.tableClusterBytes(cluster))
+            }
+            func finish(_ error: BlockError?) {
+                self.metadataBusy = false
+                let waiters = self.metadataWaiters
+                self.metadataWaiters = []
+                completion(error)
+                waiters.forEach { $0() }
+            }
+            self.writeAll(blocks) { error in
+                if let error { return finish(error) }
+                self.writeAll(table) { error in
+                    if let error { return finish(error) }
+                    self.file.flush { error in
+                        if let error { return finish(error) }
+                        self.header.refcountTableOffset = UInt64(start)
+                        self.header.refcountTableClusters = UInt32(newClusters)
+                        self.rewriteHeader(file: self.file).whenComplete { result in
+                            if case .failure(let error) = result { return finish(error as? BlockError ?? .eio) }
+                            for index in 0..<oldClusters {
+                                refcounter.metadataClusters.remove(Int64(oldOffset) / clusterSize + index)
+                            }
+                            self.pendingFrees.append((oldOffset, oldClusters * clusterSize))
+                            finish(nil)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // MARK: metadata writeback
+
+    public func flush(completion: @escaping BlockCompletion) {
+        guard writable else { return file.flush(completion: completion) }
+        writeBackMetadata { error in
+            if let error { return completion(error) }
+            // Releasing clusters dirtied refcount blocks: write those too, so
+            // a clean flush leaves no leaks behind.
+            guard self.refcounter!.dirtyBlocks.isEmpty else { return self.flush(completion: completion) }
+            if self.dataFile !== self.file {
+                self.dataFile.flush(completion: completion)
+            } else {
+                completion(nil)
+            }
+        }
+    }
+
+    /// Writes back everything changed, in crash-safe order; then releases
+    /// clusters whose last reference is gone from disk.
+    func writeBackMetadata(completion: @escaping BlockCompletion) {
+        guard !metadataBusy else {
+            metadataWaiters.append { self.writeBackMetadata(completion: completion) }
+            return
+        }
+        metadataBusy = true
+        // The previous writeback's serialised tables are no longer in use.
+        scratchBuffers.forEach { $0.deallocate() }
+        scratchBuffers = []
+        let refcounter = self.refcounter!
+        let clusterSize = header.clusterSize
+        let frees = pendingFrees
+        pendingFrees = []
+        let blocks = refcounter.dirtyBlocks.compactMap { offset in refcounter.blocks[offset].map { (offset, $0) } }
+        refcounter.dirtyBlocks = []
+        let tableClusters = refcounter.dirtyTableClusters.sorted()
+        refcounter.dirtyTableClusters = []
+        let tables = Array(dirtyL2.values)
+        dirtyL2 = [:]
+        tables.forEach(pin)
+        let l1Entries = dirtyL1.sorted()
+        dirtyL1 = []
+
+        func finish(_ error: BlockError?) {
+            metadataBusy = false
+            tables.forEach(unpin)
+            if error == nil {
+                // The tables no longer reference these: now drop the counts.
+                self.free(frees)
+            } else {
+                // Nothing was lost: what failed to reach the disk stays dirty.
+                pendingFrees += frees
+                for table in tables where dirtyL2[table.offset] == nil { dirtyL2[table.offset] = table }
+                for (offset, _) in blocks { refcounter.dirtyBlocks.insert(offset) }
+                refcounter.dirtyTableClusters.formUnion(tableClusters)
+                dirtyL1.formUnion(l1Entries)
+            }
+            let waiters = metadataWaiters
+            metadataWaiters = []
+            completion(error)
+            waiters.forEach { $0() }
+        }
+        // 1. refcount blocks (and all data written so far), synced.
+        writeAll(blocks.map { (Int64($0.0), $0.1.bytes) }) { error in
+            if let error { return finish(error) }
+            self.file.flush { error in
+                if let error { return finish(error) }
+                // 2. refcount table clusters that name new blocks.
+                let table = tableClusters.map { cluster -> (Int64, UnsafeRawBufferPointer) in
+                    let bytes = self.tableClusterBytes(cluster)
+                    return (Int64(refcounter.tableOffset) + Int64(cluster * clusterSize), bytes)
+                }
+                self.writeAll(table) { error in
+                    if let error { return finish(error) }
+                    self.syncIf(!table.isEmpty) { error in
+                        if let error { return finish(error) }
+                        // 3. L2 tables.
+                        self.writeAll(tables.map { (Int64($0.offset), $0.buffer.bytes) }) { error in
+                            if let error { return finish(error) }
+                            self.syncIf(!tables.isEmpty) { error in
+                                if let error { return finish(error) }
+                                // 4. L1 entries.
+                                let entries = l1Entries.map { index -> (Int64, UnsafeRawBufferPointer) in
+                                    (Int64(self.header.l1TableOffset) + Int64(index * 8), self.l1EntryBytes(index))
+                                }
+                                self.writeAll(entries) { error in
+                                    if let error { return finish(error) }
+                                    self.syncIf(!entries.isEmpty) { finish($0) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    private func syncIf(_ needed: Bool, completion: @escaping BlockCompletion) {
+        needed ? file.flush(completion: completion) : completion(nil)
+    }
+
+    /// Issues every write at once; completes with the first error.
+    func writeAll(_ writes: [(Int64, UnsafeRawBufferPointer)], completion: @escaping BlockCompletion) {
+        let group = PendingGroup(completion: completion)
+        for (offset, bytes) in writes {
+            group.begin()
+            file.write(at: offset, from: bytes, flags: []) { group.end($0) }
+        }
+        group.finishIssuing()
+    }
+
+    /// One cluster of the refcount table, big-endian (kept alive by the pool).
+    func tableClusterBytes(_ cluster: Int) -> UnsafeRawBufferPointer {
+        let refcounter = self.refcounter!
+        let perCluster = header.clusterSize / 8
+        let buffer = scratch(header.clusterSize)
+        for index in 0..<perCluster {
+            let entry = cluster * perCluster + index
+            let value = entry < refcounter.table.count ? refcounter.table[entry] : 0
+            buffer.storeBytes(of: value.bigEndian, toByteOffset: index * 8, as: UInt64.self)
+        }
+        return UnsafeRawBufferPointer(start: buffer, count: header.clusterSize)
+    }
+
+    private func l1EntryBytes(_ index: Int) -> UnsafeRawBufferPointer {
+        let buffer = scratch(8)
+        buffer.storeBytes(of: l1[index].bigEndian, as: UInt64.self)
+        return UnsafeRawBufferPointer(start: buffer, count: 8)
+    }
+
+    /// Memory for one writeback's serialised metadata, freed when the
+    /// next writeback starts (the writes using it are finished by then).
+    private func scratch(_ count: Int) -> UnsafeMutableRawPointer {
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 4096)
+        scratchBuffers.append(buffer)
+        return buffer
+    }
+
+    // MARK: corruption
+
+    /// Marks the image corrupt on disk, as QEMU does, and fails the request.
+    func markCorrupt(_ reason: String, completion: @escaping BlockCompletion) {
+        // Told once, in qemu's words, on the server's stderr.
+        if corruptReason == nil {
+            fputs("qcow2: Marking image as corrupt: \(reason); further corruption events will be suppressed\n", stderr)
+        }
+        header.incompatibleFeatures.insert(.corrupt)
+        corruptReason = reason
+        rewriteHeader(file: file).whenComplete { _ in completion(BlockError(errno: EIO, reason)) }
+    }
+}
