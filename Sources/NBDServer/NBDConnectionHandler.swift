@@ -77,6 +77,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// side, or the server is shutting down.
     private enum Ending { case client, server }
     private var ending: Ending?
+    /// The client closed its side. Requests it sent before that may still
+    /// wait in `cumulation` (parsing pauses while too many are in flight,
+    /// but NIO reads to the end at EOF): they are answered first, as
+    /// qemu-nbd answers what it still finds in the socket.
+    private var inputClosed = false
     private var inReadBatch = false
     private var flushScheduled = false
     /// Replies written since the last flush.
@@ -201,8 +206,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let event = event as? ChannelEvent, event == .inputClosed {
             // The client will send nothing more (half-close after DISC, or
-            // gone): answer what is in flight, then close.
-            disconnectWhenIdle(reason: .client)
+            // gone): answer what it sent, then close.
+            inputClosed = true
+            if phase != .transmission || cumulation == nil {
+                disconnectWhenIdle(reason: .client)
+            } else if !readsPaused {
+                process()
+            }
         }
         context.fireUserInboundEventTriggered(event)
     }
@@ -293,7 +303,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 readsPaused = true
                 return
             }
-            guard let request = nextRequest() else { return }
+            guard let request = nextRequest() else {
+                // Everything received is parsed; what is left is part of a request.
+                if inputClosed, phase == .transmission { disconnectWhenIdle(reason: .client) }
+                return
+            }
             switch ending {
             case nil:
                 handle(request)

@@ -344,6 +344,62 @@ import Testing
         #expect(!channel.isActive)
     }
 
+    /// A client that pipelines more requests than may run at once, then
+    /// DISC (or nothing), then closes its side, as libnbd's shutdown does.
+    /// NIO reads to the end at EOF even while parsing is paused, so those
+    /// requests wait in the handler's buffer: each is still carried out
+    /// and answered before the connection closes.
+    @Test(arguments: [true, false])
+    func requestsSentBeforeTheClientClosedItsSideAreAllAnswered(endWithDisconnect: Bool) throws {
+        try negotiate()
+        driver.holdCompletions = true
+        var requests = ByteBuffer()
+        for cookie in 1...6 {
+            var write = Wire.request(type: 1, cookie: UInt64(cookie), offset: UInt64(cookie) * 512, length: 4,
+                                     payload: [UInt8(cookie), 0xAA, 0xBB, 0xCC])
+            requests.writeBuffer(&write)
+        }
+        for cookie in 7...10 {
+            var read = Wire.request(type: 0, cookie: UInt64(cookie), offset: 0, length: 512)
+            requests.writeBuffer(&read)
+        }
+        if endWithDisconnect {
+            var disc = Wire.request(type: 2, cookie: 11)
+            requests.writeBuffer(&disc)
+        }
+        // Half a request after the last whole one: dropped, as it never arrived.
+        requests.writeBytes(Wire.request(type: 0, cookie: 12, offset: 0, length: 512).readableBytesView.prefix(13))
+        try send(requests)
+        channel.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        loop.run()
+        #expect(driver.held.count == 4, "still no more than maxInFlight at once")
+        #expect(channel.isActive)
+        while !driver.held.isEmpty {
+            driver.release()
+            loop.run()
+        }
+        var all = try outbound()
+        var cookies: [UInt64] = []
+        while all.readableBytes > 0 {
+            let magic = all.readInteger(as: UInt32.self)
+            if magic == NBDMagic.simpleReply {
+                #expect(all.readInteger(as: UInt32.self) == 0)
+                cookies.append(all.readInteger(as: UInt64.self)!)
+            } else {
+                #expect(magic == NBDMagic.structuredReply)
+                _ = all.readInteger(as: UInt32.self)
+                cookies.append(all.readInteger(as: UInt64.self)!)
+                let length = Int(all.readInteger(as: UInt32.self)!)
+                all.moveReaderIndex(forwardBy: length)
+            }
+        }
+        #expect(Set(cookies) == Set(1...10), "every whole request before the end was answered, and nothing else")
+        for cookie in 1...6 {
+            #expect(driver.data[cookie * 512..<cookie * 512 + 4] == [UInt8(cookie), 0xAA, 0xBB, 0xCC])
+        }
+        #expect(!channel.isActive, "closed once they were")
+    }
+
     @Test func readingPausesWhileTooManyRequestsAreInFlight() throws {
         try negotiate()
         driver.holdCompletions = true
