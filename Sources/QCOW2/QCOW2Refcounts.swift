@@ -38,11 +38,17 @@ public enum QCOW2Refcounts {
             let reader = BigEndianReader(tableBytes)
             let blocks = tableBytes.count / 8
             var count: Int64 = 0
-            func next(_ blockIndex: Int) {
+            func next(_ start: Int) {
+                // Entries that name no block count nothing: skipped in a
+                // loop, since a table holds up to a million of them.
+                var blockIndex = start
+                while blockIndex < blocks, Int64(blockIndex) * perBlock < endCluster,
+                      reader.u64(at: blockIndex * 8) & ~UInt64(511) == 0 {
+                    blockIndex += 1
+                }
                 let first = Int64(blockIndex) * perBlock
                 guard blockIndex < blocks, first < endCluster, count < limit else { return completion(.success(count)) }
                 let offset = reader.u64(at: blockIndex * 8) & ~UInt64(511)
-                guard offset != 0 else { return next(blockIndex + 1) }
                 guard offset % UInt64(header.clusterSize) == 0, offset < QCOW2Header.maxSize,
                       Int64(offset) + Int64(header.clusterSize) <= file.length else {
                     return completion(.failure(BlockError(errno: EIO, "Refcount block offset 0x\(String(offset, radix: 16)) invalid")))
@@ -57,7 +63,10 @@ public enum QCOW2Refcounts {
                             count += 1
                         }
                     }
-                    next(blockIndex + 1)
+                    // A read from the page cache completes at once, inside
+                    // this call: going on from a fresh loop task keeps the
+                    // stack flat however many blocks the table names.
+                    file.eventLoop.execute { next(blockIndex + 1) }
                 }
             }
             next(0)

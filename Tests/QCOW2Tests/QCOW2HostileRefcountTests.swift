@@ -172,6 +172,33 @@ import Testing
         #expect(checker.stored.count <= fileClusters + 1, "\(checker.stored.count) refcounts kept")
     }
 
+    /// A refcount table of 100,000 entries naming one empty block, then as
+    /// many naming none, in a file that answers reads at once as the page
+    /// cache does. Counting referenced clusters (BLOCK_STATUS does, to tell
+    /// a metadata-preallocated image) must not nest a call per entry: it
+    /// did, and a hostile image overflowed the stack.
+    @Test func countingReferencesOverAHugeRefcountTableKeepsTheStackFlat() throws {
+        var image = try image(clusterBits: 9, refcountBits: 64)
+        let block = image.appendCluster()
+        let entries = 200_000
+        var header = image.header
+        header.refcountTableOffset = UInt64(image.bytes.count)
+        header.refcountTableClusters = UInt32(entries * 8 / header.clusterSize)
+        for _ in 0..<Int(header.refcountTableClusters) { _ = image.appendCluster() }
+        for index in 0..<entries / 2 { image.setU64(block, at: header.refcountTableOffset + UInt64(index * 8)) }
+        let file = RecordingFile(bytes: image.bytes)
+        let graph = BlockGraph(eventLoop: loop)
+        graphs.all.append(graph)
+        let fileNode = try graph.addNode(name: "file", driver: file)
+        var result: Result<Int64, BlockError>?
+        // 64 refcounts per 512-byte block: every entry counts clusters below the end.
+        QCOW2Refcounts.countReferenced(file: fileNode, header: header, endCluster: Int64(entries) * 64,
+                                       limit: .max) { result = $0 }
+        loop.run()
+        #expect(try result?.get() == 0)
+        #expect(file.reads.count == entries / 2 + 1, "the table, then the block for each entry naming it")
+    }
+
     /// A table full of wrong COPIED flags is rewritten with one write per
     /// table cluster, and the flags are right afterwards.
     @Test func copiedFlagsAreRepairedOneTableClusterAtATime() throws {
