@@ -124,12 +124,12 @@ extension QCOW2Driver {
             // A hostile entry naming metadata must not free it: it would be
             // handed out as data next.
             let clusters = Int64(start) / clusterSize...(Int64(start) + length - 1) / clusterSize
-            guard !clusters.contains(where: refcounter!.metadataClusters.contains) else { return nil }
+            guard !clusters.contains(where: refcounter!.holdsMetadata) else { return nil }
             return (start, length)
         }
         let host = entry & QCOW2Entry.offsetMask
         guard host != 0, !externalData, host % UInt64(header.clusterSize) == 0,
-              !refcounter!.metadataClusters.contains(Int64(host) / Int64(header.clusterSize)) else { return nil }
+              !refcounter!.holdsMetadata(Int64(host) / Int64(header.clusterSize)) else { return nil }
         return (host, Int64(header.clusterSize))
     }
 
@@ -203,7 +203,7 @@ extension QCOW2Driver {
         }
         guard !externalData else { return nil }
         let cluster = geometry.cluster(of: Int64(host))
-        if refcounter!.metadataClusters.contains(cluster) {
+        if refcounter!.holdsMetadata(cluster) {
             return "Preventing invalid write on metadata at 0x\(String(host, radix: 16))"
         }
         if Int64(host) >= refcounter!.allocationEnd {

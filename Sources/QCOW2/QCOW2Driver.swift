@@ -223,15 +223,18 @@ public final class QCOW2Driver: BlockDriver {
             // every allocation write counts over that table, and the
             // table's writes change counts.
             let others = self.clustersOfOtherMetadata()
+            let snapshotL1s = self.clustersOfSnapshotL1Tables()
             let clusterSize = Int64(self.header.clusterSize)
-            if let block = refcounter.blocks.keys.sorted().first(where: { others.contains(Int64($0) / clusterSize) }) {
+            let overlaps = { (cluster: Int64) in others.contains(cluster) || snapshotL1s.contains(cluster) }
+            if let block = refcounter.blocks.keys.sorted().first(where: { overlaps(Int64($0) / clusterSize) }) {
                 throw QCOW2RefcountDamage.overlapsMetadata(block)
             }
             let tableStart = Int64(self.header.refcountTableOffset) / clusterSize
-            if let cluster = (tableStart..<tableStart + Int64(self.header.refcountTableClusters)).first(where: others.contains) {
+            if let cluster = (tableStart..<tableStart + Int64(self.header.refcountTableClusters)).first(where: overlaps) {
                 throw QCOW2RefcountDamage.overlapsMetadata(UInt64(cluster * clusterSize))
             }
             refcounter.metadataClusters.formUnion(others)
+            refcounter.snapshotL1Clusters = snapshotL1s
             return refcounter
         }.flatMapError { error in
             guard let damage = error as? QCOW2RefcountDamage else { return loop.makeFailedFuture(error) }
@@ -278,7 +281,7 @@ public final class QCOW2Driver: BlockDriver {
     }
 
     /// The clusters of the header, the L1 table, the active L2 tables and
-    /// the snapshot tables (for overlap checks).
+    /// the snapshot table (for overlap checks).
     private func clustersOfOtherMetadata() -> Set<Int64> {
         let clusterSize = Int64(header.clusterSize)
         var clusters: Set<Int64> = []
@@ -292,8 +295,16 @@ public final class QCOW2Driver: BlockDriver {
         mark(header.l1TableOffset, Int64(header.l1Size) * 8)
         for entry in l1 where entry & QCOW2Entry.offsetMask != 0 { mark(entry & QCOW2Entry.offsetMask, clusterSize) }
         if header.snapshotCount > 0 { mark(header.snapshotsOffset, Int64(max(snapshotTableLength, 1))) }
-        for snapshot in snapshots { mark(snapshot.l1TableOffset, Int64(snapshot.l1Size) * 8) }
         return clusters
+    }
+
+    /// The clusters of the snapshots' L1 tables (for overlap checks).
+    private func clustersOfSnapshotL1Tables() -> QCOW2ClusterRuns {
+        let clusterSize = Int64(header.clusterSize)
+        return QCOW2ClusterRuns(snapshots.filter { $0.l1Size > 0 }.map { snapshot in
+            let start = Int64(snapshot.l1TableOffset)
+            return start / clusterSize...(start + Int64(snapshot.l1Size) * 8 - 1) / clusterSize
+        })
     }
 
     /// Persistent dirty bitmaps are kept, but Strata does not track writes

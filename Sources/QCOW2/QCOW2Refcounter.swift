@@ -48,8 +48,17 @@ final class QCOW2Refcounter {
     /// (`lentClusters`), then punched out of the file (see
     /// `QCOW2Driver.free`).
     var awaitingPunch: Set<Int64> = []
-    /// Clusters holding metadata, for overlap checks before data writes.
+    /// Clusters holding metadata, for overlap checks before data writes;
+    /// the snapshots' L1 tables are in `snapshotL1Clusters`.
     var metadataClusters = QCOW2ClusterMap<Void>()
+    /// The clusters of the snapshots' L1 tables, as runs: they can span
+    /// billions of clusters (see `QCOW2ClusterRuns`).
+    var snapshotL1Clusters = QCOW2ClusterRuns()
+
+    /// Whether `cluster` holds metadata: what the overlap checks ask.
+    func holdsMetadata(_ cluster: Int64) -> Bool {
+        metadataClusters.contains(cluster) || (!snapshotL1Clusters.isEmpty && snapshotL1Clusters.contains(cluster))
+    }
 
     /// Host offsets an L1 or L2 entry can hold are below 2^56 (QEMU's
     /// `QCOW_MAX_CLUSTER_OFFSET`): nothing is allocated from there on.
@@ -284,7 +293,7 @@ final class QCOW2Refcounter {
             let limit = Int(min(perBlock, end - blockStart))
             for index in first..<limit where QCOW2Refcounts.entry(block.bytes, index: index, bits: bits) == 0 {
                 let candidate = blockStart + Int64(index)
-                if metadataClusters.contains(candidate) || awaitingPunch.contains(candidate) { continue }
+                if holdsMetadata(candidate) || awaitingPunch.contains(candidate) { continue }
                 cluster = candidate + 1
                 return candidate
             }

@@ -72,6 +72,45 @@ import Glibc
         #expect(Array(file.bytes[Int(header.l1TableOffset)..<Int(header.l1TableOffset) + 8]) != [UInt8](repeating: 0x77, count: 8))
     }
 
+    /// 2,048 snapshots with L1 tables of 32 MiB, a million clusters
+    /// between them (a hostile image may name 65,536; QEMU accepts them
+    /// wherever they lie). The overlap checks hold them as runs, not an
+    /// entry per cluster, and still refuse a write into one: here guest
+    /// cluster 0's data cluster is also the first snapshot's L1 table.
+    @Test func snapshotL1TablesAreHeldAsRunsAndStillChecked() throws {
+        let (file, _) = try image { _, free in QCOW2Entry.copied | free }
+        let free = UInt64(file.bytes.count - clusterSize)
+        let far: UInt64 = 1 << 40
+        var table: [UInt8] = []
+        func append<T: FixedWidthInteger>(_ value: T) {
+            withUnsafeBytes(of: value.bigEndian) { table += $0 }
+        }
+        for index in 0..<2048 {
+            append(index == 0 ? free : far + UInt64(index) * (32 << 20))  // L1 table offset
+            append(UInt32(index == 0 ? 1 : 4 << 20))  // L1 entries
+            append(UInt16(1)); append(UInt16(1))  // id and name sizes
+            append(UInt32(0)); append(UInt32(0)); append(UInt64(0)); append(UInt32(0))  // dates, VM state
+            append(UInt32(0))  // no extra data
+            table += [0x31, 0x73, 0, 0, 0, 0, 0, 0]  // id "1", name "s", padding to 8
+        }
+        let tableOffset = UInt64(file.bytes.count)
+        file.bytes += table + [UInt8](repeating: 0, count: clusterSize - table.count % clusterSize)
+        withUnsafeBytes(of: UInt32(2048).bigEndian) { file.bytes.replaceSubrange(60..<64, with: $0) }
+        withUnsafeBytes(of: tableOffset.bigEndian) { file.bytes.replaceSubrange(64..<72, with: $0) }
+
+        let driver = try open(file)
+        #expect(driver.snapshots.count == 2048)
+        let refcounter = try #require(driver.refcounter)
+        #expect(refcounter.metadataClusters.count < 1000, "\(refcounter.metadataClusters.count) clusters held one by one")
+        let inside = Int64(far + 100 * (32 << 20) + (5 << 20)) / Int64(clusterSize)
+        #expect(refcounter.holdsMetadata(inside))
+        #expect(!refcounter.holdsMetadata(Int64(far + 2048 * (32 << 20)) / Int64(clusterSize)))
+        let data = [UInt8](repeating: 0x55, count: 4096)
+        let error = run { done in data.withUnsafeBytes { driver.write(at: 0, from: $0, flags: [], completion: done) } }
+        #expect(error?.errno == EIO, "the write into the snapshot's L1 table is refused")
+        #expect(driver.corruptReason?.contains("metadata") == true, "\(driver.corruptReason ?? "not marked corrupt")")
+    }
+
     @Test(arguments: ["metadata", "unaligned", "free"])
     func anInPlaceWriteToABadClusterMarksTheImageCorrupt(kind: String) throws {
         let (file, _) = try image { header, free in
