@@ -124,6 +124,12 @@ public final class QCOW2Driver: BlockDriver {
         let headerBytes = Int(min(file.length, Int64(2 << 20)))
         return readBytes(file, at: 0, count: headerBytes).flatMapThrowing { bytes -> QCOW2Header in
             let header = try QCOW2Header.parse(bytes)
+            // Nothing in an image names an offset from 2^61 on; a longer
+            // file (sparse, near 2^63) would overflow the sums that round
+            // the file's length up to whole clusters.
+            guard file.length <= Int64(QCOW2Header.maxSize) else {
+                throw QCOW2Error("qcow2: Image file is larger than 2^61 bytes (\(file.length)); no qcow2 image can use that")
+            }
             if header.incompatibleFeatures.contains(.corrupt), !options.readOnly, !options.forRepair {
                 throw QCOW2Error("qcow2: Image is corrupt; cannot be opened read/write")
             }

@@ -199,6 +199,22 @@ import Testing
         #expect(file.reads.count == entries / 2 + 1, "the table, then the block for each entry naming it")
     }
 
+    /// A file longer than 2^61 bytes (possible only sparse, near 2^63) is
+    /// refused on open, before the sums that round its length up to whole
+    /// clusters can overflow.
+    @Test func aFileLongerThanAnyImageCanUseIsRefused() throws {
+        let image = try image(clusterBits: 21, refcountBits: 16)
+        let file = RecordingFile(bytes: image.bytes)
+        file.apparentLength = .max - 4096
+        let graph = BlockGraph(eventLoop: loop)
+        graphs.all.append(graph)
+        let fileNode = try graph.addNode(name: "file", driver: file)
+        let future = QCOW2Driver.open(file: fileNode, options: QCOW2Options(readOnly: false))
+        loop.run()
+        let error = #expect(throws: QCOW2Error.self) { try future.wait() }
+        #expect(error?.description.contains("larger than 2^61") == true, "\(String(describing: error))")
+    }
+
     /// A table full of wrong COPIED flags is rewritten with one write per
     /// table cluster, and the flags are right afterwards.
     @Test func copiedFlagsAreRepairedOneTableClusterAtATime() throws {

@@ -25,7 +25,11 @@ final class RecordingFile: BlockDriver {
 
     init(bytes: [UInt8]) { self.bytes = bytes }
 
-    var length: Int64 { Int64(bytes.count) }
+    /// When set, the length the file claims: past `bytes` it reads as zeros,
+    /// as a sparse file does.
+    var apparentLength: Int64?
+
+    var length: Int64 { apparentLength ?? Int64(bytes.count) }
 
     func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
         guard let handle = cachedHandle, offset + Int64(length) <= self.length else { return nil }
