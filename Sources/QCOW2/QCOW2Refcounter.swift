@@ -88,9 +88,22 @@ final class QCOW2Refcounter {
         blocks.values.forEach { $0.deallocate() }
     }
 
+    /// At most this many bytes of refcount blocks are loaded: half the
+    /// machine's memory. Every block is held in memory (see the type), and
+    /// a table can name blocks all over a sparse file; past this, the open
+    /// would end in the kernel's OOM killer instead of an error.
+    static let defaultMemoryLimit: Int64 = {
+        let pages = Int64(sysconf(Int32(_SC_PHYS_PAGES)))
+        let pageSize = Int64(sysconf(Int32(_SC_PAGESIZE)))
+        guard pages > 0, pageSize > 0 else { return .max }
+        return pages * pageSize / 2
+    }()
+
     /// Loads the table and every block it names; fails with a
-    /// `QCOW2RefcountDamage` where they cannot be used.
-    static func load(file: BlockNode, header: QCOW2Header) -> EventLoopFuture<QCOW2Refcounter> {
+    /// `QCOW2RefcountDamage` where they cannot be used, and with ENOMEM
+    /// where they would take more than `memoryLimit` bytes.
+    static func load(file: BlockNode, header: QCOW2Header,
+                     memoryLimit: Int64 = defaultMemoryLimit) -> EventLoopFuture<QCOW2Refcounter> {
         let loop = file.eventLoop
         let tableBytes = Int(header.refcountTableClusters) * header.clusterSize
         guard Int64(header.refcountTableOffset) + Int64(tableBytes) <= file.length else {
@@ -100,7 +113,7 @@ final class QCOW2Refcounter {
             let reader = BigEndianReader(bytes)
             let table = (0..<(bytes.count / 8)).map { reader.u64(at: $0 * 8) }
             let refcounter = QCOW2Refcounter(header: header, table: table, fileLength: file.length)
-            var chain = loop.makeSucceededVoidFuture()
+            var offsets: [UInt64] = []
             var seen: Set<UInt64> = []
             for entry in table where entry != 0 {
                 let offset = entry & ~UInt64(511)
@@ -116,55 +129,77 @@ final class QCOW2Refcounter {
                 guard seen.insert(offset).inserted else {
                     return loop.makeFailedFuture(QCOW2RefcountDamage.blockShared(offset))
                 }
-                chain = chain.flatMap {
-                    guard let buffer = AlignedBuffer.allocate(count: header.clusterSize, alignment: 4096) else {
-                        return loop.makeFailedFuture(BlockError.enomem)
-                    }
-                    let promise = loop.makePromise(of: Void.self)
-                    file.read(at: Int64(offset), into: buffer.mutableBytes) { error in
-                        if let error {
-                            buffer.deallocate()
-                            return promise.fail(error)
-                        }
-                        refcounter.blocks[offset] = buffer
-                        refcounter.metadataClusters.insert(Int64(offset) / refcounter.clusterSize)
-                        promise.succeed(())
-                    }
-                    return promise.futureResult
-                }
+                offsets.append(offset)
+            }
+            let needed = Int64(offsets.count) * refcounter.clusterSize
+            guard needed <= memoryLimit else {
+                return loop.makeFailedFuture(BlockError(errno: ENOMEM, """
+                    qcow2: Opening the image for writing would load \(offsets.count) refcount blocks, \
+                    \((needed + (1 << 20) - 1) >> 20) MiB, more than the \(memoryLimit >> 20) MiB allowed (half this machine's memory); \
+                    it can still be opened read-only
+                    """))
             }
             let tableClusters = Int64(header.refcountTableClusters)
             for index in 0..<tableClusters {
                 refcounter.metadataClusters.insert(Int64(header.refcountTableOffset) / refcounter.clusterSize + index)
             }
-            return chain.map {
-                // Allocate past every cluster in use, even where the file is
-                // shorter than its refcounts say; the first free cluster in
-                // a block is where reuse starts looking. Refcounts of
-                // clusters no L2 entry can name (past 2^56) are not counted,
-                // or a hostile image could put the end past any offset.
-                var firstFree = Int64.max
-                let clusterLimit = Self.hostOffsetLimit / refcounter.clusterSize
-                for (tableIndex, entry) in table.enumerated() where entry != 0 {
-                    let firstCluster = Int64(tableIndex) * refcounter.perBlock
-                    guard firstCluster < clusterLimit, let block = refcounter.blocks[entry & ~UInt64(511)] else { continue }
-                    var last = -1
-                    for index in 0..<Int(min(refcounter.perBlock, clusterLimit - firstCluster)) {
-                        if QCOW2Refcounts.entry(block.bytes, index: index, bits: refcounter.bits) != 0 {
-                            last = index
-                        } else if firstFree == .max {
-                            firstFree = firstCluster + Int64(index)
-                        }
-                    }
-                    if last >= 0 {
-                        let end = (firstCluster + Int64(last) + 1) * refcounter.clusterSize
-                        refcounter.allocationEnd = max(refcounter.allocationEnd, end)
-                    }
-                }
-                refcounter.firstFreeCandidate = min(firstFree, refcounter.allocationEnd / refcounter.clusterSize)
+            return refcounter.loadBlocks(offsets, from: file).map {
+                refcounter.findAllocationEnd()
                 return refcounter
             }
         }
+    }
+
+    /// Reads the blocks at `offsets` one after another. Each read starts
+    /// from a fresh loop task: reads the page cache answers at once would
+    /// otherwise nest one call per block.
+    private func loadBlocks(_ offsets: [UInt64], from file: BlockNode) -> EventLoopFuture<Void> {
+        let loop = file.eventLoop
+        let promise = loop.makePromise(of: Void.self)
+        func load(_ position: Int) {
+            guard position < offsets.count else { return promise.succeed(()) }
+            let offset = offsets[position]
+            guard let buffer = AlignedBuffer.allocate(count: Int(clusterSize), alignment: 4096) else {
+                return promise.fail(BlockError.enomem)
+            }
+            file.read(at: Int64(offset), into: buffer.mutableBytes) { error in
+                if let error {
+                    buffer.deallocate()
+                    return promise.fail(error)
+                }
+                self.blocks[offset] = buffer
+                self.metadataClusters.insert(Int64(offset) / self.clusterSize)
+                loop.execute { load(position + 1) }
+            }
+        }
+        load(0)
+        return promise.futureResult
+    }
+
+    /// Sets `allocationEnd` past every cluster in use, even where the file
+    /// is shorter than its refcounts say, and `firstFreeCandidate` to the
+    /// first free cluster a block covers, where reuse starts looking.
+    /// Refcounts of clusters no L2 entry can name (past 2^56) are not
+    /// counted, or a hostile image could put the end past any offset.
+    private func findAllocationEnd() {
+        var firstFree = Int64.max
+        let clusterLimit = Self.hostOffsetLimit / clusterSize
+        for (tableIndex, entry) in table.enumerated() where entry != 0 {
+            let firstCluster = Int64(tableIndex) * perBlock
+            guard firstCluster < clusterLimit, let block = blocks[entry & ~UInt64(511)] else { continue }
+            var last = -1
+            for index in 0..<Int(min(perBlock, clusterLimit - firstCluster)) {
+                if QCOW2Refcounts.entry(block.bytes, index: index, bits: bits) != 0 {
+                    last = index
+                } else if firstFree == .max {
+                    firstFree = firstCluster + Int64(index)
+                }
+            }
+            if last >= 0 {
+                allocationEnd = max(allocationEnd, (firstCluster + Int64(last) + 1) * clusterSize)
+            }
+        }
+        firstFreeCandidate = min(firstFree, allocationEnd / clusterSize)
     }
 
     private func location(of cluster: Int64) -> (tableIndex: Int, index: Int) {

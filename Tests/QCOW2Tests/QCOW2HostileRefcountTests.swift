@@ -1,6 +1,9 @@
 import BlockLayer
 import NIOCore
 import NIOEmbedded
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import QCOW2
 import Testing
 
@@ -213,6 +216,40 @@ import Testing
         loop.run()
         let error = #expect(throws: QCOW2Error.self) { try future.wait() }
         #expect(error?.description.contains("larger than 2^61") == true, "\(String(describing: error))")
+    }
+
+    /// A refcount table naming blocks all over a sparse file: every block is
+    /// held in memory while the image is open for writing, so 40 blocks of
+    /// 64 KiB are refused under a 2 MiB limit before any is read (a hostile
+    /// table naming a million blocks of 2 MiB ended in the OOM killer), and
+    /// loaded under a 4 MiB one.
+    @Test func refcountBlocksThatWouldNotFitInMemoryAreRefusedBeforeLoading() throws {
+        var image = try image(clusterBits: 16, refcountBits: 16)
+        let clusterSize = UInt64(image.header.clusterSize)
+        let firstFree = (UInt64(image.bytes.count) + clusterSize - 1) / clusterSize * clusterSize
+        for index in 1...39 {
+            image.setU64(firstFree + UInt64(index) * 64 * clusterSize, at: image.header.refcountTableOffset + 8 * UInt64(index))
+        }
+        let file = RecordingFile(bytes: image.bytes)
+        file.apparentLength = 1 << 40
+        let graph = BlockGraph(eventLoop: loop)
+        graphs.all.append(graph)
+        let fileNode = try graph.addNode(name: "file", driver: file)
+
+        let refused = QCOW2Refcounter.load(file: fileNode, header: image.header, memoryLimit: 2 << 20)
+        loop.run()
+        let error = #expect(throws: BlockError.self) { try refused.wait() }
+        #expect(error?.errno == ENOMEM)
+        #expect(error?.description.contains("would load 40 refcount blocks, 3 MiB, more than the 2 MiB") == true,
+                "\(String(describing: error))")
+        #expect(file.reads.count == 1, "only the table is read")
+
+        let loaded = QCOW2Refcounter.load(file: fileNode, header: image.header, memoryLimit: 4 << 20)
+        loop.run()
+        let refcounter = try loaded.wait()
+        #expect(refcounter.blocks.count == 40)
+        #expect(refcounter.refcount(0) == 1, "the header's cluster, counted by the first block")
+        #expect(QCOW2Refcounter.defaultMemoryLimit > 0)
     }
 
     /// A table full of wrong COPIED flags is rewritten with one write per
