@@ -216,7 +216,7 @@ public enum ImageOpener {
 
     /// QEMU resolves relative backing and data file names against the
     /// directory of the image that names them.
-    static func resolve(_ name: String, relativeTo directory: String) -> String {
+    public static func resolve(_ name: String, relativeTo directory: String) -> String {
         if name.hasPrefix("/") || directory.isEmpty { return name }
         return directory + "/" + name
     }

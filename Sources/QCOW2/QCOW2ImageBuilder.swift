@@ -82,6 +82,10 @@ public struct QCOW2ImageBuilder {
         let l2Entries = clusterSize / entrySize
         let bytesPerL2 = l2Entries * clusterSize
         let l1Entries = (o.size + bytesPerL2 - 1) / bytesPerL2
+        // QEMU's limit on the L1 table, which every open checks.
+        guard l1Entries * 8 <= QCOW2Header.maxL1Bytes else {
+            throw BuildError.invalid("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
+        }
         let l1Clusters = max(1, (l1Entries * 8 + clusterSize - 1) / clusterSize)
         let dataClusters = (o.size + clusterSize - 1) / clusterSize
         // Metadata preallocation (also implied by a raw data file): every

@@ -31,6 +31,9 @@ struct ImgCreate: ParsableCommand {
     @Flag(name: .customShort("q"), help: "Quiet.")
     var quiet = false
 
+    @Flag(name: .customShort("u"), help: "Unsafe: do not open the backing file (its size is then needed).")
+    var unsafeBacking = false
+
     @Argument(help: "The image to create.")
     var filename: String
 
@@ -41,37 +44,74 @@ struct ImgCreate: ParsableCommand {
         guard ["raw", "qcow2"].contains(format) else {
             fail("Unknown file format '\(format)' (supported: raw, qcow2)")
         }
-        var settings: [String: String] = [:]
-        for chunk in options.flatMap({ $0.split(separator: ",") }) {
-            let parts = chunk.split(separator: "=", maxSplits: 1).map(String.init)
-            settings[parts[0]] = parts.count > 1 ? parts[1] : "on"
-        }
-        var backing = backingFile ?? settings.removeValue(forKey: "backing_file")
-        let backingFmt = backingFormat ?? settings.removeValue(forKey: "backing_fmt")
-        if backing?.isEmpty == true { backing = nil }
-        var sizeText = size ?? settings.removeValue(forKey: "size")
-        if sizeText == nil, let backing {
-            guard let backingFmt else { fail("Backing file specified without backing format") }
-            let directory = (filename as NSString).deletingLastPathComponent
-            let path = backing.hasPrefix("/") || directory.isEmpty ? backing : directory + "/" + backing
-            do {
-                let virtual = try ImageSession().withImage(path, format: backingFmt, forceShare: true) { node in
-                    node.eventLoop.makeSucceededFuture(node.length)
+        var settingsLeft = parseOptions(options)
+        let backing = backingFile ?? settingsLeft.removeValue(forKey: "backing_file")
+        let backingFmt = backingFormat ?? settingsLeft.removeValue(forKey: "backing_fmt")
+        var sizeText = size ?? settingsLeft.removeValue(forKey: "size")
+        if let backing {
+            // qemu-img's checks, plus the same file under another name.
+            guard !backing.isEmpty else { fail("\(filename): Expected backing file name, got empty string") }
+            let path = ImageOpener.resolve(backing, relativeTo: (filename as NSString).deletingLastPathComponent)
+            if backing == filename || Self.sameFile(path, filename) {
+                fail("\(filename): Error: Trying to create an image with the same filename as the backing file")
+            }
+            if format == "qcow2", !unsafeBacking {
+                // As qemu-img without -u: the backing file must open; it
+                // gives the size when none is given.
+                guard let backingFmt else { fail("Backing file specified without backing format") }
+                do {
+                    let virtual = try ImageSession().withImage(path, format: backingFmt, forceShare: true) { node in
+                        node.eventLoop.makeSucceededFuture(node.length)
+                    }
+                    if sizeText == nil { sizeText = String(virtual) }
+                } catch {
+                    fail("Could not open backing image '\(backing)': \(error)")
                 }
-                sizeText = String(virtual)
-            } catch {
-                fail("Could not open backing image '\(backing)': \(error)")
             }
         }
         guard let sizeText else { fail("Image creation needs a size parameter") }
-        guard let bytes = ImageSize.parse(sizeText) else { fail(ImageSize.usage) }
+        guard let parsed = ImageSize.parse(sizeText) else { fail(ImageSize.usage) }
+        // qemu-img's bounds, then its rounding up to whole 512-byte sectors.
+        guard parsed <= UInt64(Int64.max) - 511 else {
+            fail("Invalid image size specified. Must be between 0 and \(Int64.max).")
+        }
+        let bytes = (parsed + 511) / 512 * 512
         if format == "raw" {
             if backing != nil { fail("'raw' does not support backing files") }
-            try createRaw(bytes: bytes, settings: settings)
+            try createRaw(bytes: bytes, requested: parsed, settings: settingsLeft)
         } else {
             if backing != nil, backingFmt == nil { fail("Backing file specified without backing format") }
-            try createQCOW2(bytes: bytes, settings: settings, backing: backing, backingFormat: backingFmt)
+            try createQCOW2(bytes: bytes, requested: parsed, settings: settingsLeft, backing: backing,
+                            backingFormat: backingFmt)
         }
+    }
+
+    /// `-o` options, as qemu-img reads them: `key=value` pairs separated by
+    /// commas, a bare `key` meaning `key=on` and `nokey` `key=off`; an
+    /// empty value stays empty (and is refused where one is needed).
+    func parseOptions(_ options: [String]) -> [String: String] {
+        var settings: [String: String] = [:]
+        for option in options {
+            for chunk in option.split(separator: ",", omittingEmptySubsequences: false) {
+                guard !chunk.isEmpty else { fail("Invalid option list: \(option)") }
+                guard let equals = chunk.firstIndex(of: "=") else {
+                    if chunk.hasPrefix("no") { settings[String(chunk.dropFirst(2))] = "off" } else { settings[String(chunk)] = "on" }
+                    continue
+                }
+                let key = String(chunk[..<equals])
+                guard !key.isEmpty else { fail("\(filename): Invalid parameter ''") }
+                settings[key] = String(chunk[chunk.index(after: equals)...])
+            }
+        }
+        return settings
+    }
+
+    /// Whether two paths name one existing file (device and inode).
+    private static func sameFile(_ first: String, _ second: String) -> Bool {
+        var a = stat()
+        var b = stat()
+        guard stat(first, &a) == 0, stat(second, &b) == 0 else { return false }
+        return a.st_dev == b.st_dev && a.st_ino == b.st_ino
     }
 
     private func bool(_ value: String?, _ name: String) -> Bool {
@@ -82,14 +122,16 @@ struct ImgCreate: ParsableCommand {
         }
     }
 
-    private func createRaw(bytes: UInt64, settings: [String: String]) throws {
+    /// `bytes` is the size rounded up to whole sectors, `requested` the
+    /// size asked for, which the "Formatting" line shows, as qemu-img's does.
+    private func createRaw(bytes: UInt64, requested: UInt64, settings: [String: String]) throws {
         var settings = settings
         let preallocation = settings.removeValue(forKey: "preallocation") ?? "off"
         if let unknown = settings.keys.sorted().first { fail("Invalid parameter '\(unknown)'") }
         guard ["off", "falloc", "full"].contains(preallocation) else {
             fail("Invalid value '\(preallocation)' for preallocation: expected off, falloc or full")
         }
-        if !quiet { print("Formatting '\(filename)', fmt=raw size=\(bytes)") }
+        if !quiet { print("Formatting '\(filename)', fmt=raw size=\(requested)") }
         let fd = Glibc.open(filename, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else { fail("\(filename): Could not create image: \(String(cString: strerror(errno)))") }
         defer { Glibc.close(fd) }
@@ -119,7 +161,8 @@ struct ImgCreate: ParsableCommand {
         }
     }
 
-    private func createQCOW2(bytes: UInt64, settings: [String: String], backing: String?, backingFormat: String?) throws {
+    private func createQCOW2(bytes: UInt64, requested: UInt64, settings: [String: String], backing: String?,
+                             backingFormat: String?) throws {
         var settings = settings
         var builder = QCOW2ImageBuilder.Options(size: bytes)
         builder.backingFile = backing
@@ -167,7 +210,7 @@ struct ImgCreate: ParsableCommand {
                 line += " extended_l2=\(builder.extendedL2 ? "on" : "off") compression_type=\(builder.compression == .zstd ? "zstd" : "zlib")"
             }
             if preallocation != "off" { line += " preallocation=\(preallocation)" }
-            line += " size=\(bytes)"
+            line += " size=\(requested)"
             if let backing { line += " backing_file=\(backing)" }
             if let backingFormat { line += " backing_fmt=\(backingFormat)" }
             if let dataFile = builder.dataFile {

@@ -1,0 +1,62 @@
+import Foundation
+import Testing
+
+/// `strata img create` refuses what qemu-img refuses, with its messages,
+/// before touching any file, and rounds sizes as qemu-img does.
+@Suite struct ImgCreateTests: ImageToolRunner {
+    /// Each of these crashed, emptied the target, wrote an image no open
+    /// accepts, or wrote an image over its own backing file.
+    @Test(arguments: [
+        (["-f", "raw", "TARGET", "8E"], "Invalid image size specified. Must be between 0 and 9223372036854775807."),
+        (["-f", "qcow2", "TARGET", "2E"], "The image size is too large for file format 'qcow2' (try using a larger cluster size)"),
+        (["-f", "qcow2", "-o", "cluster_size=512", "TARGET", "1P"], "The image size is too large for file format 'qcow2'"),
+        (["-f", "qcow2", "-o", "=", "TARGET", "1M"], "Invalid parameter ''"),
+        (["-f", "qcow2", "-o", "a=1,==", "TARGET", "1M"], "Invalid parameter ''"),
+        (["-f", "qcow2", "-o", "cluster_size=4k,", "TARGET", "1M"], "Invalid option list: cluster_size=4k,"),
+        (["-f", "qcow2", "-o", "lazy_refcounts=", "TARGET", "1M"], "Parameter 'lazy_refcounts' expects 'on' or 'off'"),
+        (["-f", "qcow2", "-o", "backing_file=", "TARGET", "1M"], "Expected backing file name, got empty string"),
+        (["-f", "qcow2", "-b", "", "-F", "qcow2", "TARGET", "1M"], "Expected backing file name, got empty string"),
+        (["-f", "qcow2", "-b", "TARGET", "-F", "qcow2", "TARGET"], "Trying to create an image with the same filename as the backing file"),
+        (["-f", "qcow2", "-b", "./TARGETNAME", "-F", "qcow2", "TARGET", "1M"], "Trying to create an image with the same filename as the backing file"),
+        (["-f", "qcow2", "-b", "missing.qcow2", "-F", "qcow2", "TARGET", "1M"], "Could not open backing image"),
+    ])
+    func refusedLikeQemuImgAndTheTargetIsLeftAlone(arguments: [String], message: String) throws {
+        let directory = try Harness.temporaryDirectory("create-refused")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let target = directory.appendingPathComponent("target.img").path
+        let before = Data("an existing file, not to be emptied".utf8)
+        try before.write(to: URL(fileURLWithPath: target))
+        // Relative backing names resolve against the target's directory.
+        let resolved = arguments.map {
+            $0.replacingOccurrences(of: "TARGETNAME", with: "target.img").replacingOccurrences(of: "TARGET", with: target)
+        }
+        let created = try img(["create"] + resolved)
+        #expect(created.status == 1, "\(created.status) \(created.stderr)")
+        #expect(created.stderr.contains(message), "\(created.stderr)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: target)) == before)
+    }
+
+    /// qemu-img rounds the size up to whole 512-byte sectors and shows the
+    /// size asked for; `nokey` means `key=off`; `-u` skips opening the
+    /// backing file, which must open otherwise.
+    @Test func sizesRoundUpAndOptionsReadAsQemuImgReadsThem() throws {
+        let directory = try Harness.temporaryDirectory("create-round")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        for format in ["raw", "qcow2"] {
+            let path = directory.appendingPathComponent("odd.\(format)").path
+            let created = try img(["create", "-f", format, path, "1000"])
+            #expect(created.status == 0, "\(created.stderr)")
+            #expect(created.stdout.contains("size=1000"), "\(created.stdout)")
+            let info = try qemuImg(["info", "--output=json", path])
+            #expect(info.stdout.contains("\"virtual-size\": 1024"), "\(info.stdout)")
+        }
+        let off = directory.appendingPathComponent("off.qcow2").path
+        let created = try img(["create", "-f", "qcow2", "-o", "lazy_refcounts,nolazy_refcounts", off, "1M"])
+        #expect(created.status == 0, "\(created.stderr)")
+        #expect(created.stdout.contains("lazy_refcounts=off"), "the later option wins: \(created.stdout)")
+        let unsafe = directory.appendingPathComponent("unsafe.qcow2").path
+        let skipped = try img(["create", "-f", "qcow2", "-u", "-b", "missing.qcow2", "-F", "qcow2", unsafe, "1M"])
+        #expect(skipped.status == 0, "\(skipped.stderr)")
+        #expect(try qemuImg(["info", "-U", "--output=json", unsafe]).stdout.contains("\"backing-filename\": \"missing.qcow2\""))
+    }
+}
