@@ -46,11 +46,33 @@ public enum ImageOpener {
     /// Backing chains deeper than this are refused (a loop, or abuse).
     public static let maxChainDepth = 64
 
-    /// Opens `options.filename` and returns the format node. Errors carry
+    /// Opens `options.filename` and returns the format node (for an
+    /// `offset` into a qcow2 image, a raw window above it). Errors carry
     /// QEMU-style messages.
     public static func open(_ options: ImageOptions, graph: BlockGraph, io: FileIOContext,
                             warn: @escaping (String) -> Void = { _ in }) -> EventLoopFuture<BlockNode> {
-        open(options, graph: graph, io: io, warn: warn, depth: 0, above: [])
+        open(options, graph: graph, io: io, warn: warn, depth: 0, above: []).flatMapThrowing { node in
+            guard options.offset != 0, !(node.driver is RawDriver) else { return node }
+            do {
+                return try window(over: node, options: options, graph: graph)
+            } catch {
+                graph.removeNode(node)
+                throw error
+            }
+        }
+    }
+
+    /// qemu-nbd's `--offset` over a format other than raw: a raw node with
+    /// the offset above the format node, as qemu-nbd puts one (a raw image
+    /// takes the offset into its file directly, in `openRaw`).
+    private static func window(over node: BlockNode, options: ImageOptions, graph: BlockGraph) throws -> BlockNode {
+        guard options.offset <= node.length else {
+            throw BlockError(errno: EINVAL,
+                "Offset \(options.offset) is past the end of '\(options.filename)' (\(node.length) bytes)")
+        }
+        let raw = RawDriver(offset: options.offset)
+        return try graph.addNode(driver: raw, options: nodeOptions(options),
+                                 children: [.init(name: "file", role: raw.fileRole, node: node)])
     }
 
     /// The device and inode of a file, to find a backing chain that leads

@@ -178,6 +178,12 @@ struct Serve: ParsableCommand {
 
     func run() throws {
         if fork, !Daemon.isChild {
+            // The child is a new process, which LISTEN_PID does not name:
+            // it would listen on the default TCP port instead.
+            if SocketActivation.isActive {
+                ServerProcess.printError("--fork cannot be used with systemd socket activation (LISTEN_FDS)")
+                throw ExitCode(1)
+            }
             // The parent: start the real server and wait until it listens.
             throw ExitCode(Daemon.spawnChildAndWait())
         }

@@ -28,6 +28,16 @@ final class ServerProcess {
     private var signalSources: [DispatchSourceSignal] = []
     /// `-s`: the temporary overlay served in the image's place, until it is open.
     private var overlay: String?
+    /// The socket systemd passed, taken before the image is opened.
+    private var activationSocket: CInt?
+    /// Set once `start()` has finished: a signal before then is held in
+    /// `shutdownRequested` and acted on once the image is open, so the
+    /// shutdown closes it like any other.
+    private var started = false
+    private var shutdownRequested = false
+    /// Set once our pid file is written, so cleanup never removes the pid
+    /// file of another instance that this one failed to replace.
+    private var ownsPidFile = false
 
     init(options: Serve) {
         self.options = options
@@ -49,10 +59,15 @@ final class ServerProcess {
         installSignalHandlers()
         let loop = self.loop
         do {
+            activationSocket = try SocketActivation.takeListeningDescriptor()
             if options.snapshot {
                 overlay = try TemporaryOverlay.create(over: options.filename, format: options.format)
             }
             try loop.flatSubmit { self.start() }.wait()
+            loop.execute {
+                self.started = true
+                if self.shutdownRequested { self.shutdown(status: 0) }
+            }
         } catch {
             ServerProcess.printError(Self.describe(error))
             finished.succeed(1)
@@ -91,6 +106,7 @@ final class ServerProcess {
                 if let pidFile = self.options.pidFile {
                     do {
                         try "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
+                        self.ownsPidFile = true
                     } catch {
                         throw BlockError(errno: EIO, "Failed to write pid file '\(pidFile)': \(error.localizedDescription)")
                     }
@@ -134,13 +150,12 @@ final class ServerProcess {
 
     private func listen() -> EventLoopFuture<Void> {
         guard let server else { return loop.makeSucceededVoidFuture() }
-        if let fds = SocketActivation.listeningDescriptors() {
+        if let fd = activationSocket {
             guard options.socket == nil, options.port == nil, options.bind == nil else {
                 return loop.makeFailedFuture(BlockError(errno: EINVAL,
                     "-k, -p and -b cannot be used with systemd socket activation (LISTEN_FDS)"))
             }
-            let adopted = fds.map { server.listen(adopting: $0) }
-            return EventLoopFuture.andAllSucceed(adopted, on: loop)
+            return server.listen(adopting: fd)
         }
         if let socket = options.socket {
             return server.listen(unixSocket: socket).map { self.ownsSocketFile = true }.flatMapErrorThrowing { error in
@@ -160,7 +175,9 @@ final class ServerProcess {
             let source = DispatchSource.makeSignalSource(signal: signo, queue: .global())
             source.setEventHandler { [weak self] in
                 guard let self else { return }
-                self.loop.execute { self.shutdown(status: 0) }
+                self.loop.execute {
+                    if self.started { self.shutdown(status: 0) } else { self.shutdownRequested = true }
+                }
             }
             source.resume()
             signalSources.append(source)
@@ -193,9 +210,10 @@ final class ServerProcess {
             }
             return promise.futureResult
         }.flatMap { () -> EventLoopFuture<Void> in
-            self.graph.closeGracefully().flatMap { errors in
+            guard let graph = self.graph, let io = self.io else { return self.loop.makeSucceededVoidFuture() }
+            return graph.closeGracefully().flatMap { errors in
                 for error in errors { ServerProcess.printError("closing the image: \(error)") }
-                return self.io.shutdown()
+                return io.shutdown()
             }
         }.whenComplete { _ in
             self.finished.succeed(status)
@@ -204,7 +222,7 @@ final class ServerProcess {
 
     private func cleanUp() {
         if ownsSocketFile, let socket = options.socket { unlink(socket) }
-        if let pidFile = options.pidFile { unlink(pidFile) }
+        if ownsPidFile, let pidFile = options.pidFile { unlink(pidFile) }
         if let overlay { unlink(overlay) }
         try? threadPool.syncShutdownGracefully()
         try? group.syncShutdownGracefully()

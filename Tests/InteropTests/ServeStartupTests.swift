@@ -1,0 +1,112 @@
+import Foundation
+import Testing
+
+/// How `strata serve` starts: socket activation checked as qemu-nbd checks
+/// it, `--offset` on any format, a signal during a long open, and a pid
+/// file that a failed second instance leaves alone.
+@Suite struct ServeStartupTests {
+    /// `sh -c 'LISTEN_PID=$$ exec strata serve ...'`, so LISTEN_PID names
+    /// the server; fd 3 is whatever `fd3` redirects.
+    func activated(_ arguments: [String], listenFDs: String, fd3: String = "</dev/null") throws -> Harness.Output {
+        let command = (["exec", "3\(fd3)", ";", "LISTEN_PID=$$", "exec", Harness.strata, "serve"] + arguments)
+            .joined(separator: " ")
+        return try Harness.run("/bin/sh", ["-c", command], environment: ["LISTEN_FDS": listenFDs], timeout: 20)
+    }
+
+    /// More than one socket, a huge count (which trapped), no socket at
+    /// fd 3, and `--fork` (whose child LISTEN_PID does not name, so it
+    /// listened on 0.0.0.0:10809 instead) are refused before the image opens.
+    @Test func socketActivationIsCheckedBeforeTheImageOpens() throws {
+        let directory = try Harness.temporaryDirectory("activation")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try Harness.makeImage(in: directory)
+        let cases: [([String], String, String)] = [
+            (["-f", "raw", image], "2", "LISTEN_FDS > 1 is not supported"),
+            (["-f", "raw", image], "2147483647", "LISTEN_FDS > 1 is not supported"),
+            (["-f", "raw", image], "1", "file descriptor 3 is not a socket"),
+            (["--fork", "-f", "raw", image], "1", "--fork cannot be used with systemd socket activation"),
+        ]
+        for (arguments, count, message) in cases {
+            let result = try activated(arguments, listenFDs: count)
+            #expect(result.status == 1, "LISTEN_FDS=\(count) \(arguments): \(result.status) \(result.stderr)")
+            #expect(result.stderr.contains(message), "\(result.stderr)")
+        }
+    }
+
+    /// qemu-nbd puts a raw node with the offset above any format; Strata
+    /// ignored `--offset` for qcow2 and served the image from byte 0.
+    @Test func offsetAppliesToQcow2AsInQemuNbd() throws {
+        let directory = try Harness.temporaryDirectory("offset")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = directory.appendingPathComponent("disk.qcow2").path
+        #expect(try Harness.run("/usr/bin/qemu-img", ["create", "-f", "qcow2", image, "4M"]).status == 0)
+        let written = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 0x11 0 1M",
+                                                           "-c", "write -P 0x22 1M 1M", image])
+        #expect(written.status == 0, "\(written.stderr)")
+        let served = try ServedImage(image: image, options: ["-f", "qcow2", "-o", "1048576"], directory: directory)
+        defer { served.stop() }
+        #expect(try Harness.run("/usr/bin/nbdinfo", ["--size", served.uri]).stdout.hasPrefix("3145728"))
+        let read = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-r", "-c", "read -P 0x22 0 1M",
+                                                        "-c", "read -P 0 1M 2M", served.uri])
+        #expect(read.status == 0 && !read.stdout.contains("Pattern verification failed"), "\(read.stdout)")
+        served.stop()
+        let past = try Harness.run(Harness.strata, ["serve", "-k", served.socket, "-f", "qcow2", "-o", "5242880", image])
+        #expect(past.status == 1)
+        #expect(past.stderr.contains("Offset 5242880 is past the end of"), "\(past.stderr)")
+    }
+
+    /// SIGTERM while a dirty lazy-refcounts image is being repaired on
+    /// open: the server finishes opening, then shuts down as usual (the
+    /// image closed clean). It used to close the I/O under the open and
+    /// hang for ever.
+    @Test func aSignalDuringALongOpenEndsTheServerOnceTheImageIsOpen() throws {
+        let directory = try Harness.temporaryDirectory("open-signal")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = directory.appendingPathComponent("dirty.qcow2").path
+        let made = try Harness.run("/usr/bin/qemu-img", ["create", "-f", "qcow2", "-o",
+            "lazy_refcounts=on,cluster_size=512,preallocation=metadata", image, "256M"])
+        #expect(made.status == 0, "\(made.stderr)")
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: image))
+        try handle.seek(toOffset: 79)
+        try handle.write(contentsOf: [1])  // the dirty bit: the open repairs every refcount
+        try handle.close()
+        let socket = directory.appendingPathComponent("s.sock").path
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: Harness.strata)
+        server.arguments = ["serve", "-t", "-k", socket, "-f", "qcow2", image]
+        server.standardError = FileHandle.nullDevice
+        try server.run()
+        defer { if server.isRunning { kill(server.processIdentifier, SIGKILL) } }
+        usleep(1_000_000)  // the signal handlers are up; the repair is not done
+        try #require(!FileManager.default.fileExists(atPath: socket),
+                     "the image opened within a second: the signal would not land during the open")
+        kill(server.processIdentifier, SIGTERM)
+        let deadline = Date().addingTimeInterval(60)
+        while server.isRunning, Date() < deadline { usleep(20_000) }
+        #expect(!server.isRunning, "the server exits once the open is done")
+        server.waitUntilExit()
+        #expect(server.terminationStatus == 0)
+        let check = try Harness.run("/usr/bin/qemu-img", ["check", image])
+        #expect(check.status == 0, "\(check.stdout)\(check.stderr)")
+        let header = try Data(contentsOf: URL(fileURLWithPath: image)).prefix(80)
+        #expect(header[79] & 1 == 0, "closed clean: the dirty bit is cleared")
+    }
+
+    /// A second server that cannot start (it cannot listen) leaves the
+    /// first one's pid file alone; it used to remove it on the way out.
+    @Test func aFailedSecondInstanceLeavesThePidFile() throws {
+        let directory = try Harness.temporaryDirectory("pidfile")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try Harness.makeImage(in: directory)
+        let pidFile = directory.appendingPathComponent("strata.pid").path
+        let first = try ServedImage(image: image, options: ["-f", "raw", "--pid-file", pidFile], directory: directory)
+        defer { first.stop() }
+        let pid = try String(contentsOfFile: pidFile, encoding: .utf8)
+        let nowhere = directory.appendingPathComponent("missing/2.sock").path
+        let second = try Harness.run(Harness.strata, ["serve", "-k", nowhere, "--pid-file", pidFile, "-f", "raw", image],
+                                     timeout: 30)
+        #expect(second.status == 1, "\(second.stderr)")
+        #expect(second.stderr.contains("Failed to listen"), "\(second.stderr)")
+        #expect(try String(contentsOfFile: pidFile, encoding: .utf8) == pid)
+    }
+}
