@@ -83,12 +83,20 @@ public struct QCOW2Header: Equatable, Sendable {
         return (Int64(size) + perL2 - 1) / perL2
     }
 
+    /// The backing format extension's name, read as QEMU reads it: up to
+    /// the first NUL, and an empty name means none (probe the backing file).
     public var backingFormat: String? {
-        extensions.first { $0.type == QCOW2HeaderExtension.backingFormat }.map { String(decoding: $0.data, as: UTF8.self) }
+        let name = extensions.first { $0.type == QCOW2HeaderExtension.backingFormat }.map { Self.cString($0.data) }
+        return name?.isEmpty == true ? nil : name
     }
 
     public var dataFile: String? {
-        extensions.first { $0.type == QCOW2HeaderExtension.dataFile }.map { String(decoding: $0.data, as: UTF8.self) }
+        extensions.first { $0.type == QCOW2HeaderExtension.dataFile }.map { Self.cString($0.data) }
+    }
+
+    /// Bytes up to the first NUL, as a C string would end there.
+    private static func cString(_ bytes: [UInt8]) -> String {
+        String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
     }
 
     /// Largest cluster size QEMU accepts (2 MiB), smallest (512 B).

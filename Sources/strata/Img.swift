@@ -29,24 +29,45 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
     case human, json
 }
 
-/// Parses qemu-img sizes: bytes, or a number with k, M, G, T, P or E
-/// (powers of 1024), optionally fractional ("1.5G").
+/// Parses sizes as qemu-img does: a decimal number with an optional
+/// fraction, or a hexadecimal integer (`0x10`), then optionally one of b,
+/// k, M, G, T, P or E in either case (powers of 1024). A fraction needs a
+/// unit ("1.5G", not "1.5"); exponents ("1e3") are not numbers here.
 enum ImageSize {
     static func parse(_ text: String) -> UInt64? {
-        let units: [Character: UInt64] = ["b": 1, "B": 1, "k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
-                                          "T": 1 << 40, "P": 1 << 50, "E": 1 << 60]
-        var number = Substring(text)
+        let units: [Character: UInt64] = ["b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30,
+                                          "t": 1 << 40, "p": 1 << 50, "e": 1 << 60]
+        var rest = Substring(text)
+        var whole: UInt64
+        var fraction = 0.0
+        if rest.lowercased().hasPrefix("0x") {
+            let digits = rest.dropFirst(2).prefix { $0.isHexDigit }
+            guard !digits.isEmpty, let value = UInt64(digits, radix: 16) else { return nil }
+            whole = value
+            rest = rest.dropFirst(2 + digits.count)
+        } else {
+            let digits = rest.prefix { $0.isASCII && $0.isNumber }
+            guard !digits.isEmpty, let value = UInt64(digits) else { return nil }
+            whole = value
+            rest = rest.dropFirst(digits.count)
+            if rest.first == "." {
+                let decimals = rest.dropFirst().prefix { $0.isASCII && $0.isNumber }
+                guard !decimals.isEmpty, let value = Double("0." + decimals) else { return nil }
+                fraction = value
+                rest = rest.dropFirst(1 + decimals.count)
+            }
+        }
         var multiplier: UInt64 = 1
-        if let last = number.last, let unit = units[last] {
-            multiplier = unit
-            number = number.dropLast()
+        if let unit = rest.first {
+            guard rest.count == 1, let scale = units[Character(unit.lowercased())] else { return nil }
+            multiplier = scale
         }
-        if let whole = UInt64(number) {
-            let (value, overflow) = whole.multipliedReportingOverflow(by: multiplier)
-            return overflow ? nil : value
-        }
-        guard let fraction = Double(number), fraction >= 0, fraction * Double(multiplier) < 9.2e18 else { return nil }
-        return UInt64(fraction * Double(multiplier))
+        guard fraction == 0 || multiplier > 1 else { return nil }
+        let (scaled, overflow) = whole.multipliedReportingOverflow(by: multiplier)
+        let extra = fraction * Double(multiplier)
+        guard !overflow, extra < 9.2e18 else { return nil }
+        let (total, carried) = scaled.addingReportingOverflow(UInt64(extra))
+        return carried ? nil : total
     }
 
     static let usage = "Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."

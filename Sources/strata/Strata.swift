@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 
 @main
 struct Strata: ParsableCommand {
@@ -8,4 +9,18 @@ struct Strata: ParsableCommand {
         version: "0.1.0",
         subcommands: [Serve.self, Img.self]
     )
+
+    /// ArgumentParser's own entry point, except that a usage error exits
+    /// with 1, as qemu-nbd and qemu-img do, not with 64 (EX_USAGE): scripts
+    /// written for them test for 1.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            guard exitCode(for: error) == .validationFailure else { exit(withError: error) }
+            FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+            Foundation.exit(1)
+        }
+    }
 }

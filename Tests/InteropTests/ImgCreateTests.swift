@@ -59,4 +59,22 @@ import Testing
         #expect(skipped.status == 0, "\(skipped.stderr)")
         #expect(try qemuImg(["info", "-U", "--output=json", unsafe]).stdout.contains("\"backing-filename\": \"missing.qcow2\""))
     }
+
+    /// Sizes read as qemu-img reads them: the same ones accepted, with the
+    /// same result, and the same ones refused.
+    @Test(arguments: ["512", "1k", "1g", "1G", "1.5M", "1.0", "0x100000", "1b", "3000",
+                      "1.5", "1.5b", "1e3", "0x1.8p4", "-1", "1Q", "", "1e"])
+    func sizesReadAsQemuImgReadsThem(size: String) throws {
+        let directory = try Harness.temporaryDirectory("create-size")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let ours = directory.appendingPathComponent("ours.raw").path
+        let theirs = directory.appendingPathComponent("theirs.raw").path
+        let mine = try img(["create", "-f", "raw", ours, size])
+        let qemu = try qemuImg(["create", "-f", "raw", theirs, size])
+        #expect(mine.status == qemu.status, "'\(size)': strata \(mine.status) \(mine.stderr), qemu-img \(qemu.status) \(qemu.stderr)")
+        if qemu.status == 0 {
+            let length = { (path: String) in try FileManager.default.attributesOfItem(atPath: path)[.size] as? Int64 }
+            #expect(try length(ours) == length(theirs), "'\(size)'")
+        }
+    }
 }

@@ -38,6 +38,18 @@ import Testing
         #expect(header.extensions.count == 1)
     }
 
+    /// QEMU reads the backing format as a C string, and an empty one as
+    /// none (it then probes the backing file).
+    @Test func backingFormatEndsAtANulAndEmptyIsNone() throws {
+        var padded = defaultHeader()
+        padded[116 + 3] = 8  // "qcow2" and three NULs
+        #expect(try QCOW2Header.parse(padded).backingFormat == "qcow2")
+        var empty = defaultHeader()
+        empty[116 + 3] = 0
+        empty.replaceSubrange(120..<125, with: [0, 0, 0, 0, 0])  // the end marker follows at once
+        #expect(try QCOW2Header.parse(empty).backingFormat == nil)
+    }
+
     @Test(arguments: [
         (20, UInt64(40), 4, "cluster size"),
         (20, UInt64(8), 4, "cluster size"),
