@@ -31,6 +31,10 @@ public struct ImageOptions: Sendable {
     /// Opened by `check -r all`: a qcow2 refcount structure that can only be
     /// rebuilt does not fail the open (never inherited by backing files).
     public var forRepair = false
+    /// False: the backing file is named but not opened (QEMU's
+    /// BDRV_O_NO_BACKING, as `qemu-img info` opens images), so a missing
+    /// backing file does not keep the image itself from being described.
+    public var openBacking = true
 
     public init(filename: String, format: String? = nil) {
         self.filename = filename
@@ -197,7 +201,7 @@ public enum ImageOpener {
                     children.append(.init(name: "data-file", role: [.data], node: node))
                 })
             }
-            if let backingName = header.backingFile, !backingName.isEmpty {
+            if options.openBacking, let backingName = header.backingFile, !backingName.isEmpty {
                 guard !backingName.hasPrefix("json:") else {
                     return loop.makeFailedFuture(BlockError(errno: ENOTSUP, "json: backing file names are not supported"))
                 }

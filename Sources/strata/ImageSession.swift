@@ -20,7 +20,8 @@ final class ImageSession {
 
     /// Opens `filename` and runs `body` on the loop with the top node.
     func withImage<T>(_ filename: String, format: String?, forceShare: Bool, writable: Bool = false,
-                      forRepair: Bool = false, _ body: @escaping (BlockNode) -> EventLoopFuture<T>) throws -> T {
+                      forRepair: Bool = false, openBacking: Bool = true,
+                      _ body: @escaping (BlockNode) -> EventLoopFuture<T>) throws -> T {
         defer {
             _ = try? loop.flatSubmit { () -> EventLoopFuture<[BlockError]> in
                 self.graph?.closeGracefully() ?? self.loop.makeSucceededFuture([])
@@ -35,6 +36,7 @@ final class ImageSession {
             options.readOnly = !writable
             options.forceShare = forceShare
             options.forRepair = forRepair
+            options.openBacking = openBacking
             return ImageOpener.open(options, graph: self.graph, io: self.io).flatMap { node in
                 // qemu-img takes consistent read and shares only reading.
                 do {

@@ -18,7 +18,9 @@ struct ImgInfo: ParsableCommand {
     func run() throws {
         let layers: [[String: Any]]
         do {
-            layers = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare) { node in
+            // As qemu-img info: the backing chain is opened only to be shown.
+            layers = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare,
+                                                  openBacking: backingChain) { node in
                 let nodes = backingChain ? ImageSession.chain(from: node) : [node]
                 return node.eventLoop.makeSucceededFuture(nodes.map(Self.describe))
             }

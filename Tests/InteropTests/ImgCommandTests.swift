@@ -281,6 +281,26 @@ import Testing
     /// A FIFO named as an image or a backing file is refused at once, with
     /// the message qemu-img gives a directory; qemu-img itself would wait in
     /// `open` for a writer that never comes.
+    /// qemu-img info opens an image without its backing file, so an image
+    /// whose backing file is missing is still described; only
+    /// --backing-chain needs the chain (and fails in both).
+    @Test func infoDescribesAnImageWhoseBackingFileIsMissing() throws {
+        let directory = try Harness.temporaryDirectory("info-nobacking")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let overlay = directory.appendingPathComponent("overlay.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", overlay, "1M"]).status == 0)
+        let ours = try img(["info", "--output=json", overlay])
+        #expect(ours.status == 0, "\(ours.stderr)")
+        let mine = try JSONSerialization.jsonObject(with: Data(ours.stdout.utf8)) as? [String: Any] ?? [:]
+        let theirs = try qemuInfo(overlay)
+        for key in ["backing-filename", "full-backing-filename", "backing-filename-format"] {
+            #expect(mine[key] as? String == theirs[key] as? String, "\(key)")
+        }
+        #expect(mine["virtual-size"] as? Int64 == 1 << 20)
+        #expect(try img(["info", "--backing-chain", overlay]).status == 1)
+        #expect(try qemuImg(["info", "--backing-chain", overlay]).status == 1)
+    }
+
     @Test func aFifoAsImageOrBackingFileIsRefusedWithoutWaiting() throws {
         let directory = try Harness.temporaryDirectory("fifo")
         defer { try? FileManager.default.removeItem(at: directory) }
@@ -289,13 +309,16 @@ import Testing
         let overlay = directory.appendingPathComponent("overlay.qcow2").path
         let made = try qemuImg(["create", "-q", "-f", "qcow2", "-u", "-b", fifo, "-F", "raw", overlay, "1M"])
         #expect(made.status == 0, "\(made.stderr)")
-        let runs: [[String]] = [["img", "info", fifo], ["img", "info", overlay], ["img", "check", overlay],
+        let runs: [[String]] = [["img", "info", fifo], ["img", "info", "--backing-chain", overlay], ["img", "check", overlay],
                                 ["serve", "-k", directory.appendingPathComponent("s").path, "-f", "raw", fifo]]
         for arguments in runs {
             let ours = try Harness.run(Harness.strata, arguments, timeout: 20)
             #expect(ours.status == 1, "\(arguments): \(ours.status) \(ours.stderr)")
             #expect(ours.stderr.contains("'file' driver requires '\(fifo)' to be a regular file"), "\(ours.stderr)")
         }
+        // qemu-img info does not open the backing file, so it is not refused.
+        let described = try Harness.run(Harness.strata, ["img", "info", overlay], timeout: 20)
+        #expect(described.status == 0, "\(described.stderr)")
     }
 
     @Test func checkFindsAndRepairsCopiedFlagsLikeQemuImg() throws {
