@@ -74,6 +74,7 @@ for t in fio qemu-nbd qemu-img nbdcopy nbdinfo python3; do
 done
 [ "$(id -u)" = 0 ] || die "run as root: the cold nbdcopy passes drop the page cache"
 BYTES=$(numfmt --from=iec "$SIZE") || die "bad --size '$SIZE'"
+[ "$BYTES" -ge 1048576 ] || die "--size must be at least 1M, got '$SIZE'"
 
 if [ -z "$WORK" ]; then WORK=$(mktemp -d /var/tmp/strata-pairs.XXXXXX); else mkdir -p "$WORK"; fi
 SOCK_S=$WORK/strata.sock SOCK_Q=$WORK/qemu-nbd.sock

@@ -92,7 +92,11 @@ public final class RawDriver: BlockDriver {
     public func blockStatus(at offset: Int64, length: Int64,
                             completion: @escaping (Result<BlockStatus, BlockError>) -> Void) {
         let base = self.offset
-        file.blockStatus(at: base + offset, length: length) { result in
+        // Over a file, the file's own status; over a format node (the
+        // window of `--offset` on a qcow2 image), what its whole backing
+        // chain reads as, so unallocated clusters stay holes that read as
+        // zeroes, as through qemu-nbd.
+        file.blockStatusAbove(at: base + offset, length: length) { result in
             completion(result.map { status in
                 var status = status
                 // Raw has no backing file: whatever the file says, this layer owns it.

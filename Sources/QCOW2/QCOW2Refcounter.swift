@@ -89,15 +89,30 @@ final class QCOW2Refcounter {
     }
 
     /// At most this many bytes of refcount blocks are loaded: half the
-    /// machine's memory. Every block is held in memory (see the type), and
-    /// a table can name blocks all over a sparse file; past this, the open
+    /// memory this process may use (the machine's, or its cgroup's limit
+    /// if lower). Every block is held in memory (see the type), and a
+    /// table can name blocks all over a sparse file; past this, the open
     /// would end in the kernel's OOM killer instead of an error.
     static let defaultMemoryLimit: Int64 = {
         let pages = Int64(sysconf(Int32(_SC_PHYS_PAGES)))
         let pageSize = Int64(sysconf(Int32(_SC_PAGESIZE)))
-        guard pages > 0, pageSize > 0 else { return .max }
-        return pages * pageSize / 2
+        var memory = pages > 0 && pageSize > 0 ? pages * pageSize : .max
+        if let limit = cgroupMemoryLimit() { memory = min(memory, limit) }
+        return memory / 2
     }()
+
+    /// cgroup v2's memory.max for this process's cgroup ("max", or bytes),
+    /// as the root cgroup namespace a container sees shows it.
+    private static func cgroupMemoryLimit() -> Int64? {
+        let fd = open("/sys/fs/cgroup/memory.max", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: 32)
+        let count = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard count > 0 else { return nil }
+        let text = String(decoding: bytes[0..<count], as: UTF8.self).filter { !$0.isWhitespace }
+        return Int64(text).flatMap { $0 > 0 ? $0 : nil }
+    }
 
     /// Loads the table and every block it names; fails with a
     /// `QCOW2RefcountDamage` where they cannot be used, and with ENOMEM
@@ -135,7 +150,7 @@ final class QCOW2Refcounter {
             guard needed <= memoryLimit else {
                 return loop.makeFailedFuture(BlockError(errno: ENOMEM, """
                     qcow2: Opening the image for writing would load \(offsets.count) refcount blocks, \
-                    \((needed + (1 << 20) - 1) >> 20) MiB, more than the \(memoryLimit >> 20) MiB allowed (half this machine's memory); \
+                    \((needed + (1 << 20) - 1) >> 20) MiB, more than the \(memoryLimit >> 20) MiB allowed (half the memory this process may use); \
                     it can still be opened read-only
                     """))
             }

@@ -30,14 +30,17 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
 }
 
 /// Parses sizes as qemu-img does: a decimal number with an optional
-/// fraction, or a hexadecimal integer (`0x10`), then optionally one of b,
-/// k, M, G, T, P or E in either case (powers of 1024). A fraction needs a
-/// unit ("1.5G", not "1.5"); exponents ("1e3") are not numbers here.
+/// fraction, or a hexadecimal integer (`0x10`), after optional blanks and
+/// `+`, then optionally one of b, k, M, G, T, P or E in either case (powers
+/// of 1024). A fraction needs a unit ("1.5G", not "1.5"); exponents
+/// ("1e3") are not numbers here.
 enum ImageSize {
     static func parse(_ text: String) -> UInt64? {
         let units: [Character: UInt64] = ["b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30,
                                           "t": 1 << 40, "p": 1 << 50, "e": 1 << 60]
-        var rest = Substring(text)
+        // strtoull's leading blanks and plus sign, which qemu-img accepts.
+        var rest = Substring(text).drop { $0 == " " || $0 == "\t" }
+        if rest.first == "+" { rest = rest.dropFirst() }
         var whole: UInt64
         var fraction = 0.0
         if rest.lowercased().hasPrefix("0x") {
@@ -52,7 +55,7 @@ enum ImageSize {
             rest = rest.dropFirst(digits.count)
             if rest.first == "." {
                 let decimals = rest.dropFirst().prefix { $0.isASCII && $0.isNumber }
-                guard !decimals.isEmpty, let value = Double("0." + decimals) else { return nil }
+                guard let value = Double("0." + decimals + "0") else { return nil }
                 fraction = value
                 rest = rest.dropFirst(1 + decimals.count)
             }

@@ -87,12 +87,14 @@ struct ImgCreate: ParsableCommand {
     }
 
     /// `-o` options, as qemu-img reads them: `key=value` pairs separated by
-    /// commas, a bare `key` meaning `key=on` and `nokey` `key=off`; an
-    /// empty value stays empty (and is refused where one is needed).
+    /// commas (`,,` is a comma within a value), a bare `key` meaning
+    /// `key=on` and `nokey` `key=off`; an empty value stays empty (and is
+    /// refused where one is needed).
     func parseOptions(_ options: [String]) -> [String: String] {
         var settings: [String: String] = [:]
         for option in options {
-            for chunk in option.split(separator: ",", omittingEmptySubsequences: false) {
+            guard !option.hasPrefix(",") else { fail("Invalid option list: \(option)") }
+            for chunk in Self.splitOptionList(option) {
                 guard !chunk.isEmpty else { fail("Invalid option list: \(option)") }
                 guard let equals = chunk.firstIndex(of: "=") else {
                     if chunk.hasPrefix("no") { settings[String(chunk.dropFirst(2))] = "off" } else { settings[String(chunk)] = "on" }
@@ -104,6 +106,28 @@ struct ImgCreate: ParsableCommand {
             }
         }
         return settings
+    }
+
+    /// Splits at single commas; `,,` stands for a comma.
+    static func splitOptionList(_ text: String) -> [Substring] {
+        var chunks: [Substring] = []
+        var current = ""
+        var characters = text[...]
+        while let character = characters.popFirst() {
+            if character == "," {
+                if characters.first == "," {
+                    characters.removeFirst()
+                    current.append(",")
+                } else {
+                    chunks.append(current[...])
+                    current = ""
+                }
+            } else {
+                current.append(character)
+            }
+        }
+        chunks.append(current[...])
+        return chunks
     }
 
     /// Whether two paths name one existing file (device and inode).

@@ -31,8 +31,9 @@ final class ServerProcess {
     /// The socket systemd passed, taken before the image is opened.
     private var activationSocket: CInt?
     /// Set once `start()` has finished: a signal before then is held in
-    /// `shutdownRequested` and acted on once the image is open, so the
-    /// shutdown closes it like any other.
+    /// `shutdownRequested` and acted on once the image is open (which is
+    /// then neither exported nor listened for), so the shutdown closes it
+    /// like any other; shutting the I/O down under the open hung it.
     private var started = false
     private var shutdownRequested = false
     /// Set once our pid file is written, so cleanup never removes the pid
@@ -60,6 +61,9 @@ final class ServerProcess {
         let loop = self.loop
         do {
             activationSocket = try SocketActivation.takeListeningDescriptor()
+            if activationSocket != nil, options.socket != nil || options.port != nil || options.bind != nil {
+                throw BlockError(errno: EINVAL, "-k, -p and -b cannot be used with systemd socket activation (LISTEN_FDS)")
+            }
             if options.snapshot {
                 overlay = try TemporaryOverlay.create(over: options.filename, format: options.format)
             }
@@ -100,10 +104,13 @@ final class ServerProcess {
                 if let overlay = self.overlay { unlink(overlay) }
                 self.overlay = nil
             }
-            .flatMapThrowing { node in try self.export(node) }
-            .flatMap { self.listen() }
+            .flatMapThrowing { node in
+                // A signal during the open: close the image without serving it.
+                if !self.shutdownRequested { try self.export(node) }
+            }
+            .flatMap { self.shutdownRequested ? self.loop.makeSucceededVoidFuture() : self.listen() }
             .flatMapThrowing {
-                if let pidFile = self.options.pidFile {
+                if !self.shutdownRequested, let pidFile = self.options.pidFile {
                     do {
                         try "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
                         self.ownsPidFile = true
@@ -150,13 +157,7 @@ final class ServerProcess {
 
     private func listen() -> EventLoopFuture<Void> {
         guard let server else { return loop.makeSucceededVoidFuture() }
-        if let fd = activationSocket {
-            guard options.socket == nil, options.port == nil, options.bind == nil else {
-                return loop.makeFailedFuture(BlockError(errno: EINVAL,
-                    "-k, -p and -b cannot be used with systemd socket activation (LISTEN_FDS)"))
-            }
-            return server.listen(adopting: fd)
-        }
+        if let fd = activationSocket { return server.listen(adopting: fd) }
         if let socket = options.socket {
             return server.listen(unixSocket: socket).map { self.ownsSocketFile = true }.flatMapErrorThrowing { error in
                 throw BlockError(errno: EINVAL, "Failed to listen on unix socket '\(socket)': \(error)")

@@ -278,9 +278,6 @@ import Testing
         }
     }
 
-    /// A FIFO named as an image or a backing file is refused at once, with
-    /// the message qemu-img gives a directory; qemu-img itself would wait in
-    /// `open` for a writer that never comes.
     /// qemu-img info opens an image without its backing file, so an image
     /// whose backing file is missing is still described; only
     /// --backing-chain needs the chain (and fails in both).
@@ -301,6 +298,9 @@ import Testing
         #expect(try qemuImg(["info", "--backing-chain", overlay]).status == 1)
     }
 
+    /// A FIFO named as an image or a backing file is refused at once, with
+    /// the message qemu-img gives a directory; qemu-img itself would wait in
+    /// `open` for a writer that never comes.
     @Test func aFifoAsImageOrBackingFileIsRefusedWithoutWaiting() throws {
         let directory = try Harness.temporaryDirectory("fifo")
         defer { try? FileManager.default.removeItem(at: directory) }

@@ -37,8 +37,8 @@ import Testing
     }
 
     /// qemu-img rounds the size up to whole 512-byte sectors and shows the
-    /// size asked for; `nokey` means `key=off`; `-u` skips opening the
-    /// backing file, which must open otherwise.
+    /// size asked for; `nokey` means `key=off`, `,,` a comma; `-u` skips
+    /// opening the backing file, which must open otherwise.
     @Test func sizesRoundUpAndOptionsReadAsQemuImgReadsThem() throws {
         let directory = try Harness.temporaryDirectory("create-round")
         defer { try? FileManager.default.removeItem(at: directory) }
@@ -54,6 +54,13 @@ import Testing
         let created = try img(["create", "-f", "qcow2", "-o", "lazy_refcounts,nolazy_refcounts", off, "1M"])
         #expect(created.status == 0, "\(created.stderr)")
         #expect(created.stdout.contains("lazy_refcounts=off"), "the later option wins: \(created.stdout)")
+        // ",," is a comma within a value.
+        let commaData = directory.appendingPathComponent("a,b.data").path
+        let withComma = directory.appendingPathComponent("comma.qcow2").path
+        let escaped = try img(["create", "-f", "qcow2", "-o", "data_file=" + commaData.replacingOccurrences(of: ",", with: ",,"),
+                               withComma, "1M"])
+        #expect(escaped.status == 0, "\(escaped.stderr)")
+        #expect(FileManager.default.fileExists(atPath: commaData))
         let unsafe = directory.appendingPathComponent("unsafe.qcow2").path
         let skipped = try img(["create", "-f", "qcow2", "-u", "-b", "missing.qcow2", "-F", "qcow2", unsafe, "1M"])
         #expect(skipped.status == 0, "\(skipped.stderr)")
@@ -62,7 +69,7 @@ import Testing
 
     /// Sizes read as qemu-img reads them: the same ones accepted, with the
     /// same result, and the same ones refused.
-    @Test(arguments: ["512", "1k", "1g", "1G", "1.5M", "1.0", "0x100000", "1b", "3000",
+    @Test(arguments: ["512", "1k", "1g", "1G", "1.5M", "1.0", "0x100000", "1b", "3000", "+1k", " 1k", "1.k", "1.",
                       "1.5", "1.5b", "1e3", "0x1.8p4", "-1", "1Q", "", "1e"])
     func sizesReadAsQemuImgReadsThem(size: String) throws {
         let directory = try Harness.temporaryDirectory("create-size")

@@ -49,10 +49,15 @@ import Testing
         let read = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-r", "-c", "read -P 0x22 0 1M",
                                                         "-c", "read -P 0 1M 2M", served.uri])
         #expect(read.status == 0 && !read.stdout.contains("Pattern verification failed"), "\(read.stdout)")
+        // Unallocated clusters stay holes that read as zeroes, as through qemu-nbd.
+        let map = try Harness.run("/usr/bin/nbdinfo", ["--map", served.uri])
         served.stop()
         let past = try Harness.run(Harness.strata, ["serve", "-k", served.socket, "-f", "qcow2", "-o", "5242880", image])
         #expect(past.status == 1)
         #expect(past.stderr.contains("Offset 5242880 is past the end of"), "\(past.stderr)")
+        // What qemu-nbd -o 1048576 answers for the same image (checked by hand).
+        let expected = "         0     1048576    0  data\n   1048576     2097152    3  hole,zero\n"
+        #expect(map.stdout == expected, "\(map.stdout)")
     }
 
     /// SIGTERM while a dirty lazy-refcounts image is being repaired on
@@ -77,9 +82,19 @@ import Testing
         server.standardError = FileHandle.nullDevice
         try server.run()
         defer { if server.isRunning { kill(server.processIdentifier, SIGKILL) } }
-        usleep(1_000_000)  // the signal handlers are up; the repair is not done
+        // Wait until SIGTERM is caught (the handlers are up), not for a time.
+        let status = "/proc/\(server.processIdentifier)/status"
+        let caught = { () -> Bool in
+            let text = (try? String(contentsOfFile: status, encoding: .utf8)) ?? ""
+            guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("SigCgt:") }),
+                  let mask = UInt64(line.dropFirst(7).trimmingCharacters(in: .whitespaces), radix: 16) else { return false }
+            return mask & (1 << UInt64(SIGTERM - 1)) != 0
+        }
+        let handlersDeadline = Date().addingTimeInterval(20)
+        while !caught(), server.isRunning, Date() < handlersDeadline { usleep(5_000) }
+        try #require(caught(), "the server never caught SIGTERM")
         try #require(!FileManager.default.fileExists(atPath: socket),
-                     "the image opened within a second: the signal would not land during the open")
+                     "the image opened before the handlers were up: the signal would not land during the open")
         kill(server.processIdentifier, SIGTERM)
         let deadline = Date().addingTimeInterval(60)
         while server.isRunning, Date() < deadline { usleep(20_000) }
@@ -88,8 +103,10 @@ import Testing
         #expect(server.terminationStatus == 0)
         let check = try Harness.run("/usr/bin/qemu-img", ["check", image])
         #expect(check.status == 0, "\(check.stdout)\(check.stderr)")
-        let header = try Data(contentsOf: URL(fileURLWithPath: image)).prefix(80)
-        #expect(header[79] & 1 == 0, "closed clean: the dirty bit is cleared")
+        let reader = try FileHandle(forReadingFrom: URL(fileURLWithPath: image))
+        let header = try reader.read(upToCount: 80) ?? Data()
+        try reader.close()
+        #expect(header.count == 80 && header[79] & 1 == 0, "closed clean: the dirty bit is cleared")
     }
 
     /// A second server that cannot start (it cannot listen) leaves the
