@@ -118,6 +118,9 @@ import Testing
         let pidFile = directory.appendingPathComponent("strata.pid").path
         let first = try ServedImage(image: image, options: ["-f", "raw", "--pid-file", pidFile], directory: directory)
         defer { first.stop() }
+        // The pid file is written once the server listens, just after the socket appears.
+        let written = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: pidFile), Date() < written { usleep(10_000) }
         let pid = try String(contentsOfFile: pidFile, encoding: .utf8)
         let nowhere = directory.appendingPathComponent("missing/2.sock").path
         let second = try Harness.run(Harness.strata, ["serve", "-k", nowhere, "--pid-file", pidFile, "-f", "raw", image],
