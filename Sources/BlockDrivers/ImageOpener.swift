@@ -66,14 +66,19 @@ public enum ImageOpener {
         }
     }
 
+    /// `--offset` must fall within what it is an offset into.
+    private static func checkOffset(_ options: ImageOptions, within node: BlockNode) throws {
+        guard options.offset >= 0, options.offset <= node.length else {
+            throw BlockError(errno: EINVAL,
+                "Offset \(options.offset) is past the end of '\(options.filename)' (\(node.length) bytes)")
+        }
+    }
+
     /// qemu-nbd's `--offset` over a format other than raw: a raw node with
     /// the offset above the format node, as qemu-nbd puts one (a raw image
     /// takes the offset into its file directly, in `openRaw`).
     private static func window(over node: BlockNode, options: ImageOptions, graph: BlockGraph) throws -> BlockNode {
-        guard options.offset <= node.length else {
-            throw BlockError(errno: EINVAL,
-                "Offset \(options.offset) is past the end of '\(options.filename)' (\(node.length) bytes)")
-        }
+        try checkOffset(options, within: node)
         let raw = RawDriver(offset: options.offset)
         return try graph.addNode(driver: raw, options: nodeOptions(options),
                                  children: [.init(name: "file", role: raw.fileRole, node: node)])
@@ -167,10 +172,7 @@ public enum ImageOpener {
 
     private static func openRaw(above fileNode: BlockNode, options: ImageOptions, probed: Bool,
                                 graph: BlockGraph) throws -> BlockNode {
-        guard options.offset >= 0, options.offset <= fileNode.length else {
-            throw BlockError(errno: EINVAL,
-                "Offset \(options.offset) is past the end of '\(options.filename)' (\(fileNode.length) bytes)")
-        }
+        try checkOffset(options, within: fileNode)
         let raw = RawDriver(offset: options.offset, probed: probed && !options.readOnly)
         var formatOptions = nodeOptions(options)
         formatOptions.detectZeroes = options.detectZeroes

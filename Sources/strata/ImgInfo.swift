@@ -68,7 +68,7 @@ struct ImgInfo: ParsableCommand {
         if let backing = header.backingFile {
             info["backing-filename"] = backing
             let directory = (ImageSession.fileName(of: node) as NSString).deletingLastPathComponent
-            info["full-backing-filename"] = backing.hasPrefix("/") || directory.isEmpty ? backing : directory + "/" + backing
+            info["full-backing-filename"] = ImageOpener.resolve(backing, relativeTo: directory)
             if let format = header.backingFormat { info["backing-filename-format"] = format }
         }
         if !qcow2.snapshots.isEmpty {

@@ -104,21 +104,23 @@ final class ServerProcess {
                 if let overlay = self.overlay { unlink(overlay) }
                 self.overlay = nil
             }
-            .flatMapThrowing { node in
+            .flatMap { node in
                 // A signal during the open: close the image without serving it.
-                if !self.shutdownRequested { try self.export(node) }
+                if self.shutdownRequested { return self.loop.makeSucceededVoidFuture() }
+                return self.loop.makeCompletedFuture { try self.export(node) }
+                    .flatMap { self.listen() }
+                    .flatMapThrowing { try self.writePidFile() }
             }
-            .flatMap { self.shutdownRequested ? self.loop.makeSucceededVoidFuture() : self.listen() }
-            .flatMapThrowing {
-                if !self.shutdownRequested, let pidFile = self.options.pidFile {
-                    do {
-                        try "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
-                        self.ownsPidFile = true
-                    } catch {
-                        throw BlockError(errno: EIO, "Failed to write pid file '\(pidFile)': \(error.localizedDescription)")
-                    }
-                }
-            }
+    }
+
+    private func writePidFile() throws {
+        guard let pidFile = options.pidFile else { return }
+        do {
+            try "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
+            ownsPidFile = true
+        } catch {
+            throw BlockError(errno: EIO, "Failed to write pid file '\(pidFile)': \(error.localizedDescription)")
+        }
     }
 
     private func export(_ node: BlockNode) throws {
@@ -211,10 +213,9 @@ final class ServerProcess {
             }
             return promise.futureResult
         }.flatMap { () -> EventLoopFuture<Void> in
-            guard let graph = self.graph, let io = self.io else { return self.loop.makeSucceededVoidFuture() }
-            return graph.closeGracefully().flatMap { errors in
+            self.graph.closeGracefully().flatMap { errors in
                 for error in errors { ServerProcess.printError("closing the image: \(error)") }
-                return io.shutdown()
+                return self.io.shutdown()
             }
         }.whenComplete { _ in
             self.finished.succeed(status)

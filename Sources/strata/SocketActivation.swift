@@ -9,20 +9,23 @@ import Foundation
 enum SocketActivation {
     static let firstDescriptor: CInt = 3
 
-    /// Whether the environment passes sockets to this process.
-    static var isActive: Bool {
+    /// How many sockets the environment passes to this process: nil where
+    /// LISTEN_PID names another process, or the variables are unset,
+    /// malformed or zero (qemu-nbd ignores those too).
+    private static var passedCount: Int? {
         let environment = ProcessInfo.processInfo.environment
         guard let pid = environment["LISTEN_PID"].flatMap(Int32.init), pid == getpid(),
-              let count = environment["LISTEN_FDS"].flatMap(Int.init) else { return false }
-        return count > 0
+              let count = environment["LISTEN_FDS"].flatMap(Int.init), count > 0 else { return nil }
+        return count
     }
 
-    /// The listening socket passed to this process, or nil where none is
-    /// (LISTEN_PID names another process, or the variables are unset or
-    /// malformed, which qemu-nbd ignores too). Clears the variables.
+    /// Whether the environment passes sockets to this process.
+    static var isActive: Bool { passedCount != nil }
+
+    /// The listening socket passed to this process, or nil where none is.
+    /// Clears the variables.
     static func takeListeningDescriptor() throws -> CInt? {
-        guard isActive else { return nil }
-        let count = ProcessInfo.processInfo.environment["LISTEN_FDS"].flatMap(Int.init) ?? 0
+        guard let count = passedCount else { return nil }
         unsetenv("LISTEN_PID")
         unsetenv("LISTEN_FDS")
         unsetenv("LISTEN_FDNAMES")
