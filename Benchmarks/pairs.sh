@@ -1,6 +1,8 @@
 #!/bin/bash
 # Interleaved pairs: Strata against qemu-nbd on read-only rows, both serving
-# the same file at once, in short runs that alternate between them.
+# the same file at once, in short runs that alternate between them; or
+# (--against raw) Strata's qcow2 export against Strata's raw export of the
+# same bytes of the same file.
 #
 # run.sh measures one server after the other, minutes apart. For the rows
 # the device decides (4k randread QD1, cold nbdcopy), how fast the virtual
@@ -11,6 +13,17 @@
 # report gives each row's paired ratios (Strata / qemu-nbd, per pair), their
 # median with a bootstrap 95% interval, and how many pairs Strata won.
 #
+# --against raw measures what the qcow2 layer costs. A second file would
+# not do: where a copy sits on the virtual disk moves 4k O_DIRECT figures by
+# 2x (see run.sh, stage_image). qemu-img convert lays a qcow2's data out in
+# runs of one L2 table's reach (512 MiB at 64 KiB clusters); a raw export of
+# the qcow2 file with --offset at the first run's host offset serves those
+# very blocks. Every fio job is limited to that run (--size), so both sides
+# read and write the same disk blocks. nbdcopy copies each whole export and
+# counts each export's own size. Each measurement gets a server of its own
+# (the two exports cannot both hold the file for writing), started before
+# the timed part.
+#
 # See Benchmarks/README.md, "Interleaved pairs".
 set -u -o pipefail
 
@@ -18,10 +31,14 @@ usage() {
   cat <<EOF
 Usage: Benchmarks/pairs.sh [options]
 
+  --against PEER    qemu-nbd (default), or raw: Strata's qcow2 export against
+                    Strata's raw export of the same blocks (see the top of
+                    this script); --formats does not apply
   --formats LIST    raw,qcow2 or either (default raw,qcow2)
   --modes LIST      none (O_DIRECT: --cache=none --aio=native), defaults,
                     or both (default none,defaults)
-  --jobs LIST       randread-4k-qd1, randread-4k-qd32, read-1m-qd8, nbdcopy
+  --jobs LIST       randread-4k-qd1, randread-4k-qd32, read-1m-qd8, nbdcopy,
+                    and with --against raw randwrite-4k-qd32
                     (default randread-4k-qd1,nbdcopy)
   --pairs N         pairs per row (default 20)
   --runtime SECS    seconds per fio run (default 3)
@@ -40,11 +57,12 @@ EOF
 log()  { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die()  { printf 'pairs.sh: error: %s\n' "$*" >&2; exit 1; }
 
-FORMATS=raw,qcow2 MODES=none,defaults JOBS=randread-4k-qd1,nbdcopy PAIRS=20 RUNTIME=3 SIZE=2G WORK=""
+AGAINST=qemu-nbd FORMATS=raw,qcow2 MODES=none,defaults JOBS=randread-4k-qd1,nbdcopy PAIRS=20 RUNTIME=3 SIZE=2G WORK=""
 need_arg() { [ $# -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --formats) need_arg "$@"; FORMATS=$2; shift 2 ;;
+    --against) need_arg "$@"; AGAINST=$2; shift 2 ;;
+    --formats) need_arg "$@"; FORMATS=$2; FORMATS_GIVEN=1; shift 2 ;;
     --modes)   need_arg "$@"; MODES=$2; shift 2 ;;
     --jobs)    need_arg "$@"; JOBS=$2; shift 2 ;;
     --pairs)   need_arg "$@"; PAIRS=$2; shift 2 ;;
@@ -57,13 +75,19 @@ while [ $# -gt 0 ]; do
 done
 [[ "$PAIRS" =~ ^[1-9][0-9]*$ ]] || die "--pairs must be a positive integer, got '$PAIRS'"
 [[ "$RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer, got '$RUNTIME'"
+[[ "$AGAINST" =~ ^(qemu-nbd|raw)$ ]] || die "--against must be qemu-nbd or raw, got '$AGAINST'"
+if [ "$AGAINST" = raw ]; then
+  [ -z "${FORMATS_GIVEN:-}" ] || die "--against raw compares a qcow2 export with a raw one: leave out --formats"
+  FORMATS=qcow2
+fi
 IFS=, read -ra FORMAT_LIST <<<"$FORMATS"
 IFS=, read -ra MODE_LIST <<<"$MODES"
 IFS=, read -ra JOB_LIST <<<"$JOBS"
 for f in "${FORMAT_LIST[@]}"; do [[ "$f" =~ ^(raw|qcow2)$ ]] || die "unknown format '$f'"; done
 for m in "${MODE_LIST[@]}"; do [[ "$m" =~ ^(none|defaults)$ ]] || die "unknown mode '$m'"; done
 for j in "${JOB_LIST[@]}"; do
-  [[ "$j" =~ ^(randread-4k-qd1|randread-4k-qd32|read-1m-qd8|nbdcopy)$ ]] || die "unknown job '$j'"
+  [[ "$j" =~ ^(randread-4k-qd1|randread-4k-qd32|read-1m-qd8|nbdcopy)$ ]] \
+    || [[ "$AGAINST" = raw && "$j" = randwrite-4k-qd32 ]] || die "unknown job '$j' (randwrite needs --against raw)"
 done
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -77,13 +101,14 @@ BYTES=$(numfmt --from=iec "$SIZE") || die "bad --size '$SIZE'"
 [ "$BYTES" -ge 1048576 ] || die "--size must be at least 1M, got '$SIZE'"
 
 if [ -z "$WORK" ]; then WORK=$(mktemp -d /var/tmp/strata-pairs.XXXXXX); else mkdir -p "$WORK"; fi
-SOCK_S=$WORK/strata.sock SOCK_Q=$WORK/qemu-nbd.sock
+SOCK_A=$WORK/a.sock SOCK_B=$WORK/b.sock
+if [ "$AGAINST" = raw ]; then NAME_A=qcow2 NAME_B=raw; else NAME_A=strata NAME_B=qemu_nbd; fi
 PIDS=()
 stop_servers() {
   [ ${#PIDS[@]} -gt 0 ] && kill "${PIDS[@]}" 2>/dev/null
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
   PIDS=()
-  rm -f "$SOCK_S" "$SOCK_Q"
+  rm -f "$SOCK_A" "$SOCK_B"
 }
 trap 'stop_servers; rm -f "$WORK"/image.raw "$WORK"/image.qcow2 "$WORK"/run.json' EXIT
 
@@ -93,75 +118,121 @@ fio --name=fill --filename="$WORK/image.raw" --size="$BYTES" --rw=write --bs=1M 
 if [[ ",$FORMATS," == *,qcow2,* ]]; then
   qemu-img convert -f raw -O qcow2 "$WORK/image.raw" "$WORK/image.qcow2" || die "qemu-img convert failed"
 fi
+LIMIT=""   # --against raw: bytes every fio job stays within
+if [ "$AGAINST" = raw ]; then
+  rm -f "$WORK/image.raw"
+  # The first data run: guest offset 0, its host offset and its length.
+  read -r RUN_OFFSET LIMIT < <(qemu-img map --output=json "$WORK/image.qcow2" | python3 -c '
+import json, sys
+m = json.load(sys.stdin)[0]
+if m["start"] != 0 or not m["data"] or "offset" not in m: sys.exit("no data run at guest offset 0")
+print(m["offset"], m["length"])') || die "could not map image.qcow2"
+  log "qcow2 data run at host offset $RUN_OFFSET, $LIMIT bytes: every fio job stays within it"
+fi
 
-start_servers() {  # start_servers FORMAT MODE
-  local opts=()
+wait_for() {  # wait_for SOCK; on failure stops what was started, then dies
+  for _ in $(seq 300); do nbdinfo --size "nbd+unix:///?socket=$1" >/dev/null 2>&1 && return; sleep 0.1; done
+  stop_servers
+  die "a server did not come up on $1 (see $WORK/a.log, $WORK/b.log)"
+}
+
+start_servers() {  # start_servers FORMAT MODE [a|b]: both, or one side alone (--against raw)
+  local opts=() side=${3:-both}
   [ "$2" = none ] && opts=(--cache=none --aio=native)
-  "$STRATA" serve -k "$SOCK_S" -f "$1" -r -t "${opts[@]}" "$WORK/image.$1" >"$WORK/strata.log" 2>&1 &
+  if [ "$AGAINST" = raw ]; then
+    # Read-write, one at a time: the randwrite job writes through either.
+    if [ "$side" = a ]; then
+      "$STRATA" serve -k "$SOCK_A" -f qcow2 -t "${opts[@]}" "$WORK/image.qcow2" >"$WORK/a.log" 2>&1 &
+      PIDS+=($!); wait_for "$SOCK_A"
+    else
+      "$STRATA" serve -k "$SOCK_B" -f raw -o "$RUN_OFFSET" -t "${opts[@]}" "$WORK/image.qcow2" >"$WORK/b.log" 2>&1 &
+      PIDS+=($!); wait_for "$SOCK_B"
+    fi
+    return
+  fi
+  "$STRATA" serve -k "$SOCK_A" -f "$1" -r -t "${opts[@]}" "$WORK/image.$1" >"$WORK/a.log" 2>&1 &
   PIDS+=($!)
-  qemu-nbd -k "$SOCK_Q" -f "$1" -r -t "${opts[@]}" "$WORK/image.$1" >"$WORK/qemu-nbd.log" 2>&1 &
+  qemu-nbd -k "$SOCK_B" -f "$1" -r -t "${opts[@]}" "$WORK/image.$1" >"$WORK/b.log" 2>&1 &
   PIDS+=($!)
-  local sock
-  for sock in "$SOCK_S" "$SOCK_Q"; do
-    for _ in $(seq 300); do nbdinfo --size "nbd+unix:///?socket=$sock" >/dev/null 2>&1 && continue 2; sleep 0.1; done
-    die "a server did not come up on $sock (see $WORK/strata.log, $WORK/qemu-nbd.log)"
-  done
+  wait_for "$SOCK_A"; wait_for "$SOCK_B"
 }
 
 measure() {  # measure JOB SOCK -> prints IOPS (fio) or MiB/s (nbdcopy)
-  local uri="nbd+unix:///?socket=$2" rw bs qd
+  local uri="nbd+unix:///?socket=$2" rw bs qd size=()
   if [ "$1" = nbdcopy ]; then
+    local t0 t1 bytes
+    bytes=$(nbdinfo --size "$uri") || die "nbdinfo against $2 failed"
     sync; echo 3 >/proc/sys/vm/drop_caches
-    local t0 t1
     t0=$(date +%s%N)
     nbdcopy --request-size=262144 "$uri" null: || die "nbdcopy from $2 failed"
     t1=$(date +%s%N)
-    echo $((BYTES / 1048576 * 1000000000 / (t1 - t0)))
+    echo $((bytes * 1000000000 / 1048576 / (t1 - t0)))
     return
   fi
   case "$1" in
-    randread-4k-qd1)  rw=randread bs=4k qd=1 ;;
-    randread-4k-qd32) rw=randread bs=4k qd=32 ;;
-    read-1m-qd8)      rw=read bs=1M qd=8 ;;
+    randread-4k-qd1)   rw=randread bs=4k qd=1 ;;
+    randread-4k-qd32)  rw=randread bs=4k qd=32 ;;
+    randwrite-4k-qd32) rw=randwrite bs=4k qd=32 ;;
+    read-1m-qd8)       rw=read bs=1M qd=8 ;;
   esac
-  fio --name=pair --ioengine=nbd --uri="$uri" --rw=$rw --bs=$bs --iodepth=$qd --time_based --runtime="$RUNTIME" \
-      --eta=never --output-format=json --output="$WORK/run.json" >/dev/null 2>&1 || die "fio against $2 failed"
-  python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["jobs"][0]["read"]["iops"]))' "$WORK/run.json"
+  [ -n "$LIMIT" ] && size=(--size="$LIMIT")
+  fio --name=pair --ioengine=nbd --uri="$uri" --rw=$rw --bs=$bs --iodepth=$qd "${size[@]}" --time_based \
+      --runtime="$RUNTIME" --eta=never --output-format=json --output="$WORK/run.json" >/dev/null 2>&1 \
+    || die "fio against $2 failed"
+  python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(round(j[sys.argv[2]]["iops"]))' \
+    "$WORK/run.json" "$([ $rw = randwrite ] && echo write || echo read)"
+}
+
+side() {  # side a|b FORMAT MODE JOB -> prints one figure; --against raw starts and stops that side's server
+  local sock=$SOCK_A value
+  [ "$1" = b ] && sock=$SOCK_B
+  if [ "$AGAINST" = raw ]; then start_servers "$2" "$3" "$1"; fi
+  value=$(measure "$4" "$sock")
+  if [ "$AGAINST" = raw ]; then stop_servers; fi
+  echo "$value"
 }
 
 RESULTS=$WORK/pairs.tsv
-printf 'format\tmode\tjob\tpair\tstrata\tqemu_nbd\n' >"$RESULTS"
+printf 'format\tmode\tjob\tpair\t%s\t%s\n' "$NAME_A" "$NAME_B" >"$RESULTS"
 for fmt in "${FORMAT_LIST[@]}"; do
   for mode in "${MODE_LIST[@]}"; do
-    start_servers "$fmt" "$mode"
+    [ "$AGAINST" = raw ] || start_servers "$fmt" "$mode"
     for job in "${JOB_LIST[@]}"; do
       log "$fmt $mode $job: $PAIRS pairs"
-      measure "$job" "$SOCK_S" >/dev/null; measure "$job" "$SOCK_Q" >/dev/null  # warm-up, not counted
+      side a "$fmt" "$mode" "$job" >/dev/null; side b "$fmt" "$mode" "$job" >/dev/null  # warm-up, not counted
       for ((pair = 1; pair <= PAIRS; pair++)); do
-        if ((pair % 4 == 1 || pair % 4 == 0)); then   # ABBA: S Q, Q S, Q S, S Q, ...
-          s=$(measure "$job" "$SOCK_S"); q=$(measure "$job" "$SOCK_Q")
+        if ((pair % 4 == 1 || pair % 4 == 0)); then   # ABBA: a b, b a, b a, a b, ...
+          a=$(side a "$fmt" "$mode" "$job"); b=$(side b "$fmt" "$mode" "$job")
         else
-          q=$(measure "$job" "$SOCK_Q"); s=$(measure "$job" "$SOCK_S")
+          b=$(side b "$fmt" "$mode" "$job"); a=$(side a "$fmt" "$mode" "$job")
         fi
-        [[ "$s" =~ ^[0-9]+$ && "$q" =~ ^[0-9]+$ ]] || die "$fmt $mode $job pair $pair: no figure (strata '$s', qemu-nbd '$q')"
-        printf '%s\t%s\t%s\t%d\t%s\t%s\n' "$fmt" "$mode" "$job" "$pair" "$s" "$q" >>"$RESULTS"
+        [[ "$a" =~ ^[0-9]+$ && "$b" =~ ^[0-9]+$ ]] || die "$fmt $mode $job pair $pair: no figure ($NAME_A '$a', $NAME_B '$b')"
+        printf '%s\t%s\t%s\t%d\t%s\t%s\n' "$fmt" "$mode" "$job" "$pair" "$a" "$b" >>"$RESULTS"
       done
     done
     stop_servers
   done
 done
+if [ "$AGAINST" = raw ]; then
+  qemu-img check -q "$WORK/image.qcow2" || die "qemu-img check of the written qcow2 failed (exit $?)"
+  log "qemu-img check of image.qcow2 after the pairs: clean"
+fi
 
 python3 - "$RESULTS" <<'PY'
 import csv, random, statistics as st, sys
+reader = csv.reader(open(sys.argv[1]), delimiter="\t")
+a_name, b_name = next(reader)[4:6]
 rows = {}
-for r in csv.DictReader(open(sys.argv[1]), delimiter="\t"):
-    rows.setdefault((r["format"], r["mode"], r["job"]), []).append((int(r["strata"]), int(r["qemu_nbd"])))
-print(f"{'row':36} {'Strata':>8} {'qemu-nbd':>9}  {'paired ratio':>12}  {'95% interval':>13}  wins")
+for fmt, mode, job, _, a, b in reader:
+    rows.setdefault((fmt, mode, job), []).append((int(a), int(b)))
+shown = {"strata": "Strata", "qemu_nbd": "qemu-nbd"}
+a_name, b_name = shown.get(a_name, a_name), shown.get(b_name, b_name)
+print(f"{'row':36} {a_name:>8} {b_name:>9}  {'paired ratio':>12}  {'95% interval':>13}  wins")
 for (fmt, mode, job), pairs in rows.items():
     ratios = [s / q for s, q in pairs]
     random.seed(0)
     boot = sorted(st.median(random.choices(ratios, k=len(ratios))) for _ in range(2000))
-    unit = "MiB/s" if job == "nbdcopy" else "IOPS"
+    unit = "MiB/s" if job in ("nbdcopy", "read-1m-qd8") else "IOPS"  # 1 MiB per I/O
     print(f"{fmt + ' ' + mode + ' ' + job + ' (' + unit + ')':36} {st.median(s for s, _ in pairs):>8.0f} "
           f"{st.median(q for _, q in pairs):>9.0f}  {st.median(ratios):>11.3f}x  {boot[50]:>5.3f}-{boot[1949]:.3f}  "
           f"{sum(r > 1 for r in ratios)}/{len(ratios)}")
