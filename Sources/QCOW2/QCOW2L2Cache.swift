@@ -28,8 +28,9 @@ public final class QCOW2L2Cache {
         table.lastUse = clock
         tables[Int64(table.offset)] = table
         if tables.count > capacity {
-            // Evict the least recently used table that is not being written.
-            if let victim = tables.elements.lazy.map(\.value).filter({ !$0.dirty && $0 !== table })
+            // Evict the least recently used table. One being changed or
+            // written back stays reachable: the driver pins it (`pinnedL2`).
+            if let victim = tables.elements.lazy.map(\.value).filter({ $0 !== table })
                 .min(by: { $0.lastUse < $1.lastUse }) {
                 tables[Int64(victim.offset)] = nil
             }

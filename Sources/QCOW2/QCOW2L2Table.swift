@@ -7,8 +7,6 @@ public final class QCOW2L2Table {
     let buffer: AlignedBuffer
     let entrySize: Int
     var lastUse: UInt64 = 0
-    /// Set while an update is being written back.
-    var dirty = false
 
     init(offset: UInt64, buffer: AlignedBuffer, entrySize: Int) {
         self.offset = offset
