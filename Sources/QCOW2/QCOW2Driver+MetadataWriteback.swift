@@ -23,28 +23,26 @@ extension QCOW2Driver {
             }
             let refcounter = self.refcounter!
             guard refcounter.needsLargerTable else { return completion(nil) }
-            self.metadataBusy = true
             let clusterSize = refcounter.clusterSize
-            let oldOffset = refcounter.tableOffset
             let oldClusters = (Int64(refcounter.table.count) * 8 + clusterSize - 1) / clusterSize
             var count = Int64(refcounter.table.count) * 2
             while (refcounter.allocationEnd / clusterSize + 64 + count * 8 / clusterSize) / refcounter.perBlock >= count {
                 count *= 2
             }
             let newClusters = (count * 8 + clusterSize - 1) / clusterSize
-            guard UInt64(newClusters) * UInt64(clusterSize) <= QCOW2Header.maxRefcountTableBytes else {
-                self.metadataBusy = false
+            // The table and at most a block per table cluster, plus one
+            // counting those: checked now, so that the claims below cannot
+            // run out of offsets once memory has started to change.
+            guard UInt64(newClusters) * UInt64(clusterSize) <= QCOW2Header.maxRefcountTableBytes,
+                  (2 * newClusters + 2) * clusterSize <= QCOW2Refcounter.hostOffsetLimit - refcounter.allocationEnd else {
                 return completion(BlockError(errno: ENOSPC, "The refcount table cannot grow further"))
             }
-            let start: Int64
             do {
-                start = try refcounter.claimAtEnd(newClusters * clusterSize)
-            } catch {
-                self.metadataBusy = false
-                return completion(error as? BlockError ?? .eio)
-            }
-            refcounter.table += [UInt64](repeating: 0, count: Int(count) - refcounter.table.count)
-            do {
+                let start = try refcounter.claimAtEnd(newClusters * clusterSize)
+                self.tableMove = QCOW2RefcountTableMove(oldOffset: refcounter.tableOffset, oldClusters: oldClusters,
+                                                        newOffset: start, newClusters: newClusters)
+                refcounter.tableOffset = UInt64(start)
+                refcounter.table += [UInt64](repeating: 0, count: Int(count) - refcounter.table.count)
                 for index in 0..<newClusters {
                     let cluster = start / clusterSize + index
                     try refcounter.ensureBlock(for: cluster)
@@ -52,43 +50,79 @@ extension QCOW2Driver {
                     refcounter.metadataClusters.insert(cluster)
                 }
             } catch {
-                self.metadataBusy = false
-                return completion(error as? BlockError ?? .eio)
+                // Only memory can have run out (the offsets were checked):
+                // the new table is half counted, and no writeback may trust it.
+                self.metadataFault = "Memory ran out while the refcount table grew (\(error)); the image takes no more changes"
+                return completion(BlockError(errno: ENOMEM, self.metadataFault!))
             }
-            refcounter.tableOffset = UInt64(start)
-            refcounter.dirtyTableClusters = []
-            let blocks = refcounter.dirtyBlocks.compactMap { offset in refcounter.blocks[offset].map { (Int64(offset), $0.bytes) } }
-            refcounter.dirtyBlocks = []
-            let table = (0..<Int(newClusters)).map { cluster in
-                (start + Int64(cluster) * clusterSize, self.tableClusterBytes(cluster))
-            }
-            func finish(_ error: BlockError?) {
-                self.metadataBusy = false
-                let waiters = self.metadataWaiters
-                self.metadataWaiters = []
-                completion(error)
-                waiters.forEach { $0() }
-            }
-            self.writeAll(blocks) { error in
-                if let error { return finish(error) }
-                self.writeAll(table) { error in
-                    if let error { return finish(error) }
-                    self.file.flush { error in
-                        if let error { return finish(error) }
-                        self.header.refcountTableOffset = UInt64(start)
-                        self.header.refcountTableClusters = UInt32(newClusters)
-                        self.rewriteHeader(file: self.file).whenComplete { result in
-                            if case .failure(let error) = result { return finish(error as? BlockError ?? .eio) }
-                            for index in 0..<oldClusters {
-                                refcounter.metadataClusters.remove(Int64(oldOffset) / clusterSize + index)
-                            }
-                            self.pendingFrees.append((oldOffset, oldClusters * clusterSize))
-                            finish(nil)
+            self.metadataBusy = true
+            self.finishTableMove { self.endMetadataWork($0, completion: completion) }
+        }
+    }
+
+    /// Writes the moved table and every changed refcount block, syncs, then
+    /// points the header at the table and releases the old one. On failure
+    /// what was dirty stays dirty and the move stays pending: the next
+    /// writeback tries again, so a disk that was full and has room again
+    /// ends with a consistent image. Call with `metadataBusy` set.
+    private func finishTableMove(completion: @escaping BlockCompletion) {
+        guard let move = tableMove else { return completion(nil) }
+        let refcounter = self.refcounter!
+        let clusterSize = refcounter.clusterSize
+        let blockOffsets = refcounter.dirtyBlocks
+        refcounter.dirtyBlocks = []
+        // Written whole below.
+        let tableClusters = refcounter.dirtyTableClusters
+        refcounter.dirtyTableClusters = []
+        let blocks = blockOffsets.compactMap { offset in refcounter.blocks[offset].map { (Int64(offset), $0.bytes) } }
+        let table = (0..<Int(move.newClusters)).map { cluster in
+            (move.newOffset + Int64(cluster) * clusterSize, tableClusterBytes(cluster))
+        }
+        func failed(_ error: BlockError) {
+            refcounter.dirtyBlocks.formUnion(blockOffsets)
+            refcounter.dirtyTableClusters.formUnion(tableClusters)
+            completion(error)
+        }
+        writeAll(blocks) { error in
+            if let error { return failed(error) }
+            self.writeAll(table) { error in
+                if let error { return failed(error) }
+                self.file.flush { error in
+                    if let error { return failed(error) }
+                    let named = (self.header.refcountTableOffset, self.header.refcountTableClusters)
+                    self.header.refcountTableOffset = UInt64(move.newOffset)
+                    self.header.refcountTableClusters = UInt32(move.newClusters)
+                    self.rewriteHeader(file: self.file).whenComplete { result in
+                        if case .failure(let error) = result {
+                            // Other header rewrites (marking the image
+                            // corrupt) must not name a table that may not be
+                            // on disk when they run.
+                            (self.header.refcountTableOffset, self.header.refcountTableClusters) = named
+                            return failed(error as? BlockError ?? .eio)
                         }
+                        for index in 0..<move.oldClusters {
+                            refcounter.metadataClusters.remove(Int64(move.oldOffset) / clusterSize + index)
+                        }
+                        self.pendingFrees.append((move.oldOffset, move.oldClusters * clusterSize))
+                        self.tableMove = nil
+                        completion(nil)
                     }
                 }
             }
         }
+    }
+
+    /// Ends a writeback or a table move: tells `completion`, then lets the
+    /// work that waited run, each piece only while no writeback is running.
+    /// `completion` may start the next writeback at once (a flush that
+    /// repeats does), and the waiting work changes tables and blocks that a
+    /// writeback writes from memory as they are.
+    func endMetadataWork(_ error: BlockError?, completion: BlockCompletion) {
+        metadataBusy = false
+        let waiters = metadataWaiters
+        metadataWaiters = []
+        completion(error)
+        waiters.forEach(whenMetadataIdle)
     }
 
     // MARK: metadata writeback
@@ -115,10 +149,20 @@ extension QCOW2Driver {
             metadataWaiters.append { self.writeBackMetadata(completion: completion) }
             return
         }
+        if let metadataFault { return completion(BlockError(errno: EIO, metadataFault)) }
         metadataBusy = true
         // The previous writeback's serialised tables are no longer in use.
         scratchBuffers.forEach { $0.deallocate() }
         scratchBuffers = []
+        if tableMove != nil {
+            // Nothing below may reach the disk before the header names the
+            // table that counts it.
+            return finishTableMove { error in
+                if let error { return self.endMetadataWork(error, completion: completion) }
+                self.metadataBusy = false
+                self.writeBackMetadata(completion: completion)
+            }
+        }
         let refcounter = self.refcounter!
         let clusterSize = header.clusterSize
         let frees = pendingFrees
@@ -147,10 +191,7 @@ extension QCOW2Driver {
                 refcounter.dirtyTableClusters.formUnion(tableClusters)
                 dirtyL1.formUnion(l1Entries)
             }
-            let waiters = metadataWaiters
-            metadataWaiters = []
-            completion(error)
-            waiters.forEach { $0() }
+            endMetadataWork(error, completion: completion)
         }
         // 1. refcount blocks (and all data written so far), synced.
         writeAll(blocks.map { (Int64($0.0), $0.1.bytes) }) { error in

@@ -16,11 +16,13 @@ extension QCOW2Driver {
     var writable: Bool { refcounter != nil }
 
     /// Why a write, zero write or discard must fail now: the image is
-    /// read-only, or was marked corrupt while open. QEMU then fails every
+    /// read-only, its metadata can no longer be written back, or it was
+    /// marked corrupt while open. QEMU then fails every
     /// request; Strata still serves reads, so the data can be copied off,
     /// but changes nothing more in metadata it no longer trusts.
     var changeRefusal: BlockError? {
         guard writable else { return .eperm }
+        if let metadataFault { return BlockError(errno: EIO, metadataFault) }
         guard let corruptReason else { return nil }
         return BlockError(errno: EIO, "Image is marked corrupt (\(corruptReason)); no more writes until `strata img check -r all`")
     }
@@ -350,12 +352,21 @@ extension QCOW2Driver {
             self.unpin(table)
             completion(error)
         }
+        // A new cluster whose data did not make it (a full disk) goes back
+        // to the allocator, as in QEMU, instead of staying counted as a leak.
+        let fail: BlockCompletion = { error in
+            guard !reusing, !self.externalData else { return completion(error) }
+            self.whenMetadataIdle {
+                self.free([(host, clusterSize)])
+                completion(error)
+            }
+        }
         let finishWrite = {
             (bounce.pointer + (inCluster - regionStart)).copyMemory(from: piece.baseAddress!, byteCount: piece.count)
             let data = UnsafeRawBufferPointer(start: bounce.pointer, count: regionLength)
             self.dataFile.write(at: Int64(host) + Int64(regionStart), from: data, flags: []) { error in
                 self.node?.graph.bufferPool.give(bounce)
-                if let error { return completion(error) }
+                if let error { return fail(error) }
                 self.whenMetadataIdle {
                     table.setEntry(slot, host | QCOW2Entry.copied)
                     if self.header.hasExtendedL2 {
@@ -389,7 +400,7 @@ extension QCOW2Driver {
         read(at: clusterStart + Int64(regionStart), into: fill, flags: []) { error in
             if let error {
                 self.node?.graph.bufferPool.give(bounce)
-                return completion(error)
+                return fail(error)
             }
             finishWrite()
         }

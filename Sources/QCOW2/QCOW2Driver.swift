@@ -75,6 +75,12 @@ public final class QCOW2Driver: BlockDriver {
     /// Why the image was marked corrupt while open; from then on it takes
     /// no more changes (see `changeRefusal`).
     var corruptReason: String?
+    /// A grown refcount table the header does not name yet (see the type).
+    var tableMove: QCOW2RefcountTableMove?
+    /// Why the metadata in memory can no longer be written back (memory ran
+    /// out halfway through a table move): no more changes, and every flush
+    /// fails, so no write is reported safe that is not.
+    var metadataFault: String?
     /// Set on an open for repair whose refcount structure could not be
     /// loaded: nothing may be allocated until `rebuildRefcounts` has run.
     public internal(set) var refcountDamage: QCOW2RefcountDamage?

@@ -1,6 +1,9 @@
 import BlockLayer
 import NIOCore
 import NIOEmbedded
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import QCOW2
 import Testing
 
@@ -51,8 +54,14 @@ final class RecordingFile: BlockDriver {
         if heldReads != nil { heldReads!.append(perform) } else { perform() }
     }
 
+    /// When set, writes that would reach past it fail with ENOSPC: a full disk.
+    var writeLimit: Int64?
+
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
                completion: @escaping BlockCompletion) {
+        if let writeLimit, offset + Int64(buffer.count) > writeLimit {
+            return completion(BlockError(errno: ENOSPC, "No space left on device"))
+        }
         writes.append((offset, buffer.count))
         let end = Int(offset) + buffer.count
         if end > bytes.count { bytes += [UInt8](repeating: 0, count: end - bytes.count) }
