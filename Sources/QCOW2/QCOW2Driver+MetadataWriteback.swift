@@ -50,10 +50,11 @@ extension QCOW2Driver {
                     refcounter.metadataClusters.insert(cluster)
                 }
             } catch {
-                // Only memory can have run out (the offsets were checked):
-                // the new table is half counted, and no writeback may trust it.
-                self.metadataFault = "Memory ran out while the refcount table grew (\(error)); the image takes no more changes"
-                return completion(BlockError(errno: ENOMEM, self.metadataFault!))
+                // Memory ran out (the offsets were checked): the new table
+                // is half counted, and no writeback may trust it.
+                let reason = "The refcount table could not grow in memory (\(error)); the image takes no more changes"
+                self.metadataFault = reason
+                return completion(BlockError(errno: (error as? BlockError)?.errno ?? ENOMEM, reason))
             }
             self.metadataBusy = true
             self.finishTableMove { self.endMetadataWork($0, completion: completion) }

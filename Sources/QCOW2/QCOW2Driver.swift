@@ -75,6 +75,8 @@ public final class QCOW2Driver: BlockDriver {
     /// Why the image was marked corrupt while open; from then on it takes
     /// no more changes (see `changeRefusal`).
     var corruptReason: String?
+    /// The header write issued last (see `rewriteHeader`).
+    var lastHeaderWrite: EventLoopFuture<Void>?
     /// A grown refcount table the header does not name yet (see the type).
     var tableMove: QCOW2RefcountTableMove?
     /// Why the metadata in memory can no longer be written back (memory ran
@@ -408,11 +410,17 @@ public final class QCOW2Driver: BlockDriver {
         }
     }
 
-    /// Writes the header cluster's header part and syncs.
+    /// Writes the header cluster's header part and syncs, after every
+    /// header write asked for before it has ended: two in flight at once
+    /// could land in either order, and one marking the image corrupt that
+    /// still names the refcount table being replaced could land last.
     func rewriteHeader(file: BlockNode) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
         let bytes: [UInt8]
         do { bytes = try header.serialize() } catch { return loop.makeFailedFuture(error) }
-        return QCOW2Driver.writeBytes(file, bytes, at: 0)
+        let previous = lastHeaderWrite ?? loop.makeSucceededVoidFuture()
+        let write = previous.flatMapErrorThrowing { _ in }.flatMap { QCOW2Driver.writeBytes(file, bytes, at: 0) }
+        lastHeaderWrite = write
+        return write
     }
 }

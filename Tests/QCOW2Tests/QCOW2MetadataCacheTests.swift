@@ -56,17 +56,25 @@ final class RecordingFile: BlockDriver {
 
     /// When set, writes that would reach past it fail with ENOSPC: a full disk.
     var writeLimit: Int64?
+    /// When set, writes wait here, unwritten, until the test runs them (in
+    /// any order: writes in flight at the disk).
+    var heldWrites: [() -> Void]?
 
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
                completion: @escaping BlockCompletion) {
         if let writeLimit, offset + Int64(buffer.count) > writeLimit {
             return completion(BlockError(errno: ENOSPC, "No space left on device"))
         }
-        writes.append((offset, buffer.count))
-        let end = Int(offset) + buffer.count
-        if end > bytes.count { bytes += [UInt8](repeating: 0, count: end - bytes.count) }
-        bytes.replaceSubrange(Int(offset)..<end, with: buffer)
-        completion(nil)
+        // The caller keeps its buffer until the completion: a held write
+        // copies it when it runs.
+        let perform = {
+            self.writes.append((offset, buffer.count))
+            let end = Int(offset) + buffer.count
+            if end > self.bytes.count { self.bytes += [UInt8](repeating: 0, count: end - self.bytes.count) }
+            self.bytes.replaceSubrange(Int(offset)..<end, with: buffer)
+            completion(nil)
+        }
+        if heldWrites != nil { heldWrites!.append(perform) } else { perform() }
     }
 
     func flush(completion: @escaping BlockCompletion) { completion(nil) }
