@@ -160,7 +160,13 @@ public final class FileDriver: BlockDriver {
         limits.zeroAlignment = max(limits.zeroAlignment, sector)
     }
 
-    public var supportedWriteFlags: BlockRequestFlags { [.fua] }
+    /// FUA as an `RWF_DSYNC` write only with O_DIRECT; through the page
+    /// cache the node emulates it with a flush, as QEMU 7.2 does. A
+    /// DSYNC write reports a writeback error of *earlier* writes once, per
+    /// open file, and a failed write does not make later flushes fail:
+    /// the next `fdatasync` would succeed although acknowledged data was
+    /// lost. A flush that fails does (`flushFailure`).
+    public var supportedWriteFlags: BlockRequestFlags { options.direct ? [.fua] : [] }
     public var supportedZeroFlags: BlockRequestFlags { [.mayUnmap] }
 
     // MARK: read

@@ -108,6 +108,8 @@ import Testing
         let (graph, node, io) = try open(path, direct: direct, aio: aio) { $0.threadsModeUsesURing = ring }
         #expect((io.uring != nil) == (aio == .ioUring || ring))
         if direct { #expect(node.limits.requestAlignment >= 512) }
+        // Native FUA (RWF_DSYNC) only with O_DIRECT; else write + flush.
+        #expect(node.driver.supportedWriteFlags == (direct ? [.fua] : []))
         // O_DIRECT buffers are best page-aligned; cached I/O does not care.
         #expect(node.limits.optimalMemoryAlignment
                     == (direct ? max(CachedFileExtent.pageSize, node.limits.memoryAlignment) : 1))
