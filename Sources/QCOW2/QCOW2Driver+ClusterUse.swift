@@ -57,6 +57,7 @@ extension QCOW2Driver: CachedFileExtentHolder, InFlightRequestOwner {
     /// clusters stay out of the allocator until `release`.
     func lend(_ extent: inout CachedFileExtent) {
         guard let refcounter else { return }
+        refcounter.hasLent = true
         for cluster in hostClusters(at: extent.offset, length: Int64(extent.length)) {
             refcounter.lentClusters[cluster, default: 0] += 1
         }
@@ -118,8 +119,17 @@ extension QCOW2Driver: CachedFileExtentHolder, InFlightRequestOwner {
             var end = start + 1
             while end < sorted.count, sorted[end] == sorted[end - 1] + 1 { end += 1 }
             let range = sorted[start]...sorted[end - 1]
-            file.discard(at: range.lowerBound * clusterSize, length: Int64(range.count) * clusterSize) { _ in
+            let done: BlockCompletion = { _ in
                 for cluster in range { self.refcounter?.finishPunch(cluster) }
+            }
+            let offset = range.lowerBound * clusterSize, length = Int64(range.count) * clusterSize
+            // Once ranges have gone out by sendfile, whatever the discard
+            // option: a reply sent may still sit in a socket, referencing
+            // these pages.
+            if refcounter.hasLent {
+                file.punch(at: offset, length: length, completion: done)
+            } else {
+                file.discard(at: offset, length: length, completion: done)
             }
             start = end
         }

@@ -40,6 +40,10 @@ final class QCOW2Refcounter {
     /// likes: counted by epoch, they would hold back every cluster freed
     /// after them, so they are counted per cluster.
     var lentClusters: [Int64: Int] = [:]
+    /// Whether any range was ever lent: from then on freed clusters are
+    /// punched out of the file even without discard=unmap (see
+    /// `QCOW2Driver.punch`).
+    var hasLent = false
     /// Freed clusters that no I/O in flight holds any more, waiting only
     /// for their lent ranges to go out.
     var awaitingReturn: Set<Int64> = []
