@@ -103,20 +103,14 @@ extension BlockNode {
 
     /// Frees `[offset, offset + length)` when the node was opened with
     /// discard=unmap; otherwise (and where the driver cannot) does nothing.
-    public func discard(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
-        guard options.discard == .unmap else {
-            return completion(options.readOnly ? .eperm : contains(offset: offset, length: length) ? nil : .einval)
-        }
-        punch(at: offset, length: length, completion: completion)
-    }
-
-    /// Frees `[offset, offset + length)` whatever the discard option says
-    /// (where the driver can): for a format's own freed clusters, whose
-    /// pages must leave the page cache before the clusters are used again.
-    public func punch(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
+    /// `evenIfIgnored` frees it whatever the discard option says: for a
+    /// format's own freed clusters, whose pages must leave the page cache
+    /// before the clusters are used again.
+    public func discard(at offset: Int64, length: Int64, evenIfIgnored: Bool = false,
+                        completion: @escaping BlockCompletion) {
         guard !options.readOnly else { return completion(.eperm) }
         guard contains(offset: offset, length: length) else { return completion(.einval) }
-        guard length > 0 else { return completion(nil) }
+        guard evenIfIgnored || options.discard == .unmap, length > 0 else { return completion(nil) }
         let align = max(limits.requestAlignment, limits.discardAlignment)
         let start = alignUp(offset, align)
         let end = alignDown(offset + length, align)

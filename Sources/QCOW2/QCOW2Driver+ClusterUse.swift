@@ -119,17 +119,12 @@ extension QCOW2Driver: CachedFileExtentHolder, InFlightRequestOwner {
             var end = start + 1
             while end < sorted.count, sorted[end] == sorted[end - 1] + 1 { end += 1 }
             let range = sorted[start]...sorted[end - 1]
-            let done: BlockCompletion = { _ in
-                for cluster in range { self.refcounter?.finishPunch(cluster) }
-            }
-            let offset = range.lowerBound * clusterSize, length = Int64(range.count) * clusterSize
             // Once ranges have gone out by sendfile, whatever the discard
             // option: a reply sent may still sit in a socket, referencing
             // these pages.
-            if refcounter.hasLent {
-                file.punch(at: offset, length: length, completion: done)
-            } else {
-                file.discard(at: offset, length: length, completion: done)
+            file.discard(at: range.lowerBound * clusterSize, length: Int64(range.count) * clusterSize,
+                         evenIfIgnored: refcounter.hasLent) { _ in
+                for cluster in range { self.refcounter?.finishPunch(cluster) }
             }
             start = end
         }

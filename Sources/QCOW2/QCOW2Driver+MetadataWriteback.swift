@@ -72,8 +72,7 @@ extension QCOW2Driver {
         let clusterSize = refcounter.clusterSize
         let blockOffsets = refcounter.dirtyBlocks
         refcounter.dirtyBlocks = []
-        // Written whole below.
-        let tableClusters = refcounter.dirtyTableClusters
+        // Written whole below, and again by the next attempt.
         refcounter.dirtyTableClusters = []
         let blocks = blockOffsets.compactMap { offset in refcounter.blocks[offset].map { (Int64(offset), $0.bytes) } }
         let table = (0..<Int(move.newClusters)).map { cluster in
@@ -81,7 +80,6 @@ extension QCOW2Driver {
         }
         func failed(_ error: BlockError) {
             refcounter.dirtyBlocks.formUnion(blockOffsets)
-            refcounter.dirtyTableClusters.formUnion(tableClusters)
             completion(error)
         }
         writeAll(blocks) { error in

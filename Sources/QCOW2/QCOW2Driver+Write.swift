@@ -352,21 +352,14 @@ extension QCOW2Driver {
             self.unpin(table)
             completion(error)
         }
-        // A new cluster whose data did not make it (a full disk) goes back
-        // to the allocator, as in QEMU, instead of staying counted as a leak.
-        let fail: BlockCompletion = { error in
-            guard !reusing, !self.externalData else { return completion(error) }
-            self.whenMetadataIdle {
-                self.free([(host, clusterSize)])
-                completion(error)
-            }
-        }
         let finishWrite = {
             (bounce.pointer + (inCluster - regionStart)).copyMemory(from: piece.baseAddress!, byteCount: piece.count)
             let data = UnsafeRawBufferPointer(start: bounce.pointer, count: regionLength)
             self.dataFile.write(at: Int64(host) + Int64(regionStart), from: data, flags: []) { error in
                 self.node?.graph.bufferPool.give(bounce)
-                if let error { return fail(error) }
+                if let error {
+                    return self.abandon(reusing ? nil : host, error: error, completion: completion)
+                }
                 self.whenMetadataIdle {
                     table.setEntry(slot, host | QCOW2Entry.copied)
                     if self.header.hasExtendedL2 {
@@ -400,9 +393,20 @@ extension QCOW2Driver {
         read(at: clusterStart + Int64(regionStart), into: fill, flags: []) { error in
             if let error {
                 self.node?.graph.bufferPool.give(bounce)
-                return fail(error)
+                return self.abandon(reusing ? nil : host, error: error, completion: completion)
             }
             finishWrite()
+        }
+    }
+
+    /// An allocating write failed (a full disk): a cluster it took new
+    /// goes back to the allocator, as in QEMU, instead of staying counted
+    /// as a leak.
+    private func abandon(_ newCluster: UInt64?, error: BlockError, completion: @escaping BlockCompletion) {
+        guard let newCluster, !externalData else { return completion(error) }
+        whenMetadataIdle {
+            self.free([(newCluster, Int64(self.header.clusterSize))])
+            completion(error)
         }
     }
 }

@@ -27,10 +27,7 @@ import Testing
         -> (QCOW2Driver, RecordingFile, BlockBackend) {
         var options = QCOW2ImageBuilder.Options(size: size)
         options.clusterBits = 16
-        let layout = try QCOW2ImageBuilder(options: options).build()
-        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
-        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
-        let file = RecordingFile(bytes: bytes)
+        let file = try RecordingFile(image: options)
         if sendfile {
             let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: Glibc.open("/dev/zero", O_RDONLY | O_CLOEXEC))
             graphs.handles.append(handle)

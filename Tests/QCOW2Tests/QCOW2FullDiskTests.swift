@@ -64,10 +64,7 @@ import Testing
     @Test func aRefcountTableGrowthThatHitsAFullDiskIsFinishedOnceThereIsRoom() throws {
         var options = QCOW2ImageBuilder.Options(size: 32 << 20)
         options.clusterBits = 9
-        let layout = try QCOW2ImageBuilder(options: options).build()
-        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
-        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
-        let file = RecordingFile(bytes: bytes)
+        let file = try RecordingFile(image: options)
         let (driver, _, backend) = try open(file, readOnly: false)
         let oldTable = driver.header.refcountTableOffset
 
@@ -114,10 +111,7 @@ import Testing
     /// in QEMU: once there is room again the check finds no leak, and the
     /// next write takes the same cluster.
     @Test func aNewClusterWhoseDataWriteFailsIsNotLeaked() throws {
-        let layout = try QCOW2ImageBuilder(options: .init(size: 64 << 20)).build()
-        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
-        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
-        let file = RecordingFile(bytes: bytes)
+        let file = try RecordingFile(image: .init(size: 64 << 20))
         let (driver, _, backend) = try open(file, readOnly: false)
         #expect(write(backend, Self.pattern(0), at: 0) == nil)
         #expect(flush(backend) == nil)

@@ -15,10 +15,7 @@ import Testing
     /// table was being named could put the old table back in the header,
     /// after which its clusters were freed.
     @Test func aLaterHeaderRewriteIsNotOvertakenByAnEarlierOne() throws {
-        let layout = try QCOW2ImageBuilder(options: .init(size: 64 << 20)).build()
-        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
-        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
-        let file = RecordingFile(bytes: bytes)
+        let file = try RecordingFile(image: .init(size: 64 << 20))
         let graph = BlockGraph(eventLoop: loop)
         graphs.all.append(graph)
         let fileNode = try graph.addNode(name: "file", driver: file)

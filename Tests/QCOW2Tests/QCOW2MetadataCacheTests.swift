@@ -28,6 +28,14 @@ final class RecordingFile: BlockDriver {
 
     init(bytes: [UInt8]) { self.bytes = bytes }
 
+    /// A new image as `QCOW2ImageBuilder` lays it out.
+    convenience init(image options: QCOW2ImageBuilder.Options) throws {
+        let layout = try QCOW2ImageBuilder(options: options).build()
+        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
+        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
+        self.init(bytes: bytes)
+    }
+
     /// When set, the length the file claims: past `bytes` it reads as zeros,
     /// as a sparse file does.
     var apparentLength: Int64?
@@ -120,10 +128,7 @@ final class RecordingFile: BlockDriver {
         var options = QCOW2ImageBuilder.Options(size: size)
         options.clusterBits = clusterBits
         options.preallocateMetadata = true
-        let layout = try QCOW2ImageBuilder(options: options).build()
-        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
-        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
-        return RecordingFile(bytes: bytes)
+        return try RecordingFile(image: options)
     }
 
     /// One request of `count` bytes every `step` bytes over `size`.
@@ -181,10 +186,7 @@ final class RecordingFile: BlockDriver {
     @Test func aWriteOverScatteredClustersGoesClusterByCluster() throws {
         var options = QCOW2ImageBuilder.Options(size: 4 << 20)
         options.clusterBits = 16
-        let layout = try QCOW2ImageBuilder(options: options).build()
-        var bytes = [UInt8](repeating: 0, count: Int(layout.fileLength))
-        for (offset, data) in layout.writes { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
-        let file = RecordingFile(bytes: bytes)
+        let file = try RecordingFile(image: options)
         let backend = try open(file, readOnly: false)
         try write(backend, [1], at: 64 << 10)  // allocates guest cluster 1 first,
         try write(backend, [2], at: 0)         // then cluster 0 after it in the file
