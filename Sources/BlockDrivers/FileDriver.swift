@@ -34,6 +34,7 @@ public final class FileDriver: BlockDriver {
     /// a pool thread: small reads the page cache misses, and O_DIRECT reads
     /// and writes. Nil where the kernel refuses io_uring: then the pool.
     let threadsRing: IOURingEngine?
+    /// The file's size in bytes (`length` rounds it up to sectors).
     private(set) var size: Int64
     let offsetAlignment: Int
     let memoryAlignment: Int
@@ -140,7 +141,11 @@ public final class FileDriver: BlockDriver {
         }
     }
 
-    public var length: Int64 { size }
+    /// The file's size rounded up to whole 512-byte sectors, as QEMU sees
+    /// every file: a 1,000-byte raw image is a 1,024-byte disk whose tail
+    /// reads as zeroes (past the end of the file) and grows the file when
+    /// written, as with qemu-nbd. Reads and `sendfile` still stop at `size`.
+    public var length: Int64 { isBlockDevice ? size : (size + 511) & ~511 }
 
     public var allocatedFileSize: Int64? {
         let bytes = strata_fd_allocated_bytes(fd)

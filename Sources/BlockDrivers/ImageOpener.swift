@@ -55,7 +55,13 @@ public enum ImageOpener {
     /// QEMU-style messages.
     public static func open(_ options: ImageOptions, graph: BlockGraph, io: FileIOContext,
                             warn: @escaping (String) -> Void = { _ in }) -> EventLoopFuture<BlockNode> {
-        open(options, graph: graph, io: io, warn: warn, depth: 0, above: []).flatMapThrowing { node in
+        // Sharing writes with other users is only safe for a reader (QEMU
+        // refuses it in every tool, `qemu-img check -r -U` included).
+        guard options.readOnly || !options.forceShare else {
+            return graph.eventLoop.makeFailedFuture(BlockError(errno: EINVAL,
+                "force-share=on can only be used with read-only images"))
+        }
+        return open(options, graph: graph, io: io, warn: warn, depth: 0, above: []).flatMapThrowing { node in
             guard options.offset != 0, !(node.driver is RawDriver) else { return node }
             do {
                 return try window(over: node, options: options, graph: graph)
@@ -246,7 +252,8 @@ public enum ImageOpener {
     /// directory of the image that names them.
     public static func resolve(_ name: String, relativeTo directory: String) -> String {
         if name.hasPrefix("/") || directory.isEmpty { return name }
-        return directory + "/" + name
+        // The root directory already ends in one ("/base", not "//base").
+        return directory.hasSuffix("/") ? directory + name : directory + "/" + name
     }
 
     /// Reads the first bytes of `path` and names the format they show.

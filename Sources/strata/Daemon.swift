@@ -10,7 +10,12 @@ import Glibc
 enum Daemon {
     static let notifyVariable = "STRATA_FORK_NOTIFY_FD"
 
-    static var isChild: Bool { ProcessInfo.processInfo.environment[notifyVariable] != nil }
+    /// Whether this process is the server a `--fork` parent started. The
+    /// variable holds the parent's pid, so one left in the environment by
+    /// something else does not make a plain `serve` detach and go silent.
+    static var isChild: Bool {
+        ProcessInfo.processInfo.environment[notifyVariable].flatMap { pid_t($0) } == getppid()
+    }
 
     /// Parent side: 0 once the child listens, 1 if it failed to start.
     static func spawnChildAndWait() -> Int32 {
@@ -23,7 +28,7 @@ enum Daemon {
         process.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
         process.arguments = Array(CommandLine.arguments.dropFirst())
         var environment = ProcessInfo.processInfo.environment
-        environment[notifyVariable] = "1"
+        environment[notifyVariable] = String(getpid())
         process.environment = environment
         process.standardOutput = FileHandle(fileDescriptor: fds[1], closeOnDealloc: false)
         do {

@@ -278,6 +278,40 @@ import Testing
         }
     }
 
+    /// A repair writes, and sharing writes with other users is for readers
+    /// only: `check -r … -U` is refused as qemu-img refuses it, plain
+    /// `check -U` is not.
+    @Test func repairWithForceShareIsRefusedLikeQemuImg() throws {
+        let directory = try Harness.temporaryDirectory("check-U")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("image.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", path, "1M"]).status == 0)
+        for repair in ["leaks", "all"] {
+            let ours = try img(["check", "-r", repair, "-U", path])
+            let theirs = try qemuImg(["check", "-r", repair, "-U", path])
+            #expect(theirs.status == 1)
+            #expect(ours.status == theirs.status, "-r \(repair): \(ours.stdout)\(ours.stderr)")
+            #expect(ours.stderr.contains("force-share=on can only be used with read-only images"), "\(ours.stderr)")
+        }
+        #expect(try img(["check", "-U", path]).status == 0)
+    }
+
+    /// A raw file whose size is not a multiple of 512 is, to qemu-img, that
+    /// size rounded up to whole sectors.
+    @Test func rawFileSizeIsRoundedToSectorsLikeQemuImg() throws {
+        let directory = try Harness.temporaryDirectory("info-unaligned")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("odd.raw").path
+        FileManager.default.createFile(atPath: path, contents: Data(repeating: 0x5a, count: 1000))
+        let ours = try img(["info", "--output=json", path])
+        #expect(ours.status == 0, "\(ours.stderr)")
+        let mine = try JSONSerialization.jsonObject(with: Data(ours.stdout.utf8)) as? [String: Any] ?? [:]
+        let theirs = try qemuInfo(path)
+        #expect(theirs["virtual-size"] as? Int64 == 1024)
+        #expect(mine["virtual-size"] as? Int64 == theirs["virtual-size"] as? Int64)
+        #expect(try img(["map", "--output=json", path]).stdout == (try qemuImg(["map", "--output=json", path])).stdout)
+    }
+
     /// qemu-img info opens an image without its backing file, so an image
     /// whose backing file is missing is still described; only
     /// --backing-chain needs the chain (and fails in both).

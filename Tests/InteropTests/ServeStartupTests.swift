@@ -129,4 +129,20 @@ import Testing
         #expect(second.stderr.contains("Failed to listen"), "\(second.stderr)")
         #expect(try String(contentsOfFile: pidFile, encoding: .utf8) == pid)
     }
+
+    /// The variable by which a `--fork` parent tells its child to detach,
+    /// left in the environment by something else, does not make a plain
+    /// `serve` detach and send its errors to /dev/null.
+    @Test func aStrayForkVariableDoesNotDetachAPlainServer() throws {
+        let directory = try Harness.temporaryDirectory("fork-variable")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try Harness.makeImage(in: directory)
+        let served = try ServedImage(image: image, options: ["-f", "raw"], directory: directory,
+                                     launcher: ["/usr/bin/env", "STRATA_FORK_NOTIFY_FD=1"])
+        defer { served.stop() }
+        #expect(try Harness.waitForSize(served.uri) == "16777216")
+        let stderr = try FileManager.default.destinationOfSymbolicLink(
+            atPath: "/proc/\(served.process.processIdentifier)/fd/2")
+        #expect(stderr.hasPrefix("pipe:"), "the server's stderr is \(stderr)")
+    }
 }

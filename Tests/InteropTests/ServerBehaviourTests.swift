@@ -122,7 +122,8 @@ import Testing
         let copy = directory.appendingPathComponent("copy.raw").path
         let out = try Harness.run("/usr/bin/nbdcopy", [served.uri, copy])
         #expect(out.status == 0, "\(out.stderr)")
-        #expect(try Data(contentsOf: URL(fileURLWithPath: copy)) == Data(bytes))
+        // As through qemu-nbd: whole sectors, the part past the file reading as zeroes.
+        #expect(try Data(contentsOf: URL(fileURLWithPath: copy)) == Data(bytes) + Data(count: 448))
         let tail = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x99 999990 10",
                                                         "-c", "read -P 0x99 999990 10", served.uri])
         #expect(tail.status == 0 && !tail.stdout.contains("failed"), "\(tail.stdout)\(tail.stderr)")

@@ -6,7 +6,7 @@ import time
 
 import nbd
 
-from common import (STD_EXTENTS, STD_SIZE, case, check, check_eq,
+from common import (STD_EXTENTS, STD_SIZE, case, check, check_bytes, check_eq, check_in, pattern,
                     expected_map, fail, make_sparse_image, merge_extents,
                     note)
 
@@ -164,6 +164,46 @@ def nbdinfo_map(ctx):
              raw[0].get("description"))
     seen, _ = map_json(ctx, srv.uri())
     check_eq("base:allocation map with -A", want, merge_extents(seen))
+
+
+@case
+def unaligned_raw_file(ctx):
+    """A raw file whose size is not a multiple of 512 is served as qemu-nbd
+    serves it: rounded up to whole sectors, the tail past the end of the
+    file reading as zeroes (a hole in the map), and a write to the tail
+    growing the file to the rounded size.  Checked in both cache modes."""
+    for nocache in (False, True):
+        mode = "--cache=none" if nocache else "default cache"
+        img = ctx.path("odd%d.raw" % nocache)
+        content = pattern(7, 1000)
+        with open(img, "wb") as f:
+            f.write(content)
+
+        srv = ctx.start_server(img, nocache_native=nocache)
+        h = nbd.NBD()
+        h.connect_uri(srv.uri())
+        check_eq("%s: export size of a 1,000-byte file" % mode, 1024, h.get_size())
+        check_bytes("%s: the whole export" % mode, content + bytes(24),
+                    bytes(h.pread(1024, 0)))
+        h.shutdown()
+        del h
+        # With O_DIRECT, qemu-nbd reports block status in whole sectors.
+        seen, _ = map_json(ctx, srv.uri())
+        allowed = [[(0, 1000, 0), (1000, 24, 3)]] + ([[(0, 1024, 0)]] if nocache else [])
+        check_in("%s: map of a 1,000-byte file" % mode, allowed, merge_extents(seen))
+
+        h = nbd.NBD()
+        h.connect_uri(srv.uri())
+        h.pwrite(b"\xa5" * 24, 1000)
+        h.flush()
+        check_bytes("%s: the tail after writing it" % mode, b"\xa5" * 24,
+                    bytes(h.pread(24, 1000)))
+        h.shutdown()
+        del h
+        srv.stop()
+        with open(img, "rb") as f:
+            check_bytes("%s: the file after writing the tail" % mode,
+                        content + b"\xa5" * 24, f.read())
 
 
 @case
