@@ -10,7 +10,7 @@ extension QCOW2ImageBuilder.Layout {
         guard ftruncate(fd, off_t(fileLength)) == 0 else {
             throw BlockError(errno: errno, "Could not resize the image: \(String(cString: strerror(errno)))")
         }
-        for (offset, bytes) in writes {
+        try forEachPiece { offset, bytes in
             let written = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }
             guard written == bytes.count else {
                 let error = written < 0 ? errno : EIO

@@ -23,11 +23,31 @@ public struct QCOW2ImageBuilder {
     }
 
     public struct Layout {
-        /// Byte ranges to write, in file order.
-        public var writes: [(offset: UInt64, bytes: [UInt8])]
+        /// What to write, in the order to write it; tables are made a
+        /// piece at a time (`forEachPiece`), so a preallocated 64 TiB image
+        /// does not have to fit in memory (its L2 tables alone are 8 GiB).
+        public var regions: [QCOW2LayoutRegion]
         /// The file's length (clusters past the metadata are sparse).
         public var fileLength: UInt64
         public var header: QCOW2Header
+
+        /// Every region cut into pieces of at most `maxPiece` bytes, in
+        /// order: `body(offset, bytes)`.
+        public func forEachPiece(maxPiece: Int = 1 << 20, _ body: (UInt64, [UInt8]) throws -> Void) rethrows {
+            for region in regions {
+                var done: UInt64 = 0
+                while done < region.length {
+                    let count = Int(min(UInt64(maxPiece), region.length - done))
+                    try body(region.offset + done, region.bytes(at: done, count: count))
+                    done += UInt64(count)
+                }
+            }
+        }
+
+        /// Every region whole: for images small enough to hold (tests).
+        public var writes: [(offset: UInt64, bytes: [UInt8])] {
+            regions.map { ($0.offset, $0.bytes(at: 0, count: Int($0.length))) }
+        }
     }
 
     public enum BuildError: Error, CustomStringConvertible, Equatable {
@@ -68,6 +88,11 @@ public struct QCOW2ImageBuilder {
         }
         if o.dataFile != nil, o.backingFile != nil {
             throw BuildError.invalid("Backing file and data file cannot be used at the same time")
+        }
+        if o.preallocateMetadata, o.backingFile != nil, !o.extendedL2 {
+            // A preallocated cluster would hide the backing file's data;
+            // extended L2 preallocates with every subcluster unallocated.
+            throw BuildError.invalid("Backing file and preallocation can only be used at the same time if extended_l2 is on")
         }
         if let backing = o.backingFile, backing.utf8.count > 1023 {
             throw BuildError.invalid("Backing file name too long")
@@ -140,40 +165,22 @@ public struct QCOW2ImageBuilder {
         }
         header.backingFile = o.backingFile
 
-        var writes: [(UInt64, [UInt8])] = []
-        writes.append((0, try header.serialize()))
-
-        // Refcount table and blocks: every cluster up to the end is used once.
-        var table = [UInt8](repeating: 0, count: Int(tableClusters * clusterSize))
-        for block in 0..<blockClusters {
-            put(&table, Int(block * 8), blocksOffset + block * clusterSize, 8)
-        }
-        writes.append((tableOffset, table))
-        var blocks = [UInt8](repeating: 0, count: Int(blockClusters * clusterSize))
-        for cluster in 0..<totalClusters {
-            Self.setRefcount(&blocks, index: Int(cluster), bits: o.refcountBits, value: 1)
-        }
-        writes.append((blocksOffset, blocks))
-
-        // L1 (and preallocated L2) tables.
-        var l1 = [UInt8](repeating: 0, count: Int(l1Clusters * clusterSize))
+        // Refcount table and blocks: every cluster up to the end is used
+        // once. Then the L2 tables, if preallocated, and the L1 table.
+        var regions = [QCOW2LayoutRegion(offset: 0, content: .bytes(try header.serialize()))]
+        regions.append(QCOW2LayoutRegion(offset: tableOffset, length: tableClusters * clusterSize,
+            content: .entries(QCOW2LayoutRegion.Entries(count: blockClusters, first: blocksOffset, step: clusterSize))))
+        regions.append(QCOW2LayoutRegion(offset: blocksOffset, length: blockClusters * clusterSize,
+            content: .refcounts(count: totalClusters, bits: o.refcountBits)))
+        var l1 = QCOW2LayoutRegion.Entries(count: 0, first: 0, step: 0)
         if preallocate {
-            for index in 0..<l1Entries {
-                put(&l1, Int(index * 8), (l2Offset + index * clusterSize) | QCOW2Entry.copied, 8)
-            }
-            var l2 = [UInt8](repeating: 0, count: Int(l2Clusters * clusterSize))
-            for cluster in 0..<dataClusters {
-                let host = o.dataFile == nil ? dataOffset + cluster * clusterSize : cluster * clusterSize
-                let position = Int(cluster * entrySize)
-                put(&l2, position, host | QCOW2Entry.copied, 8)
-                if o.extendedL2 {
-                    put(&l2, position + 8, 0xffff_ffff, 8)  // every subcluster allocated
-                }
-            }
-            writes.append((l2Offset, l2))
+            l1 = .init(count: l1Entries, first: l2Offset, step: clusterSize, flags: QCOW2Entry.copied)
+            let l2 = QCOW2LayoutRegion.Entries(count: dataClusters, first: o.dataFile == nil ? dataOffset : 0,
+                                               step: clusterSize, flags: QCOW2Entry.copied, entrySize: entrySize)
+            regions.append(QCOW2LayoutRegion(offset: l2Offset, length: l2Clusters * clusterSize, content: .entries(l2)))
         }
-        writes.append((l1Offset, l1))
-        return Layout(writes: writes, fileLength: fileLength, header: header)
+        regions.append(QCOW2LayoutRegion(offset: l1Offset, length: l1Clusters * clusterSize, content: .entries(l1)))
+        return Layout(regions: regions, fileLength: fileLength, header: header)
     }
 
     /// QEMU's feature name table, so tools can name the bits.
@@ -191,16 +198,6 @@ public struct QCOW2ImageBuilder {
         }
         return bytes
     }()
-
-    static func setRefcount(_ block: inout [UInt8], index: Int, bits: Int, value: UInt64) {
-        if bits < 8 {
-            let bitOffset = index * bits
-            let mask = UInt8((1 << bits) - 1) << UInt8(bitOffset % 8)
-            block[bitOffset / 8] = (block[bitOffset / 8] & ~mask) | (UInt8(value) << UInt8(bitOffset % 8)) & mask
-        } else {
-            put(&block, index * bits / 8, value, bits / 8)
-        }
-    }
 }
 
 /// Writes `value` big-endian into `size` bytes at `offset`.

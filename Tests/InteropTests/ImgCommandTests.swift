@@ -278,6 +278,30 @@ import Testing
         }
     }
 
+    /// With extended L2, preallocation leaves every subcluster unallocated,
+    /// as qemu-img does, so an overlay still reads its backing file. Strata
+    /// marked them all allocated: the overlay read as zeroes. (Without
+    /// extended L2 the combination is refused: `ImgCreateTests`.)
+    @Test func aPreallocatedExtendedL2OverlayReadsItsBackingFile() throws {
+        let directory = try Harness.temporaryDirectory("prealloc-overlay")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let base = directory.appendingPathComponent("base.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", base, "4M"]).status == 0)
+        #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 0x11 0 1M", base]).status == 0)
+        var maps: [String] = []
+        for (tool, name) in [(img, "mine.qcow2"), (qemuImg, "theirs.qcow2")] {
+            let overlay = directory.appendingPathComponent(name).path
+            let created = try tool(["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2",
+                                    "-o", "preallocation=metadata,extended_l2=on", overlay, "4M"])
+            #expect(created.status == 0, "\(created.stderr)")
+            let compared = try qemuImg(["compare", overlay, base])
+            #expect(compared.status == 0, "\(name): \(compared.stdout)")
+            let map = try qemuImg(["map", "--output=json", overlay]).stdout
+            maps.append(map.replacingOccurrences(of: #", "offset": [0-9]+"#, with: "", options: .regularExpression))
+        }
+        #expect(maps[0] == maps[1])
+    }
+
     /// A repair writes, and sharing writes with other users is for readers
     /// only: `check -r … -U` is refused as qemu-img refuses it, plain
     /// `check -U` is not.

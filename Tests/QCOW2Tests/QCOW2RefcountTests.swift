@@ -17,10 +17,13 @@ import Testing
                 #expect(QCOW2Refcounts.entry(raw, index: index, bits: bits) == UInt64(index) & max)
             }
         }
-        // The builder packs the same way.
-        var built = [UInt8](repeating: 0, count: 512)
-        QCOW2ImageBuilder.setRefcount(&built, index: 3, bits: bits, value: 1)
-        built.withUnsafeBytes { #expect(QCOW2Refcounts.entry($0, index: 3, bits: bits) == 1) }
+        // The builder's refcount blocks pack the same way, piece by piece.
+        let blocks = QCOW2LayoutRegion(offset: 0, length: 1024, content: .refcounts(count: UInt64(count + 3), bits: bits))
+        let built = blocks.bytes(at: 0, count: 512) + blocks.bytes(at: 512, count: 512)
+        built.withUnsafeBytes { raw in
+            let counts = (0..<2 * count).map { QCOW2Refcounts.entry(raw, index: $0, bits: bits) }
+            #expect(counts == [UInt64](repeating: 1, count: count + 3) + [UInt64](repeating: 0, count: count - 3))
+        }
     }
 
     func refcounter(bits: Int = 16, clusterBits: UInt32 = 9, fileLength: Int64 = 4 * 512) -> QCOW2Refcounter {
