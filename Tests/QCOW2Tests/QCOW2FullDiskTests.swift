@@ -15,15 +15,22 @@ import Testing
     final class Graphs { var all: [BlockGraph] = [] }
     let graphs = Graphs()
 
-    func open(_ file: RecordingFile, readOnly: Bool) throws -> (QCOW2Driver, BlockNode, BlockBackend) {
+    /// The image in `file`, over `backing` (raw) when given.
+    func open(_ file: RecordingFile, readOnly: Bool,
+              backing: RecordingFile? = nil) throws -> (QCOW2Driver, BlockNode, BlockBackend) {
         let graph = BlockGraph(eventLoop: loop)
         graphs.all.append(graph)
         let fileNode = try graph.addNode(name: "file", driver: file)
         let future = QCOW2Driver.open(file: fileNode, options: QCOW2Options(readOnly: readOnly))
         loop.run()
         let driver = try future.wait()
+        var children: [BlockGraph.ChildSpec] = [.init(name: "file", role: .image, node: fileNode)]
+        if let backing {
+            let baseNode = try graph.addNode(name: "base", driver: backing, options: BlockNodeOptions(readOnly: true))
+            children.append(.init(name: "backing", role: .backing, node: baseNode))
+        }
         let node = try graph.addNode(name: "image", driver: driver, options: BlockNodeOptions(readOnly: readOnly),
-                                     children: [.init(name: "file", role: .image, node: fileNode)])
+                                     children: children)
         let perm: BlockPermission = readOnly ? .consistentRead : [.consistentRead, .write]
         return (driver, fileNode, try graph.attachBackend(name: "test", to: node, perm: perm, shared: .all))
     }
@@ -126,6 +133,81 @@ import Testing
         #expect(write(backend, Self.pattern(1), at: 2 << 20) == nil)
         #expect(flush(backend) == nil)
         #expect(driver.refcounter!.allocationEnd == end + 65536, "the freed cluster is taken again")
+        let again = try checkOnDisk(file)
+        #expect(again.corruptions == 0 && again.leaks == 0, "\(again.messages)")
+    }
+
+    /// The header write that names a grown refcount table fails (the rest
+    /// of the move landed): the move stays pending and flushes fail, the
+    /// disk keeps naming the old table and checks clean, and once the
+    /// header can be written the next flush names the new table.
+    @Test func aGrownTableWhoseHeaderWriteFailsIsNamedByALaterFlush() throws {
+        var options = QCOW2ImageBuilder.Options(size: 32 << 20)
+        options.clusterBits = 9
+        let file = try RecordingFile(image: options)
+        let (driver, _, backend) = try open(file, readOnly: false)
+        let oldTable = driver.header.refcountTableOffset
+        file.writeFault = { offset, _ in offset == 0 ? BlockError(errno: EIO, "Input/output error") : nil }
+        var written = 0
+        var failed: BlockError?
+        while failed == nil, driver.tableMove == nil {
+            failed = write(backend, Self.pattern(written), at: Int64(written) * 4096)
+            if failed == nil { written += 1 }
+            try #require(written < 4096, "the table never grew")
+        }
+        #expect(driver.tableMove != nil, "the move is pending")
+        #expect(failed == nil || failed?.errno == EIO, "\(String(describing: failed))")
+        #expect(flush(backend)?.errno == EIO, "a flush cannot succeed while the header names the old table")
+        #expect(try QCOW2Header.parse(file.bytes).refcountTableOffset == oldTable)
+        let stuck = try checkOnDisk(file)
+        #expect(stuck.corruptions == 0, "\(stuck.messages)")
+
+        file.writeFault = nil
+        #expect(flush(backend) == nil)
+        #expect(driver.tableMove == nil)
+        #expect(try QCOW2Header.parse(file.bytes).refcountTableOffset == UInt64(driver.refcounter!.tableOffset))
+        #expect(driver.header.refcountTableOffset != oldTable)
+        let report = try checkOnDisk(file)
+        #expect(report.corruptions == 0, "\(report.messages)")
+        let (_, _, reopened) = try open(RecordingFile(bytes: file.bytes), readOnly: true)
+        for index in 0..<written {
+            var data = [UInt8](repeating: 0, count: 4096)
+            var failure: BlockError?
+            data.withUnsafeMutableBytes { reopened.read(at: Int64(index) * 4096, into: $0) { failure = $0 } }
+            loop.run()
+            #expect(failure == nil && data == Self.pattern(index), "guest block \(index)")
+        }
+    }
+
+    /// A write into part of an unallocated cluster copies the rest from the
+    /// backing file; when that read fails, the write fails and the new
+    /// cluster goes back to the allocator, as when its data write fails.
+    @Test func aNewClusterWhoseCopyOnWriteReadFailsIsNotLeaked() throws {
+        var options = QCOW2ImageBuilder.Options(size: 4 << 20)
+        options.backingFile = "base.raw"
+        options.backingFormat = "raw"
+        let file = try RecordingFile(image: options)
+        let base = RecordingFile(bytes: [UInt8](repeating: 0xb5, count: 4 << 20))
+        let (driver, _, backend) = try open(file, readOnly: false, backing: base)
+        base.readFault = { _, _ in BlockError(errno: EIO, "Input/output error") }
+        let failed = write(backend, Self.pattern(1), at: 1 << 20)
+        #expect(failed?.errno == EIO, "\(String(describing: failed))")
+        let end = driver.refcounter!.allocationEnd  // the L2 table stays
+        #expect(flush(backend) == nil)
+        let report = try checkOnDisk(file)
+        #expect(report.corruptions == 0 && report.leaks == 0, "\(report.messages)")
+
+        base.readFault = nil
+        #expect(write(backend, Self.pattern(1), at: 1 << 20) == nil)
+        #expect(flush(backend) == nil)
+        #expect(driver.refcounter!.allocationEnd == end, "the freed cluster is taken again")
+        var data = [UInt8](repeating: 0, count: 65536)
+        var failure: BlockError?
+        data.withUnsafeMutableBytes { backend.read(at: 1 << 20, into: $0) { failure = $0 } }
+        loop.run()
+        #expect(failure == nil)
+        #expect(Array(data[0..<4096]) == Self.pattern(1))
+        #expect(data[4096...].allSatisfy { $0 == 0xb5 }, "the rest of the cluster came from the backing file")
         let again = try checkOnDisk(file)
         #expect(again.corruptions == 0 && again.leaks == 0, "\(again.messages)")
     }

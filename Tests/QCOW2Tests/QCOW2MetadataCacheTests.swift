@@ -49,6 +49,7 @@ final class RecordingFile: BlockDriver {
 
     func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
               completion: @escaping BlockCompletion) {
+        if let error = readFault?(offset, buffer.count) { return completion(error) }
         reads.append((offset, buffer.count))
         let perform = {
             let start = Int(offset)
@@ -68,8 +69,15 @@ final class RecordingFile: BlockDriver {
     /// any order: writes in flight at the disk).
     var heldWrites: [() -> Void]?
 
+    /// When set, the error (or nil) each write gets before it lands: a
+    /// disk failing chosen writes.
+    var writeFault: ((_ offset: Int64, _ count: Int) -> BlockError?)?
+    /// The same for reads.
+    var readFault: ((_ offset: Int64, _ count: Int) -> BlockError?)?
+
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,
                completion: @escaping BlockCompletion) {
+        if let error = writeFault?(offset, buffer.count) { return completion(error) }
         if let writeLimit, offset + Int64(buffer.count) > writeLimit {
             return completion(BlockError(errno: ENOSPC, "No space left on device"))
         }
