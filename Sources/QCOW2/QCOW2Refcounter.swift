@@ -93,30 +93,17 @@ final class QCOW2Refcounter {
     }
 
     /// At most this many bytes of refcount blocks are loaded: half the
-    /// memory this process may use (the machine's, or its cgroup's limit
-    /// if lower). Every block is held in memory (see the type), and a
-    /// table can name blocks all over a sparse file; past this, the open
-    /// would end in the kernel's OOM killer instead of an error.
+    /// memory this process may use (the machine's, or the lowest limit of
+    /// its control groups). Every block is held in memory (see the type),
+    /// and a table can name blocks all over a sparse file; past this, the
+    /// open would end in the kernel's OOM killer instead of an error.
     static let defaultMemoryLimit: Int64 = {
         let pages = Int64(sysconf(Int32(_SC_PHYS_PAGES)))
         let pageSize = Int64(sysconf(Int32(_SC_PAGESIZE)))
         var memory = pages > 0 && pageSize > 0 ? pages * pageSize : .max
-        if let limit = cgroupMemoryLimit() { memory = min(memory, limit) }
+        if let limit = CgroupMemoryLimit.current() { memory = min(memory, limit) }
         return memory / 2
     }()
-
-    /// cgroup v2's memory.max for this process's cgroup ("max", or bytes),
-    /// as the root cgroup namespace a container sees shows it.
-    private static func cgroupMemoryLimit() -> Int64? {
-        let fd = open("/sys/fs/cgroup/memory.max", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var bytes = [UInt8](repeating: 0, count: 32)
-        let count = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        guard count > 0 else { return nil }
-        let text = String(decoding: bytes[0..<count], as: UTF8.self).filter { !$0.isWhitespace }
-        return Int64(text).flatMap { $0 > 0 ? $0 : nil }
-    }
 
     /// Loads the table and every block it names; fails with a
     /// `QCOW2RefcountDamage` where they cannot be used, and with ENOMEM
