@@ -31,7 +31,9 @@ enum CgroupMemoryLimit {
             } else {
                 continue
             }
-            var path = String(fields[2])
+            // A group outside this cgroup namespace shows as "/../x": only
+            // the namespace's root is to be seen.
+            var path = fields[2].split(separator: "/").contains("..") ? "/" : String(fields[2])
             while true {
                 let directory = path == "/" ? root : root + path
                 if let text = read(directory + "/" + file),
@@ -49,7 +51,7 @@ enum CgroupMemoryLimit {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
-        var bytes = [UInt8](repeating: 0, count: 4096)
+        var bytes = [UInt8](repeating: 0, count: 16384)
         let count = bytes.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
         guard count > 0 else { return nil }
         return String(decoding: bytes[0..<count], as: UTF8.self)

@@ -326,11 +326,13 @@ extension QCOW2Driver {
         }
         let inCluster = Int(offset - clusterStart)
         // With extended L2, a cluster without data elsewhere (fresh, or our
-        // own) gets only the touched subclusters written: the others keep
-        // their state (unallocated ones still read from the backing file).
+        // own, which includes every cluster of an external data file) gets
+        // only the touched subclusters written: the others keep their
+        // state (unallocated ones still read from the backing file).
         let oldHost = oldEntry & QCOW2Entry.offsetMask
+        let ownCluster = reusing || externalData
         let perSubcluster = header.hasExtendedL2 && oldEntry & QCOW2Entry.compressed == 0
-            && (reusing || (oldHost == 0 && !externalData))
+            && (ownCluster || oldHost == 0)
         let regionStart: Int
         let regionEnd: Int
         if perSubcluster {
@@ -369,7 +371,7 @@ extension QCOW2Driver {
                             let count = regionLength / sub
                             let mask = UInt64((1 << count) - 1) << UInt64(first)
                             let old = table.bitmap(slot)
-                            let allocated = (reusing ? old & 0xffff_ffff : 0) | mask
+                            let allocated = (ownCluster ? old & 0xffff_ffff : 0) | mask
                             let zero = (old >> 32) & ~mask
                             table.setBitmap(slot, zero << 32 | allocated)
                         } else {

@@ -13,9 +13,9 @@ enum Daemon {
     /// Whether this process is the server a `--fork` parent started. The
     /// variable holds the parent's pid, so one left in the environment by
     /// something else does not make a plain `serve` detach and go silent.
-    static var isChild: Bool {
+    /// Decided once, at the start, while the parent waits for the child.
+    static let isChild: Bool =
         ProcessInfo.processInfo.environment[notifyVariable].flatMap { pid_t($0) } == getppid()
-    }
 
     /// Parent side: 0 once the child listens, 1 if it failed to start.
     static func spawnChildAndWait() -> Int32 {

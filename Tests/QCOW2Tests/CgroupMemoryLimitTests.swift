@@ -23,6 +23,9 @@ import Testing
         #expect(CgroupMemoryLimit.limit(groups: "0::/a/b\n", read: { files[$0] }) == 1 << 30)
         #expect(CgroupMemoryLimit.limit(groups: "0::/\n", read: { files[$0] }) == 2 << 30)
         #expect(CgroupMemoryLimit.limit(groups: "0::/other\n", read: { _ in "max" }) == nil)
+        // A group outside the cgroup namespace: only its root is read.
+        let outside = ["/sys/fs/cgroup/memory.max": "4096", "/sys/fs/memory.max": "1", "/x/memory.max": "1"]
+        #expect(CgroupMemoryLimit.limit(groups: "0::/../x\n", read: { outside[$0] }) == 4096)
     }
 
     /// cgroup v1 (or a hybrid host): the memory controller's line and its
