@@ -12,13 +12,25 @@ extension QCOW2Driver {
                             completion: @escaping BlockCompletion) {
         if let refusal = changeRefusal { return completion(refusal) }
         guard header.version >= 3 || header.hasExtendedL2 else { return completion(.enotsup) }
-        // A raw data file must always hold the guest's bytes: zero it by
-        // writing (the node's fallback), not in the tables alone.
-        guard !header.autoclearFeatures.contains(.rawExternalData) else { return completion(.enotsup) }
         let clusterSize = Int64(header.clusterSize)
         guard offset % clusterSize == 0, length % clusterSize == 0 || offset + length == self.length else {
             return completion(.enotsup)
         }
+        if header.autoclearFeatures.contains(.rawExternalData) {
+            // A raw data file must always hold the guest's bytes: zero them
+            // there first, then mark the clusters zero, as QEMU does.
+            return dataFile.writeZeroes(at: offset, length: length, flags: flags) { error in
+                if let error { return completion(error) }
+                self.markZero(at: offset, length: length, flags: flags, completion: completion)
+            }
+        }
+        markZero(at: offset, length: length, flags: flags, completion: completion)
+    }
+
+    /// Whole clusters become zero in the tables, keeping their allocation
+    /// unless the request may unmap it.
+    private func markZero(at offset: Int64, length: Int64, flags: BlockRequestFlags,
+                          completion: @escaping BlockCompletion) {
         changeClusters(from: offset, length: length, completion: completion) { entry, bitmap in
             let owned = entry & QCOW2Entry.copied != 0 && entry & QCOW2Entry.compressed == 0
                 && (entry & QCOW2Entry.offsetMask != 0 || self.externalData)
