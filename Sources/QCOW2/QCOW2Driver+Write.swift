@@ -360,7 +360,7 @@ extension QCOW2Driver {
             self.dataFile.write(at: Int64(host) + Int64(regionStart), from: data, flags: []) { error in
                 self.node?.graph.bufferPool.give(bounce)
                 if let error {
-                    return self.abandon(reusing ? nil : host, error: error, completion: completion)
+                    return self.abandon(ownCluster ? nil : host, error: error, completion: completion)
                 }
                 self.whenMetadataIdle {
                     table.setEntry(slot, host | QCOW2Entry.copied)
@@ -395,7 +395,7 @@ extension QCOW2Driver {
         read(at: clusterStart + Int64(regionStart), into: fill, flags: []) { error in
             if let error {
                 self.node?.graph.bufferPool.give(bounce)
-                return self.abandon(reusing ? nil : host, error: error, completion: completion)
+                return self.abandon(ownCluster ? nil : host, error: error, completion: completion)
             }
             finishWrite()
         }
@@ -405,7 +405,7 @@ extension QCOW2Driver {
     /// goes back to the allocator, as in QEMU, instead of staying counted
     /// as a leak.
     private func abandon(_ newCluster: UInt64?, error: BlockError, completion: @escaping BlockCompletion) {
-        guard let newCluster, !externalData else { return completion(error) }
+        guard let newCluster else { return completion(error) }
         whenMetadataIdle {
             self.free([(newCluster, Int64(self.header.clusterSize))])
             completion(error)

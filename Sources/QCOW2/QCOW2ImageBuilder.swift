@@ -167,7 +167,7 @@ public struct QCOW2ImageBuilder {
 
         // Refcount table and blocks: every cluster up to the end is used
         // once. Then the L2 tables, if preallocated, and the L1 table.
-        var regions = [QCOW2LayoutRegion(offset: 0, content: .bytes(try header.serialize()))]
+        var regions = [QCOW2LayoutRegion(offset: 0, bytes: try header.serialize())]
         regions.append(QCOW2LayoutRegion(offset: tableOffset, length: tableClusters * clusterSize,
             content: .entries(QCOW2LayoutRegion.Entries(count: blockClusters, first: blocksOffset, step: clusterSize))))
         regions.append(QCOW2LayoutRegion(offset: blocksOffset, length: blockClusters * clusterSize,

@@ -31,9 +31,8 @@ public struct QCOW2LayoutRegion: Sendable {
         self.content = content
     }
 
-    public init(offset: UInt64, content: Content) {
-        guard case .bytes(let bytes) = content else { preconditionFailure("a table needs its length") }
-        self.init(offset: offset, length: UInt64(bytes.count), content: content)
+    public init(offset: UInt64, bytes: [UInt8]) {
+        self.init(offset: offset, length: UInt64(bytes.count), content: .bytes(bytes))
     }
 
     /// `count` bytes from `start` within the region. `start` and `count`

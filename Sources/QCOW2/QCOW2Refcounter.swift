@@ -42,7 +42,7 @@ final class QCOW2Refcounter {
     var lentClusters: [Int64: Int] = [:]
     /// Whether any range was ever lent: from then on freed clusters are
     /// punched out of the file even without discard=unmap (see
-    /// `QCOW2Driver.punch`).
+    /// `BlockNode.discard(evenIfIgnored:)`).
     var hasLent = false
     /// Freed clusters that no I/O in flight holds any more, waiting only
     /// for their lent ranges to go out.

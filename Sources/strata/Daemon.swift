@@ -8,7 +8,7 @@ import Glibc
 /// a pipe, and waits until the child writes one byte there (it listens)
 /// or dies; then it exits with the matching status.
 enum Daemon {
-    static let notifyVariable = "STRATA_FORK_NOTIFY_FD"
+    static let notifyVariable = "STRATA_FORK_PARENT_PID"
 
     /// Whether this process is the server a `--fork` parent started. The
     /// variable holds the parent's pid, so one left in the environment by

@@ -138,7 +138,7 @@ import Testing
         defer { try? FileManager.default.removeItem(at: directory) }
         let image = try Harness.makeImage(in: directory)
         let served = try ServedImage(image: image, options: ["-f", "raw"], directory: directory,
-                                     launcher: ["/usr/bin/env", "STRATA_FORK_NOTIFY_FD=1"])
+                                     launcher: ["/usr/bin/env", "STRATA_FORK_PARENT_PID=1"])
         defer { served.stop() }
         #expect(try Harness.waitForSize(served.uri) == "16777216")
         let stderr = try FileManager.default.destinationOfSymbolicLink(

@@ -49,6 +49,24 @@ import Testing
         return failure ?? BlockError(errno: ETIMEDOUT, "the flush never completed")
     }
 
+    func read(_ backend: BlockBackend, count: Int, at offset: Int64) -> (BlockError?, [UInt8]) {
+        var data = [UInt8](repeating: 0, count: count)
+        var failure: BlockError?
+        data.withUnsafeMutableBytes { backend.read(at: offset, into: $0) { failure = $0 } }
+        loop.run()
+        return (failure, data)
+    }
+
+    /// The image on disk, reopened, holds `pattern(i)` in each of the first
+    /// `blocks` 4 KiB guest blocks.
+    func expectReadBack(_ file: RecordingFile, blocks: Int) throws {
+        let (_, _, reopened) = try open(RecordingFile(bytes: file.bytes), readOnly: true)
+        for index in 0..<blocks {
+            let (failure, data) = read(reopened, count: 4096, at: Int64(index) * 4096)
+            #expect(failure == nil && data == Self.pattern(index), "guest block \(index)")
+        }
+    }
+
     /// What `qemu-img check` would find in the bytes on disk now.
     func checkOnDisk(_ file: RecordingFile) throws -> QCOW2Checker.Report {
         let (driver, fileNode, _) = try open(RecordingFile(bytes: file.bytes), readOnly: true)
@@ -104,14 +122,7 @@ import Testing
         let report = try checkOnDisk(file)
         #expect(report.corruptions == 0, "\(report.messages)")
 
-        let (_, _, reopened) = try open(RecordingFile(bytes: file.bytes), readOnly: true)
-        for index in 0..<written {
-            var data = [UInt8](repeating: 0, count: 4096)
-            var failure: BlockError?
-            data.withUnsafeMutableBytes { reopened.read(at: Int64(index) * 4096, into: $0) { failure = $0 } }
-            loop.run()
-            #expect(failure == nil && data == Self.pattern(index), "guest block \(index)")
-        }
+        try expectReadBack(file, blocks: written)
     }
 
     /// A new cluster whose data write fails goes back to the allocator, as
@@ -169,14 +180,7 @@ import Testing
         #expect(driver.header.refcountTableOffset != oldTable)
         let report = try checkOnDisk(file)
         #expect(report.corruptions == 0, "\(report.messages)")
-        let (_, _, reopened) = try open(RecordingFile(bytes: file.bytes), readOnly: true)
-        for index in 0..<written {
-            var data = [UInt8](repeating: 0, count: 4096)
-            var failure: BlockError?
-            data.withUnsafeMutableBytes { reopened.read(at: Int64(index) * 4096, into: $0) { failure = $0 } }
-            loop.run()
-            #expect(failure == nil && data == Self.pattern(index), "guest block \(index)")
-        }
+        try expectReadBack(file, blocks: written)
     }
 
     /// A write into part of an unallocated cluster copies the rest from the
@@ -201,10 +205,7 @@ import Testing
         #expect(write(backend, Self.pattern(1), at: 1 << 20) == nil)
         #expect(flush(backend) == nil)
         #expect(driver.refcounter!.allocationEnd == end, "the freed cluster is taken again")
-        var data = [UInt8](repeating: 0, count: 65536)
-        var failure: BlockError?
-        data.withUnsafeMutableBytes { backend.read(at: 1 << 20, into: $0) { failure = $0 } }
-        loop.run()
+        let (failure, data) = read(backend, count: 65536, at: 1 << 20)
         #expect(failure == nil)
         #expect(Array(data[0..<4096]) == Self.pattern(1))
         #expect(data[4096...].allSatisfy { $0 == 0xb5 }, "the rest of the cluster came from the backing file")
