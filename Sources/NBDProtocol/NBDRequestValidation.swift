@@ -32,6 +32,9 @@ public enum NBDRequestValidation {
         guard let command = request.command else {
             return (.einval, "unknown command \(request.type)")
         }
+        // DISC gets no reply whatever its flags, offset and length: the
+        // client has stopped reading, and qemu-nbd disconnects at once.
+        if command == .disconnect { return nil }
         // A payload that follows the request is not here yet when its
         // header is checked (see `NBDRequestDecoder.takePayload`).
         if request.payloadDiscarded || (command == .write && request.payload == nil && !request.payloadFollows) {
@@ -52,9 +55,7 @@ public enum NBDRequestValidation {
             // Offset and length must be zero (the spec), but every known client
             // sends zeroes; be lenient as qemu-nbd and nbdkit are.
             return nil
-        case .disconnect:
-            return nil
-        case .read, .cache:
+        case .read, .cache, .disconnect:
             break
         }
         if command == .read || command == .write, request.length > session.export.maximumBlockSize {

@@ -54,6 +54,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var negotiation = NBDNegotiation()
     private var requestDecoder: NBDRequestDecoder
     private var cumulation: ByteBuffer?
+    /// Bytes received and not parsed yet, for tests of their bound.
+    var unparsedBytes: Int { cumulation?.readableBytes ?? 0 }
     /// Whether `cumulation` is a buffer of the connection's own that holds
     /// the start of a message split across reads (see `joinSplitMessage`),
     /// not a read's buffer.
@@ -65,6 +67,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var incomingWrite: (request: NBDRequest, payload: ByteBuffer?)?
     private var handshakeDeadline: Scheduled<Void>?
     private(set) var context: ChannelHandlerContext!
+    /// The channel has closed and taken this handler out of its pipeline.
+    private var removed = false
 
     // Transmission state.
     private(set) var session: NBDSession!
@@ -113,6 +117,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         self.context = context
     }
 
+    func handlerRemoved(context: ChannelHandlerContext) {
+        removed = true
+        releaseContextWhenIdle()
+    }
+
+    /// The context holds this handler, and this handler the context: kept,
+    /// the pair would outlive the connection (about a kilobyte each). Replies
+    /// to requests still in flight go through it (to the closed channel), so
+    /// it is let go once the last one has ended.
+    private func releaseContextWhenIdle() {
+        if removed, inFlight == 0 { context = nil }
+    }
+
     func channelActive(context: ChannelHandlerContext) {
         var greeting = context.channel.allocator.buffer(capacity: 18)
         NBDNegotiation.writeGreeting(into: &greeting)
@@ -135,7 +152,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
-        guard phase != .closed else { return }
+        // After DISC the client may send nothing more: what it sends anyway
+        // is dropped, or a client that neither reads its last replies nor
+        // stops writing would grow the buffer without end.
+        guard phase != .closed, ending != .client else { return }
         inReadBatch = true
         defer { inReadBatch = false }
         if cumulation != nil, cumulation!.readableBytes > 0, !joinSplitMessage(from: &incoming) { return }
@@ -364,6 +384,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Called when a request's reply has been written.
     func endRequest(bytes: Int) {
+        defer { releaseContextWhenIdle() }
         inFlight -= 1
         inFlightBytes -= bytes
         repliesSinceFlush += 1

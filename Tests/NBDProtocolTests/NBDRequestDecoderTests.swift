@@ -149,6 +149,14 @@ import Testing
         #expect(check(42, session: s) == .einval)
     }
 
+    /// DISC is never answered, so it is never refused: any flags, offset
+    /// and length still end the connection, as with qemu-nbd.
+    @Test func disconnectIsAcceptedWhateverItCarries() {
+        #expect(check(2, flags: NBDCommandFlags(rawValue: 0x40), session: session()) == nil)
+        #expect(check(2, flags: [.reqOne, .fastZero], offset: UInt64.max, length: .max, session: session()) == nil)
+        #expect(check(2, flags: .fua, session: session(readOnly: true)) == nil)
+    }
+
     @Test func aWriteWhosePayloadFollowsIsCheckedByItsHeader() {
         var request = NBDRequest(type: 1, flags: [], cookie: 1, offset: 0, length: 100_000)
         request.payloadFollows = true

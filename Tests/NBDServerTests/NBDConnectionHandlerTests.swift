@@ -352,6 +352,75 @@ import Testing
         #expect(!channel.isActive)
     }
 
+    /// A closed connection's handler is freed, at once or, with a request
+    /// in flight, once that request ends: kept alive by its own context, a
+    /// kilobyte stayed behind for every connection ever made.
+    @Test(arguments: [false, true])
+    func aClosedConnectionLetsItsHandlerGo(withRequestInFlight: Bool) throws {
+        weak var released: NBDConnectionHandler?
+        do {
+            let channel = EmbeddedChannel(loop: loop)
+            let handler = NBDConnectionHandler(registry: registry, configuration: .init(maxInFlight: 4))
+            released = handler
+            try channel.pipeline.syncOperations.addHandler(handler)
+            try channel.connect(to: SocketAddress(unixDomainSocketPath: "/x")).wait()
+            if withRequestInFlight {
+                var hello = ByteBuffer()
+                hello.writeInteger(UInt32(3))
+                var go = Wire.option(7, Wire.goPayload("disk"))
+                hello.writeBuffer(&go)
+                var read = Wire.request(type: 0, cookie: 1, offset: 0, length: 512)
+                hello.writeBuffer(&read)
+                driver.holdCompletions = true
+                try channel.writeInbound(hello)
+                loop.run()
+            }
+            _ = try channel.close().wait()
+            loop.run()
+        }
+        if withRequestInFlight {
+            #expect(released != nil, "the read still holds it")
+            driver.release()
+            loop.run()
+        }
+        #expect(released == nil)
+    }
+
+    /// What a client sends after DISC, while it leaves its last replies
+    /// unread, is dropped: kept, it grew without end until the server died
+    /// of an overflowing buffer index.
+    @Test func bytesSentAfterDisconnectAreDropped() throws {
+        try negotiate()
+        driver.holdCompletions = true
+        var requests = Wire.request(type: 0, cookie: 1, offset: 0, length: 512)
+        var disc = Wire.request(type: 2, cookie: 2)
+        requests.writeBuffer(&disc)
+        try send(requests)
+        for _ in 0..<64 {
+            var flushes = ByteBuffer()
+            for cookie in 0..<512 {
+                var flush = Wire.request(type: 3, cookie: UInt64(cookie))
+                flushes.writeBuffer(&flush)
+            }
+            try send(flushes)
+        }
+        #expect(handler.unparsedBytes == 0)
+        driver.release()
+        loop.run()
+        #expect(chunks(try outbound()).count == 1, "only the read is answered")
+        #expect(!channel.isActive)
+    }
+
+    /// A DISC with flags it should not carry still closes the connection,
+    /// without a reply (the client no longer reads them).
+    @Test func disconnectWithUnexpectedFlagsClosesWithoutAReply() throws {
+        try negotiate()
+        try send(Wire.request(type: 2, flags: 0x40, cookie: 2, offset: 1 << 40, length: 7))
+        loop.run()
+        #expect(try outbound().readableBytes == 0)
+        #expect(!channel.isActive)
+    }
+
     /// A client that pipelines more requests than may run at once, then
     /// DISC (or nothing), then closes its side, as libnbd's shutdown does.
     /// NIO reads to the end at EOF even while parsing is paused, so those
