@@ -177,7 +177,10 @@ public final class QCOW2Driver: BlockDriver {
             return readL1.map { bytes in
                 let reader = BigEndianReader(bytes)
                 let l1 = (0..<Int(l1Size)).map { reader.u64(at: $0 * 8) }
-                let driver = QCOW2Driver(header: header, l1: l1, snapshots: snapshots, guestSize: size, options: options)
+                // Whole sectors, as QEMU counts the guest size: a size off
+                // the 512-byte grid (no qemu-img makes one) is cut down.
+                let driver = QCOW2Driver(header: header, l1: l1, snapshots: snapshots, guestSize: size & ~511,
+                                         options: options)
                 driver.snapshotTableLength = tableLength
                 driver.openedFile = file
                 return driver

@@ -46,6 +46,25 @@ import Testing
         }
     }
 
+    /// A guest size off the 512-byte grid (qemu-img never writes one) is
+    /// cut down to whole sectors, as QEMU reads it: the same virtual size
+    /// and map as qemu-img's.
+    @Test func aSizeOffTheSectorGridIsCutToWholeSectors() throws {
+        let directory = try Harness.temporaryDirectory("oddsize")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("o.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", path, "1M"]).status == 0)
+        try write(path, (1 << 20) - 8, width: 8, at: 24)
+        for command in [["info", "--output=json"], ["map", "--output=json"]] {
+            let ours = try img(command + [path])
+            let theirs = try qemuImg(command + [path])
+            #expect(ours.status == 0 && theirs.status == 0, "\(ours.stderr)\(theirs.stderr)")
+            let size = { (text: String) in text.contains("\((1 << 20) - 512)") && !text.contains("\((1 << 20) - 8)") }
+            #expect(size(theirs.stdout), "qemu-img: \(theirs.stdout)")
+            #expect(size(ours.stdout), "\(command): \(ours.stdout)")
+        }
+    }
+
     /// An image that names itself as its backing file, and two that name
     /// each other: refused at once, not opened 64 levels deep.
     @Test func aBackingChainThatLoopsIsRefused() throws {
