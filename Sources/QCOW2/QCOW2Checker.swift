@@ -192,8 +192,11 @@ public final class QCOW2Checker {
                         entry: entry, bitmap: nil, subcluster: 0, clusterBits: self.header.clusterBits) else { continue }
                     self.reference(host & ~511, length: Int64(size) + Int64(host & 511), what: "compressed cluster")
                     if active {
+                        // Fragmented too, as qemu-img counts them: reading
+                        // one means reading sectors its neighbours share.
                         self.report.allocatedClusters += 1
                         self.report.compressedClusters += 1
+                        self.report.fragmentedClusters += 1
                     }
                     continue
                 }

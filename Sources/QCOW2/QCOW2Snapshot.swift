@@ -10,6 +10,9 @@ public struct QCOW2Snapshot: Equatable, Sendable {
     public var vmStateSize: UInt64
     /// The guest size when the snapshot was taken, when recorded.
     public var diskSize: UInt64?
+    /// The VM's instruction count at the snapshot, when recorded (QEMU
+    /// writes all ones for none).
+    public var icount: UInt64?
 
     /// Parses `count` entries; each is 40 bytes, extra data, id and name,
     /// padded to 8. Throws if an entry runs past `bytes`.
@@ -42,6 +45,7 @@ public struct QCOW2Snapshot: Equatable, Sendable {
             }
             if extraSize >= 8 { snapshot.vmStateSize = reader.u64(at: offset + 40) }
             if extraSize >= 16 { snapshot.diskSize = reader.u64(at: offset + 48) }
+            if extraSize >= 24, case let icount = reader.u64(at: offset + 56), icount != .max { snapshot.icount = icount }
             snapshots.append(snapshot)
             offset = (end + 7) / 8 * 8
         }

@@ -68,6 +68,8 @@ final class ImageSession {
         return node.name
     }
 
+    /// The disk space of the image file, as qemu-img 7.2's "disk size":
+    /// an external data file is not counted.
     static func allocatedBytes(of node: BlockNode) -> Int64 {
         var total: Int64 = 0
         var current: BlockNode? = node.child(named: "file")?.node ?? node
@@ -75,7 +77,6 @@ final class ImageSession {
             total = candidate.driver.allocatedFileSize ?? 0
             current = candidate.child(named: "file")?.node
         }
-        if let data = node.child(named: "data-file")?.node { total += data.driver.allocatedFileSize ?? 0 }
         return total
     }
 }

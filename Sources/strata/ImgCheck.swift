@@ -88,20 +88,17 @@ struct ImgCheck: ParsableCommand {
         for message in report.messages { FileHandle.standardError.write(Data((message + "\n").utf8)) }
         switch image.output {
         case .json:
-            var object: [String: Any] = [
-                "filename": image.filename, "format": outcome.format,
-                "check-errors": report.checkErrors, "image-end-offset": report.imageEndOffset,
+            var object: [String: QemuJSON] = [
+                "filename": .string(image.filename), "format": .string(outcome.format),
+                "check-errors": .int(Int64(report.checkErrors)), "image-end-offset": .int(report.imageEndOffset),
             ]
-            // qemu-img leaves out the cluster counts that are 0.
+            // qemu-img leaves out the counts that are 0.
             let counts = ["total-clusters": report.totalClusters, "allocated-clusters": report.allocatedClusters,
-                          "fragmented-clusters": report.fragmentedClusters, "compressed-clusters": report.compressedClusters]
-            for (key, count) in counts where count > 0 { object[key] = count }
-            if report.corruptions > 0 { object["corruptions"] = report.corruptions }
-            if report.leaks > 0 { object["leaks"] = report.leaks }
-            if outcome.fixed.leaks > 0 { object["leaks-fixed"] = outcome.fixed.leaks }
-            if outcome.fixed.corruptions > 0 { object["corruptions-fixed"] = outcome.fixed.corruptions }
-            let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
-            print(String(decoding: data, as: UTF8.self))
+                          "fragmented-clusters": report.fragmentedClusters, "compressed-clusters": report.compressedClusters,
+                          "corruptions": report.corruptions, "leaks": report.leaks,
+                          "leaks-fixed": outcome.fixed.leaks, "corruptions-fixed": outcome.fixed.corruptions]
+            for (key, count) in counts where count > 0 { object[key] = .int(Int64(count)) }
+            print(QemuJSON.object(object, order: QemuKeyOrder.check).rendered())
         case .human:
             if outcome.fixed.leaks > 0 || outcome.fixed.corruptions > 0 {
                 print("The following inconsistencies were found and repaired:\n")

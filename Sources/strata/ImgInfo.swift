@@ -16,7 +16,7 @@ struct ImgInfo: ParsableCommand {
 
 
     func run() throws {
-        let layers: [[String: Any]]
+        let layers: [QemuJSON]
         do {
             // As qemu-img info: the backing chain is opened only to be shown.
             layers = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare,
@@ -29,93 +29,125 @@ struct ImgInfo: ParsableCommand {
         }
         switch image.output {
         case .json:
-            let object: Any = backingChain ? layers : layers[0]
-            let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
-            print(String(decoding: data, as: UTF8.self))
+            print((backingChain ? QemuJSON.array(layers) : layers[0]).rendered())
         case .human:
             print(layers.map(Self.human).joined(separator: "\n"), terminator: "")
         }
     }
 
-    /// One layer, with qemu-img's JSON field names.
-    static func describe(_ node: BlockNode) -> [String: Any] {
-        var info: [String: Any] = [
-            "filename": ImageSession.fileName(of: node),
-            "format": node.formatName,
-            "virtual-size": node.length,
-            "actual-size": ImageSession.allocatedBytes(of: node),
-            "dirty-flag": false,
+    /// One layer, with qemu-img's JSON fields in its order.
+    static func describe(_ node: BlockNode) -> QemuJSON {
+        var info: [String: QemuJSON] = [
+            "filename": .string(ImageSession.fileName(of: node)),
+            "format": .string(node.formatName),
+            "virtual-size": .int(node.length),
+            "actual-size": .int(ImageSession.allocatedBytes(of: node)),
+            "dirty-flag": .bool(false),
         ]
-        guard let qcow2 = node.driver as? QCOW2Driver else { return info }
+        guard let qcow2 = node.driver as? QCOW2Driver else { return .object(info, order: QemuKeyOrder.imageInfo) }
         let header = qcow2.header
-        info["cluster-size"] = header.clusterSize
-        info["dirty-flag"] = header.incompatibleFeatures.contains(.dirty)
-        var specific: [String: Any] = [
-            "compat": header.version == 2 ? "0.10" : "1.1",
-            "refcount-bits": header.refcountBits,
+        info["cluster-size"] = .int(Int64(header.clusterSize))
+        info["dirty-flag"] = .bool(header.incompatibleFeatures.contains(.dirty))
+        var specific: [String: QemuJSON] = [
+            "compat": .string(header.version == 2 ? "0.10" : "1.1"),
+            "compression-type": .string(header.compressionType == .zstd ? "zstd" : "zlib"),
+            "refcount-bits": .int(Int64(header.refcountBits)),
         ]
         if header.version >= 3 {
-            specific["compression-type"] = header.compressionType == .zstd ? "zstd" : "zlib"
-            specific["lazy-refcounts"] = header.compatibleFeatures.contains(.lazyRefcounts)
-            specific["corrupt"] = header.incompatibleFeatures.contains(.corrupt)
-            specific["extended-l2"] = header.hasExtendedL2
+            specific["lazy-refcounts"] = .bool(header.compatibleFeatures.contains(.lazyRefcounts))
+            specific["corrupt"] = .bool(header.incompatibleFeatures.contains(.corrupt))
+            specific["extended-l2"] = .bool(header.hasExtendedL2)
             if let dataFile = header.dataFile {
-                specific["data-file"] = dataFile
-                specific["data-file-raw"] = header.autoclearFeatures.contains(.rawExternalData)
+                specific["data-file"] = .string(dataFile)
+                specific["data-file-raw"] = .bool(header.autoclearFeatures.contains(.rawExternalData))
             }
         }
-        info["format-specific"] = ["type": "qcow2", "data": specific]
+        let bitmaps = qcow2.bitmaps
+        if !bitmaps.isEmpty {
+            specific["bitmaps"] = .array(bitmaps.map { bitmap in
+                let flags = (bitmap.inUse ? ["in-use"] : []) + (bitmap.auto ? ["auto"] : [])
+                return .object(["flags": .array(flags.map { .string($0) }), "name": .string(bitmap.name),
+                                "granularity": .uint(bitmap.granularity)], order: QemuKeyOrder.bitmap)
+            })
+        }
+        info["format-specific"] = .object(["type": .string("qcow2"),
+                                           "data": .object(specific, order: QemuKeyOrder.qcow2Specific)],
+                                          order: QemuKeyOrder.formatSpecific)
         if let backing = header.backingFile {
-            info["backing-filename"] = backing
+            info["backing-filename"] = .string(backing)
             let directory = (ImageSession.fileName(of: node) as NSString).deletingLastPathComponent
-            info["full-backing-filename"] = ImageOpener.resolve(backing, relativeTo: directory)
-            if let format = header.backingFormat { info["backing-filename-format"] = format }
+            info["full-backing-filename"] = .string(ImageOpener.resolve(backing, relativeTo: directory))
+            if let format = header.backingFormat { info["backing-filename-format"] = .string(format) }
         }
         if !qcow2.snapshots.isEmpty {
-            info["snapshots"] = qcow2.snapshots.map { snapshot -> [String: Any] in
-                [
-                    "id": snapshot.id, "name": snapshot.name,
-                    "vm-state-size": snapshot.vmStateSize,
-                    "date-sec": snapshot.dateSeconds, "date-nsec": snapshot.dateNanoseconds,
-                    "vm-clock-sec": snapshot.vmClockNanoseconds / 1_000_000_000,
-                    "vm-clock-nsec": snapshot.vmClockNanoseconds % 1_000_000_000,
-                    "icount": 0,
+            info["snapshots"] = .array(qcow2.snapshots.map { snapshot in
+                var fields: [String: QemuJSON] = [
+                    "id": .string(snapshot.id), "name": .string(snapshot.name),
+                    "vm-state-size": .int(Int64(bitPattern: snapshot.vmStateSize)),
+                    "date-sec": .uint(UInt64(snapshot.dateSeconds)), "date-nsec": .uint(UInt64(snapshot.dateNanoseconds)),
+                    "vm-clock-sec": .uint(snapshot.vmClockNanoseconds / 1_000_000_000),
+                    "vm-clock-nsec": .uint(snapshot.vmClockNanoseconds % 1_000_000_000),
                 ]
-            }
+                if let icount = snapshot.icount { fields["icount"] = .uint(icount) }
+                return .object(fields, order: QemuKeyOrder.snapshot)
+            })
         }
-        return info
+        return .object(info, order: QemuKeyOrder.imageInfo)
     }
 
-    static func human(_ info: [String: Any]) -> String {
+    static func human(_ info: QemuJSON) -> String {
+        func text(_ key: String) -> String? { if case .string(let value)? = info[key] { value } else { nil } }
+        func number(_ key: String) -> Int64 { if case .int(let value)? = info[key] { value } else { 0 } }
         var lines = [
-            "image: \(info["filename"] as? String ?? "")",
-            "file format: \(info["format"] as? String ?? "")",
-            "virtual size: \(ImageSize.human(info["virtual-size"] as? Int64 ?? 0)) (\(info["virtual-size"] as? Int64 ?? 0) bytes)",
-            "disk size: \(ImageSize.human(info["actual-size"] as? Int64 ?? 0))",
+            "image: \(text("filename") ?? "")",
+            "file format: \(text("format") ?? "")",
+            "virtual size: \(ImageSize.human(number("virtual-size"))) (\(number("virtual-size")) bytes)",
+            "disk size: \(ImageSize.human(number("actual-size")))",
         ]
-        if let cluster = info["cluster-size"] as? Int { lines.append("cluster_size: \(cluster)") }
-        if let backing = info["backing-filename"] as? String { lines.append("backing file: \(backing)") }
-        if let format = info["backing-filename-format"] as? String { lines.append("backing file format: \(format)") }
-        if let snapshots = info["snapshots"] as? [[String: Any]] {
-            lines.append("Snapshot list:")
-            lines.append("ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT")
-            for snapshot in snapshots {
-                let date = Date(timeIntervalSince1970: TimeInterval(snapshot["date-sec"] as? UInt32 ?? 0))
-                let formatter = DateFormatter()
-                formatter.dateFormat = "yyyy-MM-dd HH:mm:ss"
-                let id = (snapshot["id"] as? String ?? "").padding(toLength: 10, withPad: " ", startingAt: 0)
-                let name = (snapshot["name"] as? String ?? "").padding(toLength: 18, withPad: " ", startingAt: 0)
-                let size = ImageSize.human(Int64(clamping: snapshot["vm-state-size"] as? UInt64 ?? 0))
-                lines.append("\(id)\(name)\(String(repeating: " ", count: max(0, 6 - size.count)))\(size) \(formatter.string(from: date)) 00:00:00.000          0")
-            }
+        if info["cluster-size"] != nil { lines.append("cluster_size: \(number("cluster-size"))") }
+        if let backing = text("backing-filename") {
+            let full = text("full-backing-filename") ?? backing
+            lines.append("backing file: \(backing)" + (full == backing ? "" : " (actual path: \(full))"))
         }
-        if let specific = info["format-specific"] as? [String: Any], let data = specific["data"] as? [String: Any] {
+        if let format = text("backing-filename-format") { lines.append("backing file format: \(format)") }
+        if case .array(let snapshots)? = info["snapshots"] {
+            lines.append("Snapshot list:")
+            lines.append(snapshotLine("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT"))
+            for snapshot in snapshots { lines.append(snapshotLine(snapshot)) }
+        }
+        if let data = info["format-specific"]?["data"] {
             lines.append("Format specific information:")
-            for key in ["compat", "compression-type", "lazy-refcounts", "refcount-bits", "corrupt", "extended-l2",
-                        "data-file", "data-file-raw"] {
-                if let value = data[key] { lines.append("    \(key.replacingOccurrences(of: "-", with: " ")): \(value)") }
-            }
+            lines += data.humanLines(level: 1)
         }
         return lines.joined(separator: "\n") + "\n"
+    }
+
+    /// A row of qemu-img's snapshot table: columns padded by bytes, as
+    /// its printf does, and never cut.
+    static func snapshotLine(_ id: String, _ name: String, _ size: String, _ date: String, _ clock: String,
+                             _ icount: String) -> String {
+        func left(_ text: String, _ width: Int) -> String { text + String(repeating: " ", count: max(0, width - text.utf8.count)) }
+        func right(_ text: String, _ width: Int) -> String { String(repeating: " ", count: max(0, width - text.utf8.count)) + text }
+        return left(id, 9) + " " + left(name, 16) + " " + right(size, 8) + right(date, 20) + right(clock, 13) + right(icount, 11)
+    }
+
+    static func snapshotLine(_ snapshot: QemuJSON) -> String {
+        func value(_ key: String) -> UInt64 {
+            switch snapshot[key] {
+            case .uint(let value)?: value
+            case .int(let value)?: UInt64(bitPattern: value)
+            default: 0
+            }
+        }
+        func text(_ key: String) -> String { if case .string(let value)? = snapshot[key] { value } else { "" } }
+        let formatter = DateFormatter()
+        formatter.dateFormat = "yyyy-MM-dd HH:mm:ss"
+        let date = formatter.string(from: Date(timeIntervalSince1970: TimeInterval(value("date-sec"))))
+        let seconds = value("vm-clock-sec")
+        let clock = String(format: "%02llu:%02llu:%02llu.%03llu", seconds / 3600, seconds / 60 % 60, seconds % 60,
+                           value("vm-clock-nsec") / 1_000_000 % 1000)
+        let icount = snapshot["icount"] == nil ? "" : String(value("icount"))
+        return snapshotLine(text("id"), text("name"), ImageSize.human(Int64(bitPattern: value("vm-state-size"))),
+                            date, clock, icount)
     }
 }
