@@ -39,7 +39,7 @@ public final class QCOW2Driver: BlockDriver {
     public let options: QCOW2Options
     /// The L1 table in host byte order (the active one, or the snapshot's).
     var l1: [UInt64]
-    public let snapshots: [QCOW2Snapshot]
+    public internal(set) var snapshots: [QCOW2Snapshot]
     /// Bytes the snapshot table occupies.
     public internal(set) var snapshotTableLength = 0
     let l2Cache: QCOW2L2Cache

@@ -13,6 +13,13 @@ public struct QCOW2Snapshot: Equatable, Sendable {
     /// The VM's instruction count at the snapshot, when recorded (QEMU
     /// writes all ones for none).
     public var icount: UInt64?
+    /// The length of the entry's extra data. Version 3 asks for at least
+    /// 16 bytes (the large VM state size and the disk size); QEMU before
+    /// 4.2 wrote none, and `qemu-img check` calls such entries incomplete.
+    public var extraDataSize = 0
+    /// Extra data past the fields QEMU knows (24 bytes), kept when the
+    /// table is written again.
+    public var unknownExtraData: [UInt8] = []
 
     /// Parses `count` entries; each is 40 bytes, extra data, id and name,
     /// padded to 8. Throws if an entry runs past `bytes`.
@@ -46,10 +53,47 @@ public struct QCOW2Snapshot: Equatable, Sendable {
             if extraSize >= 8 { snapshot.vmStateSize = reader.u64(at: offset + 40) }
             if extraSize >= 16 { snapshot.diskSize = reader.u64(at: offset + 48) }
             if extraSize >= 24, case let icount = reader.u64(at: offset + 56), icount != .max { snapshot.icount = icount }
+            snapshot.extraDataSize = extraSize
+            if extraSize > Self.knownExtraData {
+                snapshot.unknownExtraData = Array(bytes[(offset + 40 + Self.knownExtraData)..<(offset + 40 + extraSize)])
+            }
             snapshots.append(snapshot)
             offset = (end + 7) / 8 * 8
         }
         return (snapshots, offset)
+    }
+
+    /// The extra data QEMU knows: the large VM state size, the disk size
+    /// and the instruction count, 8 bytes each.
+    static let knownExtraData = 24
+
+    /// The table as QEMU writes it: every entry with the full known extra
+    /// data (all ones for an unknown instruction count, `guestSize` for an
+    /// unknown disk size) and its unknown extra data after it, padded to 8.
+    public static func serializeTable(_ snapshots: [QCOW2Snapshot], guestSize: UInt64) -> [UInt8] {
+        var bytes: [UInt8] = []
+        func put(_ value: UInt64, _ width: Int) {
+            for index in (0..<width).reversed() { bytes.append(UInt8(truncatingIfNeeded: value >> UInt64(8 * index))) }
+        }
+        for snapshot in snapshots {
+            let id = Array(snapshot.id.utf8)
+            let name = Array(snapshot.name.utf8)
+            put(snapshot.l1TableOffset, 8)
+            put(UInt64(snapshot.l1Size), 4)
+            put(UInt64(id.count), 2)
+            put(UInt64(name.count), 2)
+            put(UInt64(snapshot.dateSeconds), 4)
+            put(UInt64(snapshot.dateNanoseconds), 4)
+            put(snapshot.vmClockNanoseconds, 8)
+            put(snapshot.vmStateSize, 4)  // the low half, as QEMU writes it
+            put(UInt64(knownExtraData + snapshot.unknownExtraData.count), 4)
+            put(snapshot.vmStateSize, 8)
+            put(snapshot.diskSize ?? guestSize, 8)
+            put(snapshot.icount ?? .max, 8)
+            bytes += snapshot.unknownExtraData + id + name
+            bytes += [UInt8](repeating: 0, count: (8 - bytes.count % 8) % 8)
+        }
+        return bytes
     }
 
     /// Largest snapshot table read (QEMU's limit is 64 MiB).

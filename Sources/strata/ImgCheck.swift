@@ -56,6 +56,11 @@ struct ImgCheck: ParsableCommand {
                         guard repair == "all", before.corruptions > 0 else { return file.eventLoop.makeSucceededFuture(0) }
                         return driver.repairCopiedFlags(file: file)
                     }.flatMap { copiedFixed in
+                        guard repair == "all", before.incompleteSnapshots > 0 else {
+                            return file.eventLoop.makeSucceededFuture(copiedFixed)
+                        }
+                        return driver.rewriteSnapshotTable(file: file).map { copiedFixed }
+                    }.flatMap { copiedFixed in
                         QCOW2Checker(driver: driver, file: file).run().map { (copiedFixed, $0) }
                     }.flatMap { copiedFixed, after in
                         // Consistent now: clear the dirty and corrupt bits.

@@ -152,4 +152,25 @@ import Testing
         for index in 0..<8 { hostile[index] = 0xff }
         #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTable(hostile, count: 1) }
     }
+
+    /// A table written again keeps every field and unknown extra data,
+    /// gains the known extra data, and stays on the 8-byte grid.
+    @Test func snapshotTablesAreWrittenAsQemuWritesThem() throws {
+        var old = QCOW2Snapshot(l1TableOffset: 0x30000, l1Size: 3, id: "7", name: "n\u{e9}", dateSeconds: 5,
+                                dateNanoseconds: 6, vmClockNanoseconds: 7_000_000_123, vmStateSize: 1 << 33)
+        old.unknownExtraData = [1, 2, 3, 4, 5, 6, 7, 8]
+        var second = old
+        second.name = "two"
+        second.icount = 99
+        second.diskSize = 1 << 30
+        let bytes = QCOW2Snapshot.serializeTable([old, second], guestSize: 1 << 20)
+        #expect(bytes.count % 8 == 0)
+        let (parsed, length) = try QCOW2Snapshot.parseTableAndLength(bytes, count: 2)
+        #expect(length == bytes.count)
+        #expect(parsed[0].vmStateSize == 1 << 33 && parsed[0].diskSize == 1 << 20 && parsed[0].icount == nil)
+        #expect(parsed[0].name == old.name && parsed[0].unknownExtraData == old.unknownExtraData)
+        #expect(parsed[0].extraDataSize == 32)
+        #expect(parsed[1].icount == 99 && parsed[1].diskSize == 1 << 30 && parsed[1].name == "two")
+        #expect(parsed[1].l1TableOffset == 0x30000 && parsed[1].l1Size == 3 && parsed[1].vmClockNanoseconds == 7_000_000_123)
+    }
 }

@@ -1,0 +1,72 @@
+import BlockLayer
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension QCOW2Driver {
+    /// `qemu-img check -r all` for snapshot table entries left incomplete
+    /// (version 3 entries without the 16 bytes of extra data, as QEMU
+    /// before 4.2 wrote them): the table is written again, as QEMU writes
+    /// it, to new clusters; then the header names it, then the old clusters
+    /// are freed. A crash on the way leaves the old table named, or the new
+    /// one, and at worst leaked clusters.
+    public func rewriteSnapshotTable(file: BlockNode) -> EventLoopFuture<Void> {
+        let loop = file.eventLoop
+        guard let refcounter, !snapshots.isEmpty else { return loop.makeSucceededVoidFuture() }
+        var rewritten = snapshots
+        for index in rewritten.indices {
+            rewritten[index].extraDataSize = QCOW2Snapshot.knownExtraData + rewritten[index].unknownExtraData.count
+        }
+        var table = QCOW2Snapshot.serializeTable(rewritten, guestSize: UInt64(length))
+        let clusterSize = refcounter.clusterSize
+        let clusters = (Int64(table.count) + clusterSize - 1) / clusterSize
+        table += [UInt8](repeating: 0, count: Int(clusters * clusterSize) - table.count)
+        let newOffset: Int64
+        do {
+            // One cluster (nearly every table) goes where the allocator puts
+            // it, lowest free first, as QEMU places it; more at the end.
+            if clusters == 1 {
+                newOffset = Int64(try refcounter.allocateCluster())
+            } else {
+                newOffset = try refcounter.claimAtEnd(clusters * clusterSize)
+                for cluster in newOffset / clusterSize..<newOffset / clusterSize + clusters {
+                    try refcounter.ensureBlock(for: cluster)
+                    try refcounter.adjust(cluster, by: 1)
+                }
+            }
+            for cluster in newOffset / clusterSize..<newOffset / clusterSize + clusters {
+                refcounter.metadataClusters.insert(cluster)
+            }
+        } catch {
+            return loop.makeFailedFuture(error)
+        }
+        let old = (offset: header.snapshotsOffset, length: Int64(snapshotTableLength))
+        // The table and the refcounts that own it reach the disk before the
+        // header names it.
+        return QCOW2Driver.writeBytes(file, table, at: newOffset).flatMap {
+            self.flushed(file)
+        }.flatMap {
+            self.header.snapshotsOffset = UInt64(newOffset)
+            self.header.snapshotCount = UInt32(rewritten.count)
+            return self.rewriteHeader(file: file)
+        }.flatMap {
+            self.snapshots = rewritten
+            self.snapshotTableLength = table.count
+            self.pendingFrees.append((old.offset, old.length))
+            return self.flushed(file)
+        }
+    }
+
+    /// Metadata written back and the file synced, as a future.
+    private func flushed(_ file: BlockNode) -> EventLoopFuture<Void> {
+        let promise = file.eventLoop.makePromise(of: Void.self)
+        flush { error in
+            if let error { return promise.fail(error) }
+            file.flush { error in
+                if let error { promise.fail(error) } else { promise.succeed(()) }
+            }
+        }
+        return promise.futureResult
+    }
+}

@@ -1,0 +1,87 @@
+import Foundation
+import Testing
+
+/// `check` of the snapshot table: version 3 entries written without extra
+/// data (as QEMU before 4.2 wrote them) are corruptions for qemu-img, and
+/// `-r all` writes the table again; Strata reports and repairs them alike.
+@Suite struct ImgCheckSnapshotTableTests: ImageToolRunner {
+    /// Rewrites every entry of the snapshot table of `path` without its
+    /// extra data, in place (the table only shrinks).
+    func dropExtraData(_ path: String) throws {
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        defer { try? handle.close() }
+        let header = try #require(try handle.read(upToCount: 72))
+        let number = { (bytes: Data, at: Int, width: Int) in
+            bytes[bytes.startIndex + at..<bytes.startIndex + at + width].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        }
+        let count = Int(number(header, 60, 4))
+        let offset = number(header, 64, 8)
+        try handle.seek(toOffset: offset)
+        let old = try #require(try handle.read(upToCount: 65536))
+        var position = 0
+        var table = Data()
+        for _ in 0..<count {
+            let idSize = Int(number(old, position + 12, 2))
+            let nameSize = Int(number(old, position + 14, 2))
+            let extraSize = Int(number(old, position + 36, 4))
+            var entry = Data(old[old.startIndex + position..<old.startIndex + position + 36])
+            entry += Data([0, 0, 0, 0])
+            let names = old.startIndex + position + 40 + extraSize
+            entry += old[names..<names + idSize + nameSize]
+            entry += Data(count: (8 - entry.count % 8) % 8)
+            table += entry
+            position = (position + 40 + extraSize + idSize + nameSize + 7) / 8 * 8
+        }
+        try handle.seek(toOffset: offset)
+        handle.write(table + Data(count: position - table.count))
+    }
+
+    @Test func incompleteEntriesAreFoundAndRepairedLikeQemuImg() throws {
+        let directory = try Harness.temporaryDirectory("snaptable")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let ours = directory.appendingPathComponent("ours.qcow2").path
+        let theirs = directory.appendingPathComponent("theirs.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", ours, "16M"]).status == 0)
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 1M", ours])
+        #expect(try qemuImg(["snapshot", "-c", "first", ours]).status == 0)
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 2 512k 1M", ours])
+        #expect(try qemuImg(["snapshot", "-c", "second", ours]).status == 0)
+        try dropExtraData(ours)
+        try FileManager.default.copyItem(atPath: ours, toPath: theirs)
+
+        let found = try img(["check", ours])
+        let qemuFound = try qemuImg(["check", theirs])
+        #expect(qemuFound.status == 2, "qemu-img: \(qemuFound.stderr)")
+        #expect(found.status == 2)
+        #expect(found.stdout == qemuFound.stdout, "\(found.stdout)\n--\n\(qemuFound.stdout)")
+        for index in 0..<2 {
+            #expect(found.stderr.contains("ERROR snapshot table entry \(index) is incomplete"), "\(found.stderr)")
+        }
+
+        let repaired = try img(["check", "-r", "all", ours])
+        let qemuRepaired = try qemuImg(["check", "-r", "all", theirs])
+        #expect(qemuRepaired.status == 0)
+        #expect(repaired.status == 0, "\(repaired.stderr)")
+        #expect(repaired.stdout == qemuRepaired.stdout, "\(repaired.stdout)\n--\n\(qemuRepaired.stdout)")
+        #expect(try qemuImg(["check", ours]).status == 0)
+
+        // The same snapshots, with the same data, as qemu-img's repair left.
+        let snapshots = { (path: String) throws -> String in
+            let info = try self.qemuImg(["info", "--output=json", path]).stdout
+            let object = try JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any] ?? [:]
+            let data = try JSONSerialization.data(withJSONObject: object["snapshots"] ?? [], options: [.sortedKeys])
+            return String(decoding: data, as: UTF8.self)
+        }
+        #expect(try snapshots(ours) == snapshots(theirs))
+        #expect(try snapshots(ours).contains("\"second\""))
+        for name in ["first", "second"] {
+            let mine = directory.appendingPathComponent("ours-\(name).raw").path
+            let qemu = directory.appendingPathComponent("theirs-\(name).raw").path
+            for (image, raw) in [(ours, mine), (theirs, qemu)] {
+                let converted = try qemuImg(["convert", "-l", "snapshot.name=\(name)", "-O", "raw", image, raw])
+                #expect(converted.status == 0, "\(converted.stderr)")
+            }
+            #expect(FileManager.default.contentsEqual(atPath: mine, andPath: qemu), "snapshot \(name)")
+        }
+    }
+}
