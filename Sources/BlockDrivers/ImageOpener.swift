@@ -35,6 +35,10 @@ public struct ImageOptions: Sendable {
     /// BDRV_O_NO_BACKING, as `qemu-img info` opens images), so a missing
     /// backing file does not keep the image itself from being described.
     public var openBacking = true
+    /// Only metadata will be read (QEMU's BDRV_O_NO_IO, as `qemu-img info`
+    /// opens images): an external data file that cannot be opened is left
+    /// out instead of failing the open.
+    public var metadataOnly = false
 
     public init(filename: String, format: String? = nil) {
         self.filename = filename
@@ -205,9 +209,10 @@ public enum ImageOpener {
                 // QEMU opens a relative data file name from the current
                 // directory (unlike backing files); do the same.
                 let path = name
-                opening.append(openFile(path, options: options, graph: graph, io: io).map { node in
+                let dataFile = openFile(path, options: options, graph: graph, io: io).map { node in
                     children.append(.init(name: "data-file", role: [.data], node: node))
-                })
+                }
+                opening.append(options.metadataOnly ? dataFile.recover { _ in } : dataFile)
             }
             if options.openBacking, let backingName = header.backingFile, !backingName.isEmpty {
                 guard !backingName.hasPrefix("json:") else {
@@ -220,6 +225,7 @@ public enum ImageOpener {
                 backingOptions.aio = options.aio
                 backingOptions.locking = options.locking
                 backingOptions.forceShare = options.forceShare
+                backingOptions.metadataOnly = options.metadataOnly
                 opening.append(open(backingOptions, graph: graph, io: io, warn: warn, depth: depth + 1, above: chain)
                     .flatMapErrorThrowing { error in
                         throw BlockError(errno: (error as? BlockError)?.errno ?? EIO,

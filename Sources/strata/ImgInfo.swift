@@ -18,9 +18,10 @@ struct ImgInfo: ParsableCommand {
     func run() throws {
         let layers: [QemuJSON]
         do {
-            // As qemu-img info: the backing chain is opened only to be shown.
+            // As qemu-img info: the backing chain is opened only to be shown,
+            // and only metadata is read (a missing data file is no error).
             layers = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare,
-                                                  openBacking: backingChain) { node in
+                                                  openBacking: backingChain, metadataOnly: true) { node in
                 let nodes = backingChain ? ImageSession.chain(from: node) : [node]
                 return node.eventLoop.makeSucceededFuture(nodes.map(Self.describe))
             }
