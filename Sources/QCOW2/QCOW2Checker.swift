@@ -80,7 +80,25 @@ public final class QCOW2Checker {
             report.messages.append("ERROR \(what) at offset 0x\(String(offset, radix: 16)) lies past the end of the image")
             return
         }
-        for cluster in first...last { references[cluster, default: 0] += 1 }
+        for cluster in first...last {
+            // Counted no higher than a refcount can hold, as qemu-img counts:
+            // a repair writing more would wrap the field (2 in 1 bit is 0)
+            // and free a cluster in use.
+            guard references[cluster, default: 0] < maxReference else {
+                report.corruptions += 1
+                report.messages.append("""
+                    ERROR: overflow cluster offset=0x\(String(cluster * clusterSize, radix: 16))
+                    Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing
+                    """)
+                continue
+            }
+            references[cluster, default: 0] += 1
+        }
+    }
+
+    /// The highest refcount the image's refcount width holds.
+    private var maxReference: Int {
+        header.refcountBits >= 63 ? Int.max : (1 << header.refcountBits) - 1
     }
 
     /// Reads metadata; what lies past the end of the file reads as zeroes,
@@ -175,12 +193,14 @@ public final class QCOW2Checker {
             for entry in l1 {
                 let l2Offset = entry & QCOW2Entry.offsetMask
                 guard l2Offset != 0 else { continue }
+                // Misplaced, the table still counts for the clusters it
+                // overlaps and its entries are checked, as qemu-img does:
+                // a repair must not free what they hold.
+                self.reference(l2Offset, length: self.clusterSize, what: "L2 table")
                 if l2Offset % UInt64(self.clusterSize) != 0 {
                     self.report.corruptions += 1
-                    self.report.messages.append("ERROR l2_offset=\(String(l2Offset, radix: 16)): L2 table is not cluster aligned; L1 entry corrupted")
-                    continue
+                    self.report.messages.append("ERROR l2_offset=\(String(l2Offset, radix: 16)): Table is not cluster aligned; L1 entry corrupted")
                 }
-                self.reference(l2Offset, length: self.clusterSize, what: "L2 table")
                 chain = chain.flatMap { self.checkL2(at: l2Offset, active: active) }
             }
             return chain
@@ -196,8 +216,12 @@ public final class QCOW2Checker {
         }
     }
 
+    /// A table that starts past the end of the file is reported (by
+    /// `reference`) and has no entries; one the file ends inside is read
+    /// with zeroes after the end, as QEMU reads it: its entries count, or a
+    /// repair would free the clusters they map.
     private func checkL2(at offset: UInt64, active: Bool) -> EventLoopFuture<Void> {
-        guard Int64(offset) + clusterSize <= file.length else { return file.eventLoop.makeSucceededVoidFuture() }
+        guard Int64(offset) < file.length else { return file.eventLoop.makeSucceededVoidFuture() }
         return read(offset, header.clusterSize).map { bytes in
             let reader = BigEndianReader(bytes)
             var previousHost: UInt64?
@@ -220,9 +244,9 @@ public final class QCOW2Checker {
                 let allocated = host != 0 || (self.externalData && entry & QCOW2Entry.copied != 0)
                 guard allocated else { continue }
                 if host % UInt64(self.clusterSize) != 0 {
+                    // Counted all the same, as qemu-img counts it (see checkL1).
                     self.report.corruptions += 1
-                    self.report.messages.append("ERROR offset=\(String(host, radix: 16)): Cluster is not properly aligned; L2 entry corrupted.")
-                    continue
+                    self.report.messages.append("ERROR offset=\(String(host, radix: 16)): Data cluster is not properly aligned; L2 entry corrupted.")
                 }
                 if active {
                     self.report.allocatedClusters += 1
@@ -367,7 +391,7 @@ public final class QCOW2Checker {
                         entry: refcount == 1 ? entry | QCOW2Entry.copied : entry & ~QCOW2Entry.copied,
                         l1Index: index, l2Table: nil, slot: index))
                 }
-                guard Int64(l2Offset) + self.clusterSize <= self.file.length else { continue }
+                guard Int64(l2Offset) < self.file.length else { continue }
                 chain = chain.flatMap { self.checkCopied(inL2At: l2Offset) }
             }
             return chain

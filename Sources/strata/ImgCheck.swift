@@ -21,6 +21,11 @@ struct ImgCheck: ParsableCommand {
         var messages: [String]
     }
 
+    /// A repair that could not be carried out (qemu-img's "Check failed").
+    struct RepairFailed: Error {
+        var error: BlockError
+    }
+
     func run() throws {
         if let repair, !["leaks", "all"].contains(repair) {
             fail("Unknown option for -r (expecting 'leaks' or 'all'): \(repair)")
@@ -54,7 +59,9 @@ struct ImgCheck: ParsableCommand {
                         driver.repairRefcounts(file: file, onlyLeaks: repair == "leaks")
                     }.flatMap { () -> EventLoopFuture<Int> in
                         guard repair == "all", before.corruptions > 0 else { return file.eventLoop.makeSucceededFuture(0) }
-                        return driver.repairCopiedFlags(file: file)
+                        return driver.repairCopiedFlags(file: file).flatMapErrorThrowing { error in
+                            throw RepairFailed(error: error as? BlockError ?? .eio)
+                        }
                     }.flatMap { copiedFixed in
                         guard repair == "all", before.incompleteSnapshots > 0 else {
                             return file.eventLoop.makeSucceededFuture(copiedFixed)
@@ -78,6 +85,8 @@ struct ImgCheck: ParsableCommand {
                     }
                 }
             }
+        } catch let failure as RepairFailed {
+            fail("Check failed: \(String(cString: strerror(failure.error.errno)))")
         } catch let error as RebuildNeeded {
             for message in error.messages + ["ERROR need to rebuild refcount structures"] {
                 FileHandle.standardError.write(Data((message + "\n").utf8))

@@ -34,50 +34,93 @@ struct ImgMap: ParsableCommand {
     }
 
     func run() throws {
-        let entries: [Entry]
+        let printer = Printer(output: image.output)
         do {
-            entries = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare) { node in
-                Self.map(node)
+            try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare) { node in
+                printer.start()
+                return Self.map(node, emit: printer.add)
             }
         } catch {
             fail("Could not open '\(image.filename)': \((error as? BlockError)?.description ?? "\(error)")")
         }
-        switch image.output {
-        case .json:
-            let lines = entries.map { entry -> String in
+        if let refusal = printer.finish() { fail(refusal) }
+    }
+
+    /// Prints entries as the walk finds them, merging those that continue
+    /// each other: a fragmented image has millions, which held all at once
+    /// took gigabytes (qemu-img streams them too). Fed on the image's loop,
+    /// finished on the main thread after the walk: one at a time.
+    final class Printer: @unchecked Sendable {
+        let output: OutputFormat
+        private var pending: Entry?
+        private var printed = 0
+        /// Why the human table stopped, as qemu-img stops it.
+        private(set) var refusal: String?
+
+        init(output: OutputFormat) {
+            self.output = output
+        }
+
+        /// The image is open: the human table gets its heading.
+        func start() {
+            if output == .human { print("Offset          Length          Mapped to       File") }
+        }
+
+        /// Takes the next entry; false once the output has ended early.
+        func add(_ entry: Entry) -> Bool {
+            if let pending, pending.continues(with: entry) {
+                self.pending!.length += entry.length
+                return true
+            }
+            if let pending { write(pending) }
+            pending = entry
+            return refusal == nil
+        }
+
+        /// Ends the output; returns the error to exit with, if any.
+        func finish() -> String? {
+            if let pending, refusal == nil { write(pending) }
+            pending = nil
+            if output == .json { print(printed == 0 ? "[]" : "]") }
+            return refusal
+        }
+
+        private func write(_ entry: Entry) {
+            switch output {
+            case .json:
                 var text = "{ \"start\": \(entry.start), \"length\": \(entry.length), \"depth\": \(entry.depth), "
                     + "\"present\": \(entry.present), \"zero\": \(entry.zero), \"data\": \(entry.data)"
                 if let offset = entry.offset { text += ", \"offset\": \(offset)" }
-                return text + "}"
-            }
-            print("[" + lines.joined(separator: ",\n") + "]")
-        case .human:
-            print("Offset          Length          Mapped to       File")
-            for entry in entries where entry.data && entry.offset != nil {
+                print((printed == 0 ? "[" : ",\n") + text + "}", terminator: "")
+            case .human:
+                guard entry.data else { return }
+                guard let offset = entry.offset else {
+                    // Data with no place in a file (compressed): qemu-img
+                    // cannot name one, and stops.
+                    refusal = "File contains external, encrypted or compressed clusters."
+                    return
+                }
                 // qemu-img prints %#x: "0" for zero, "0x..." otherwise.
                 let hex = { (value: Int64) in value == 0 ? "0" : "0x" + String(value, radix: 16) }
-                let columns = [hex(entry.start), hex(entry.length), hex(entry.offset!)]
+                let columns = [hex(entry.start), hex(entry.length), hex(offset)]
                 print(columns.map { $0.padding(toLength: 16, withPad: " ", startingAt: 0) }.joined() + entry.file)
             }
+            printed += 1
         }
     }
 
-    /// Walks the whole image, extent by extent.
-    static func map(_ top: BlockNode) -> EventLoopFuture<[Entry]> {
-        let promise = top.eventLoop.makePromise(of: [Entry].self)
-        var entries: [Entry] = []
+    /// Walks the whole image, extent by extent, handing each to `emit`
+    /// until it answers false.
+    static func map(_ top: BlockNode, emit: @escaping (Entry) -> Bool) -> EventLoopFuture<Void> {
+        let promise = top.eventLoop.makePromise(of: Void.self)
         func next(_ offset: Int64) {
-            guard offset < top.length else { return promise.succeed(entries) }
+            guard offset < top.length else { return promise.succeed(()) }
             extent(top, at: offset, length: top.length - offset, depth: 0) { result in
                 switch result {
                 case .failure(let error):
                     promise.fail(error)
                 case .success(let entry):
-                    if let last = entries.last, last.continues(with: entry) {
-                        entries[entries.count - 1].length += entry.length
-                    } else {
-                        entries.append(entry)
-                    }
+                    guard emit(entry) else { return promise.succeed(()) }
                     // One loop tick per extent keeps the stack flat.
                     top.eventLoop.execute { next(offset + entry.length) }
                 }
@@ -99,7 +142,7 @@ struct ImgMap: ParsableCommand {
                     return completion(.success(Entry(
                         start: offset, length: status.length, depth: depth, present: true,
                         zero: status.flags.contains(.zero), data: status.flags.contains(.data),
-                        offset: hasOffset ? status.offset : nil, file: ImageSession.fileName(of: node))))
+                        offset: hasOffset ? status.offset : nil, file: dataFileName(of: node))))
                 }
                 guard let backing = node.backing?.node, offset < backing.length else {
                     // Space the node holds for data it does not have yet
@@ -107,11 +150,17 @@ struct ImgMap: ParsableCommand {
                     let hasOffset = status.flags.contains(.offsetValid)
                     return completion(.success(Entry(start: offset, length: status.length, depth: depth, present: false,
                                                      zero: true, data: false, offset: hasOffset ? status.offset : nil,
-                                                     file: hasOffset ? ImageSession.fileName(of: node) : "")))
+                                                     file: hasOffset ? dataFileName(of: node) : "")))
                 }
                 extent(backing, at: offset, length: min(status.length, backing.length - offset), depth: depth + 1,
                        completion: completion)
             }
         }
+    }
+
+    /// The file offsets of `node` point into: its external data file, if
+    /// it has one (qemu-img names that file), else its image file.
+    static func dataFileName(of node: BlockNode) -> String {
+        ImageSession.fileName(of: node.child(named: "data-file")?.node ?? node)
     }
 }

@@ -138,13 +138,13 @@ import Testing
         }
     }
 
-    /// `info` and `check`, human and JSON, print qemu-img's bytes for the
-    /// cases its output has quirks for: compressed clusters (counted as
-    /// fragmented), a data file (not in the disk size, not needed by info),
-    /// compat 0.10 (still a compression type), bitmaps (an empty flag
-    /// list), and snapshot names that are long, quoted or not ASCII
-    /// (escaped, never cut).
-    @Test func infoAndCheckPrintQemuImgsBytes() throws {
+    /// `info`, `check` and `map`, human and JSON, print qemu-img's bytes
+    /// for the cases its output has quirks for: compressed clusters
+    /// (counted as fragmented; no place to map them to), a data file (not
+    /// in the disk size, not needed by info, named by map), compat 0.10
+    /// (still a compression type), bitmaps (an empty flag list), and
+    /// snapshot names that are long, quoted or not ASCII (escaped, never cut).
+    @Test func infoCheckAndMapPrintQemuImgsBytes() throws {
         let directory = try Harness.temporaryDirectory("qemubytes")
         defer { try? FileManager.default.removeItem(at: directory) }
         func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
@@ -167,7 +167,8 @@ import Testing
         #expect(try qemuImg(["bitmap", "--add", named, "b0"]).status == 0)
         #expect(try qemuImg(["bitmap", "--add", "--granularity", "128k", "--disable", named, "b1"]).status == 0)
         for image in ["compressed.qcow2", "data.qcow2", "v2.qcow2", "named.qcow2"].map(path) {
-            for command in [["info"], ["info", "--output=json"], ["check"], ["check", "--output=json"]] {
+            for command in [["info"], ["info", "--output=json"], ["check"], ["check", "--output=json"], ["map"],
+                            ["map", "--output=json"]] {
                 let ours = try img(command + [image])
                 let theirs = try qemuImg(command + [image])
                 #expect(ours.status == theirs.status)
