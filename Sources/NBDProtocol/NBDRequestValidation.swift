@@ -55,8 +55,10 @@ public enum NBDRequestValidation {
             // Offset and length must be zero (the spec), but every known client
             // sends zeroes; be lenient as qemu-nbd and nbdkit are.
             return nil
-        case .read, .cache, .disconnect:
+        case .read, .cache:
             break
+        case .disconnect:
+            break  // accepted above
         }
         if command == .read || command == .write, request.length > session.export.maximumBlockSize {
             return (.einval, "request length \(request.length) is over the maximum \(session.export.maximumBlockSize)")

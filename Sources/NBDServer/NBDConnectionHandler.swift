@@ -118,6 +118,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
+        // Closed, whichever way it went (a channel closed before it was
+        // active sends no channelInactive): nothing may write any more.
+        phase = .closed
+        handshakeDeadline?.cancel()
         removed = true
         releaseContextWhenIdle()
     }

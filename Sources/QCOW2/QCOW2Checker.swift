@@ -51,6 +51,8 @@ public final class QCOW2Checker {
     let externalData: Bool
     let snapshotTableLength: Int
     let bitmapDirectory: QCOW2BitmapDirectory?
+    /// The guest size in whole sectors, as the driver reads it.
+    let guestSize: Int64
     var references: [Int64: Int] = [:]
     /// Refcounts as stored in the image (known once they are compared).
     var stored: [Int64: UInt64] = [:]
@@ -65,6 +67,7 @@ public final class QCOW2Checker {
         externalData = header.incompatibleFeatures.contains(.externalDataFile)
         snapshotTableLength = driver.snapshotTableLength
         bitmapDirectory = driver.bitmapDirectory
+        guestSize = driver.length
     }
 
     /// Counts one reference to every cluster of `[offset, offset + length)`.
@@ -365,7 +368,7 @@ public final class QCOW2Checker {
                 }
                 let highest = max(self.references.keys.max() ?? 0, stored.keys.max() ?? 0)
                 self.report.imageEndOffset = (highest + 1) * self.clusterSize
-                self.report.totalClusters = Int((Int64(self.header.size) + self.clusterSize - 1) / self.clusterSize)
+                self.report.totalClusters = Int((self.guestSize + self.clusterSize - 1) / self.clusterSize)
             }
         }
     }

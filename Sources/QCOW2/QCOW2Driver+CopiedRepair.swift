@@ -14,7 +14,8 @@ extension QCOW2Driver {
     public func repairCopiedFlags(file: BlockNode) -> EventLoopFuture<Int> {
         QCOW2Checker(driver: self, file: file).run().flatMap { report in
             let clusterSize = UInt64(self.header.clusterSize)
-            if let overlap = report.copiedFixes.lazy.compactMap(self.overlap).first {
+            let structures = self.metadataStructures()
+            if let overlap = report.copiedFixes.lazy.compactMap({ self.overlap($0, structures: structures) }).first {
                 // qemu-img's overlap check stops its repair here the same way.
                 let promise = file.eventLoop.makePromise(of: Int.self)
                 self.markCorrupt("Preventing invalid write on metadata (overlaps with \(overlap))") { error in
@@ -31,32 +32,42 @@ extension QCOW2Driver {
         }
     }
 
-    /// What else the cluster a fix would write holds, or nil: an L1 entry
-    /// must not land in an L2 table (an L1 entry naming the L1 table makes
-    /// it one), nor an L2 entry in the L1 table or other metadata. Written,
-    /// the fix would change what the other structure says.
-    private func overlap(_ fix: QCOW2Checker.CopiedFix) -> String? {
+    /// The structures each metadata cluster holds, by name (QEMU's names),
+    /// built once for all fixes: the active L1 and L2 tables, the header,
+    /// the refcount table and blocks, the snapshot table and the bitmap
+    /// directory. Snapshots' L1 tables are looked up in their runs.
+    private func metadataStructures() -> [Int64: Set<String>] {
         let clusterSize = Int64(header.clusterSize)
-        let cluster = Int64(fix.entryOffset) / clusterSize
-        let l1First = Int64(header.l1TableOffset) / clusterSize
-        let l1Last = (Int64(header.l1TableOffset) + Int64(l1.count) * 8 - 1) / clusterSize
-        if fix.l1Index != nil {
-            let l2Tables = l1.lazy.map { Int64($0 & QCOW2Entry.offsetMask) / clusterSize }
-            return l2Tables.contains(cluster) ? "active L2 table" : nil
+        var structures: [Int64: Set<String>] = [0: ["qcow2_header"]]
+        func mark(_ offset: UInt64, _ length: Int64, _ name: String) {
+            guard length > 0, offset < QCOW2Header.maxSize else { return }
+            for cluster in Int64(offset) / clusterSize...(Int64(offset) + length - 1) / clusterSize {
+                structures[cluster, default: []].insert(name)
+            }
         }
-        if !l1.isEmpty, (l1First...l1Last).contains(cluster) { return "active L1 table" }
-        if cluster == 0 { return "qcow2_header" }
-        let refcountTable = Int64(header.refcountTableOffset) / clusterSize
-        if (refcountTable..<refcountTable + Int64(header.refcountTableClusters)).contains(cluster) { return "refcount table" }
-        if let refcounter, refcounter.table.contains(where: { Int64($0 & ~UInt64(511)) / clusterSize == cluster && $0 != 0 }) {
-            return "refcount block"
+        mark(header.l1TableOffset, Int64(l1.count) * 8, "active L1 table")
+        for entry in l1 where entry & QCOW2Entry.offsetMask != 0 {
+            mark(entry & QCOW2Entry.offsetMask, clusterSize, "active L2 table")
         }
+        mark(header.refcountTableOffset, Int64(header.refcountTableClusters) * clusterSize, "refcount table")
+        for entry in refcounter?.table ?? [] where entry & ~UInt64(511) != 0 {
+            mark(entry & ~UInt64(511), clusterSize, "refcount block")
+        }
+        if header.snapshotCount > 0 { mark(header.snapshotsOffset, Int64(max(snapshotTableLength, 1)), "snapshot table") }
+        if let directory = bitmapDirectory { mark(directory.offset, Int64(directory.bytes.count), "bitmap directory") }
+        return structures
+    }
+
+    /// What else the cluster a fix would write holds, or nil: an L1 entry
+    /// may only land in the L1 table, an L2 entry only in L2 tables (an
+    /// L1 entry naming the L1 table makes it both). Written, the fix would
+    /// change what the other structure says.
+    private func overlap(_ fix: QCOW2Checker.CopiedFix, structures: [Int64: Set<String>]) -> String? {
+        let cluster = Int64(fix.entryOffset) / Int64(header.clusterSize)
+        let own = fix.l1Index != nil ? "active L1 table" : "active L2 table"
+        if let other = structures[cluster]?.subtracting([own]).sorted().first { return other }
         if let refcounter, !refcounter.snapshotL1Clusters.isEmpty, refcounter.snapshotL1Clusters.contains(cluster) {
             return "inactive L1 table"
-        }
-        if header.snapshotCount > 0, case let first = Int64(header.snapshotsOffset) / clusterSize,
-           (first...(Int64(header.snapshotsOffset) + Int64(max(snapshotTableLength, 1)) - 1) / clusterSize).contains(cluster) {
-            return "snapshot table"
         }
         return nil
     }

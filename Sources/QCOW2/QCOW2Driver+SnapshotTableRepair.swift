@@ -13,12 +13,26 @@ extension QCOW2Driver {
     /// one, and at worst leaked clusters.
     public func rewriteSnapshotTable(file: BlockNode) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
-        guard let refcounter, !snapshots.isEmpty else { return loop.makeSucceededVoidFuture() }
+        guard let refcounter else { return loop.makeFailedFuture(BlockError.eperm) }
+        guard !snapshots.isEmpty else { return loop.makeSucceededVoidFuture() }
+        guard !refcounter.needsLargerTable else {
+            let promise = loop.makePromise(of: Void.self)
+            growRefcountTable { error in
+                if let error { return promise.fail(error) }
+                promise.completeWith(self.rewriteSnapshotTable(file: file))
+            }
+            return promise.futureResult
+        }
         var rewritten = snapshots
         for index in rewritten.indices {
             rewritten[index].extraDataSize = QCOW2Snapshot.knownExtraData + rewritten[index].unknownExtraData.count
+            rewritten[index].diskSize = rewritten[index].diskSize ?? UInt64(length)
         }
         var table = QCOW2Snapshot.serializeTable(rewritten, guestSize: UInt64(length))
+        // Past QEMU's limit, neither QEMU nor Strata would read it back.
+        guard table.count <= QCOW2Snapshot.maxTableBytes else {
+            return loop.makeFailedFuture(BlockError(errno: EFBIG, "The snapshot table would be too large"))
+        }
         let clusterSize = refcounter.clusterSize
         let clusters = (Int64(table.count) + clusterSize - 1) / clusterSize
         table += [UInt8](repeating: 0, count: Int(clusters * clusterSize) - table.count)

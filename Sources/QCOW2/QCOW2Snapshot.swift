@@ -20,6 +20,10 @@ public struct QCOW2Snapshot: Equatable, Sendable {
     /// Extra data past the fields QEMU knows (24 bytes), kept when the
     /// table is written again.
     public var unknownExtraData: [UInt8] = []
+    /// The id and name as stored, written back byte for byte (`id` and
+    /// `name` replace bytes that are not UTF-8); nil for a new snapshot.
+    var storedID: [UInt8]?
+    var storedName: [UInt8]?
 
     /// Parses `count` entries; each is 40 bytes, extra data, id and name,
     /// padded to 8. Throws if an entry runs past `bytes`.
@@ -54,6 +58,8 @@ public struct QCOW2Snapshot: Equatable, Sendable {
             if extraSize >= 16 { snapshot.diskSize = reader.u64(at: offset + 48) }
             if extraSize >= 24, case let icount = reader.u64(at: offset + 56), icount != .max { snapshot.icount = icount }
             snapshot.extraDataSize = extraSize
+            snapshot.storedID = Array(bytes[(offset + 40 + extraSize)..<(offset + 40 + extraSize + idSize)])
+            snapshot.storedName = Array(bytes[(offset + 40 + extraSize + idSize)..<end])
             if extraSize > Self.knownExtraData {
                 snapshot.unknownExtraData = Array(bytes[(offset + 40 + Self.knownExtraData)..<(offset + 40 + extraSize)])
             }
@@ -76,8 +82,10 @@ public struct QCOW2Snapshot: Equatable, Sendable {
             for index in (0..<width).reversed() { bytes.append(UInt8(truncatingIfNeeded: value >> UInt64(8 * index))) }
         }
         for snapshot in snapshots {
-            let id = Array(snapshot.id.utf8)
-            let name = Array(snapshot.name.utf8)
+            // At most 65535 bytes each: the stored ones fit their 16-bit
+            // sizes, and QEMU limits new ones further.
+            let id = (snapshot.storedID ?? Array(snapshot.id.utf8)).prefix(Int(UInt16.max))
+            let name = (snapshot.storedName ?? Array(snapshot.name.utf8)).prefix(Int(UInt16.max))
             put(snapshot.l1TableOffset, 8)
             put(UInt64(snapshot.l1Size), 4)
             put(UInt64(id.count), 2)
@@ -90,7 +98,9 @@ public struct QCOW2Snapshot: Equatable, Sendable {
             put(snapshot.vmStateSize, 8)
             put(snapshot.diskSize ?? guestSize, 8)
             put(snapshot.icount ?? .max, 8)
-            bytes += snapshot.unknownExtraData + id + name
+            bytes += snapshot.unknownExtraData
+            bytes += id
+            bytes += name
             bytes += [UInt8](repeating: 0, count: (8 - bytes.count % 8) % 8)
         }
         return bytes

@@ -89,7 +89,7 @@ struct ImgInfo: ParsableCommand {
                     "vm-clock-sec": .uint(snapshot.vmClockNanoseconds / 1_000_000_000),
                     "vm-clock-nsec": .uint(snapshot.vmClockNanoseconds % 1_000_000_000),
                 ]
-                if let icount = snapshot.icount { fields["icount"] = .uint(icount) }
+                if let icount = snapshot.icount { fields["icount"] = .int(Int64(bitPattern: icount)) }
                 return .object(fields, order: QemuKeyOrder.snapshot)
             })
         }

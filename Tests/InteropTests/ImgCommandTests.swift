@@ -142,8 +142,10 @@ import Testing
     /// for the cases its output has quirks for: compressed clusters
     /// (counted as fragmented; no place to map them to), a data file (not
     /// in the disk size, not needed by info, named by map), compat 0.10
-    /// (still a compression type), bitmaps (an empty flag list), and
-    /// snapshot names that are long, quoted or not ASCII (escaped, never cut).
+    /// (still a compression type), bitmaps (an empty flag list),
+    /// preallocated space (not in the human map), and snapshot names that
+    /// are long, quoted or past ASCII (escaped, as surrogate pairs past
+    /// U+FFFF, and never cut).
     @Test func infoCheckAndMapPrintQemuImgsBytes() throws {
         let directory = try Harness.temporaryDirectory("qemubytes")
         defer { try? FileManager.default.removeItem(at: directory) }
@@ -159,14 +161,17 @@ import Testing
                              path("data.qcow2"), "1M"]).status == 0)
         try qemuIO(path("data.qcow2"), ["write -P 4 0 512k"])
         #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", path("v2.qcow2"), "1M"]).status == 0)
+        let preallocated = path("prealloc.qcow2")
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", preallocated, "1M"]).status == 0)
+        try qemuIO(preallocated, ["write -P 5 0 64k"])
         let named = path("named.qcow2")
         #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", named, "16M"]).status == 0)
-        for name in ["s1", "a-much-longer-snapshot-name-than-sixteen", "\u{e9}\"q\\/x\tt"] {
+        for name in ["s1", "a-much-longer-snapshot-name-than-sixteen", "\u{e9}\"q\\/x\tt", "smile \u{1F600}"] {
             #expect(try qemuImg(["snapshot", "-c", name, named]).status == 0)
         }
         #expect(try qemuImg(["bitmap", "--add", named, "b0"]).status == 0)
         #expect(try qemuImg(["bitmap", "--add", "--granularity", "128k", "--disable", named, "b1"]).status == 0)
-        for image in ["compressed.qcow2", "data.qcow2", "v2.qcow2", "named.qcow2"].map(path) {
+        for image in ["compressed.qcow2", "data.qcow2", "v2.qcow2", "named.qcow2", "prealloc.qcow2"].map(path) {
             for command in [["info"], ["info", "--output=json"], ["check"], ["check", "--output=json"], ["map"],
                             ["map", "--output=json"]] {
                 let ours = try img(command + [image])

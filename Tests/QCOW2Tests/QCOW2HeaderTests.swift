@@ -173,4 +173,20 @@ import Testing
         #expect(parsed[1].icount == 99 && parsed[1].diskSize == 1 << 30 && parsed[1].name == "two")
         #expect(parsed[1].l1TableOffset == 0x30000 && parsed[1].l1Size == 3 && parsed[1].vmClockNanoseconds == 7_000_000_123)
     }
+
+    /// Ids and names go back byte for byte, UTF-8 or not (QEMU does not
+    /// check): a table already complete is written as it was read.
+    @Test func snapshotNamesAreWrittenBackByteForByte() throws {
+        var entry = [UInt8](repeating: 0, count: 40)
+        entry[11] = 1                     // l1 size 1
+        entry[13] = 1                     // id size 1
+        entry[15] = 3                     // name size 3
+        entry[39] = 24                    // extra data 24 bytes
+        entry += [UInt8](repeating: 0, count: 8) + [0, 0, 0, 0, 0, 0x10, 0, 0]  // vm state, disk size 1 MiB
+        entry += [UInt8](repeating: 0xff, count: 8)                              // no icount
+        entry += Array("9".utf8) + [0xff, 0x41, 0xc3]                            // a name that is not UTF-8
+        entry += [UInt8](repeating: 0, count: (8 - entry.count % 8) % 8)
+        let snapshots = try QCOW2Snapshot.parseTable(entry, count: 1)
+        #expect(QCOW2Snapshot.serializeTable(snapshots, guestSize: 1 << 30) == entry)
+    }
 }
