@@ -35,7 +35,14 @@ final class MapPrinter: @unchecked Sendable {
     func finish() -> String? {
         if let pending, refusal == nil { write(pending) }
         pending = nil
-        if output == .json { print(printed == 0 ? "[]" : "]") }
+        if output == .json {
+            // An empty image is one empty entry to qemu-img, not none.
+            if printed == 0 {
+                write(ImgMap.Entry(start: 0, length: 0, depth: 0, present: false, zero: false, data: false,
+                                   offset: nil, file: ""))
+            }
+            print("]")
+        }
         return refusal
     }
 

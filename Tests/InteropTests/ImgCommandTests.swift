@@ -143,7 +143,8 @@ import Testing
     /// (counted as fragmented; no place to map them to), a data file (not
     /// in the disk size, not needed by info, named by map), compat 0.10
     /// (still a compression type), bitmaps (an empty flag list),
-    /// preallocated space (not in the human map), and snapshot names that
+    /// preallocated space (not in the human map), an empty image (one empty
+    /// map entry), and snapshot names that
     /// are long, quoted or past ASCII (escaped, as surrogate pairs past
     /// U+FFFF, and never cut).
     @Test func infoCheckAndMapPrintQemuImgsBytes() throws {
@@ -161,6 +162,7 @@ import Testing
                              path("data.qcow2"), "1M"]).status == 0)
         try qemuIO(path("data.qcow2"), ["write -P 4 0 512k"])
         #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", path("v2.qcow2"), "1M"]).status == 0)
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", path("empty.qcow2"), "0"]).status == 0)
         let preallocated = path("prealloc.qcow2")
         #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", preallocated, "1M"]).status == 0)
         try qemuIO(preallocated, ["write -P 5 0 64k"])
@@ -171,7 +173,7 @@ import Testing
         }
         #expect(try qemuImg(["bitmap", "--add", named, "b0"]).status == 0)
         #expect(try qemuImg(["bitmap", "--add", "--granularity", "128k", "--disable", named, "b1"]).status == 0)
-        for image in ["compressed.qcow2", "data.qcow2", "v2.qcow2", "named.qcow2", "prealloc.qcow2"].map(path) {
+        for image in ["compressed.qcow2", "data.qcow2", "v2.qcow2", "named.qcow2", "prealloc.qcow2", "empty.qcow2"].map(path) {
             for command in [["info"], ["info", "--output=json"], ["check"], ["check", "--output=json"], ["map"],
                             ["map", "--output=json"]] {
                 let ours = try img(command + [image])
