@@ -193,7 +193,11 @@ public final class QCOW2Checker {
         reference(offset, length: Int64(size) * 8, what: active ? "active L1 table" : "snapshot L1 table")
         return loadL1(known, offset: offset, size: size).flatMap { l1 in
             var chain = loop.makeSucceededVoidFuture()
-            for entry in l1 {
+            for (index, entry) in l1.enumerated() {
+                if entry & QCOW2Entry.l1ReservedMask != 0 {
+                    self.report.corruptions += 1
+                    self.report.messages.append("ERROR found L1 entry with reserved bits set: \(String(entry, radix: 16))")
+                }
                 let l2Offset = entry & QCOW2Entry.offsetMask
                 guard l2Offset != 0 else { continue }
                 // Misplaced, the table still counts for the clusters it
@@ -204,7 +208,7 @@ public final class QCOW2Checker {
                     self.report.corruptions += 1
                     self.report.messages.append("ERROR l2_offset=\(String(l2Offset, radix: 16)): Table is not cluster aligned; L1 entry corrupted")
                 }
-                chain = chain.flatMap { self.checkL2(at: l2Offset, active: active) }
+                chain = chain.flatMap { self.checkL2(at: l2Offset, firstCluster: index * self.header.l2Entries, active: active) }
             }
             return chain
         }
@@ -223,7 +227,7 @@ public final class QCOW2Checker {
     /// `reference`) and has no entries; one the file ends inside is read
     /// with zeroes after the end, as QEMU reads it: its entries count, or a
     /// repair would free the clusters they map.
-    private func checkL2(at offset: UInt64, active: Bool) -> EventLoopFuture<Void> {
+    private func checkL2(at offset: UInt64, firstCluster: Int, active: Bool) -> EventLoopFuture<Void> {
         guard Int64(offset) < file.length else { return file.eventLoop.makeSucceededVoidFuture() }
         return read(offset, header.clusterSize).map { bytes in
             let reader = BigEndianReader(bytes)
@@ -233,6 +237,17 @@ public final class QCOW2Checker {
                 if entry & QCOW2Entry.compressed != 0 {
                     guard case .compressed(let host, let size)? = QCOW2Entry.mapping(
                         entry: entry, bitmap: nil, subcluster: 0, clusterBits: self.header.clusterBits) else { continue }
+                    // qemu-img's checks of compressed entries, in its order.
+                    if entry & QCOW2Entry.copied != 0 {
+                        self.report.corruptions += 1
+                        self.report.messages.append("ERROR: coffset=0x\(String(host, radix: 16)): copied flag must never be set for compressed clusters")
+                    }
+                    if self.header.hasExtendedL2, case let bitmap = reader.u64(at: index * self.header.l2EntrySize + 8), bitmap != 0 {
+                        // Not counted, as qemu-img does not count it.
+                        self.report.corruptions += 1
+                        self.report.messages.append("ERROR compressed cluster \(firstCluster + index) with non-zero subcluster allocation bitmap, entry=0x\(String(entry, radix: 16))")
+                        continue
+                    }
                     self.reference(host & ~511, length: Int64(size) + Int64(host & 511), what: "compressed cluster")
                     if active {
                         // Fragmented too, as qemu-img counts them: reading
