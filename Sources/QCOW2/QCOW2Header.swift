@@ -90,8 +90,10 @@ public struct QCOW2Header: Equatable, Sendable {
         return name?.isEmpty == true ? nil : name
     }
 
+    /// The external data file's name; of two extensions naming one, the
+    /// last, as QEMU reads them.
     public var dataFile: String? {
-        extensions.first { $0.type == QCOW2HeaderExtension.dataFile }.map { Self.cString($0.data) }
+        extensions.last { $0.type == QCOW2HeaderExtension.dataFile }.map { Self.cString($0.data) }
     }
 
     /// Bytes up to the first NUL, as a C string would end there.

@@ -65,6 +65,34 @@ import Testing
         }
     }
 
+    /// Two data-file extensions: QEMU reads every extension in turn, so
+    /// the last name wins, for info as for the data read.
+    @Test func ofTwoDataFileNamesTheLastCounts() throws {
+        let directory = try Harness.temporaryDirectory("twodata")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = directory.appendingPathComponent("d.qcow2").path
+        let first = directory.appendingPathComponent("first.raw").path
+        let second = directory.appendingPathComponent("second.raw").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "data_file=\(first)", image, "1M"]).status == 0)
+        #expect(try qemuImg(["create", "-q", "-f", "raw", second, "1M"]).status == 0)
+        // Walk the extensions to their end marker; put a second one there.
+        var position = UInt64(try u32(image, at: 100))  // header_length
+        while try u32(image, at: position) != 0 {
+            position += 8 + (UInt64(try u32(image, at: position + 4)) + 7) / 8 * 8
+        }
+        let name = Array(second.utf8)
+        try write(image, 0x4441_5441, width: 4, at: position)
+        try write(image, UInt64(name.count), width: 4, at: position + 4)
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: image))
+        try handle.seek(toOffset: position + 8)
+        handle.write(Data(name + [UInt8](repeating: 0, count: (8 - name.count % 8) % 8 + 8)))
+        try handle.close()
+        let theirs = try qemuImg(["info", image])
+        #expect(theirs.stdout.contains("data file: \(second)"), "\(theirs.stdout)")
+        let ours = try img(["info", image])
+        #expect(ours.stdout == theirs.stdout, "\(ours.stdout)\n--\n\(theirs.stdout)")
+    }
+
     /// An image that names itself as its backing file, and two that name
     /// each other: refused at once, not opened 64 levels deep.
     @Test func aBackingChainThatLoopsIsRefused() throws {
