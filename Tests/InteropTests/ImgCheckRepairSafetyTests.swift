@@ -14,20 +14,6 @@ import Testing
 
     func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
 
-    func u64(_ path: String, at offset: UInt64) throws -> UInt64 {
-        let handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: path))
-        defer { try? handle.close() }
-        try handle.seek(toOffset: offset)
-        return try #require(try handle.read(upToCount: 8)).reduce(0) { $0 << 8 | UInt64($1) }
-    }
-
-    func write(_ path: String, _ value: UInt64, width: Int, at offset: UInt64) throws {
-        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
-        defer { try? handle.close() }
-        try handle.seek(toOffset: offset)
-        handle.write(Data((0..<width).map { UInt8(truncatingIfNeeded: value >> UInt64(8 * (width - 1 - $0))) }))
-    }
-
     /// An image with 1 MiB of pattern 0x5a at 0, and a copy to compare with.
     func makeImage(_ options: [String] = []) throws -> (image: String, original: String) {
         let image = path("image.qcow2")
@@ -71,11 +57,7 @@ import Testing
         let oldTable = try u64(image, at: l1) & 0x00ff_ffff_ffff_fe00
         let end = try #require(try FileManager.default.attributesOfItem(atPath: image)[.size] as? UInt64)
         let newTable = (end + clusterSize - 1) / clusterSize * clusterSize
-        let bytes = try Data(contentsOf: URL(fileURLWithPath: image))
-        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: image))
-        try handle.seek(toOffset: newTable)
-        handle.write(bytes[Int(oldTable)..<Int(oldTable) + 128])
-        try handle.close()
+        try write(image, bytes: try read(image, at: oldTable, count: 128), at: newTable)
         try write(image, newTable | 1 << 63, width: 8, at: l1)
         let refcountBlock = try u64(image, at: try u64(image, at: 48))
         try write(image, 0, width: 2, at: refcountBlock + 2 * (oldTable / clusterSize))

@@ -8,32 +8,24 @@ import Testing
     /// Rewrites every entry of the snapshot table of `path` without its
     /// extra data, in place (the table only shrinks).
     func dropExtraData(_ path: String) throws {
-        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
-        defer { try? handle.close() }
-        let header = try #require(try handle.read(upToCount: 72))
-        let number = { (bytes: Data, at: Int, width: Int) in
-            bytes[bytes.startIndex + at..<bytes.startIndex + at + width].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-        }
-        let count = Int(number(header, 60, 4))
-        let offset = number(header, 64, 8)
-        try handle.seek(toOffset: offset)
-        let old = try #require(try handle.read(upToCount: 65536))
+        let count = Int(try u32(path, at: 60))
+        let offset = try u64(path, at: 64)
+        let old = try read(path, at: offset, count: 65536)
+        let number = { (at: Int, width: Int) in old[at..<at + width].reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
         var position = 0
-        var table = Data()
+        var table: [UInt8] = []
         for _ in 0..<count {
-            let idSize = Int(number(old, position + 12, 2))
-            let nameSize = Int(number(old, position + 14, 2))
-            let extraSize = Int(number(old, position + 36, 4))
-            var entry = Data(old[old.startIndex + position..<old.startIndex + position + 36])
-            entry += Data([0, 0, 0, 0])
-            let names = old.startIndex + position + 40 + extraSize
+            let idSize = Int(number(position + 12, 2))
+            let nameSize = Int(number(position + 14, 2))
+            let extraSize = Int(number(position + 36, 4))
+            var entry = Array(old[position..<position + 36]) + [0, 0, 0, 0]
+            let names = position + 40 + extraSize
             entry += old[names..<names + idSize + nameSize]
-            entry += Data(count: (8 - entry.count % 8) % 8)
+            entry += [UInt8](repeating: 0, count: (8 - entry.count % 8) % 8)
             table += entry
             position = (position + 40 + extraSize + idSize + nameSize + 7) / 8 * 8
         }
-        try handle.seek(toOffset: offset)
-        handle.write(table + Data(count: position - table.count))
+        try write(path, bytes: table + [UInt8](repeating: 0, count: position - table.count), at: offset)
     }
 
     @Test func incompleteEntriesAreFoundAndRepairedLikeQemuImg() throws {

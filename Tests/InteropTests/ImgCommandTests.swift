@@ -282,14 +282,6 @@ import Testing
         #expect(try qemuImg(["check", path]).status == 0)
     }
 
-    /// Big-endian u64 at `offset` of the file at `path`.
-    func u64(_ path: String, at offset: UInt64) throws -> UInt64 {
-        let handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: path))
-        defer { try? handle.close() }
-        try handle.seek(toOffset: offset)
-        return try #require(handle.readData(ofLength: 8)).reduce(0) { $0 << 8 | UInt64($1) }
-    }
-
     /// Flips the COPIED flag (bit 63) of the entry at `offset`.
     func flipCopied(_ path: String, at offset: UInt64) throws {
         let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))

@@ -5,29 +5,6 @@ import Testing
 /// `strata img` answers with an error or a report, never a trap, a hang
 /// or gigabytes of memory.
 @Suite struct ImgHostileImageTests: ImageToolRunner {
-    func read(_ path: String, at offset: UInt64, count: Int) throws -> [UInt8] {
-        let handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: path))
-        defer { try? handle.close() }
-        try handle.seek(toOffset: offset)
-        return [UInt8](try #require(try handle.read(upToCount: count)))
-    }
-
-    func u64(_ path: String, at offset: UInt64) throws -> UInt64 {
-        try read(path, at: offset, count: 8).reduce(0) { $0 << 8 | UInt64($1) }
-    }
-
-    func u32(_ path: String, at offset: UInt64) throws -> UInt32 {
-        try read(path, at: offset, count: 4).reduce(0) { $0 << 8 | UInt32($1) }
-    }
-
-    /// Writes `value` big-endian in `width` bytes at `offset`.
-    func write(_ path: String, _ value: UInt64, width: Int, at offset: UInt64) throws {
-        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
-        defer { try? handle.close() }
-        try handle.seek(toOffset: offset)
-        handle.write(Data((0..<width).map { UInt8(truncatingIfNeeded: value >> UInt64(8 * (width - 1 - $0))) }))
-    }
-
     /// A snapshot whose 64-bit VM state size does not fit a signed integer.
     @Test func aHugeSnapshotStateSizeIsPrinted() throws {
         let directory = try Harness.temporaryDirectory("vmstate")
@@ -83,10 +60,7 @@ import Testing
         let name = Array(second.utf8)
         try write(image, 0x4441_5441, width: 4, at: position)
         try write(image, UInt64(name.count), width: 4, at: position + 4)
-        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: image))
-        try handle.seek(toOffset: position + 8)
-        handle.write(Data(name + [UInt8](repeating: 0, count: (8 - name.count % 8) % 8 + 8)))
-        try handle.close()
+        try write(image, bytes: name + [UInt8](repeating: 0, count: (8 - name.count % 8) % 8 + 8), at: position + 8)
         let theirs = try qemuImg(["info", image])
         #expect(theirs.stdout.contains("data file: \(second)"), "\(theirs.stdout)")
         let ours = try img(["info", image])

@@ -338,13 +338,18 @@ import Testing
         (0..<count).map { UInt8(truncatingIfNeeded: ($0 &* 0x9E37_79B1 &+ seed &* 0x85EB_CA77) >> 13) }
     }
 
-    @Test func disconnectWaitsForRequestsInFlight() throws {
+    /// Negotiates, then sends a READ the disk holds back, then DISC.
+    func sendReadThenDisconnect() throws {
         try negotiate()
         driver.holdCompletions = true
         var requests = Wire.request(type: 0, cookie: 1, offset: 0, length: 512)
         var disc = Wire.request(type: 2, cookie: 2)
         requests.writeBuffer(&disc)
         try send(requests)
+    }
+
+    @Test func disconnectWaitsForRequestsInFlight() throws {
+        try sendReadThenDisconnect()
         #expect(channel.isActive, "the read is still in flight")
         driver.release()
         loop.run()
@@ -390,12 +395,7 @@ import Testing
     /// unread, is dropped: kept, it grew without end until the server died
     /// of an overflowing buffer index.
     @Test func bytesSentAfterDisconnectAreDropped() throws {
-        try negotiate()
-        driver.holdCompletions = true
-        var requests = Wire.request(type: 0, cookie: 1, offset: 0, length: 512)
-        var disc = Wire.request(type: 2, cookie: 2)
-        requests.writeBuffer(&disc)
-        try send(requests)
+        try sendReadThenDisconnect()
         for _ in 0..<64 {
             var flushes = ByteBuffer()
             for cookie in 0..<512 {

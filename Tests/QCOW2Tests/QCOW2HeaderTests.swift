@@ -134,14 +134,21 @@ import Testing
         }
     }
 
-    @Test func parsesSnapshotTables() throws {
+    /// One snapshot table entry (unpadded): the 40-byte header with the
+    /// sizes filled in, then `extra`, `id` and `name`.
+    func snapshotEntry(l1Size: UInt8, id: [UInt8], name: [UInt8], extra: [UInt8]) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: 40)
-        bytes[11] = 2            // l1 size 2
-        bytes[13] = 1            // id size 1
-        bytes[15] = 4            // name size 4
-        bytes[39] = 16           // extra data 16 bytes
-        bytes += [UInt8](repeating: 0, count: 8) + [0, 0, 0, 0, 0, 0x10, 0, 0]  // vm state, disk size 1 MiB
-        bytes += Array("1".utf8) + Array("snap".utf8)
+        bytes[11] = l1Size
+        bytes[13] = UInt8(id.count)
+        bytes[15] = UInt8(name.count)
+        bytes[39] = UInt8(extra.count)
+        return bytes + extra + id + name
+    }
+
+    @Test func parsesSnapshotTables() throws {
+        // Extra data: vm state 0, disk size 1 MiB.
+        let bytes = snapshotEntry(l1Size: 2, id: Array("1".utf8), name: Array("snap".utf8),
+                                  extra: [UInt8](repeating: 0, count: 8) + [0, 0, 0, 0, 0, 0x10, 0, 0])
         let snapshots = try QCOW2Snapshot.parseTable(bytes, count: 1)
         #expect(snapshots.first?.name == "snap")
         #expect(snapshots.first?.id == "1")
@@ -177,14 +184,10 @@ import Testing
     /// Ids and names go back byte for byte, UTF-8 or not (QEMU does not
     /// check): a table already complete is written as it was read.
     @Test func snapshotNamesAreWrittenBackByteForByte() throws {
-        var entry = [UInt8](repeating: 0, count: 40)
-        entry[11] = 1                     // l1 size 1
-        entry[13] = 1                     // id size 1
-        entry[15] = 3                     // name size 3
-        entry[39] = 24                    // extra data 24 bytes
-        entry += [UInt8](repeating: 0, count: 8) + [0, 0, 0, 0, 0, 0x10, 0, 0]  // vm state, disk size 1 MiB
-        entry += [UInt8](repeating: 0xff, count: 8)                              // no icount
-        entry += Array("9".utf8) + [0xff, 0x41, 0xc3]                            // a name that is not UTF-8
+        // Extra data: vm state 0, disk size 1 MiB, no icount; a name that is not UTF-8.
+        var entry = snapshotEntry(l1Size: 1, id: Array("9".utf8), name: [0xff, 0x41, 0xc3],
+                                  extra: [UInt8](repeating: 0, count: 8) + [0, 0, 0, 0, 0, 0x10, 0, 0]
+                                      + [UInt8](repeating: 0xff, count: 8))
         entry += [UInt8](repeating: 0, count: (8 - entry.count % 8) % 8)
         let snapshots = try QCOW2Snapshot.parseTable(entry, count: 1)
         #expect(QCOW2Snapshot.serializeTable(snapshots, guestSize: 1 << 30) == entry)
