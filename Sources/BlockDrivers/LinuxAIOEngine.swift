@@ -11,6 +11,17 @@ import Glibc
 /// are reaped from an eventfd that the loop itself watches, so a completion
 /// runs on the loop that submitted it without a thread hop.
 ///
+/// Finished requests are taken from the completion ring the kernel maps
+/// into the process, without a system call, and the ring is looked at once
+/// more as soon as the loop has submitted this tick's requests: a request
+/// the kernel finished inside `io_submit` (a page-cache or tmpfs file, a
+/// fast device) then completes in the same loop turn, instead of after
+/// another `epoll_wait`, an eventfd read and an `io_getevents`. QEMU's
+/// Linux AIO does the same. Measured with O_DIRECT 4 KiB reads at QD1 over
+/// NBD from a tmpfs file: median 29.0K IOPS before, 30.2K after (10
+/// alternating runs; qemu-nbd 33.9K). On a disk the request is never done
+/// that soon, and only the `io_getevents` call is saved.
+///
 /// Requests need O_DIRECT file descriptors and aligned buffers; the node's
 /// request path guarantees both.
 ///
@@ -39,8 +50,17 @@ public final class LinuxAIOEngine: FileIOEngine {
     private let burst: CompletionBurst
     private var pendingCount = 0
     private var submitScheduled = false
+    /// Whether a look at the ring is queued for the end of this loop turn.
+    private var peekScheduled = false
+    /// The queued look, made once so that queueing it allocates nothing.
+    /// It holds the engine (a queued look must not outlive it); `close`
+    /// breaks that cycle.
+    private var peekTask: (() -> Void)!
     /// `io_submit` calls made, for tests of the batching.
     private(set) var submitCalls = 0
+    /// Whether completions come off the ring without a system call (the
+    /// kernel's ring header is one this code knows), for tests.
+    var readsRingDirectly: Bool { strata_aio_ring_known(context) != 0 }
     private var channel: Channel?
     private var closed = false
 
@@ -59,6 +79,10 @@ public final class LinuxAIOEngine: FileIOEngine {
         events = .allocate(capacity: capacity)
         events.initialize(repeating: io_event(), count: capacity)
         slots = CompletionSlots(capacity: capacity)
+        peekTask = { [self] in
+            self.peekScheduled = false
+            self.reap()
+        }
     }
 
     /// What `maxBatch` is unless a caller says otherwise: one request per call (see above).
@@ -118,7 +142,10 @@ public final class LinuxAIOEngine: FileIOEngine {
         var request: UnsafeMutablePointer<iocb>? = iocbs + slot
         let result = io_submit(context, 1, &request)
         submitCalls += 1
-        if result == 1 { return true }
+        if result == 1 {
+            schedulePeek()
+            return true
+        }
         if result == -EAGAIN || result == 0 { return false }
         // Fail it after the caller has returned, as a queued request would.
         eventLoop.execute { [unowned self] in self.slots.complete(slot, result: Int(result)) }
@@ -156,6 +183,7 @@ public final class LinuxAIOEngine: FileIOEngine {
             start += 1
         }
         if start > 0 {
+            schedulePeek()
             let remaining = pendingCount - start
             if remaining > 0 {
                 // Overlapping move (memmove semantics).
@@ -175,11 +203,21 @@ public final class LinuxAIOEngine: FileIOEngine {
     }
 
 
-    /// Reaps every finished request; called when the eventfd is readable.
+    /// Looks at the ring once the loop has run this turn's other work, for
+    /// requests the kernel finished while they were submitted.
+    private func schedulePeek() {
+        guard !peekScheduled else { return }
+        peekScheduled = true
+        eventLoop.execute(peekTask)
+    }
+
+    /// Reaps every finished request: when the eventfd is readable, and after
+    /// submissions (`schedulePeek`).
     private func reap() {
+        guard !closed else { return }
         burst.run {
             while true {
-                let count = Int(strata_io_getevents_nowait(context, capacity, events))
+                let count = Int(strata_aio_reap(context, capacity, events))
                 guard count > 0 else { break }
                 for index in 0..<count {
                     let event = events + index
@@ -195,6 +233,7 @@ public final class LinuxAIOEngine: FileIOEngine {
     /// Stops the engine; in-flight requests must have completed.
     public func close() -> EventLoopFuture<Void> {
         closed = true
+        peekTask = {}
         let future = channel?.close() ?? eventLoop.makeSucceededVoidFuture()
         return future.always { _ in
             io_destroy(self.context)

@@ -50,6 +50,44 @@ int strata_io_getevents_nowait(io_context_t ctx, long max, struct io_event *even
     return io_getevents(ctx, 0, max, events, &zero);
 }
 
+/* The header of the ring io_setup maps (the context id is its address),
+   as the kernel lays it out; io_events follow it. The kernel advances
+   `tail` as requests finish; whoever takes events advances `head`, which
+   the kernel reads back when it looks for free room. */
+struct strata_aio_ring {
+    unsigned id, nr, head, tail, magic, compat_features, incompat_features, header_length;
+};
+#define STRATA_AIO_RING_MAGIC 0xa10a10a1u
+
+int strata_aio_ring_known(io_context_t ctx) {
+    const struct strata_aio_ring *ring = (const struct strata_aio_ring *)ctx;
+    return ring->magic == STRATA_AIO_RING_MAGIC && ring->incompat_features == 0 &&
+           ring->header_length == sizeof(*ring);
+}
+
+int strata_aio_reap(io_context_t ctx, long max, struct io_event *events) {
+    struct strata_aio_ring *ring = (struct strata_aio_ring *)ctx;
+    if (!strata_aio_ring_known(ctx)) {
+        return strata_io_getevents_nowait(ctx, max, events);
+    }
+    unsigned nr = ring->nr;
+    unsigned head = ring->head;
+    /* Acquire: the events up to `tail` are written before it moves. */
+    unsigned tail = __atomic_load_n(&ring->tail, __ATOMIC_ACQUIRE);
+    if (head >= nr || tail >= nr) {
+        return strata_io_getevents_nowait(ctx, max, events);
+    }
+    const struct io_event *ring_events = (const struct io_event *)(ring + 1);
+    long count = 0;
+    while (head != tail && count < max) {
+        events[count++] = ring_events[head];
+        head = head + 1 == nr ? 0 : head + 1;
+    }
+    /* Release: the kernel may reuse the slots only after they are copied. */
+    __atomic_store_n(&ring->head, head, __ATOMIC_RELEASE);
+    return (int)count;
+}
+
 int strata_eventfd(void) {
     return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 }

@@ -28,6 +28,13 @@ uint64_t strata_io_event_tag(const struct io_event *event);
 int64_t strata_io_event_result(const struct io_event *event);
 /// io_getevents with a zero timeout: never blocks.
 int strata_io_getevents_nowait(io_context_t ctx, long max, struct io_event *events);
+/// Takes up to `max` finished events without a system call, from the
+/// completion ring the kernel maps into the process for `ctx` (its header
+/// is kernel ABI, fs/aio.c); falls back to strata_io_getevents_nowait when
+/// the ring does not look like one this code knows. Never blocks.
+int strata_aio_reap(io_context_t ctx, long max, struct io_event *events);
+/// 1 if strata_aio_reap reads `ctx`'s ring itself, 0 if it falls back.
+int strata_aio_ring_known(io_context_t ctx);
 
 extern const int strata_RWF_DSYNC;
 extern const int strata_RWF_NOWAIT;
