@@ -246,9 +246,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         close()
     }
 
-    /// Outbound read: held back while too many requests are in flight.
+    /// Outbound read: held back while too many requests are in flight, and
+    /// for good after DISC. Whatever a client sends after DISC is dropped
+    /// (`channelRead`); not reading it at all costs no CPU, and a client
+    /// that keeps writing then waits on its own full socket, as with
+    /// qemu-nbd, which stops reading at DISC too.
     func read(context: ChannelHandlerContext) {
-        if readsPaused {
+        if readsPaused || ending == .client {
             readPending = true
         } else {
             context.read()
