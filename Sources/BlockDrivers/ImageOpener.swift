@@ -36,8 +36,8 @@ public struct ImageOptions: Sendable {
     /// backing file does not keep the image itself from being described.
     public var openBacking = true
     /// Only metadata will be read (QEMU's BDRV_O_NO_IO, as `qemu-img info`
-    /// opens images): an external data file that cannot be opened is left
-    /// out instead of failing the open.
+    /// opens images): an external data file that cannot be opened does not
+    /// fail the open, and any data request fails instead (`UnopenedFileDriver`).
     public var metadataOnly = false
 
     public init(filename: String, format: String? = nil) {
@@ -209,10 +209,18 @@ public enum ImageOpener {
                 // QEMU opens a relative data file name from the current
                 // directory (unlike backing files); do the same.
                 let path = name
-                let dataFile = openFile(path, options: options, graph: graph, io: io).map { node in
-                    children.append(.init(name: "data-file", role: [.data], node: node))
+                var dataFile = openFile(path, options: options, graph: graph, io: io)
+                if options.metadataOnly {
+                    // Shown even when missing, as qemu-img info shows it; its
+                    // place is held so that no data is read from elsewhere.
+                    dataFile = dataFile.flatMapErrorThrowing { error in
+                        let reason = error as? BlockError ?? BlockError(errno: EIO, "\(error)")
+                        return try graph.addNode(driver: UnopenedFileDriver(error: reason), options: nodeOptions(options))
+                    }
                 }
-                opening.append(options.metadataOnly ? dataFile.recover { _ in } : dataFile)
+                opening.append(dataFile.map { node in
+                    children.append(.init(name: "data-file", role: [.data], node: node))
+                })
             }
             if options.openBacking, let backingName = header.backingFile, !backingName.isEmpty {
                 guard !backingName.hasPrefix("json:") else {
