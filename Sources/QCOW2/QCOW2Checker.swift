@@ -29,6 +29,34 @@ public final class QCOW2Checker {
         /// for; `-r all` writes the table again (see
         /// `QCOW2Driver.rewriteSnapshotTable`).
         public var incompleteSnapshots = 0
+        /// Clusters whose stored refcount differs from the references
+        /// counted, in cluster order (each is also a message).
+        public var mismatches: [RefcountMismatch] = []
+        /// Where the COPIED check's messages start in `messages`: a
+        /// repairing check (`qemu-img check -r`) judges COPIED flags only
+        /// after the refcounts are repaired, so it prints what comes before
+        /// and replaces what follows.
+        public var copiedMessagesStart = 0
+
+        /// Corruptions found before the COPIED check: everything the
+        /// refcount comparison and the walk over the metadata count, but
+        /// the snapshot table's entries.
+        public var refcountCorruptions: Int {
+            corruptions - incompleteSnapshots - copiedFixes.count
+        }
+    }
+
+    /// A cluster whose stored refcount is not the references counted.
+    public struct RefcountMismatch: Sendable {
+        public var cluster: Int64
+        public var stored: UInt64
+        public var referenced: UInt64
+
+        /// The check's line, or the repair's when `repairing`.
+        public func message(repairing: Bool = false) -> String {
+            let what = repairing ? "Repairing" : stored < referenced ? "ERROR" : "Leaked"
+            return "\(what) cluster \(cluster) refcount=\(stored) reference=\(referenced)"
+        }
     }
 
     /// An entry of the active tables to rewrite with COPIED set or cleared.
@@ -71,16 +99,17 @@ public final class QCOW2Checker {
     }
 
     /// Counts one reference to every cluster of `[offset, offset + length)`.
-    private func reference(_ offset: UInt64, length: Int64, what: String) {
+    private func reference(_ offset: UInt64, length: Int64) {
         guard length > 0, offset < QCOW2Header.maxSize else { return }
         let first = Int64(offset) / clusterSize
         let last = (Int64(offset) + length - 1) / clusterSize
-        // A cluster or more past the end is an error, and not counted (as
-        // in QEMU): a hostile offset must not make the comparison walk
-        // refcounts up to 2^61.
-        if (last + 1) * clusterSize > file.length + clusterSize {
+        // Ending more than a cluster past the end of the file is an error,
+        // and not counted (qemu-img's test and words): a hostile offset must
+        // not make the comparison walk refcounts up to 2^61.
+        if Int64(offset) + length - file.length > clusterSize {
             report.corruptions += 1
-            report.messages.append("ERROR \(what) at offset 0x\(String(offset, radix: 16)) lies past the end of the image")
+            report.messages.append("ERROR: counting reference for region exceeding the end of the file by one "
+                + "cluster or more: offset 0x\(String(offset, radix: 16)) size 0x\(String(length, radix: 16))")
             return
         }
         for cluster in first...last {
@@ -121,18 +150,18 @@ public final class QCOW2Checker {
     }
 
     /// What a refcount rebuild needs: the references of everything but the
-    /// refcount structure, and every cluster in use now, the old table and
-    /// blocks included (the rebuild must not overwrite them).
-    public func referencesForRebuild() -> EventLoopFuture<(references: [Int64: Int], occupied: Set<Int64>)> {
+    /// refcount structure, and those of every cluster in use now, the old
+    /// table and blocks included (the rebuild must not overwrite them).
+    public func referencesForRebuild() -> EventLoopFuture<(references: [Int64: Int], all: [Int64: Int])> {
         collect(countingRefcountTable: false).flatMap { () -> EventLoopFuture<[Int64: Int]> in
             let references = self.references
             self.referenceRefcountTable()
             return self.countRefcountBlocks().map { references }
-        }.map { references in (references, Set(self.references.keys)) }
+        }.map { references in (references, self.references) }
     }
 
     private func referenceRefcountTable() {
-        reference(header.refcountTableOffset, length: Int64(header.refcountTableClusters) * clusterSize, what: "refcount table")
+        reference(header.refcountTableOffset, length: Int64(header.refcountTableClusters) * clusterSize)
     }
 
     /// Counts the refcount blocks themselves as referenced.
@@ -143,7 +172,7 @@ public final class QCOW2Checker {
             for block in 0..<(table.count / 8) {
                 let offset = reader.u64(at: block * 8) & ~UInt64(511)
                 if offset != 0, offset < QCOW2Header.maxSize {
-                    self.reference(offset, length: self.clusterSize, what: "refcount block")
+                    self.reference(offset, length: self.clusterSize)
                 }
             }
         }
@@ -168,7 +197,7 @@ public final class QCOW2Checker {
     /// Walks all metadata, counting references.
     private func collect(countingRefcountTable: Bool = true) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
-        reference(0, length: clusterSize, what: "header")
+        reference(0, length: clusterSize)
         if countingRefcountTable { referenceRefcountTable() }
         var tables: [(l1: [UInt64]?, offset: UInt64, size: UInt32, active: Bool)] = []
         if !activeL1.isEmpty || header.l1Size == 0 {
@@ -178,7 +207,7 @@ public final class QCOW2Checker {
         }
         for snapshot in snapshots { tables.append((nil, snapshot.l1TableOffset, snapshot.l1Size, false)) }
         if header.snapshotCount > 0 {
-            reference(header.snapshotsOffset, length: Int64(max(snapshotTableLength, 1)), what: "snapshot table")
+            reference(header.snapshotsOffset, length: Int64(max(snapshotTableLength, 1)))
         }
         var work = loop.makeSucceededVoidFuture()
         for table in tables {
@@ -190,7 +219,7 @@ public final class QCOW2Checker {
     private func checkL1(_ known: [UInt64]?, offset: UInt64, size: UInt32, active: Bool) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
         guard size > 0 else { return loop.makeSucceededVoidFuture() }
-        reference(offset, length: Int64(size) * 8, what: active ? "active L1 table" : "snapshot L1 table")
+        reference(offset, length: Int64(size) * 8)
         return loadL1(known, offset: offset, size: size).flatMap { l1 in
             var chain = loop.makeSucceededVoidFuture()
             for (index, entry) in l1.enumerated() {
@@ -203,7 +232,7 @@ public final class QCOW2Checker {
                 // Misplaced, the table still counts for the clusters it
                 // overlaps and its entries are checked, as qemu-img does:
                 // a repair must not free what they hold.
-                self.reference(l2Offset, length: self.clusterSize, what: "L2 table")
+                self.reference(l2Offset, length: self.clusterSize)
                 if l2Offset % UInt64(self.clusterSize) != 0 {
                     self.report.corruptions += 1
                     self.report.messages.append("ERROR l2_offset=\(String(l2Offset, radix: 16)): Table is not cluster aligned; L1 entry corrupted")
@@ -248,7 +277,7 @@ public final class QCOW2Checker {
                         self.report.messages.append("ERROR compressed cluster \(firstCluster + index) with non-zero subcluster allocation bitmap, entry=0x\(String(entry, radix: 16))")
                         continue
                     }
-                    self.reference(host & ~511, length: Int64(size) + Int64(host & 511), what: "compressed cluster")
+                    self.reference(host, length: Int64(size))
                     if active {
                         // Fragmented too, as qemu-img counts them: reading
                         // one means reading sectors its neighbours share.
@@ -273,7 +302,7 @@ public final class QCOW2Checker {
                     }
                     previousHost = host
                 }
-                if !self.externalData { self.reference(host, length: self.clusterSize, what: "data cluster") }
+                if !self.externalData { self.reference(host, length: self.clusterSize) }
             }
         }
     }
@@ -284,12 +313,12 @@ public final class QCOW2Checker {
     private func checkBitmaps() -> EventLoopFuture<Void> {
         let loop = file.eventLoop
         guard let directory = bitmapDirectory else { return loop.makeSucceededVoidFuture() }
-        reference(directory.offset, length: Int64(directory.bytes.count), what: "bitmap directory")
+        reference(directory.offset, length: Int64(directory.bytes.count))
         var chain = loop.makeSucceededVoidFuture()
         var tables: [UInt64: EventLoopFuture<[UInt64]>] = [:]
         for bitmap in directory.entries {
             let (tableOffset, tableSize) = (bitmap.tableOffset, bitmap.tableSize)
-            reference(tableOffset, length: Int64(tableSize) * 8, what: "bitmap table")
+            reference(tableOffset, length: Int64(tableSize) * 8)
             guard Int64(tableOffset) + Int64(tableSize) * 8 <= file.length else { continue }
             let table = tables[tableOffset] ?? chain.flatMap {
                 self.read(tableOffset, tableSize * 8).map { bytes in
@@ -300,7 +329,7 @@ public final class QCOW2Checker {
             tables[tableOffset] = table
             chain = chain.flatMap {
                 table.map { offsets in
-                    for offset in offsets { self.reference(offset, length: self.clusterSize, what: "bitmap data") }
+                    for offset in offsets { self.reference(offset, length: self.clusterSize) }
                 }
             }
         }
@@ -341,7 +370,7 @@ public final class QCOW2Checker {
                     self.report.messages.append("ERROR refcount block \(block) is outside image")
                     continue
                 }
-                self.reference(offset, length: self.clusterSize, what: "refcount block")
+                self.reference(offset, length: self.clusterSize)
                 // Everything else is counted by now: a block that is also a
                 // table, data, or another entry's block must move, and only
                 // a rebuild moves it (as qemu-img judges, block by block).
@@ -372,13 +401,15 @@ public final class QCOW2Checker {
                 for cluster in all {
                     let have = stored[cluster] ?? 0
                     let want = UInt64(self.references[cluster] ?? 0)
+                    guard have != want else { continue }
+                    let mismatch = RefcountMismatch(cluster: cluster, stored: have, referenced: want)
+                    self.report.mismatches.append(mismatch)
+                    self.report.messages.append(mismatch.message())
                     if have < want {
                         self.report.corruptions += 1
                         if have == 0 { self.report.refcountsNeedRebuild = true }
-                        self.report.messages.append("ERROR cluster \(cluster) refcount=\(have) reference=\(want)")
-                    } else if have > want {
+                    } else {
                         self.report.leaks += 1
-                        self.report.messages.append("Leaked cluster \(cluster) refcount=\(have) reference=\(want)")
                     }
                 }
                 let highest = max(self.references.keys.max() ?? 0, stored.keys.max() ?? 0)
@@ -393,6 +424,7 @@ public final class QCOW2Checker {
     /// for data in an external data file). Each mismatch is a corruption.
     private func checkCopied() -> EventLoopFuture<Void> {
         let loop = file.eventLoop
+        report.copiedMessagesStart = report.messages.count
         guard header.l1Size > 0 else { return loop.makeSucceededVoidFuture() }
         let known = activeL1.isEmpty ? nil : activeL1
         return loadL1(known, offset: header.l1TableOffset, size: header.l1Size).flatMap { l1 in

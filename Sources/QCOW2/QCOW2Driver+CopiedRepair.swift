@@ -5,31 +5,30 @@ import Glibc
 #endif
 
 extension QCOW2Driver {
-    /// The rest of `qemu-img check -r all` after refcounts are repaired: sets
-    /// or clears every COPIED flag of the active tables that disagrees with
-    /// its cluster's refcount. Returns how many entries were rewritten.
+    /// The rest of `qemu-img check -r` after refcounts are repaired: sets
+    /// or clears the COPIED flags a check found disagreeing with their
+    /// clusters' refcounts (`Report.copiedFixes` of a check run after the
+    /// refcount repair).
     ///
     /// Each table cluster with fixes is read, patched and written once, so
     /// a table full of bad entries costs one write, not one per entry.
-    public func repairCopiedFlags(file: BlockNode) -> EventLoopFuture<Int> {
-        QCOW2Checker(driver: self, file: file).run().flatMap { report in
-            let clusterSize = UInt64(self.header.clusterSize)
-            let structures = self.metadataStructures()
-            if let overlap = report.copiedFixes.lazy.compactMap({ self.overlap($0, structures: structures) }).first {
-                // qemu-img's overlap check stops its repair here the same way.
-                let promise = file.eventLoop.makePromise(of: Int.self)
-                self.markCorrupt("Preventing invalid write on metadata (overlaps with \(overlap))") { error in
-                    promise.fail(error ?? .eio)
-                }
-                return promise.futureResult
+    public func repairCopiedFlags(_ copiedFixes: [QCOW2Checker.CopiedFix], file: BlockNode) -> EventLoopFuture<Void> {
+        let clusterSize = UInt64(header.clusterSize)
+        let structures = metadataStructures()
+        if let overlap = copiedFixes.lazy.compactMap({ self.overlap($0, structures: structures) }).first {
+            // qemu-img's overlap check stops its repair here the same way.
+            let promise = file.eventLoop.makePromise(of: Void.self)
+            markCorrupt("Preventing invalid write on metadata (overlaps with \(overlap))") { error in
+                promise.fail(error ?? .eio)
             }
-            let byCluster = Dictionary(grouping: report.copiedFixes) { $0.entryOffset / clusterSize * clusterSize }
-            var chain = file.eventLoop.makeSucceededVoidFuture()
-            for (offset, fixes) in byCluster.sorted(by: { $0.key < $1.key }) {
-                chain = chain.flatMap { self.rewrite(fixes, inClusterAt: offset, file: file) }
-            }
-            return chain.map { report.copiedFixes.count }
+            return promise.futureResult
         }
+        let byCluster = Dictionary(grouping: copiedFixes) { $0.entryOffset / clusterSize * clusterSize }
+        var chain = file.eventLoop.makeSucceededVoidFuture()
+        for (offset, fixes) in byCluster.sorted(by: { $0.key < $1.key }) {
+            chain = chain.flatMap { self.rewrite(fixes, inClusterAt: offset, file: file) }
+        }
+        return chain
     }
 
     /// The structures each metadata cluster holds, by name (QEMU's names),

@@ -7,14 +7,22 @@ extension QCOW2Driver {
     /// from the other metadata, writes new blocks and a new table into free
     /// clusters (FUA), and only then points the header at the new table and
     /// loads it as a read-write open does. The old structure's clusters end
-    /// up free.
-    public func rebuildRefcounts(file: BlockNode) -> EventLoopFuture<Void> {
+    /// up free; they are returned, with the count each had and the
+    /// references left to it, for the messages qemu-img prints as it frees
+    /// them (its rebuild counts them at first, then repairs them as leaks).
+    public func rebuildRefcounts(file: BlockNode) -> EventLoopFuture<[QCOW2Checker.RefcountMismatch]> {
         let loop = file.eventLoop
         let clusterSize = Int64(header.clusterSize)
         let bits = header.refcountBits
+        var freed: [QCOW2Checker.RefcountMismatch] = []
         return QCOW2Checker(driver: self, file: file).referencesForRebuild().flatMapThrowing { found in
-            try QCOW2RefcountRebuild(references: found.references, occupied: found.occupied,
-                                     clusterSize: clusterSize, refcountBits: bits)
+            for (cluster, count) in found.all where count > found.references[cluster] ?? 0 {
+                freed.append(.init(cluster: cluster, stored: UInt64(count),
+                                   referenced: UInt64(found.references[cluster] ?? 0)))
+            }
+            freed.sort { $0.cluster < $1.cluster }
+            return try QCOW2RefcountRebuild(references: found.references, occupied: Set(found.all.keys),
+                                            clusterSize: clusterSize, refcountBits: bits)
         }.flatMap { plan in
             var writes = loop.makeSucceededVoidFuture()
             for (cluster, bytes) in plan.blockBytes.sorted(by: { $0.key < $1.key }) {
@@ -29,7 +37,7 @@ extension QCOW2Driver {
             }.flatMap {
                 self.refcountDamage = nil
                 return self.prepareForWriting(file: file)
-            }
+            }.map { freed }
         }
     }
 }

@@ -11,3 +11,12 @@ extension ImageToolRunner {
         try Harness.run("/usr/bin/qemu-img", arguments)
     }
 }
+
+extension Harness.Output {
+    /// stderr as qemu-img would print it: the tool's own name in its error
+    /// lines, and `theirs` (qemu-img's copy of the image) for `ours`.
+    func stderrAsQemuImg(ours: String, theirs: String) -> String {
+        stderr.replacingOccurrences(of: "strata img: ", with: "qemu-img: ")
+            .replacingOccurrences(of: ours, with: theirs)
+    }
+}

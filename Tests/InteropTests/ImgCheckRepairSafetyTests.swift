@@ -23,7 +23,7 @@ import Testing
     }
 
     /// `check` (and then `check -r repair`) of `image` against qemu-img's
-    /// on a copy: the same status and stdout each time.
+    /// on a copy: the same status, stdout and stderr each time.
     func expectChecksLikeQemuImg(_ image: String, repair: String) throws {
         let theirs = path("theirs.qcow2")
         try? FileManager.default.removeItem(atPath: theirs)
@@ -34,6 +34,8 @@ import Testing
             #expect(ours.status == qemu.status, "\(arguments): \(ours.stderr)\n--\n\(qemu.stderr)")
             #expect(ours.stdout.replacingOccurrences(of: image, with: theirs) == qemu.stdout,
                     "\(arguments):\n\(ours.stdout)\n--\n\(qemu.stdout)")
+            #expect(ours.stderrAsQemuImg(ours: image, theirs: theirs) == qemu.stderr,
+                    "\(arguments):\n\(ours.stderr)\n--\n\(qemu.stderr)")
         }
     }
 

@@ -46,6 +46,7 @@ import Testing
         #expect(qemuFound.status == 2, "qemu-img: \(qemuFound.stderr)")
         #expect(found.status == 2)
         #expect(found.stdout == qemuFound.stdout, "\(found.stdout)\n--\n\(qemuFound.stdout)")
+        #expect(found.stderr == qemuFound.stderr, "\(found.stderr)\n--\n\(qemuFound.stderr)")
         for index in 0..<2 {
             #expect(found.stderr.contains("ERROR snapshot table entry \(index) is incomplete"), "\(found.stderr)")
         }
@@ -55,6 +56,7 @@ import Testing
         #expect(qemuRepaired.status == 0)
         #expect(repaired.status == 0, "\(repaired.stderr)")
         #expect(repaired.stdout == qemuRepaired.stdout, "\(repaired.stdout)\n--\n\(qemuRepaired.stdout)")
+        #expect(repaired.stderr == qemuRepaired.stderr, "\(repaired.stderr)\n--\n\(qemuRepaired.stderr)")
         #expect(try qemuImg(["check", ours]).status == 0)
 
         // The same snapshots, with the same data, as qemu-img's repair left.

@@ -116,7 +116,7 @@ import Testing
 
         let rebuilt = driver.rebuildRefcounts(file: fileNode)
         loop.run()
-        try rebuilt.wait()
+        _ = try rebuilt.wait()
         #expect(driver.refcountDamage == nil)
         #expect(driver.header.refcountTableOffset < UInt64(fileNode.length))
         let report = try check(driver, fileNode)
