@@ -52,13 +52,6 @@ final class ImageSession {
         }.wait()
     }
 
-    /// Every layer from `node` down its backing chain, formats only.
-    static func chain(from node: BlockNode) -> [BlockNode] {
-        var layers: [BlockNode] = [node]
-        while let next = layers.last?.backing?.node { layers.append(next) }
-        return layers
-    }
-
     /// The file node under a format node, and its file name.
     static func fileName(of node: BlockNode) -> String {
         var current: BlockNode? = node

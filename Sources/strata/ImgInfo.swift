@@ -16,17 +16,33 @@ struct ImgInfo: ParsableCommand {
 
 
     func run() throws {
-        let layers: [QemuJSON]
-        do {
-            // As qemu-img info: the backing chain is opened only to be shown,
-            // and only metadata is read (a missing data file is no error).
-            layers = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare,
-                                                  openBacking: backingChain, metadataOnly: true) { node in
-                let nodes = backingChain ? ImageSession.chain(from: node) : [node]
-                return node.eventLoop.makeSucceededFuture(nodes.map(Self.describe))
+        // As qemu-img info: each image of the chain is opened on its own,
+        // without its backing file, and only metadata is read (a missing
+        // data file is no error). So an error names the image it is about.
+        var layers: [QemuJSON] = []
+        var filename = image.filename
+        var format = image.format
+        var seen: Set<String> = []
+        while true {
+            seen.insert(filename)
+            let layer: QemuJSON
+            do {
+                layer = try ImageSession().withImage(filename, format: format, forceShare: image.forceShare,
+                                                     openBacking: false, metadataOnly: true) { node in
+                    node.eventLoop.makeSucceededFuture(Self.describe(node))
+                }
+            } catch {
+                fail("Could not open '\(filename)': \((error as? BlockError)?.description ?? "\(error)")")
             }
-        } catch {
-            fail("Could not open '\(image.filename)': \((error as? BlockError)?.description ?? "\(error)")")
+            layers.append(layer)
+            guard backingChain, case .string(let backing)? = layer["full-backing-filename"] else { break }
+            if seen.contains(backing) { fail("Backing file '\(backing)' creates an infinite loop.") }
+            filename = backing
+            if case .string(let backingFormat)? = layer["backing-filename-format"] {
+                format = backingFormat
+            } else {
+                format = nil
+            }
         }
         switch image.output {
         case .json:

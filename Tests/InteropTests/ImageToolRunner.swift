@@ -15,8 +15,9 @@ extension ImageToolRunner {
 extension Harness.Output {
     /// stderr as qemu-img would print it: the tool's own name in its error
     /// lines, and `theirs` (qemu-img's copy of the image) for `ours`.
-    func stderrAsQemuImg(ours: String, theirs: String) -> String {
-        stderr.replacingOccurrences(of: "strata img: ", with: "qemu-img: ")
-            .replacingOccurrences(of: ours, with: theirs)
+    func stderrAsQemuImg(ours: String? = nil, theirs: String = "") -> String {
+        let renamed = stderr.replacingOccurrences(of: "strata img: ", with: "qemu-img: ")
+        guard let ours else { return renamed }
+        return renamed.replacingOccurrences(of: ours, with: theirs)
     }
 }

@@ -57,7 +57,7 @@ import Testing
         let qemuGaveUp = try qemuImg(["check", "-r", "leaks", try copy(original, "qemu-leaks.qcow2")])
         #expect(gaveUp.status == 1 && gaveUp.stderr.contains("ERROR need to rebuild refcount structures"),
                 "\(gaveUp.stdout)\(gaveUp.stderr)")
-        #expect(gaveUp.stderrAsQemuImg(ours: leaksOnly, theirs: leaksOnly) == qemuGaveUp.stderr,
+        #expect(gaveUp.stderrAsQemuImg() == qemuGaveUp.stderr,
                 "\n\(gaveUp.stderr)--\n\(qemuGaveUp.stderr)")
         #expect(try Data(contentsOf: URL(fileURLWithPath: leaksOnly)) == before, "untouched, dirty bit and all")
     }
