@@ -99,6 +99,12 @@ final class ServerProcess {
         image.l2CacheSize = options.l2CacheSize.flatMap(ImageSize.parse).map { Int(min($0, UInt64(Int.max))) }
         image.forceShare = options.forceShare
         return ImageOpener.open(image, graph: graph, io: io, warn: { ServerProcess.printError($0) })
+            .flatMapErrorThrowing { error in
+                // Named, as qemu-nbd names it: the error may be about a
+                // backing or data file several layers down.
+                throw BlockError(errno: (error as? BlockError)?.errno ?? EIO,
+                                 "Could not open '\(self.options.filename)': \(Self.describe(error))")
+            }
             .always { _ in
                 // Open (or failed): the overlay's name is no longer needed.
                 if let overlay = self.overlay { unlink(overlay) }
