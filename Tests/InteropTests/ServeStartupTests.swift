@@ -33,6 +33,23 @@ import Testing
         }
     }
 
+    /// An image that cannot be opened is named first, as qemu-nbd names it:
+    /// the error itself may be about a backing file further down.
+    @Test func anImageThatCannotBeOpenedIsNamed() throws {
+        let directory = try Harness.temporaryDirectory("openerror")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let junk = directory.appendingPathComponent("junk.qcow2").path
+        let top = directory.appendingPathComponent("top.qcow2").path
+        try Data("garbage".utf8).write(to: URL(fileURLWithPath: junk))
+        #expect(try Harness.run("/usr/bin/qemu-img", ["create", "-q", "-f", "qcow2", "-b", junk, "-F", "qcow2", "-u",
+                                                      top, "16M"]).status == 0)
+        let socket = directory.appendingPathComponent("s.sock").path
+        let result = try Harness.run(Harness.strata, ["serve", "-r", "-k", socket, top])
+        #expect(result.status == 1)
+        #expect(result.stderr == "strata: Could not open '\(top)': Could not open backing file: Image is not in qcow2 format\n",
+                "\(result.stderr)")
+    }
+
     /// qemu-nbd puts a raw node with the offset above any format; Strata
     /// ignored `--offset` for qcow2 and served the image from byte 0.
     @Test func offsetAppliesToQcow2AsInQemuNbd() throws {
