@@ -14,11 +14,11 @@ extension QCOW2Driver {
     /// a table full of bad entries costs one write, not one per entry.
     public func repairCopiedFlags(_ copiedFixes: [QCOW2Checker.CopiedFix], file: BlockNode) -> EventLoopFuture<Void> {
         let clusterSize = UInt64(header.clusterSize)
-        let structures = metadataStructures()
-        if let overlap = copiedFixes.lazy.compactMap({ self.overlap($0, structures: structures) }).first {
-            // qemu-img's overlap check stops its repair here the same way.
+        if let overlap = firstOverlappingFix(copiedFixes) {
+            // qemu-img's overlap check stops its repair here the same way
+            // (Strata writes none of the fixes; qemu-img those before it).
             let promise = file.eventLoop.makePromise(of: Void.self)
-            markCorrupt("Preventing invalid write on metadata (overlaps with \(overlap))") { error in
+            markCorrupt("Preventing invalid write on metadata (overlaps with \(overlap.structure))") { error in
                 promise.fail(error ?? .eio)
             }
             return promise.futureResult
@@ -55,6 +55,16 @@ extension QCOW2Driver {
         if header.snapshotCount > 0 { mark(header.snapshotsOffset, Int64(max(snapshotTableLength, 1)), "snapshot table") }
         if let directory = bitmapDirectory { mark(directory.offset, Int64(directory.bytes.count), "bitmap directory") }
         return structures
+    }
+
+    /// The first fix that would write into another structure, and that
+    /// structure's name (QEMU's), or nil when every fix is safe to write.
+    public func firstOverlappingFix(_ copiedFixes: [QCOW2Checker.CopiedFix]) -> (index: Int, structure: String)? {
+        let structures = metadataStructures()
+        for (index, fix) in copiedFixes.enumerated() {
+            if let structure = overlap(fix, structures: structures) { return (index, structure) }
+        }
+        return nil
     }
 
     /// What else the cluster a fix would write holds, or nil: an L1 entry

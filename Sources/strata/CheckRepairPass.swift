@@ -19,33 +19,31 @@ struct CheckRepairPass {
     let all: Bool
     let driver: QCOW2Driver
     let file: BlockNode
+    /// Where the pass's lines go, as they come: qemu-img prints them as it
+    /// goes, so a repair that fails shows what led up to it.
+    let emit: ([String]) -> Void
 
-    /// What the repairing pass printed and fixed.
-    struct Transcript {
-        var messages: [String] = []
-        var leaksFixed = 0
-        var corruptionsFixed = 0
+    /// What the repairing pass fixed.
+    struct Fixed {
+        var leaks = 0
+        var corruptions = 0
     }
 
     /// `-r leaks` met refcounts only a rebuild (`-r all`) can fix.
-    struct RebuildNeeded: Error {
-        var messages: [String]
-    }
+    struct RebuildNeeded: Error {}
 
-    /// A repair that could not be carried out (qemu-img's "Check failed"),
-    /// after the lines printed until then.
+    /// A repair that could not be carried out (qemu-img's "Check failed").
     struct RepairFailed: Error {
         var error: BlockError
-        var messages: [String]
     }
 
     /// Repairs what `before` (a check of the image as it was) found.
-    func run(before: QCOW2Checker.Report) -> EventLoopFuture<Transcript> {
-        var transcript = Transcript()
+    func run(before: QCOW2Checker.Report) -> EventLoopFuture<Fixed> {
+        var fixed = Fixed()
         // The snapshot table is repaired (by `-r all`) as it is found.
-        transcript.messages = before.messages[..<before.copiedMessagesStart].map {
+        emit(before.messages[..<before.copiedMessagesStart].map {
             all && $0.hasPrefix("ERROR snapshot table entry ") ? "Repairing" + $0.dropFirst("ERROR".count) : $0
-        }
+        })
         // Refcounts that cannot be repaired in place (a structure that could
         // not be loaded, a block sharing its cluster, a cluster in use
         // counted 0) are rebuilt by `-r all`; `-r leaks` gives up with
@@ -54,46 +52,48 @@ struct CheckRepairPass {
         let rebuild = driver.refcountDamage != nil || before.refcountsNeedRebuild
         let refcountsRepaired: EventLoopFuture<Void>
         if rebuild {
-            guard all else {
-                return file.eventLoop.makeFailedFuture(RebuildNeeded(messages: transcript.messages))
-            }
-            transcript.messages.append("Rebuilding refcount structure")
+            guard all else { return file.eventLoop.makeFailedFuture(RebuildNeeded()) }
+            emit(["Rebuilding refcount structure"])
             refcountsRepaired = driver.rebuildRefcounts(file: file).flatMap { freed in
                 // qemu-img frees the old structure as leaks, one line each.
-                transcript.messages += freed.map { $0.message(repairing: true) }
+                emit(freed.map { $0.message(repairing: true) })
                 return driver.repairRefcounts(file: file)
             }
         } else {
             if before.refcountCorruptions > 0 || before.leaks > 0 {
-                transcript.messages += before.mismatches.map {
-                    $0.message(repairing: $0.stored > $0.referenced || all)
-                }
+                emit(before.mismatches.map { $0.message(repairing: $0.stored > $0.referenced || all) })
             }
             refcountsRepaired = driver.repairRefcounts(file: file, onlyLeaks: !all)
         }
         return refcountsRepaired.flatMap {
             QCOW2Checker(driver: driver, file: file).run()
         }.flatMap { middle in
-            transcript.leaksFixed = before.leaks - middle.leaks
-            transcript.corruptionsFixed = before.refcountCorruptions - middle.refcountCorruptions
+            fixed.leaks = before.leaks - middle.leaks
+            fixed.corruptions = before.refcountCorruptions - middle.refcountCorruptions
             let repairCopied = all || (middle.refcountCorruptions == 0 && middle.leaks == 0 && middle.checkErrors == 0)
-            transcript.messages += middle.messages[middle.copiedMessagesStart...].map {
+            var lines = middle.messages[middle.copiedMessagesStart...].map {
                 repairCopied && $0.hasPrefix("ERROR ") ? "Repairing " + $0.dropFirst("ERROR ".count) : $0
             }
             guard repairCopied, !middle.copiedFixes.isEmpty else {
+                emit(lines)
                 return file.eventLoop.makeSucceededVoidFuture()
             }
+            // Fixed one by one, qemu-img stops at the first that would write
+            // into another structure (each COPIED line is one fix).
+            if let overlap = driver.firstOverlappingFix(middle.copiedFixes) {
+                lines = Array(lines.prefix(overlap.index + 1))
+            }
+            emit(lines)
             return driver.repairCopiedFlags(middle.copiedFixes, file: file).map {
-                transcript.corruptionsFixed += middle.copiedFixes.count
+                fixed.corruptions += middle.copiedFixes.count
             }
         }.flatMap {
             guard all, before.incompleteSnapshots > 0 else { return file.eventLoop.makeSucceededVoidFuture() }
             return driver.rewriteSnapshotTable(file: file).map {
-                transcript.corruptionsFixed += before.incompleteSnapshots
+                fixed.corruptions += before.incompleteSnapshots
             }
-        }.flatMapError { error in
-            file.eventLoop.makeFailedFuture(RepairFailed(error: error as? BlockError ?? .eio,
-                                                         messages: transcript.messages))
-        }.map { transcript }
+        }.flatMapErrorThrowing { error in
+            throw RepairFailed(error: error as? BlockError ?? .eio)
+        }.map { fixed }
     }
 }

@@ -20,8 +20,8 @@ struct ImgCheck: ParsableCommand {
         if let repair, !["leaks", "all"].contains(repair) {
             fail("Unknown option for -r (expecting 'leaks' or 'all'): \(repair)")
         }
-        // The report of the last check, and what a repair printed and fixed.
-        let outcome: (format: String, report: QCOW2Checker.Report?, repair: CheckRepairPass.Transcript?)
+        // The report of the last check, and what a repair fixed.
+        let outcome: (format: String, report: QCOW2Checker.Report?, fixed: CheckRepairPass.Fixed?)
         do {
             outcome = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare,
                                                    writable: repair != nil, forRepair: repair != nil) { node in
@@ -32,24 +32,24 @@ struct ImgCheck: ParsableCommand {
                     return QCOW2Checker(driver: driver, file: file).run().map { ("qcow2", $0, nil) }
                 }
                 // Check, repair, then check again, reporting what was fixed.
-                let pass = CheckRepairPass(all: repair == "all", driver: driver, file: file)
+                let pass = CheckRepairPass(all: repair == "all", driver: driver, file: file,
+                                           emit: printToStandardError)
                 return QCOW2Checker(driver: driver, file: file).run().flatMap { before in
                     pass.run(before: before)
-                }.flatMap { transcript in
-                    QCOW2Checker(driver: driver, file: file).run().map { (transcript, $0) }
-                }.flatMap { transcript, after in
+                }.flatMap { fixed in
+                    QCOW2Checker(driver: driver, file: file).run().map { (fixed, $0) }
+                }.flatMap { fixed, after in
                     // Consistent now: clear the dirty and corrupt bits.
                     guard after.corruptions == 0, after.checkErrors == 0 else {
-                        return file.eventLoop.makeSucceededFuture(("qcow2", after, transcript))
+                        return file.eventLoop.makeSucceededFuture(("qcow2", after, fixed))
                     }
-                    return driver.markConsistent(file: file).map { ("qcow2", after, transcript) }
+                    return driver.markConsistent(file: file).map { ("qcow2", after, fixed) }
                 }
             }
         } catch let failure as CheckRepairPass.RepairFailed {
-            printToStandardError(failure.messages)
             fail("Check failed: \(String(cString: strerror(failure.error.errno)))")
-        } catch let error as CheckRepairPass.RebuildNeeded {
-            printToStandardError(error.messages + ["ERROR need to rebuild refcount structures"])
+        } catch is CheckRepairPass.RebuildNeeded {
+            printToStandardError(["ERROR need to rebuild refcount structures"])
             fail("Check failed: Input/output error")
         } catch {
             fail("Could not open '\(image.filename)': \((error as? BlockError)?.description ?? "\(error)")")
@@ -57,14 +57,13 @@ struct ImgCheck: ParsableCommand {
         guard let report = outcome.report else {
             fail("This image format does not support checks", status: 63)
         }
-        // qemu-img writes what it found to stderr whatever the output format:
-        // what its repairing pass found and fixed, then what the second
-        // check finds, which it runs only when something was fixed.
-        let fixed = (leaks: outcome.repair?.leaksFixed ?? 0, corruptions: outcome.repair?.corruptionsFixed ?? 0)
-        if let repair = outcome.repair, fixed.leaks == 0, fixed.corruptions == 0 {
-            printToStandardError(repair.messages)
-        } else {
-            printToStandardError((outcome.repair?.messages ?? []) + report.messages)
+        // qemu-img writes what it found to stderr whatever the output format
+        // (a repairing pass has printed its lines): what the last check found,
+        // unless that was a repairing pass that fixed nothing, after which
+        // qemu-img does not check again.
+        let fixed = outcome.fixed ?? CheckRepairPass.Fixed()
+        if outcome.fixed == nil || fixed.leaks > 0 || fixed.corruptions > 0 {
+            printToStandardError(report.messages)
         }
         switch image.output {
         case .json:
