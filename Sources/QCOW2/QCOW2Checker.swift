@@ -82,6 +82,9 @@ public final class QCOW2Checker {
     /// The guest size in whole sectors, as the driver reads it.
     let guestSize: Int64
     var references: [Int64: Int] = [:]
+    /// Refcount blocks named by table entries with reserved bits: not
+    /// counted, as qemu-img counts, but in use until a rebuild replaces them.
+    var uncountedBlocks: Set<Int64> = []
     /// Refcounts as stored in the image (known once they are compared).
     var stored: [Int64: UInt64] = [:]
     var report = Report()
@@ -150,14 +153,16 @@ public final class QCOW2Checker {
     }
 
     /// What a refcount rebuild needs: the references of everything but the
-    /// refcount structure, and those of every cluster in use now, the old
-    /// table and blocks included (the rebuild must not overwrite them).
-    public func referencesForRebuild() -> EventLoopFuture<(references: [Int64: Int], all: [Int64: Int])> {
+    /// refcount structure, those of every cluster in use now, the old table
+    /// and blocks included, and the clusters the rebuild must not overwrite
+    /// (those, and blocks named by entries with reserved bits).
+    public func referencesForRebuild()
+        -> EventLoopFuture<(references: [Int64: Int], all: [Int64: Int], occupied: Set<Int64>)> {
         collect(countingRefcountTable: false).flatMap { () -> EventLoopFuture<[Int64: Int]> in
             let references = self.references
             self.referenceRefcountTable()
             return self.countRefcountBlocks().map { references }
-        }.map { references in (references, self.references) }
+        }.map { references in (references, self.references, Set(self.references.keys).union(self.uncountedBlocks)) }
     }
 
     private func referenceRefcountTable() {
@@ -170,9 +175,15 @@ public final class QCOW2Checker {
         return read(header.refcountTableOffset, tableBytes).map { table in
             let reader = BigEndianReader(table)
             for block in 0..<(table.count / 8) {
-                let offset = reader.u64(at: block * 8) & ~UInt64(511)
-                if offset != 0, offset < QCOW2Header.maxSize {
+                let entry = reader.u64(at: block * 8)
+                let offset = entry & ~UInt64(511)
+                // An entry with reserved bits set is not counted (see
+                // compareRefcounts), but its block is not free either.
+                guard offset != 0, offset < QCOW2Header.maxSize else { continue }
+                if entry & 511 == 0 {
                     self.reference(offset, length: self.clusterSize)
+                } else {
+                    self.uncountedBlocks.insert(Int64(offset) / self.clusterSize)
                 }
             }
         }
@@ -252,6 +263,10 @@ public final class QCOW2Checker {
         }
     }
 
+    /// The bits a standard (not compressed) L2 entry must leave clear:
+    /// 1 to 8 and 56 to 61 (qcow2.rst, "Standard Cluster Descriptor").
+    static let l2ReservedBits: UInt64 = 0x3f00_0000_0000_01fe
+
     /// A table that starts past the end of the file is reported (by
     /// `reference`) and has no entries; one the file ends inside is read
     /// with zeroes after the end, as QEMU reads it: its entries count, or a
@@ -263,6 +278,12 @@ public final class QCOW2Checker {
             var previousHost: UInt64?
             for index in 0..<self.header.l2Entries {
                 let entry = reader.u64(at: index * self.header.l2EntrySize)
+                if entry & QCOW2Entry.compressed == 0, entry & Self.l2ReservedBits != 0 {
+                    // Reported first, in qemu-img's words; the entry is
+                    // checked and counted all the same.
+                    self.report.corruptions += 1
+                    self.report.messages.append("ERROR found l2 entry with reserved bits set: \(String(entry, radix: 16))")
+                }
                 if entry & QCOW2Entry.compressed != 0 {
                     guard case .compressed(let host, let size)? = QCOW2Entry.mapping(
                         entry: entry, bitmap: nil, subcluster: 0, clusterBits: self.header.clusterBits) else { continue }
@@ -351,34 +372,21 @@ public final class QCOW2Checker {
             // Every block the table names is counted, as qemu-img counts
             // them, even where it describes no cluster in use.
             for block in 0..<table.count / 8 {
-                let offset = reader.u64(at: block * 8) & ~UInt64(511)
-                guard offset != 0 else { continue }
-                guard offset < QCOW2Header.maxSize else {
-                    self.report.corruptions += 1
-                    self.report.messages.append("ERROR refcount block \(block) offset is out of range")
-                    continue
-                }
-                // As qemu-img: one error for a block that is misplaced, and
-                // no reference counted for it.
-                guard offset % UInt64(self.clusterSize) == 0 else {
-                    self.report.corruptions += 1
-                    self.report.messages.append("ERROR refcount block \(block) is not cluster aligned; refcount table entry corrupted")
-                    continue
-                }
-                guard Int64(offset) / self.clusterSize < fileClusters else {
-                    self.report.corruptions += 1
-                    self.report.messages.append("ERROR refcount block \(block) is outside image")
-                    continue
-                }
-                self.reference(offset, length: self.clusterSize)
-                // Everything else is counted by now: a block that is also a
-                // table, data, or another entry's block must move, and only
-                // a rebuild moves it (as qemu-img judges, block by block).
-                let references = self.references[Int64(offset) / self.clusterSize] ?? 0
-                if references != 1 {
+                let entry = reader.u64(at: block * 8)
+                let offset = entry & ~UInt64(511)
+                if entry & 511 != 0 {
+                    // As qemu-img: an error only a rebuild mends, and the
+                    // block is not counted; its refcounts are still compared.
                     self.report.corruptions += 1
                     self.report.refcountsNeedRebuild = true
-                    self.report.messages.append("ERROR refcount block \(block) refcount=\(references)")
+                    self.report.messages.append("ERROR refcount table entry \(block) has reserved bits set")
+                }
+                guard offset != 0 else { continue }
+                if entry & 511 == 0 {
+                    guard self.countBlock(block, at: offset, fileClusters: fileClusters) else { continue }
+                } else if offset >= QCOW2Header.maxSize || offset % UInt64(self.clusterSize) != 0
+                            || Int64(offset) / self.clusterSize >= fileClusters {
+                    continue
                 }
                 guard block < comparedBlocks else { continue }
                 // Refcounts past the clusters the file and the metadata
@@ -395,28 +403,63 @@ public final class QCOW2Checker {
                     }
                 }
             }
-            return chain.map {
-                let stored = self.stored
-                let all = Set(stored.keys).union(self.references.keys).sorted()
-                for cluster in all {
-                    let have = stored[cluster] ?? 0
-                    let want = UInt64(self.references[cluster] ?? 0)
-                    guard have != want else { continue }
-                    let mismatch = RefcountMismatch(cluster: cluster, stored: have, referenced: want)
-                    self.report.mismatches.append(mismatch)
-                    self.report.messages.append(mismatch.message())
-                    if have < want {
-                        self.report.corruptions += 1
-                        if have == 0 { self.report.refcountsNeedRebuild = true }
-                    } else {
-                        self.report.leaks += 1
-                    }
-                }
-                let highest = max(self.references.keys.max() ?? 0, stored.keys.max() ?? 0)
-                self.report.imageEndOffset = (highest + 1) * self.clusterSize
-                self.report.totalClusters = Int((self.guestSize + self.clusterSize - 1) / self.clusterSize)
+            return chain.map { self.compareCounts() }
+        }
+    }
+
+    /// Checks where a refcount block lies and counts its reference, with
+    /// qemu-img's errors; false when it is not to be read.
+    private func countBlock(_ block: Int, at offset: UInt64, fileClusters: Int64) -> Bool {
+        guard offset < QCOW2Header.maxSize else {
+            report.corruptions += 1
+            report.messages.append("ERROR refcount block \(block) offset is out of range")
+            return false
+        }
+        // As qemu-img: one error for a block that is misplaced, and no
+        // reference counted for it.
+        guard offset % UInt64(clusterSize) == 0 else {
+            report.corruptions += 1
+            report.messages.append("ERROR refcount block \(block) is not cluster aligned; refcount table entry corrupted")
+            return false
+        }
+        guard Int64(offset) / clusterSize < fileClusters else {
+            report.corruptions += 1
+            report.messages.append("ERROR refcount block \(block) is outside image")
+            return false
+        }
+        reference(offset, length: clusterSize)
+        // Everything else is counted by now: a block that is also a table,
+        // data, or another entry's block must move, and only a rebuild
+        // moves it (as qemu-img judges, block by block).
+        let references = self.references[Int64(offset) / clusterSize] ?? 0
+        if references != 1 {
+            report.corruptions += 1
+            report.refcountsNeedRebuild = true
+            report.messages.append("ERROR refcount block \(block) refcount=\(references)")
+        }
+        return true
+    }
+
+    /// Compares the stored refcounts with the references counted.
+    private func compareCounts() {
+        let all = Set(stored.keys).union(references.keys).sorted()
+        for cluster in all {
+            let have = stored[cluster] ?? 0
+            let want = UInt64(references[cluster] ?? 0)
+            guard have != want else { continue }
+            let mismatch = RefcountMismatch(cluster: cluster, stored: have, referenced: want)
+            report.mismatches.append(mismatch)
+            report.messages.append(mismatch.message())
+            if have < want {
+                report.corruptions += 1
+                if have == 0 { report.refcountsNeedRebuild = true }
+            } else {
+                report.leaks += 1
             }
         }
+        let highest = max(references.keys.max() ?? 0, stored.keys.max() ?? 0)
+        report.imageEndOffset = (highest + 1) * clusterSize
+        report.totalClusters = Int((guestSize + clusterSize - 1) / clusterSize)
     }
 
     /// QEMU's OFLAG_COPIED check: in the active tables, COPIED must be set

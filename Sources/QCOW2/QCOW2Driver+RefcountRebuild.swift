@@ -21,7 +21,7 @@ extension QCOW2Driver {
                                    referenced: UInt64(found.references[cluster] ?? 0)))
             }
             freed.sort { $0.cluster < $1.cluster }
-            return try QCOW2RefcountRebuild(references: found.references, occupied: Set(found.all.keys),
+            return try QCOW2RefcountRebuild(references: found.references, occupied: found.occupied,
                                             clusterSize: clusterSize, refcountBits: bits)
         }.flatMap { plan in
             var writes = loop.makeSucceededVoidFuture()
