@@ -106,10 +106,11 @@ public final class QCOW2Checker {
         guard length > 0, offset < QCOW2Header.maxSize else { return }
         let first = Int64(offset) / clusterSize
         let last = (Int64(offset) + length - 1) / clusterSize
-        // Ending more than a cluster past the end of the file is an error,
-        // and not counted (qemu-img's test and words): a hostile offset must
-        // not make the comparison walk refcounts up to 2^61.
-        if Int64(offset) + length - file.length > clusterSize {
+        // Ending a cluster or more past the end of the file (a cluster that
+        // starts right at the end, say) is an error, and not counted
+        // (qemu-img's test and words): a hostile offset must not make the
+        // comparison walk refcounts up to 2^61.
+        if Int64(offset) + length - file.length >= clusterSize {
             report.corruptions += 1
             report.messages.append("ERROR: counting reference for region exceeding the end of the file by one "
                 + "cluster or more: offset 0x\(String(offset, radix: 16)) size 0x\(String(length, radix: 16))")
@@ -263,10 +264,6 @@ public final class QCOW2Checker {
         }
     }
 
-    /// The bits a standard (not compressed) L2 entry must leave clear:
-    /// 1 to 8 and 56 to 61 (qcow2.rst, "Standard Cluster Descriptor").
-    static let l2ReservedBits: UInt64 = 0x3f00_0000_0000_01fe
-
     /// A table that starts past the end of the file is reported (by
     /// `reference`) and has no entries; one the file ends inside is read
     /// with zeroes after the end, as QEMU reads it: its entries count, or a
@@ -278,7 +275,7 @@ public final class QCOW2Checker {
             var previousHost: UInt64?
             for index in 0..<self.header.l2Entries {
                 let entry = reader.u64(at: index * self.header.l2EntrySize)
-                if entry & QCOW2Entry.compressed == 0, entry & Self.l2ReservedBits != 0 {
+                if entry & QCOW2Entry.compressed == 0, entry & QCOW2Entry.l2ReservedMask != 0 {
                     // Reported first, in qemu-img's words; the entry is
                     // checked and counted all the same.
                     self.report.corruptions += 1
@@ -312,9 +309,14 @@ public final class QCOW2Checker {
                 let allocated = host != 0 || (self.externalData && entry & QCOW2Entry.copied != 0)
                 guard allocated else { continue }
                 if host % UInt64(self.clusterSize) != 0 {
-                    // Counted all the same, as qemu-img counts it (see checkL1).
+                    // Counted all the same, as qemu-img counts it (see checkL1);
+                    // named as qemu-img names it, by whether it holds data.
+                    let holdsData = self.header.hasExtendedL2
+                        ? reader.u64(at: index * self.header.l2EntrySize + 8) & 0xffff_ffff != 0
+                        : entry & QCOW2Entry.zeroFlag == 0
                     self.report.corruptions += 1
-                    self.report.messages.append("ERROR offset=\(String(host, radix: 16)): Data cluster is not properly aligned; L2 entry corrupted.")
+                    self.report.messages.append("ERROR offset=\(String(host, radix: 16)): "
+                        + (holdsData ? "Data" : "Preallocated") + " cluster is not properly aligned; L2 entry corrupted.")
                 }
                 if active {
                     self.report.allocatedClusters += 1
@@ -384,18 +386,18 @@ public final class QCOW2Checker {
                 guard offset != 0 else { continue }
                 if entry & 511 == 0 {
                     guard self.countBlock(block, at: offset, fileClusters: fileClusters) else { continue }
-                } else if offset >= QCOW2Header.maxSize || offset % UInt64(self.clusterSize) != 0
-                            || Int64(offset) / self.clusterSize >= fileClusters {
+                } else if offset % UInt64(self.clusterSize) != 0
+                            || offset / UInt64(self.clusterSize) >= UInt64(fileClusters) {
                     continue
                 }
                 guard block < comparedBlocks else { continue }
-                // Refcounts past the clusters the file and the metadata
-                // reach are not compared, as in QEMU.
-                let counted = Int(min(perBlock, clusters - Int64(block) * perBlock))
+                // The whole block is read: refcounts past the clusters the
+                // file and the metadata reach are not compared, as in QEMU,
+                // but the COPIED check looks them up.
                 chain = chain.flatMap {
                     self.read(offset, self.header.clusterSize).map { bytes in
                         bytes.withUnsafeBytes { raw in
-                            for index in 0..<counted {
+                            for index in 0..<Int(perBlock) {
                                 let value = QCOW2Refcounts.entry(raw, index: index, bits: self.header.refcountBits)
                                 if value != 0 { self.stored[Int64(block) * perBlock + Int64(index)] = value }
                             }
@@ -403,18 +405,13 @@ public final class QCOW2Checker {
                     }
                 }
             }
-            return chain.map { self.compareCounts() }
+            return chain.map { self.compareCounts(below: clusters) }
         }
     }
 
     /// Checks where a refcount block lies and counts its reference, with
     /// qemu-img's errors; false when it is not to be read.
     private func countBlock(_ block: Int, at offset: UInt64, fileClusters: Int64) -> Bool {
-        guard offset < QCOW2Header.maxSize else {
-            report.corruptions += 1
-            report.messages.append("ERROR refcount block \(block) offset is out of range")
-            return false
-        }
         // As qemu-img: one error for a block that is misplaced, and no
         // reference counted for it.
         guard offset % UInt64(clusterSize) == 0 else {
@@ -422,7 +419,8 @@ public final class QCOW2Checker {
             report.messages.append("ERROR refcount block \(block) is not cluster aligned; refcount table entry corrupted")
             return false
         }
-        guard Int64(offset) / clusterSize < fileClusters else {
+        // In unsigned arithmetic: the offset may be anything up to 2^64.
+        guard offset / UInt64(clusterSize) < UInt64(fileClusters) else {
             report.corruptions += 1
             report.messages.append("ERROR refcount block \(block) is outside image")
             return false
@@ -440,9 +438,10 @@ public final class QCOW2Checker {
         return true
     }
 
-    /// Compares the stored refcounts with the references counted.
-    private func compareCounts() {
-        let all = Set(stored.keys).union(references.keys).sorted()
+    /// Compares the stored refcounts of the clusters below `limit` with the
+    /// references counted.
+    private func compareCounts(below limit: Int64) {
+        let all = Set(stored.keys.filter { $0 < limit }).union(references.keys).sorted()
         for cluster in all {
             let have = stored[cluster] ?? 0
             let want = UInt64(references[cluster] ?? 0)
@@ -457,7 +456,7 @@ public final class QCOW2Checker {
                 report.leaks += 1
             }
         }
-        let highest = max(references.keys.max() ?? 0, stored.keys.max() ?? 0)
+        let highest = max(references.keys.max() ?? 0, all.last ?? 0)
         report.imageEndOffset = (highest + 1) * clusterSize
         report.totalClusters = Int((guestSize + clusterSize - 1) / clusterSize)
     }
@@ -474,7 +473,10 @@ public final class QCOW2Checker {
             var chain = loop.makeSucceededVoidFuture()
             for (index, entry) in l1.enumerated() {
                 let l2Offset = entry & QCOW2Entry.offsetMask
-                guard l2Offset != 0, l2Offset % UInt64(self.clusterSize) == 0 else { continue }
+                // A misaligned table is judged by the cluster it starts in,
+                // and its entries are read from where it starts, as qemu-img
+                // reads them.
+                guard l2Offset != 0 else { continue }
                 let refcount = self.stored[Int64(l2Offset) / self.clusterSize] ?? 0
                 if (refcount == 1) != (entry & QCOW2Entry.copied != 0) {
                     self.report.corruptions += 1
@@ -503,7 +505,9 @@ public final class QCOW2Checker {
                     guard host != 0 || entry & QCOW2Entry.copied != 0 else { continue }
                     refcount = 1
                 } else {
-                    guard host != 0, host % UInt64(self.clusterSize) == 0 else { continue }
+                    // A misaligned entry is judged by the cluster its offset
+                    // falls in, as qemu-img judges it.
+                    guard host != 0 else { continue }
                     refcount = self.stored[Int64(host) / self.clusterSize] ?? 0
                 }
                 guard (refcount == 1) != (entry & QCOW2Entry.copied != 0) else { continue }

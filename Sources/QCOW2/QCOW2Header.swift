@@ -194,8 +194,11 @@ extension QCOW2Header {
         guard size <= Self.maxSize else {
             throw QCOW2Error("Image size \(size) is too large")
         }
+        guard cryptMethod <= 2 else {
+            throw QCOW2Error("Unsupported encryption method \(cryptMethod)")   // qemu-img's words
+        }
         guard cryptMethod == 0 else {
-            throw QCOW2Error("qcow2 encryption (\(cryptMethod == 1 ? "AES" : cryptMethod == 2 ? "LUKS" : "method \(cryptMethod)")) is not supported yet")
+            throw QCOW2Error("qcow2 encryption (\(cryptMethod == 1 ? "AES" : "LUKS")) is not supported yet")
         }
         let unknown = incompatibleFeatures.subtracting(.known)
         guard unknown.isEmpty else {

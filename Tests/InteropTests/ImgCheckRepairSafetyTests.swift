@@ -142,4 +142,39 @@ import Testing
         #expect(ours.stdout == theirs.stdout, "\(ours.stdout)\n--\n\(theirs.stdout)")
         #expect(ours.stderr == theirs.stderr, "\(ours.stderr)\n--\n\(theirs.stderr)")
     }
+
+    /// Misplaced entries and unknown header values get qemu-img's words: a
+    /// misaligned entry that holds no data is a "Preallocated" cluster (and
+    /// its COPIED flag is judged by the cluster it falls in), a refcount
+    /// block far past the end is "outside image", a cluster that starts
+    /// right at the end of the file is past it, a COPIED flag past the end
+    /// is judged by the refcount stored for it, and an unknown encryption
+    /// method is "Unsupported".
+    @Test(arguments: ["zero-misaligned", "data-misaligned", "block-far-outside", "data-at-end",
+                      "data-past-end-counted", "unknown-encryption"])
+    func misplacedEntriesAreNamedAsQemuImgNamesThem(damage: String) throws {
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let (image, _) = try makeImage()
+        let l2 = try u64(image, at: try u64(image, at: 40)) & 0x00ff_ffff_ffff_fe00
+        let slot = l2 + 8 * 3
+        switch damage {
+        case "zero-misaligned": try write(image, (try u64(image, at: slot) & 0x00ff_ffff_ffff_fe00) + 0x200 | 1, width: 8, at: slot)
+        case "data-misaligned": try write(image, try u64(image, at: slot) + 0x200, width: 8, at: slot)
+        case "block-far-outside": try write(image, 0xffff_ffff_ffff_0000, width: 8, at: try u64(image, at: 48) + 8)
+        case "data-at-end", "data-past-end-counted":
+            let end = try #require(try FileManager.default.attributesOfItem(atPath: image)[.size] as? UInt64)
+            let target = damage == "data-at-end" ? end : end + 0x10_0000
+            try write(image, target | 1 << 63, width: 8, at: slot)
+            if damage == "data-past-end-counted" {
+                try write(image, 1, width: 2, at: try u64(image, at: try u64(image, at: 48)) + 2 * (target >> 16))
+            }
+        default: try write(image, 185, width: 4, at: 32)
+        }
+        let ours = try img(["check", image])
+        let theirs = try qemuImg(["check", image])
+        #expect(theirs.status != 0)
+        #expect(ours.status == theirs.status)
+        #expect(ours.stdout == theirs.stdout, "\(ours.stdout)\n--\n\(theirs.stdout)")
+        #expect(ours.stderrAsQemuImg() == theirs.stderr, "\(ours.stderr)\n--\n\(theirs.stderr)")
+    }
 }
