@@ -120,19 +120,23 @@ import Testing
 
     /// Entries qemu-img's check calls corrupt though reading them works:
     /// COPIED on a compressed entry, a compressed entry with subclusters
-    /// allocated, reserved bits in an L1 entry. Same report, same messages.
-    @Test(arguments: ["copied-compressed", "compressed-bitmap", "l1-reserved"])
+    /// allocated (with COPIED too), reserved bits in an L1 entry. Same
+    /// report, same messages.
+    @Test(arguments: ["copied-compressed", "compressed-bitmap", "copied-compressed-bitmap", "l1-reserved"])
     func entryChecksMatchQemuImg(damage: String) throws {
         defer { try? FileManager.default.removeItem(at: directory) }
-        let (plain, _) = try makeImage(damage == "compressed-bitmap" ? ["-o", "extended_l2=on"] : [])
+        let options = damage.hasSuffix("compressed-bitmap") ? ["-o", "extended_l2=on"] : []
+        let (plain, _) = try makeImage(options)
         let image = path("damaged.qcow2")
-        let options = damage == "compressed-bitmap" ? ["-o", "extended_l2=on"] : []
         #expect(try qemuImg(["convert", "-c", "-O", "qcow2"] + options + [plain, image]).status == 0)
         let l1 = try u64(image, at: 40)
         let l2 = try u64(image, at: l1) & 0x00ff_ffff_ffff_fe00
         switch damage {
         case "copied-compressed": try write(image, try u64(image, at: l2) | 1 << 63, width: 8, at: l2)
         case "compressed-bitmap": try write(image, 1, width: 8, at: l2 + 8)
+        case "copied-compressed-bitmap":
+            try write(image, try u64(image, at: l2) | 1 << 63, width: 8, at: l2)
+            try write(image, 1, width: 8, at: l2 + 8)
         default: try write(image, try u64(image, at: l1) | 8, width: 8, at: l1)
         }
         let ours = try img(["check", image])
