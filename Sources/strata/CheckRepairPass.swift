@@ -68,8 +68,10 @@ struct CheckRepairPass {
         return refcountsRepaired.flatMap {
             QCOW2Checker(driver: driver, file: file).run()
         }.flatMap { middle in
-            fixed.leaks = before.leaks - middle.leaks
-            fixed.corruptions = before.refcountCorruptions - middle.refcountCorruptions
+            // What the refcount repair took away (never less than nothing:
+            // qemu-img counts each fix as it makes it).
+            fixed.leaks = max(0, before.leaks - middle.leaks)
+            fixed.corruptions = max(0, before.refcountCorruptions - middle.refcountCorruptions)
             let repairCopied = all || (middle.refcountCorruptions == 0 && middle.leaks == 0 && middle.checkErrors == 0)
             var lines = middle.messages[middle.copiedMessagesStart...].map {
                 repairCopied && $0.hasPrefix("ERROR ") ? "Repairing " + $0.dropFirst("ERROR ".count) : $0
