@@ -20,7 +20,7 @@ public final class QCOW2Checker {
         public var imageEndOffset: Int64 = 0
         /// Active L1 and L2 entries whose COPIED flag disagrees with their
         /// cluster's refcount, with the value each should have.
-        public var copiedFixes: [CopiedFix] = []
+        public var copiedFixes: [EntryFix] = []
         /// A refcount block shares its cluster, or a cluster in use has
         /// refcount 0 (its block may be missing): as qemu-img, `-r all`
         /// rebuilds the refcount structure, and `-r leaks` gives up.
@@ -37,6 +37,14 @@ public final class QCOW2Checker {
         /// after the refcounts are repaired, so it prints what comes before
         /// and replaces what follows.
         public var copiedMessagesStart = 0
+        /// Where the walk over the metadata ends in `messages` and the
+        /// refcount structure's own checks start.
+        public var walkMessagesEnd = 0
+        /// Misaligned entries that hold no data, each with the index of its
+        /// message, in the order the walk met them (an L2 table two L1
+        /// tables share, twice): `-r all` rewrites them as entries without
+        /// a cluster, as qemu-img does.
+        public var preallocatedFixes: [(fix: EntryFix, messageIndex: Int)] = []
 
         /// Corruptions found before the COPIED check: everything the
         /// refcount comparison and the walk over the metadata count, but
@@ -59,8 +67,9 @@ public final class QCOW2Checker {
         }
     }
 
-    /// An entry of the active tables to rewrite with COPIED set or cleared.
-    public struct CopiedFix: Sendable {
+    /// A table entry to rewrite: one of the active tables' with COPIED set
+    /// or cleared, or a misaligned one without its cluster.
+    public struct EntryFix: Sendable {
         /// Where the entry lies in the image file.
         public var entryOffset: UInt64
         /// The entry as it should be.
@@ -192,7 +201,10 @@ public final class QCOW2Checker {
 
     public func run() -> EventLoopFuture<Report> {
         checkSnapshotEntries()
-        return collect().flatMap { self.compareRefcounts() }.flatMap { self.checkCopied() }.map { self.report }
+        return collect().flatMap {
+            self.report.walkMessagesEnd = self.report.messages.count
+            return self.compareRefcounts()
+        }.flatMap { self.checkCopied() }.map { self.report }
     }
 
     /// Version 3 entries need 16 bytes of extra data at least, as qemu-img
@@ -316,6 +328,15 @@ public final class QCOW2Checker {
                         ? reader.u64(at: index * self.header.l2EntrySize + 8) & 0xffff_ffff != 0
                         : entry & QCOW2Entry.zeroFlag == 0
                     self.report.corruptions += 1
+                    if !holdsData {
+                        // Nothing is lost without the cluster: qemu-img's
+                        // repair makes the entry read as zeroes (with
+                        // extended L2, as its zero bits say).
+                        let fix = EntryFix(entryOffset: offset + UInt64(index * self.header.l2EntrySize),
+                                           entry: self.header.hasExtendedL2 ? 0 : QCOW2Entry.zeroFlag,
+                                           l1Index: nil, l2Table: offset, slot: index)
+                        self.report.preallocatedFixes.append((fix, self.report.messages.count))
+                    }
                     self.report.messages.append("ERROR offset=\(String(host, radix: 16)): "
                         + (holdsData ? "Data" : "Preallocated") + " cluster is not properly aligned; L2 entry corrupted.")
                 }
@@ -482,7 +503,7 @@ public final class QCOW2Checker {
                 if (refcount == 1) != (entry & QCOW2Entry.copied != 0) {
                     self.report.corruptions += 1
                     self.report.messages.append("ERROR OFLAG_COPIED L2 cluster: l1_index=\(index) l1_entry=\(String(entry, radix: 16)) refcount=\(refcount)")
-                    self.report.copiedFixes.append(CopiedFix(
+                    self.report.copiedFixes.append(EntryFix(
                         entryOffset: self.header.l1TableOffset + UInt64(index * 8),
                         entry: refcount == 1 ? entry | QCOW2Entry.copied : entry & ~QCOW2Entry.copied,
                         l1Index: index, l2Table: nil, slot: index))
@@ -514,7 +535,7 @@ public final class QCOW2Checker {
                 guard (refcount == 1) != (entry & QCOW2Entry.copied != 0) else { continue }
                 self.report.corruptions += 1
                 self.report.messages.append("ERROR OFLAG_COPIED data cluster: l2_entry=\(String(entry, radix: 16)) refcount=\(refcount)")
-                self.report.copiedFixes.append(CopiedFix(
+                self.report.copiedFixes.append(EntryFix(
                     entryOffset: offset + UInt64(slot * self.header.l2EntrySize),
                     entry: refcount == 1 ? entry | QCOW2Entry.copied : entry & ~QCOW2Entry.copied,
                     l1Index: nil, l2Table: offset, slot: slot))

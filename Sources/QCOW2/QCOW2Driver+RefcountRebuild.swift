@@ -37,6 +37,10 @@ extension QCOW2Driver {
             }.flatMap {
                 self.refcountDamage = nil
                 return self.prepareForWriting(file: file)
+            }.flatMap {
+                // Placed clear of the old structure, the new one leaves it
+                // all free: punched out, as qemu-img frees it.
+                self.punch(freed.filter { $0.referenced == 0 }.map(\.cluster), file: file)
             }.map { freed }
         }
     }

@@ -345,10 +345,17 @@ public final class QCOW2Driver: BlockDriver {
     /// what `check -r` does with counts it can fix in place.
     /// With `onlyLeaks`, only counts above the references are lowered
     /// (`qemu-img check -r leaks`); otherwise every count is set (`-r all`).
+    /// Clusters it frees are punched out of the file, as QEMU frees them:
+    /// the space a leak wasted comes back.
     public func repairRefcounts(file: BlockNode, onlyLeaks: Bool = false) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
         return QCOW2Checker(driver: self, file: file).expectedRefcounts().flatMap { references in
             guard let refcounter = self.refcounter else { return loop.makeFailedFuture(BlockError.eperm) }
+            var freed: [Int64] = []
+            // Counts past the file and everything referenced are left as
+            // they are, as qemu-img leaves them: it compares no further.
+            let clusterSize = Int64(self.header.clusterSize)
+            let limit = max((file.length + clusterSize - 1) / clusterSize, (references.keys.max() ?? -1) + 1)
             do {
                 if !onlyLeaks {
                     for cluster in references.keys { try refcounter.ensureBlock(for: cluster) }
@@ -361,13 +368,17 @@ public final class QCOW2Driver: BlockDriver {
                     guard let tableIndex = tableIndexOf[offset] else { continue }
                     for index in 0..<Int(refcounter.perBlock) {
                         let cluster = Int64(tableIndex) * refcounter.perBlock + Int64(index)
+                        guard cluster < limit else { break }
                         let expected = UInt64(references[cluster] ?? 0)
                         let stored = QCOW2Refcounts.entry(block.bytes, index: index, bits: refcounter.bits)
                         guard stored != expected, !onlyLeaks || stored > expected else { continue }
                         QCOW2Refcounter.store(block.mutableBytes, index: index, bits: refcounter.bits, value: expected)
                         refcounter.dirtyBlocks.insert(offset)
                         // A repaired leak is free for the allocator again.
-                        if expected == 0 { refcounter.firstFreeCandidate = min(refcounter.firstFreeCandidate, cluster) }
+                        if expected == 0 {
+                            refcounter.firstFreeCandidate = min(refcounter.firstFreeCandidate, cluster)
+                            freed.append(cluster)
+                        }
                     }
                 }
             } catch {
@@ -377,8 +388,31 @@ public final class QCOW2Driver: BlockDriver {
             self.writeBackMetadata { error in
                 if let error { promise.fail(error) } else { promise.succeed(()) }
             }
-            return promise.futureResult
+            return promise.futureResult.flatMap { self.punch(freed.sorted(), file: file) }
         }
+    }
+
+    /// Punches the runs of `clusters` (ascending) inside the file out of
+    /// it, one run after another. A file that cannot punch holes keeps
+    /// the bytes, as QEMU keeps them: the refcounts are what counts.
+    func punch(_ clusters: [Int64], file: BlockNode) -> EventLoopFuture<Void> {
+        let clusterSize = Int64(header.clusterSize)
+        var runs: [(start: Int64, end: Int64)] = []
+        for cluster in clusters {
+            let start = cluster * clusterSize
+            guard start < file.length else { break }
+            let end = min(start + clusterSize, file.length)
+            if let last = runs.last, last.end == start { runs[runs.count - 1].end = end } else { runs.append((start, end)) }
+        }
+        var chain = file.eventLoop.makeSucceededVoidFuture()
+        for run in runs {
+            chain = chain.flatMap {
+                let promise = file.eventLoop.makePromise(of: Void.self)
+                file.discard(at: run.start, length: run.end - run.start, evenIfIgnored: true) { _ in promise.succeed(()) }
+                return promise.futureResult
+            }
+        }
+        return chain
     }
 
     /// After a check's repair left no corruptions: clears the dirty and

@@ -39,11 +39,46 @@ struct CheckRepairPass {
 
     /// Repairs what `before` (a check of the image as it was) found.
     func run(before: QCOW2Checker.Report) -> EventLoopFuture<Fixed> {
-        var fixed = Fixed()
         // The snapshot table is repaired (by `-r all`) as it is found.
-        emit(before.messages[..<before.copiedMessagesStart].map {
+        var walkLines = before.messages[..<before.walkMessagesEnd].map {
             all && $0.hasPrefix("ERROR snapshot table entry ") ? "Repairing" + $0.dropFirst("ERROR".count) : $0
-        })
+        }
+        guard all, !before.preallocatedFixes.isEmpty else {
+            return repairRefcounts(found: before, walkLines: walkLines, fixed: Fixed())
+        }
+        // Misaligned entries without data are rewritten as the walk meets
+        // them, so qemu-img's pass counts neither their clusters nor their
+        // second sighting in a shared table: fixed first here, and checked
+        // again for what the refcount repair is to find.
+        var fixes: [QCOW2Checker.EntryFix] = []
+        var seen: Set<UInt64> = []
+        var dropped: [Int] = []
+        for (fix, messageIndex) in before.preallocatedFixes {
+            if seen.insert(fix.entryOffset).inserted {
+                fixes.append(fix)
+                walkLines[messageIndex] = "Repairing" + walkLines[messageIndex].dropFirst("ERROR".count)
+            } else {
+                dropped.append(messageIndex)
+            }
+        }
+        for index in dropped.reversed() { walkLines.remove(at: index) }
+        return driver.repairEntries(fixes, file: file).flatMap {
+            QCOW2Checker(driver: driver, file: file).run()
+        }.flatMapErrorThrowing { error in
+            emit(walkLines)
+            throw RepairFailed(error: error as? BlockError ?? .eio)
+        }.flatMap { rechecked in
+            repairRefcounts(found: rechecked, walkLines: walkLines, fixed: Fixed(corruptions: fixes.count))
+        }
+    }
+
+    /// The refcount repair, then the COPIED and snapshot table repairs:
+    /// `found` is a check of the image with any entries already rewritten,
+    /// `walkLines` what the pass prints for its walk over the metadata.
+    private func repairRefcounts(found before: QCOW2Checker.Report, walkLines: [String],
+                                 fixed: Fixed) -> EventLoopFuture<Fixed> {
+        var fixed = fixed
+        emit(walkLines + before.messages[before.walkMessagesEnd..<before.copiedMessagesStart])
         // Refcounts that cannot be repaired in place (a structure that could
         // not be loaded, a block sharing its cluster, a cluster in use
         // counted 0) are rebuilt by `-r all`; `-r leaks` gives up with
@@ -70,8 +105,8 @@ struct CheckRepairPass {
         }.flatMap { middle in
             // What the refcount repair took away (never less than nothing:
             // qemu-img counts each fix as it makes it).
-            fixed.leaks = max(0, before.leaks - middle.leaks)
-            fixed.corruptions = max(0, before.refcountCorruptions - middle.refcountCorruptions)
+            fixed.leaks += max(0, before.leaks - middle.leaks)
+            fixed.corruptions += max(0, before.refcountCorruptions - middle.refcountCorruptions)
             let repairCopied = all || (middle.refcountCorruptions == 0 && middle.leaks == 0 && middle.checkErrors == 0)
             var lines = middle.messages[middle.copiedMessagesStart...].map {
                 repairCopied && $0.hasPrefix("ERROR ") ? "Repairing " + $0.dropFirst("ERROR ".count) : $0
@@ -86,7 +121,7 @@ struct CheckRepairPass {
                 lines = Array(lines.prefix(overlap.index + 1))
             }
             emit(lines)
-            return driver.repairCopiedFlags(middle.copiedFixes, file: file).map {
+            return driver.repairEntries(middle.copiedFixes, file: file).map {
                 fixed.corruptions += middle.copiedFixes.count
             }
         }.flatMap {

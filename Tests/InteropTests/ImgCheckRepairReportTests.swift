@@ -34,6 +34,13 @@ import Testing
         /// Bit 2 of the refcount table's entry, reserved: the block is not
         /// counted, and only a rebuild mends it (see the test).
         case reservedBitsInARefcountTableEntry
+        /// A zero cluster's entry pointing into the middle of a cluster:
+        /// -r all rewrites it as a zero cluster without one, and frees
+        /// the cluster it named.
+        case misalignedZeroCluster
+        /// The same, with a cluster in use counted 0: fixed before the
+        /// rebuild, which then frees the old refcount structure.
+        case misalignedZeroClusterAndCountedZero
     }
 
     func damage(_ image: String, _ damage: Damage) throws {
@@ -57,6 +64,11 @@ import Testing
         case .countedZeroAndLeak: try count(5, 0); try count(6, 3)
         case .reservedBitsInAnL2Entry:
             try write(image, try u64(image, at: l2 + 8 * 4) | 2, width: 8, at: l2 + 8 * 4)
+        case .misalignedZeroCluster:
+            try write(image, (try u64(image, at: l2 + 8 * 4) | 1) + 0x200, width: 8, at: l2 + 8 * 4)
+        case .misalignedZeroClusterAndCountedZero:
+            try write(image, (try u64(image, at: l2 + 8 * 4) | 1) + 0x200, width: 8, at: l2 + 8 * 4)
+            try count(12, 0)
         case .reservedBitsInARefcountTableEntry:
             let table = try u64(image, at: 48)
             try write(image, try u64(image, at: table) | 4, width: 8, at: table)
@@ -99,6 +111,12 @@ import Testing
                     "\(context):\n\(repaired.stderr)--\n\(qemu.stderr)")
             // The JSON run meets what the first repair left: the same again.
         }
-        #expect(try qemuImg(["compare", "-q", ours, theirs]).status == 0, "the same guest data")
+        // -r leaks leaves a misaligned entry, which neither tool reads.
+        if mode == "all" || ![.misalignedZeroCluster, .misalignedZeroClusterAndCountedZero].contains(damage) {
+            #expect(try qemuImg(["compare", "-q", ours, theirs]).status == 0, "the same guest data")
+        }
+        // Byte for byte: the same entries rewritten, the same clusters
+        // freed and punched out.
+        #expect(FileManager.default.contentsEqual(atPath: ours, andPath: theirs), "\(damage) -r \(mode): the same file")
     }
 }

@@ -271,7 +271,7 @@ import Testing
         let fixes = try found.wait().copiedFixes
         #expect(fixes.count == image.header.clusterSize / 8)
         file.forget()
-        let repaired = driver.repairCopiedFlags(fixes, file: fileNode)
+        let repaired = driver.repairEntries(fixes, file: fileNode)
         loop.run()
         try repaired.wait()
         #expect(file.writes.count == 1 && file.writes.first?.offset == Int64(l2), "\(file.writes)")

@@ -5,16 +5,17 @@ import Glibc
 #endif
 
 extension QCOW2Driver {
-    /// The rest of `qemu-img check -r` after refcounts are repaired: sets
-    /// or clears the COPIED flags a check found disagreeing with their
-    /// clusters' refcounts (`Report.copiedFixes` of a check run after the
-    /// refcount repair).
+    /// Writes table entries a check found wrong, as `qemu-img check -r`
+    /// rewrites them: COPIED flags that disagree with their clusters'
+    /// refcounts (`Report.copiedFixes` of a check run after the refcount
+    /// repair), and misaligned entries that hold no data
+    /// (`Report.preallocatedFixes`).
     ///
     /// Each table cluster with fixes is read, patched and written once, so
     /// a table full of bad entries costs one write, not one per entry.
-    public func repairCopiedFlags(_ copiedFixes: [QCOW2Checker.CopiedFix], file: BlockNode) -> EventLoopFuture<Void> {
+    public func repairEntries(_ fixes: [QCOW2Checker.EntryFix], file: BlockNode) -> EventLoopFuture<Void> {
         let clusterSize = UInt64(header.clusterSize)
-        if let overlap = firstOverlappingFix(copiedFixes) {
+        if let overlap = firstOverlappingFix(fixes) {
             // qemu-img's overlap check stops its repair here the same way
             // (Strata writes none of the fixes; qemu-img those before it).
             let promise = file.eventLoop.makePromise(of: Void.self)
@@ -23,7 +24,7 @@ extension QCOW2Driver {
             }
             return promise.futureResult
         }
-        let byCluster = Dictionary(grouping: copiedFixes) { $0.entryOffset / clusterSize * clusterSize }
+        let byCluster = Dictionary(grouping: fixes) { $0.entryOffset / clusterSize * clusterSize }
         var chain = file.eventLoop.makeSucceededVoidFuture()
         for (offset, fixes) in byCluster.sorted(by: { $0.key < $1.key }) {
             chain = chain.flatMap { self.rewrite(fixes, inClusterAt: offset, file: file) }
@@ -59,9 +60,9 @@ extension QCOW2Driver {
 
     /// The first fix that would write into another structure, and that
     /// structure's name (QEMU's), or nil when every fix is safe to write.
-    public func firstOverlappingFix(_ copiedFixes: [QCOW2Checker.CopiedFix]) -> (index: Int, structure: String)? {
+    public func firstOverlappingFix(_ fixes: [QCOW2Checker.EntryFix]) -> (index: Int, structure: String)? {
         let structures = metadataStructures()
-        for (index, fix) in copiedFixes.enumerated() {
+        for (index, fix) in fixes.enumerated() {
             if let structure = overlap(fix, structures: structures) { return (index, structure) }
         }
         return nil
@@ -71,7 +72,7 @@ extension QCOW2Driver {
     /// may only land in the L1 table, an L2 entry only in L2 tables (an
     /// L1 entry naming the L1 table makes it both). Written, the fix would
     /// change what the other structure says.
-    private func overlap(_ fix: QCOW2Checker.CopiedFix, structures: [Int64: Set<String>]) -> String? {
+    private func overlap(_ fix: QCOW2Checker.EntryFix, structures: [Int64: Set<String>]) -> String? {
         let cluster = Int64(fix.entryOffset) / Int64(header.clusterSize)
         let own = fix.l1Index != nil ? "active L1 table" : "active L2 table"
         if let other = structures[cluster]?.subtracting([own]).sorted().first { return other }
@@ -82,26 +83,30 @@ extension QCOW2Driver {
     }
 
     /// Writes the fixed entries of one table cluster in place and updates
-    /// the copies held in memory.
-    private func rewrite(_ fixes: [QCOW2Checker.CopiedFix], inClusterAt offset: UInt64,
+    /// the copies held in memory. Only the sectors from the first fix to
+    /// the last are written, as qemu-img writes entries: the rest of the
+    /// cluster may be a hole in the file, and stays one.
+    private func rewrite(_ fixes: [QCOW2Checker.EntryFix], inClusterAt offset: UInt64,
                          file: BlockNode) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
+        let entries = fixes.map(\.entryOffset)
+        let start = max(offset, entries.min()! / 512 * 512)
         // The file may end inside the cluster after the table's last entry.
-        let count = Int(min(Int64(header.clusterSize), file.length - Int64(offset)))
-        guard count > 0, fixes.allSatisfy({ $0.entryOffset - offset + 8 <= UInt64(count) }) else {
+        let end = min(offset + UInt64(header.clusterSize), (entries.max()! + 8 + 511) / 512 * 512, UInt64(file.length))
+        guard start < UInt64(file.length), entries.max()! + 8 <= end else {
             return loop.makeFailedFuture(BlockError(errno: EIO, "Table entry at 0x\(String(offset, radix: 16)) lies past the end of the image"))
         }
-        return QCOW2Driver.readBytes(file, at: Int64(offset), count: count).flatMap { bytes in
+        return QCOW2Driver.readBytes(file, at: Int64(start), count: Int(end - start)).flatMap { bytes in
             var patched = bytes
             for fix in fixes {
-                let at = Int(fix.entryOffset - offset)
+                let at = Int(fix.entryOffset - start)
                 for index in 0..<8 { patched[at + index] = UInt8(truncatingIfNeeded: fix.entry >> UInt64(56 - 8 * index)) }
             }
-            return QCOW2Driver.writeBytes(file, patched, at: Int64(offset)).map { fixes.forEach(self.applyInMemory) }
+            return QCOW2Driver.writeBytes(file, patched, at: Int64(start)).map { fixes.forEach(self.applyInMemory) }
         }
     }
 
-    private func applyInMemory(_ fix: QCOW2Checker.CopiedFix) {
+    private func applyInMemory(_ fix: QCOW2Checker.EntryFix) {
         if let index = fix.l1Index {
             if index < l1.count { l1[index] = fix.entry }
         } else if let offset = fix.l2Table {
