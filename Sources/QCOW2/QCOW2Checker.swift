@@ -37,9 +37,14 @@ public final class QCOW2Checker {
         /// after the refcounts are repaired, so it prints what comes before
         /// and replaces what follows.
         public var copiedMessagesStart = 0
-        /// Where the walk over the metadata ends in `messages` and the
-        /// refcount structure's own checks start.
-        public var walkMessagesEnd = 0
+        /// Where the refcount comparison's messages start in `messages`,
+        /// after the walk over the metadata and the refcount structure's
+        /// own checks.
+        public var mismatchMessagesStart = 0
+        /// Refcount blocks past the end of the file, with the index of each
+        /// one's message: qemu-img's `-r all` tries to grow the file over
+        /// them (see `CheckRepairPass`).
+        public var blocksOutsideImage: [(block: Int, offset: UInt64, messageIndex: Int)] = []
         /// Misaligned entries that hold no data, each with the index of its
         /// message, in the order the walk met them (an L2 table two L1
         /// tables share, twice): `-r all` rewrites them as entries without
@@ -96,6 +101,15 @@ public final class QCOW2Checker {
     var uncountedBlocks: Set<Int64> = []
     /// Refcounts as stored in the image (known once they are compared).
     var stored: [Int64: UInt64] = [:]
+    /// The clusters whose refcount block cannot be read at all (misaligned,
+    /// or beyond any offset a read can reach), in table order: qemu-img
+    /// cannot get their refcounts, and says so for each one.
+    var unreadable: [(clusters: Range<Int64>, tableIndex: Int, misaligned: UInt64?)] = []
+    /// QEMU tells of a corrupt image once.
+    var corruptionSignalled = false
+    /// Opened for a repair, the image would be marked corrupt where a
+    /// read-only check only calls it corrupt (qemu's two wordings).
+    let openedForRepair: Bool
     var report = Report()
     var clusterSize: Int64 { Int64(header.clusterSize) }
 
@@ -108,10 +122,11 @@ public final class QCOW2Checker {
         snapshotTableLength = driver.snapshotTableLength
         bitmapDirectory = driver.bitmapDirectory
         guestSize = driver.length
+        openedForRepair = driver.options.forRepair
     }
 
     /// Counts one reference to every cluster of `[offset, offset + length)`.
-    private func reference(_ offset: UInt64, length: Int64) {
+    func reference(_ offset: UInt64, length: Int64) {
         guard length > 0, offset < QCOW2Header.maxSize else { return }
         let first = Int64(offset) / clusterSize
         let last = (Int64(offset) + length - 1) / clusterSize
@@ -149,7 +164,7 @@ public final class QCOW2Checker {
     /// Reads metadata; what lies past the end of the file reads as zeroes,
     /// as through QEMU's file driver, so a table there is reported (by
     /// `reference`) and checked as empty instead of failing the check.
-    private func read(_ offset: UInt64, _ count: Int) -> EventLoopFuture<[UInt8]> {
+    func read(_ offset: UInt64, _ count: Int) -> EventLoopFuture<[UInt8]> {
         let available = offset < UInt64(file.length) ? min(count, Int(UInt64(file.length) - offset)) : 0
         guard available < count else { return QCOW2Driver.readBytes(file, at: Int64(offset), count: count) }
         return QCOW2Driver.readBytes(file, at: Int64(offset), count: available).map {
@@ -190,6 +205,8 @@ public final class QCOW2Checker {
                 // An entry with reserved bits set is not counted (see
                 // compareRefcounts), but its block is not free either.
                 guard offset != 0, offset < QCOW2Header.maxSize else { continue }
+                // A misaligned one is no block at all (see countBlock).
+                guard offset % UInt64(self.clusterSize) == 0 else { continue }
                 if entry & 511 == 0 {
                     self.reference(offset, length: self.clusterSize)
                 } else {
@@ -201,10 +218,7 @@ public final class QCOW2Checker {
 
     public func run() -> EventLoopFuture<Report> {
         checkSnapshotEntries()
-        return collect().flatMap {
-            self.report.walkMessagesEnd = self.report.messages.count
-            return self.compareRefcounts()
-        }.flatMap { self.checkCopied() }.map { self.report }
+        return collect().flatMap { self.compareRefcounts() }.flatMap { self.checkCopied() }.map { self.report }
     }
 
     /// Version 3 entries need 16 bytes of extra data at least, as qemu-img
@@ -381,108 +395,6 @@ public final class QCOW2Checker {
         return chain
     }
 
-    /// Reads every refcount block and compares with what was counted.
-    private func compareRefcounts() -> EventLoopFuture<Void> {
-        let loop = file.eventLoop
-        let perBlock = Int64(header.clusterSize * 8 / header.refcountBits)
-        let tableBytes = Int(header.refcountTableClusters) * header.clusterSize
-        return read(header.refcountTableOffset, tableBytes).flatMap { table in
-            let reader = BigEndianReader(table)
-            let fileClusters = (self.file.length + self.clusterSize - 1) / self.clusterSize
-            let maxReferenced = (self.references.keys.max() ?? 0) + 1
-            let clusters = max(fileClusters, maxReferenced)
-            var chain = loop.makeSucceededVoidFuture()
-            let comparedBlocks = Int((clusters + perBlock - 1) / perBlock)
-            // Every block the table names is counted, as qemu-img counts
-            // them, even where it describes no cluster in use.
-            for block in 0..<table.count / 8 {
-                let entry = reader.u64(at: block * 8)
-                let offset = entry & ~UInt64(511)
-                if entry & 511 != 0 {
-                    // As qemu-img: an error only a rebuild mends, and the
-                    // block is not counted; its refcounts are still compared.
-                    self.report.corruptions += 1
-                    self.report.refcountsNeedRebuild = true
-                    self.report.messages.append("ERROR refcount table entry \(block) has reserved bits set")
-                }
-                guard offset != 0 else { continue }
-                if entry & 511 == 0 {
-                    guard self.countBlock(block, at: offset, fileClusters: fileClusters) else { continue }
-                } else if offset % UInt64(self.clusterSize) != 0
-                            || offset / UInt64(self.clusterSize) >= UInt64(fileClusters) {
-                    continue
-                }
-                guard block < comparedBlocks else { continue }
-                // The whole block is read: refcounts past the clusters the
-                // file and the metadata reach are not compared, as in QEMU,
-                // but the COPIED check looks them up.
-                chain = chain.flatMap {
-                    self.read(offset, self.header.clusterSize).map { bytes in
-                        bytes.withUnsafeBytes { raw in
-                            for index in 0..<Int(perBlock) {
-                                let value = QCOW2Refcounts.entry(raw, index: index, bits: self.header.refcountBits)
-                                if value != 0 { self.stored[Int64(block) * perBlock + Int64(index)] = value }
-                            }
-                        }
-                    }
-                }
-            }
-            return chain.map { self.compareCounts(below: clusters) }
-        }
-    }
-
-    /// Checks where a refcount block lies and counts its reference, with
-    /// qemu-img's errors; false when it is not to be read.
-    private func countBlock(_ block: Int, at offset: UInt64, fileClusters: Int64) -> Bool {
-        // As qemu-img: one error for a block that is misplaced, and no
-        // reference counted for it.
-        guard offset % UInt64(clusterSize) == 0 else {
-            report.corruptions += 1
-            report.messages.append("ERROR refcount block \(block) is not cluster aligned; refcount table entry corrupted")
-            return false
-        }
-        // In unsigned arithmetic: the offset may be anything up to 2^64.
-        guard offset / UInt64(clusterSize) < UInt64(fileClusters) else {
-            report.corruptions += 1
-            report.messages.append("ERROR refcount block \(block) is outside image")
-            return false
-        }
-        reference(offset, length: clusterSize)
-        // Everything else is counted by now: a block that is also a table,
-        // data, or another entry's block must move, and only a rebuild
-        // moves it (as qemu-img judges, block by block).
-        let references = self.references[Int64(offset) / clusterSize] ?? 0
-        if references != 1 {
-            report.corruptions += 1
-            report.refcountsNeedRebuild = true
-            report.messages.append("ERROR refcount block \(block) refcount=\(references)")
-        }
-        return true
-    }
-
-    /// Compares the stored refcounts of the clusters below `limit` with the
-    /// references counted.
-    private func compareCounts(below limit: Int64) {
-        let all = Set(stored.keys.filter { $0 < limit }).union(references.keys).sorted()
-        for cluster in all {
-            let have = stored[cluster] ?? 0
-            let want = UInt64(references[cluster] ?? 0)
-            guard have != want else { continue }
-            let mismatch = RefcountMismatch(cluster: cluster, stored: have, referenced: want)
-            report.mismatches.append(mismatch)
-            report.messages.append(mismatch.message())
-            if have < want {
-                report.corruptions += 1
-                if have == 0 { report.refcountsNeedRebuild = true }
-            } else {
-                report.leaks += 1
-            }
-        }
-        let highest = max(references.keys.max() ?? 0, all.last ?? 0)
-        report.imageEndOffset = (highest + 1) * clusterSize
-        report.totalClusters = Int((guestSize + clusterSize - 1) / clusterSize)
-    }
-
     /// QEMU's OFLAG_COPIED check: in the active tables, COPIED must be set
     /// exactly where the L2 table or data cluster has refcount 1 (always,
     /// for data in an external data file). Each mismatch is a corruption.
@@ -500,7 +412,9 @@ public final class QCOW2Checker {
                 // reads them.
                 guard l2Offset != 0 else { continue }
                 let refcount = self.stored[Int64(l2Offset) / self.clusterSize] ?? 0
-                if (refcount == 1) != (entry & QCOW2Entry.copied != 0) {
+                // A refcount qemu-img cannot get is skipped without a word.
+                if self.refcountReadable(Int64(l2Offset) / self.clusterSize),
+                   (refcount == 1) != (entry & QCOW2Entry.copied != 0) {
                     self.report.corruptions += 1
                     self.report.messages.append("ERROR OFLAG_COPIED L2 cluster: l1_index=\(index) l1_entry=\(String(entry, radix: 16)) refcount=\(refcount)")
                     self.report.copiedFixes.append(EntryFix(
@@ -529,7 +443,7 @@ public final class QCOW2Checker {
                 } else {
                     // A misaligned entry is judged by the cluster its offset
                     // falls in, as qemu-img judges it.
-                    guard host != 0 else { continue }
+                    guard host != 0, self.refcountReadable(Int64(host) / self.clusterSize) else { continue }
                     refcount = self.stored[Int64(host) / self.clusterSize] ?? 0
                 }
                 guard (refcount == 1) != (entry & QCOW2Entry.copied != 0) else { continue }

@@ -270,6 +270,12 @@ extension QCOW2Driver {
 
     // MARK: corruption
 
+    /// Sets the corrupt bit on disk, where the caller has said why.
+    public func setCorruptBit(file: BlockNode) -> EventLoopFuture<Void> {
+        header.incompatibleFeatures.insert(.corrupt)
+        return rewriteHeader(file: file)
+    }
+
     /// Marks the image corrupt on disk, as QEMU does, and fails the request.
     func markCorrupt(_ reason: String, completion: @escaping BlockCompletion) {
         // Told once, in qemu's words, on the server's stderr.

@@ -255,7 +255,7 @@ public final class QCOW2Driver: BlockDriver {
             return refcounter
         }.flatMapError { error in
             guard let damage = error as? QCOW2RefcountDamage else { return loop.makeFailedFuture(error) }
-            guard self.options.forRepair, damage.canRebuild else { return loop.makeFailedFuture(damage.blockError) }
+            guard self.options.forRepair else { return loop.makeFailedFuture(damage.blockError) }
             // The check rebuilds the structure, then prepares again. Until
             // then the driver stays read-only (no refcounter).
             self.refcountDamage = damage

@@ -6,28 +6,23 @@ import Glibc
 /// Why the refcount structure on disk cannot be loaded for writing.
 ///
 /// An ordinary read-write open refuses the image with `blockError`. Opened
-/// for `check -r all`, damage qemu-img rebuilds from the other metadata
-/// (`canRebuild`) is tolerated instead, and the check rebuilds the table and
-/// blocks before repairing anything else.
+/// for `check -r`, the damage is tolerated instead: `-r all` rebuilds the
+/// table and blocks from the other metadata before repairing anything else.
 public enum QCOW2RefcountDamage: Error, Equatable, Sendable {
     /// The table reaches past the end of the file (qemu-img reads it as
     /// zeroes: every refcount is lost).
     case tablePastEnd
     /// A table entry names a block past the end of the file.
     case blockPastEnd(UInt64)
-    /// A table entry is not cluster-aligned or lies beyond any valid offset;
-    /// qemu-img marks the image corrupt and gives up on these.
+    /// A table entry is not cluster-aligned or lies beyond any valid offset.
+    /// (qemu-img's rebuild gives up on a misaligned block, as it marked
+    /// the image corrupt on reading it; Strata's rebuild does not need it.)
     case blockMisplaced(UInt64)
     /// Two table entries name the same block.
     case blockShared(UInt64)
     /// A block, or a cluster of the table, is also the header, an L1 or
     /// L2 table, or a snapshot table.
     case overlapsMetadata(UInt64)
-
-    public var canRebuild: Bool {
-        if case .blockMisplaced = self { return false }
-        return true
-    }
 
     public var message: String {
         switch self {

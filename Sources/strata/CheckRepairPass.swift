@@ -39,55 +39,85 @@ struct CheckRepairPass {
 
     /// Repairs what `before` (a check of the image as it was) found.
     func run(before: QCOW2Checker.Report) -> EventLoopFuture<Fixed> {
-        // The snapshot table is repaired (by `-r all`) as it is found.
-        var walkLines = before.messages[..<before.walkMessagesEnd].map {
-            all && $0.hasPrefix("ERROR snapshot table entry ") ? "Repairing" + $0.dropFirst("ERROR".count) : $0
+        // What the pass prints before the refcount comparison, line by line
+        // of `before`: the snapshot table is repaired (by `-r all`) as it is
+        // found.
+        var lines = before.messages[..<before.mismatchMessagesStart].map {
+            [all && $0.hasPrefix("ERROR snapshot table entry ") ? "Repairing" + $0.dropFirst("ERROR".count) : $0]
         }
-        guard all, !before.preallocatedFixes.isEmpty else {
-            return repairRefcounts(found: before, walkLines: walkLines, fixed: Fixed())
-        }
-        // Misaligned entries without data are rewritten as the walk meets
-        // them, so qemu-img's pass counts neither their clusters nor their
-        // second sighting in a shared table: fixed first here, and checked
-        // again for what the refcount repair is to find.
+        guard all else { return repairRefcounts(found: before, leadingLines: lines.flatMap { $0 }, fixed: Fixed()) }
+        // qemu-img's pass rewrites misaligned entries without data as its
+        // walk meets them, so it counts neither their clusters nor their
+        // second sighting in a shared table: rewritten first here, and the
+        // image checked again for what the refcount repair is to find.
         var fixes: [QCOW2Checker.EntryFix] = []
         var seen: Set<UInt64> = []
-        var dropped: [Int] = []
         for (fix, messageIndex) in before.preallocatedFixes {
             if seen.insert(fix.entryOffset).inserted {
                 fixes.append(fix)
-                walkLines[messageIndex] = "Repairing" + walkLines[messageIndex].dropFirst("ERROR".count)
+                lines[messageIndex] = ["Repairing" + before.messages[messageIndex].dropFirst("ERROR".count)]
             } else {
-                dropped.append(messageIndex)
+                lines[messageIndex] = []
             }
         }
-        for index in dropped.reversed() { walkLines.remove(at: index) }
+        // It also grows the file over a refcount block past its end, which
+        // Strata does not do: a damaged entry may point anywhere. Only where
+        // its attempt must fail, its lines are the same.
+        let clusterSize = UInt64(driver.header.clusterSize)
+        for (block, offset, messageIndex) in before.blocksOutsideImage where offset > UInt64(Int64.max) - clusterSize {
+            lines[messageIndex] = ["Repairing refcount block \(block) is outside image",
+                                   "ERROR could not resize image: Invalid argument"]
+        }
+        guard !fixes.isEmpty else {
+            return repairRefcounts(found: before, leadingLines: lines.flatMap { $0 }, fixed: Fixed())
+        }
         return driver.repairEntries(fixes, file: file).flatMap {
             QCOW2Checker(driver: driver, file: file).run()
         }.flatMapErrorThrowing { error in
-            emit(walkLines)
+            emit(lines.flatMap { $0 })
             throw RepairFailed(error: error as? BlockError ?? .eio)
         }.flatMap { rechecked in
-            repairRefcounts(found: rechecked, walkLines: walkLines, fixed: Fixed(corruptions: fixes.count))
+            repairRefcounts(found: rechecked, leadingLines: lines.flatMap { $0 }, fixed: Fixed(corruptions: fixes.count))
         }
     }
 
+    /// Whether the refcount structure, which could not be loaded, must be
+    /// rebuilt: always, but for blocks beyond any offset a file reaches,
+    /// which qemu-img rebuilds only under `-r all` (its attempt to grow
+    /// the file over them fails).
+    private var damageNeedsRebuild: Bool {
+        guard let damage = driver.refcountDamage else { return false }
+        if case .blockMisplaced(let offset) = damage, offset % UInt64(driver.header.clusterSize) == 0 { return all }
+        return true
+    }
+
+    /// Whether a refcount block is not cluster-aligned.
+    private var misalignedBlock: Bool {
+        guard case .blockMisplaced(let offset)? = driver.refcountDamage else { return false }
+        return offset % UInt64(driver.header.clusterSize) != 0
+    }
+
     /// The refcount repair, then the COPIED and snapshot table repairs:
-    /// `found` is a check of the image with any entries already rewritten,
-    /// `walkLines` what the pass prints for its walk over the metadata.
-    private func repairRefcounts(found before: QCOW2Checker.Report, walkLines: [String],
+    /// `found` is a check of the image as the walk's repairs left it,
+    /// `leadingLines` what the pass prints before the refcount comparison.
+    private func repairRefcounts(found before: QCOW2Checker.Report, leadingLines: [String],
                                  fixed: Fixed) -> EventLoopFuture<Fixed> {
         var fixed = fixed
-        emit(walkLines + before.messages[before.walkMessagesEnd..<before.copiedMessagesStart])
+        emit(leadingLines + before.messages[before.mismatchMessagesStart..<before.copiedMessagesStart])
         // Refcounts that cannot be repaired in place (a structure that could
         // not be loaded, a block sharing its cluster, a cluster in use
         // counted 0) are rebuilt by `-r all`; `-r leaks` gives up with
         // qemu-img's error and status. (qemu-img repairs the leaks it found
         // first; Strata writes nothing to an image it cannot make consistent.)
-        let rebuild = driver.refcountDamage != nil || before.refcountsNeedRebuild
+        let rebuild = damageNeedsRebuild || before.refcountsNeedRebuild
         let refcountsRepaired: EventLoopFuture<Void>
         if rebuild {
-            guard all else { return file.eventLoop.makeFailedFuture(RebuildNeeded()) }
+            guard all else {
+                // qemu-img marked the image corrupt on reading a misaligned
+                // block (the checker printed its words).
+                guard misalignedBlock else { return file.eventLoop.makeFailedFuture(RebuildNeeded()) }
+                return driver.setCorruptBit(file: file).flatMapThrowing { throw RebuildNeeded() }
+            }
             emit(["Rebuilding refcount structure"])
             refcountsRepaired = driver.rebuildRefcounts(file: file).flatMap { freed in
                 // qemu-img frees the old structure as leaks, one line each.
@@ -96,9 +126,24 @@ struct CheckRepairPass {
             }
         } else {
             if before.refcountCorruptions > 0 || before.leaks > 0 {
-                emit(before.mismatches.map { $0.message(repairing: $0.stored > $0.referenced || all) })
+                // The comparison again, repairing: the refcounts it cannot
+                // get are told again (the corruption event is not).
+                var mismatches = before.mismatches.makeIterator()
+                emit(before.messages[before.mismatchMessagesStart..<before.copiedMessagesStart].compactMap { line in
+                    if line.hasPrefix("Can't get refcount ") { return line }
+                    if line.hasPrefix("qcow2: ") { return nil }
+                    return mismatches.next().map { $0.message(repairing: $0.stored > $0.referenced || all) }
+                })
             }
-            refcountsRepaired = driver.repairRefcounts(file: file, onlyLeaks: !all)
+            if driver.refcountDamage != nil {
+                // Blocks out of reach, under -r leaks: qemu-img repairs
+                // the leaks elsewhere; Strata, without the structure
+                // loaded, only when there are none.
+                guard before.leaks == 0 else { return file.eventLoop.makeFailedFuture(RebuildNeeded()) }
+                refcountsRepaired = file.eventLoop.makeSucceededVoidFuture()
+            } else {
+                refcountsRepaired = driver.repairRefcounts(file: file, onlyLeaks: !all)
+            }
         }
         return refcountsRepaired.flatMap {
             QCOW2Checker(driver: driver, file: file).run()

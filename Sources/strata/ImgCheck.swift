@@ -93,7 +93,12 @@ struct ImgCheck: ParsableCommand {
                 print("\n\(report.leaks) leaked clusters were found on the image.")
                 print("This means waste of disk space, but no harm to data.")
             }
-            if report.corruptions == 0, report.leaks == 0 { print("No errors were found on the image.") }
+            if report.checkErrors > 0 {
+                print("\n\(report.checkErrors) internal errors have occurred during the check.")
+            }
+            if report.corruptions == 0, report.leaks == 0, report.checkErrors == 0 {
+                print("No errors were found on the image.")
+            }
             // As qemu-img, only an image with allocated clusters gets the line.
             if report.totalClusters > 0, report.allocatedClusters > 0 {
                 let percent = { (value: Int, base: Int) in String(format: "%.2f", Double(value) * 100 / Double(base)) }
@@ -104,7 +109,8 @@ struct ImgCheck: ParsableCommand {
             }
             print("Image end offset: \(report.imageEndOffset)")
         }
-        if report.checkErrors > 0 { throw ExitCode(1) }
+        // As qemu-img: the report, then the failure.
+        if report.checkErrors > 0 { fail("Check failed") }
         if report.corruptions > 0 { throw ExitCode(2) }
         if report.leaks > 0 { throw ExitCode(3) }
     }
