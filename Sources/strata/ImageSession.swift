@@ -38,7 +38,10 @@ final class ImageSession {
             options.forRepair = forRepair
             options.openBacking = openBacking
             options.metadataOnly = metadataOnly
-            return ImageOpener.open(options, graph: self.graph, io: self.io).flatMap { node in
+            // The warnings qemu-img prints as it opens (a probed raw image
+            // opened for writing).
+            let warn = { (message: String) in FileHandle.standardError.write(Data((message + "\n").utf8)) }
+            return ImageOpener.open(options, graph: self.graph, io: self.io, warn: warn).flatMap { node in
                 // qemu-img takes consistent read and shares only reading.
                 do {
                     let perm: BlockPermission = writable ? [.consistentRead, .write] : .consistentRead

@@ -85,6 +85,14 @@ import Testing
         #expect(badOption.status != 0 && badOption.stderr.contains("Cluster size"))
         let badSize = try img(["create", "-f", "qcow2", overlay + "4", "12Q"])
         #expect(badSize.status != 0 && badSize.stderr.contains("Invalid image size"))
+        // A raw image has no checks (63); opened for a repair, its probed
+        // format gets qemu-img's warning first.
+        for arguments in [["check"], ["check", "-r", "leaks"]] {
+            let ours = try img(arguments + [base])
+            let theirs = try qemuImg(arguments + [base])
+            #expect(ours.status == 63 && theirs.status == 63)
+            #expect(ours.stderrAsQemuImg(ours: base, theirs: base) == theirs.stderr, "\(arguments)")
+        }
     }
 
     /// Extended L2: zero and unallocated subclusters of a cluster with host
