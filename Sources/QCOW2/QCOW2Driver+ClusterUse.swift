@@ -122,9 +122,16 @@ extension QCOW2Driver: CachedFileExtentHolder, InFlightRequestOwner {
             // Once ranges have gone out by sendfile, whatever the discard
             // option: a reply sent may still sit in a socket, referencing
             // these pages.
+            punchesInFlight += 1
             file.discard(at: range.lowerBound * clusterSize, length: Int64(range.count) * clusterSize,
                          evenIfIgnored: refcounter.hasLent) { _ in
                 for cluster in range { self.refcounter?.finishPunch(cluster) }
+                self.punchesInFlight -= 1
+                if self.punchesInFlight == 0, !self.punchWaiters.isEmpty {
+                    let waiters = self.punchWaiters
+                    self.punchWaiters = []
+                    waiters.forEach { $0() }
+                }
             }
             start = end
         }

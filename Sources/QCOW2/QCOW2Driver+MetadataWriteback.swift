@@ -133,12 +133,22 @@ extension QCOW2Driver {
             // Releasing clusters dirtied refcount blocks: write those too, so
             // a clean flush leaves no leaks behind.
             guard self.refcounter!.dirtyBlocks.isEmpty else { return self.flush(completion: completion) }
-            if self.dataFile !== self.file {
-                self.dataFile.flush(completion: completion)
-            } else {
-                completion(nil)
+            // The clusters the writeback freed are being punched: a flush
+            // ends once they are the allocator's again, so writes after it
+            // reuse them (as they would in QEMU, which frees at once)
+            // instead of growing the file.
+            self.afterPunches {
+                if self.dataFile !== self.file {
+                    self.dataFile.flush(completion: completion)
+                } else {
+                    completion(nil)
+                }
             }
         }
+    }
+
+    private func afterPunches(_ body: @escaping () -> Void) {
+        if punchesInFlight == 0 { body() } else { punchWaiters.append(body) }
     }
 
     /// Writes back everything changed, in crash-safe order; then releases

@@ -68,6 +68,10 @@ public final class QCOW2Driver: BlockDriver {
     var metadataWaiters: [() -> Void] = []
     /// Host ranges to release once the tables that dropped them are on disk.
     var pendingFrees: [(UInt64, Int64)] = []
+    /// Freed ranges being punched out of the file, and the flushes waiting
+    /// for them (see `flush`).
+    var punchesInFlight = 0
+    var punchWaiters: [() -> Void] = []
     var scratchBuffers: [UnsafeMutableRawPointer] = []
     /// Records of data reads and in-place writes in flight (see
     /// `countingUse`) that have ended, for the next ones to take.

@@ -272,4 +272,25 @@ import Testing
         #expect(driver.refcounter!.awaitingPunch.isEmpty && driver.refcounter!.inFlight.isIdle
                 && driver.refcounter!.lentClusters.isEmpty && driver.refcounter!.awaitingReturn.isEmpty)
     }
+
+    /// A flush ends once the clusters its writeback freed are punched and
+    /// the allocator's again: a write after it reuses them, as after a
+    /// flush in QEMU, instead of growing the file.
+    @Test func aFlushEndsOnceTheClustersItFreedArePunched() throws {
+        let (driver, file, _) = try open(unmap: true)
+        write(driver, cluster: 0, byte: 0x11)
+        run { driver.flush(completion: $0) }
+        let old = try host(driver, cluster: 0)
+
+        file.heldDiscards = []
+        run { driver.discard(at: 0, length: Int64(clusterSize), completion: $0) }
+        var flushed: BlockError??
+        driver.flush { flushed = .some($0) }
+        loop.run()
+        #expect(file.heldDiscards?.count == 1 && flushed == nil, "the flush waits for the punch")
+        release(\.heldDiscards, of: file)
+        #expect(flushed != nil && flushed! == nil, "then ends")
+        write(driver, cluster: 1, byte: 0x22)
+        #expect(try host(driver, cluster: 1) == old, "the freed cluster is reused")
+    }
 }
