@@ -41,6 +41,7 @@ struct ImgMap: ParsableCommand {
                 return Self.map(node, emit: printer.add)
             }
         } catch {
+            printer.abandon()
             fail("Could not open '\(image.filename)': \((error as? BlockError)?.description ?? "\(error)")")
         }
         if let refusal = printer.finish() { fail(refusal) }

@@ -8,6 +8,9 @@ final class MapPrinter: @unchecked Sendable {
     let output: OutputFormat
     private var pending: ImgMap.Entry?
     private var printed = 0
+    /// Text waiting to go out: written in large pieces, as millions of
+    /// lines one `print` each cost more than the walk that found them.
+    private var buffer: [UInt8] = []
     /// Why the human table stopped, as qemu-img stops it.
     private(set) var refusal: String?
 
@@ -17,7 +20,7 @@ final class MapPrinter: @unchecked Sendable {
 
     /// The image is open: the human table gets its heading.
     func start() {
-        if output == .human { print("Offset          Length          Mapped to       File") }
+        if output == .human { append("Offset          Length          Mapped to       File\n") }
     }
 
     /// Takes the next entry; false once the output has ended early.
@@ -41,18 +44,73 @@ final class MapPrinter: @unchecked Sendable {
                 write(ImgMap.Entry(start: 0, length: 0, depth: 0, present: false, zero: false, data: false,
                                    offset: nil, file: ""))
             }
-            print("]")
+            append("]\n")
         }
+        flushBuffer()
         return refusal
+    }
+
+    /// The walk failed: what was written so far still goes out, as
+    /// qemu-img's lines do.
+    func abandon() {
+        flushBuffer()
+    }
+
+    private func append(_ text: String) {
+        buffer.append(contentsOf: text.utf8)
+        if buffer.count >= 1 << 16 { flushBuffer() }
+    }
+
+    private func flushBuffer() {
+        buffer.withUnsafeBytes { _ = fwrite($0.baseAddress, 1, $0.count, stdout) }
+        buffer.removeAll(keepingCapacity: true)
+        fflush(stdout)
+    }
+
+    private func appendLiteral(_ text: StaticString) {
+        text.withUTF8Buffer { buffer.append(contentsOf: $0) }
+    }
+
+    private func appendDecimal(_ value: Int64) {
+        if value < 0 { buffer.append(UInt8(ascii: "-")) }
+        // Lowest digit first, then turned around in place.
+        let start = buffer.count
+        var rest = value.magnitude
+        repeat {
+            buffer.append(UInt8(ascii: "0") + UInt8(rest % 10))
+            rest /= 10
+        } while rest > 0
+        buffer[start...].reverse()
+    }
+
+    /// qemu-img's `%#-15" PRIx64 " "` column: "0" for zero, "0x…"
+    /// otherwise, padded with spaces to 16 characters.
+    private func appendColumn(_ value: Int64) {
+        let text = value == 0 ? "0" : "0x" + String(value, radix: 16)
+        buffer.append(contentsOf: text.utf8)
+        if text.utf8.count < 16 { buffer.append(contentsOf: repeatElement(UInt8(ascii: " "), count: 16 - text.utf8.count)) }
     }
 
     private func write(_ entry: ImgMap.Entry) {
         switch output {
         case .json:
-            var text = "{ \"start\": \(entry.start), \"length\": \(entry.length), \"depth\": \(entry.depth), "
-                + "\"present\": \(entry.present), \"zero\": \(entry.zero), \"data\": \(entry.data)"
-            if let offset = entry.offset { text += ", \"offset\": \(offset)" }
-            print((printed == 0 ? "[" : ",\n") + text + "}", terminator: "")
+            // Byte by byte: string interpolation, millions of times over,
+            // cost more than the walk.
+            appendLiteral(printed == 0 ? "[{ \"start\": " : ",\n{ \"start\": ")
+            appendDecimal(entry.start)
+            appendLiteral(", \"length\": ")
+            appendDecimal(entry.length)
+            appendLiteral(", \"depth\": ")
+            appendDecimal(Int64(entry.depth))
+            appendLiteral(entry.present ? ", \"present\": true" : ", \"present\": false")
+            appendLiteral(entry.zero ? ", \"zero\": true" : ", \"zero\": false")
+            appendLiteral(entry.data ? ", \"data\": true" : ", \"data\": false")
+            if let offset = entry.offset {
+                appendLiteral(", \"offset\": ")
+                appendDecimal(offset)
+            }
+            appendLiteral("}")
+            if buffer.count >= 1 << 16 { flushBuffer() }
         case .human:
             guard entry.data else { return }
             guard let offset = entry.offset else {
@@ -63,10 +121,10 @@ final class MapPrinter: @unchecked Sendable {
             }
             // Space that reads as zeroes (preallocated) is not listed.
             guard !entry.zero else { return }
-            // qemu-img prints %#x: "0" for zero, "0x..." otherwise.
-            let hex = { (value: Int64) in value == 0 ? "0" : "0x" + String(value, radix: 16) }
-            let columns = [hex(entry.start), hex(entry.length), hex(offset)]
-            print(columns.map { $0.padding(toLength: 16, withPad: " ", startingAt: 0) }.joined() + entry.file)
+            appendColumn(entry.start)
+            appendColumn(entry.length)
+            appendColumn(offset)
+            append(entry.file + "\n")
         }
         printed += 1
     }
