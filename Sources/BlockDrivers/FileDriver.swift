@@ -159,9 +159,11 @@ public final class FileDriver: BlockDriver {
         if options.direct {
             limits.optimalMemoryAlignment = max(limits.optimalMemoryAlignment, CachedFileExtent.pageSize)
         }
-        // fallocate on a block device works in whole sectors.
+        // fallocate on a block device works in whole sectors; on a file,
+        // on any range, zeroing what it cannot free (QEMU discards there
+        // byte for byte too: a freed 512-byte qcow2 cluster reads as zeroes).
         let sector = isBlockDevice ? max(Int(strata_block_sector_size(fd)), 512) : 1
-        limits.discardAlignment = max(limits.discardAlignment, isBlockDevice ? sector : 4096)
+        limits.discardAlignment = max(limits.discardAlignment, sector)
         limits.zeroAlignment = max(limits.zeroAlignment, sector)
     }
 
