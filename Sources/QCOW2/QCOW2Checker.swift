@@ -265,8 +265,10 @@ public final class QCOW2Checker {
                     self.report.corruptions += 1
                     self.report.messages.append("ERROR found L1 entry with reserved bits set: \(String(entry, radix: 16))")
                 }
+                // Any bit set makes the entry a table to qemu-img, at
+                // offset 0 too (it then reads the header as one).
+                guard entry != 0 else { continue }
                 let l2Offset = entry & QCOW2Entry.offsetMask
-                guard l2Offset != 0 else { continue }
                 // Misplaced, the table still counts for the clusters it
                 // overlaps and its entries are checked, as qemu-img does:
                 // a repair must not free what they hold.
