@@ -37,6 +37,9 @@ public final class QCOW2Checker {
         /// after the refcounts are repaired, so it prints what comes before
         /// and replaces what follows.
         public var copiedMessagesStart = 0
+        /// Where the walk over the metadata starts in `messages`, after
+        /// the snapshot table's entries.
+        public var walkMessagesStart = 0
         /// Where the refcount comparison's messages start in `messages`,
         /// after the walk over the metadata and the refcount structure's
         /// own checks.
@@ -218,6 +221,7 @@ public final class QCOW2Checker {
 
     public func run() -> EventLoopFuture<Report> {
         checkSnapshotEntries()
+        report.walkMessagesStart = report.messages.count
         return collect().flatMap { self.compareRefcounts() }.flatMap { self.checkCopied() }.map { self.report }
     }
 
@@ -232,11 +236,13 @@ public final class QCOW2Checker {
         }
     }
 
-    /// Walks all metadata, counting references.
+    /// Walks all metadata, counting references, in qemu-img's order (which
+    /// decides where its messages fall, and which reference overflows a
+    /// narrow refcount): the header, the active tables, the snapshots',
+    /// the snapshot table, the refcount table, the bitmaps.
     private func collect(countingRefcountTable: Bool = true) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
         reference(0, length: clusterSize)
-        if countingRefcountTable { referenceRefcountTable() }
         var tables: [(l1: [UInt64]?, offset: UInt64, size: UInt32, active: Bool)] = []
         if !activeL1.isEmpty || header.l1Size == 0 {
             tables.append((activeL1, header.l1TableOffset, header.l1Size, true))
@@ -244,14 +250,17 @@ public final class QCOW2Checker {
             tables.append((nil, header.l1TableOffset, header.l1Size, true))
         }
         for snapshot in snapshots { tables.append((nil, snapshot.l1TableOffset, snapshot.l1Size, false)) }
-        if header.snapshotCount > 0 {
-            reference(header.snapshotsOffset, length: Int64(max(snapshotTableLength, 1)))
-        }
         var work = loop.makeSucceededVoidFuture()
         for table in tables {
             work = work.flatMap { self.checkL1(table.l1, offset: table.offset, size: table.size, active: table.active) }
         }
-        return work.flatMap { self.checkBitmaps() }
+        return work.flatMap {
+            if self.header.snapshotCount > 0 {
+                self.reference(self.header.snapshotsOffset, length: Int64(max(self.snapshotTableLength, 1)))
+            }
+            if countingRefcountTable { self.referenceRefcountTable() }
+            return self.checkBitmaps()
+        }
     }
 
     private func checkL1(_ known: [UInt64]?, offset: UInt64, size: UInt32, active: Bool) -> EventLoopFuture<Void> {

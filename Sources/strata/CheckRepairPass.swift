@@ -120,8 +120,16 @@ struct CheckRepairPass {
             }
             emit(["Rebuilding refcount structure"])
             refcountsRepaired = driver.rebuildRefcounts(file: file).flatMap { freed in
-                // qemu-img frees the old structure as leaks, one line each.
-                emit(freed.map { $0.message(repairing: true) })
+                QCOW2Checker(driver: driver, file: file).run().map { (freed, $0) }
+            }.flatMap { freed, rebuilt in
+                // qemu-img walks the metadata again over the new structure,
+                // printing what the walk finds, then compares, repairing
+                // leaks only: the old structure's clusters, one line each.
+                emit(Array(rebuilt.messages[rebuilt.walkMessagesStart..<rebuilt.mismatchMessagesStart]))
+                let lines = freed.map { ($0.cluster, $0.message(repairing: true)) }
+                    + rebuilt.mismatches.map { ($0.cluster, $0.message(repairing: $0.stored > $0.referenced)) }
+                emit(lines.sorted { $0.0 < $1.0 }.map(\.1))
+                if rebuilt.refcountsNeedRebuild { emit(["ERROR rebuilt refcount structure is still broken"]) }
                 return driver.repairRefcounts(file: file)
             }
         } else {
