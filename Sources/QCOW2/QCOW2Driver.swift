@@ -426,6 +426,13 @@ public final class QCOW2Driver: BlockDriver {
         clearFlags([.dirty, .corrupt], file: file)
     }
 
+    /// After a check's repair left the refcounts consistent, though not
+    /// everything else: clears the dirty bit (lazy refcounts need no
+    /// repair on the next open).
+    public func markClean(file: BlockNode) -> EventLoopFuture<Void> {
+        clearFlags(.dirty, file: file)
+    }
+
     /// Clears header bits and rewrites the header if any was set.
     func clearFlags(_ flags: QCOW2Header.IncompatibleFeatures, file: BlockNode) -> EventLoopFuture<Void> {
         guard !header.incompatibleFeatures.isDisjoint(with: flags) else { return file.eventLoop.makeSucceededVoidFuture() }

@@ -39,11 +39,19 @@ struct ImgCheck: ParsableCommand {
                 }.flatMap { fixed in
                     QCOW2Checker(driver: driver, file: file).run().map { (fixed, $0) }
                 }.flatMap { fixed, after in
-                    // Consistent now: clear the dirty and corrupt bits.
-                    guard after.corruptions == 0, after.checkErrors == 0 else {
-                        return file.eventLoop.makeSucceededFuture(("qcow2", after, fixed))
+                    // Consistent now: clear the dirty and corrupt bits. With
+                    // only the refcounts right, the dirty bit (qemu-img clears
+                    // it on close whatever is left; Strata keeps it while
+                    // counts are wrong, for the next open to repair them).
+                    let cleared: EventLoopFuture<Void>
+                    if after.corruptions == 0, after.checkErrors == 0 {
+                        cleared = driver.markConsistent(file: file)
+                    } else if after.mismatches.isEmpty, !after.refcountsNeedRebuild, after.checkErrors == 0 {
+                        cleared = driver.markClean(file: file)
+                    } else {
+                        cleared = file.eventLoop.makeSucceededVoidFuture()
                     }
-                    return driver.markConsistent(file: file).map { ("qcow2", after, fixed) }
+                    return cleared.map { ("qcow2", after, fixed) }
                 }
             }
         } catch let failure as CheckRepairPass.RepairFailed {
