@@ -345,13 +345,25 @@ public final class QCOW2Checker {
                 }
                 let host = entry & QCOW2Entry.offsetMask
                 let allocated = host != 0 || (self.externalData && entry & QCOW2Entry.copied != 0)
-                guard allocated else { continue }
+                // Subclusters: one allocated and zero at once, or allocated
+                // in a cluster without one, are corruptions (no repair
+                // mends them), in qemu-img's words.
+                let bitmap = self.header.hasExtendedL2 ? reader.u64(at: index * self.header.l2EntrySize + 8) : 0
+                guard allocated else {
+                    if bitmap & 0xffff_ffff != 0 {
+                        self.report.corruptions += 1
+                        self.report.messages.append("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+                    }
+                    continue
+                }
+                if (bitmap >> 32) & bitmap & 0xffff_ffff != 0 {
+                    self.report.corruptions += 1
+                    self.report.messages.append("ERROR offset=\(String(host, radix: 16)): Allocated cluster has corrupted subcluster allocation bitmap")
+                }
                 if host % UInt64(self.clusterSize) != 0 {
                     // Counted all the same, as qemu-img counts it (see checkL1);
                     // named as qemu-img names it, by whether it holds data.
-                    let holdsData = self.header.hasExtendedL2
-                        ? reader.u64(at: index * self.header.l2EntrySize + 8) & 0xffff_ffff != 0
-                        : entry & QCOW2Entry.zeroFlag == 0
+                    let holdsData = self.header.hasExtendedL2 ? bitmap & 0xffff_ffff != 0 : entry & QCOW2Entry.zeroFlag == 0
                     self.report.corruptions += 1
                     if !holdsData {
                         // Nothing is lost without the cluster: qemu-img's

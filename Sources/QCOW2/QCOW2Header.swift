@@ -214,15 +214,16 @@ extension QCOW2Header {
             throw QCOW2Error("L1 table is too small")
         }
         guard refcountTableClusters > 0 else {
-            throw QCOW2Error("Reference count table is empty")
+            throw QCOW2Error("Image does not contain a reference count table")
         }
         guard UInt64(refcountTableClusters) << UInt64(clusterBits) <= Self.maxRefcountTableBytes else {
             throw QCOW2Error("Reference count table too large")
         }
         let cluster = UInt64(clusterSize)
-        for (name, offset) in [("L1 table", l1TableOffset), ("Reference count table", refcountTableOffset)] {
+        // qemu's names, in its messages.
+        for (name, offset) in [("Active L1 table", l1TableOffset), ("Reference count table", refcountTableOffset)] {
             guard offset % cluster == 0 else { throw QCOW2Error("\(name) offset invalid") }
-            guard offset != 0 || (name == "L1 table" && l1Size == 0) else {
+            guard offset != 0 || (name == "Active L1 table" && l1Size == 0) else {
                 throw QCOW2Error("\(name) offset invalid")
             }
             guard offset < Self.maxSize else { throw QCOW2Error("\(name) offset invalid") }

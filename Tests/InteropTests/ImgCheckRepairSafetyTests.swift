@@ -154,13 +154,16 @@ import Testing
     /// right at the end of the file is past it, a COPIED flag past the end
     /// is judged by the refcount stored for it, and an unknown encryption
     /// method is "Unsupported". An L1 entry with only flags names a table
-    /// at offset 0 to qemu-img, which reads the header as one.
+    /// at offset 0 to qemu-img, which reads the header as one. A subcluster
+    /// both allocated and zero, or allocated in a cluster without one, is
+    /// corrupt.
     @Test(arguments: ["zero-misaligned", "data-misaligned", "block-far-outside", "data-at-end",
-                      "data-past-end-counted", "unknown-encryption", "l1-flags-without-table"])
+                      "data-past-end-counted", "unknown-encryption", "l1-flags-without-table", "subcluster-bitmaps"])
     func misplacedEntriesAreNamedAsQemuImgNamesThem(damage: String) throws {
         defer { try? FileManager.default.removeItem(at: directory) }
         // 4 KiB clusters for the L1 entry: the table has more than one.
-        let (image, _) = try makeImage(damage == "l1-flags-without-table" ? ["-o", "cluster_size=4096"] : [])
+        let options = ["l1-flags-without-table": ["-o", "cluster_size=4096"], "subcluster-bitmaps": ["-o", "extended_l2=on"]]
+        let (image, _) = try makeImage(options[damage] ?? [])
         let l2 = try u64(image, at: try u64(image, at: 40)) & 0x00ff_ffff_ffff_fe00
         let slot = l2 + 8 * 3
         switch damage {
@@ -175,6 +178,9 @@ import Testing
                 try write(image, 1, width: 2, at: try u64(image, at: try u64(image, at: 48)) + 2 * (target >> 16))
             }
         case "l1-flags-without-table": try write(image, 0x80, width: 8, at: try u64(image, at: 40) + 8)
+        case "subcluster-bitmaps":
+            try write(image, try u64(image, at: l2 + 8) | 1 << 32, width: 8, at: l2 + 8)
+            try write(image, 3, width: 8, at: l2 + 16 * 20 + 8)
         default: try write(image, 185, width: 4, at: 32)
         }
         let ours = try img(["check", image])
