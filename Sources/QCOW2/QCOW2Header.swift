@@ -229,6 +229,10 @@ extension QCOW2Header {
             guard offset < Self.maxSize else { throw QCOW2Error("\(name) offset invalid") }
         }
         guard snapshotCount <= 65536 else { throw QCOW2Error("Too many snapshots") }
+        // Checked without snapshots too, as QEMU checks it.
+        guard snapshotsOffset % cluster == 0, snapshotsOffset <= UInt64(Int64.max) else {
+            throw QCOW2Error("Snapshot table offset invalid")
+        }
         if snapshotCount > 0 {
             guard snapshotsOffset % cluster == 0, snapshotsOffset != 0, snapshotsOffset < Self.maxSize else {
                 throw QCOW2Error("Snapshot table offset invalid")

@@ -156,9 +156,11 @@ import Testing
     /// method is "Unsupported". An L1 entry with only flags names a table
     /// at offset 0 to qemu-img, which reads the header as one. A subcluster
     /// both allocated and zero, or allocated in a cluster without one, is
-    /// corrupt.
+    /// corrupt. A misaligned snapshot table fails the check, snapshots or
+    /// none.
     @Test(arguments: ["zero-misaligned", "data-misaligned", "block-far-outside", "data-at-end",
-                      "data-past-end-counted", "unknown-encryption", "l1-flags-without-table", "subcluster-bitmaps"])
+                      "data-past-end-counted", "unknown-encryption", "l1-flags-without-table", "subcluster-bitmaps",
+                      "snapshot-table-misaligned"])
     func misplacedEntriesAreNamedAsQemuImgNamesThem(damage: String) throws {
         defer { try? FileManager.default.removeItem(at: directory) }
         // 4 KiB clusters for the L1 entry: the table has more than one.
@@ -178,6 +180,7 @@ import Testing
                 try write(image, 1, width: 2, at: try u64(image, at: try u64(image, at: 48)) + 2 * (target >> 16))
             }
         case "l1-flags-without-table": try write(image, 0x80, width: 8, at: try u64(image, at: 40) + 8)
+        case "snapshot-table-misaligned": try write(image, 0x30200, width: 8, at: 64)  // no snapshots
         case "subcluster-bitmaps":
             try write(image, try u64(image, at: l2 + 8) | 1 << 32, width: 8, at: l2 + 8)
             try write(image, 3, width: 8, at: l2 + 16 * 20 + 8)

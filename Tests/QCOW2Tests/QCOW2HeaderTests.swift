@@ -62,7 +62,7 @@ import Testing
         (24, UInt64.max, 8, "too large"),
         (40, UInt64(12345), 8, "offset invalid"),
         (8, UInt64.max, 8, "backing file name"),
-        (56, UInt64(0), 4, "table is empty"),
+        (56, UInt64(0), 4, "does not contain a reference count table"),
     ])
     func refusesHostileFields(offset: Int, value: UInt64, size: Int, mentions: String) {
         var bytes = defaultHeader()
