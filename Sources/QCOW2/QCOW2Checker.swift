@@ -249,10 +249,29 @@ public final class QCOW2Checker {
         } else {
             tables.append((nil, header.l1TableOffset, header.l1Size, true))
         }
-        for snapshot in snapshots { tables.append((nil, snapshot.l1TableOffset, snapshot.l1Size, false)) }
         var work = loop.makeSucceededVoidFuture()
         for table in tables {
             work = work.flatMap { self.checkL1(table.l1, offset: table.offset, size: table.size, active: table.active) }
+        }
+        // A snapshot whose L1 table cannot be right is a corruption, and its
+        // tables are not walked, as qemu-img judges it.
+        for snapshot in snapshots {
+            work = work.flatMap {
+                let entry = "ERROR snapshot \(snapshot.id) (\(snapshot.name))"
+                if snapshot.l1TableOffset % UInt64(self.clusterSize) != 0 {
+                    self.report.corruptions += 1
+                    self.report.messages.append("\(entry) l1_offset=0x\(String(snapshot.l1TableOffset, radix: 16)): "
+                        + "L1 table is not cluster aligned; snapshot table entry corrupted")
+                    return loop.makeSucceededVoidFuture()
+                }
+                if UInt64(snapshot.l1Size) * 8 > QCOW2Header.maxL1Bytes {
+                    self.report.corruptions += 1
+                    self.report.messages.append("\(entry) l1_size=0x\(String(snapshot.l1Size, radix: 16)): "
+                        + "L1 table is too large; snapshot table entry corrupted")
+                    return loop.makeSucceededVoidFuture()
+                }
+                return self.checkL1(nil, offset: snapshot.l1TableOffset, size: snapshot.l1Size, active: false)
+            }
         }
         return work.flatMap {
             if self.header.snapshotCount > 0 {

@@ -78,4 +78,29 @@ import Testing
             #expect(FileManager.default.contentsEqual(atPath: mine, andPath: qemu), "snapshot \(name)")
         }
     }
+
+    /// A snapshot whose L1 table offset is misaligned is a corruption and
+    /// its tables are not walked: what they alone held is leaked, and
+    /// every mode reports, repairs and leaves the file as qemu-img does.
+    @Test(arguments: ["check", "leaks", "all"])
+    func aSnapshotWithAMisalignedL1TableIsReportedLikeQemuImg(mode: String) throws {
+        let directory = try Harness.temporaryDirectory("snapl1")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let ours = directory.appendingPathComponent("ours.qcow2").path
+        let theirs = directory.appendingPathComponent("theirs.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", ours, "16M"]).status == 0)
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 1M", ours])
+        #expect(try qemuImg(["snapshot", "-c", "first", ours]).status == 0)
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 2 512k 1M", ours])
+        let table = try u64(ours, at: 64)
+        try write(ours, try u64(ours, at: table) + 0x200, width: 8, at: table)
+        try FileManager.default.copyItem(atPath: ours, toPath: theirs)
+        let arguments = mode == "check" ? ["check"] : ["check", "-r", mode]
+        let result = try img(arguments + [ours])
+        let qemu = try qemuImg(arguments + [theirs])
+        #expect(result.status == qemu.status && qemu.status != 0, "\(result.stdout)\(result.stderr)")
+        #expect(result.stdout.replacingOccurrences(of: ours, with: theirs) == qemu.stdout, "\n\(result.stdout)--\n\(qemu.stdout)")
+        #expect(result.stderrAsQemuImg(ours: ours, theirs: theirs) == qemu.stderr, "\n\(result.stderr)--\n\(qemu.stderr)")
+        #expect(FileManager.default.contentsEqual(atPath: ours, andPath: theirs), "the same file")
+    }
 }
