@@ -168,14 +168,21 @@ struct CheckRepairPass {
                 emit(lines)
                 return file.eventLoop.makeSucceededVoidFuture()
             }
+            // Each COPIED line is one fix. An L2 table two L1 entries name
+            // is fixed on the first visit, so qemu-img finds nothing more
+            // on the second: its entries are told and counted once.
+            var seen: Set<UInt64> = []
+            let unique = middle.copiedFixes.indices.filter { seen.insert(middle.copiedFixes[$0].entryOffset).inserted }
+            lines = unique.map { lines[$0] }
+            let fixes = unique.map { middle.copiedFixes[$0] }
             // Fixed one by one, qemu-img stops at the first that would write
-            // into another structure (each COPIED line is one fix).
-            if let overlap = driver.firstOverlappingFix(middle.copiedFixes) {
+            // into another structure.
+            if let overlap = driver.firstOverlappingFix(fixes) {
                 lines = Array(lines.prefix(overlap.index + 1))
             }
             emit(lines)
-            return driver.repairEntries(middle.copiedFixes, file: file).map {
-                fixed.corruptions += middle.copiedFixes.count
+            return driver.repairEntries(fixes, file: file).map {
+                fixed.corruptions += fixes.count
             }
         }.flatMap {
             guard all, before.incompleteSnapshots > 0 else { return file.eventLoop.makeSucceededVoidFuture() }

@@ -149,4 +149,28 @@ import Testing
         #expect(repaired.stderrAsQemuImg(ours: ours, theirs: theirs) == qemu.stderr)
         #expect(FileManager.default.contentsEqual(atPath: ours, andPath: theirs), "the same file")
     }
+
+    /// Two L1 entries naming one L2 table with a wrong COPIED flag in it:
+    /// qemu-img fixes the table on its first visit and finds nothing on
+    /// the second, so each fix is told and counted once.
+    @Test func copiedFlagsInASharedL2TableAreFixedOnce() throws {
+        let directory = try Harness.temporaryDirectory("sharedl2")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let ours = directory.appendingPathComponent("ours.qcow2").path
+        let theirs = directory.appendingPathComponent("theirs.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", ours, "8M"]).status == 0)
+        #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 8k", ours]).status == 0)
+        let l1 = try u64(ours, at: 40)
+        let entry = try u64(ours, at: l1)
+        try write(ours, entry, width: 8, at: l1 + 8)
+        let l2 = entry & 0x00ff_ffff_ffff_fe00
+        try write(ours, try u64(ours, at: l2) & ~(1 << 63), width: 8, at: l2)
+        try FileManager.default.copyItem(atPath: ours, toPath: theirs)
+        let repaired = try img(["check", "-r", "all", ours])
+        let qemu = try qemuImg(["check", "-r", "all", theirs])
+        #expect(repaired.status == qemu.status, "\(repaired.stdout)\(repaired.stderr)")
+        #expect(repaired.stdout.replacingOccurrences(of: ours, with: theirs) == qemu.stdout, "\n\(repaired.stdout)--\n\(qemu.stdout)")
+        #expect(repaired.stderrAsQemuImg(ours: ours, theirs: theirs) == qemu.stderr, "\n\(repaired.stderr)--\n\(qemu.stderr)")
+        #expect(FileManager.default.contentsEqual(atPath: ours, andPath: theirs), "the same file")
+    }
 }
