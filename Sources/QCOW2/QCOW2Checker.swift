@@ -52,7 +52,9 @@ public final class QCOW2Checker {
         /// message, in the order the walk met them (an L2 table two L1
         /// tables share, twice): `-r all` rewrites them as entries without
         /// a cluster, as qemu-img does.
-        public var preallocatedFixes: [(fix: EntryFix, messageIndex: Int)] = []
+        /// The messages counting the entry's cluster added (past the end
+        /// of the file, an overflow) follow it, `countingMessages` of them.
+        public var preallocatedFixes: [(fix: EntryFix, messageIndex: Int, countingMessages: Int)] = []
 
         /// Corruptions found before the COPIED check: everything the
         /// refcount comparison and the walk over the metadata count, but
@@ -391,7 +393,7 @@ public final class QCOW2Checker {
                         let fix = EntryFix(entryOffset: offset + UInt64(index * self.header.l2EntrySize),
                                            entry: self.header.hasExtendedL2 ? 0 : QCOW2Entry.zeroFlag,
                                            l1Index: nil, l2Table: offset, slot: index)
-                        self.report.preallocatedFixes.append((fix, self.report.messages.count))
+                        self.report.preallocatedFixes.append((fix, self.report.messages.count, 0))
                     }
                     self.report.messages.append("ERROR offset=\(String(host, radix: 16)): "
                         + (holdsData ? "Data" : "Preallocated") + " cluster is not properly aligned; L2 entry corrupted.")
@@ -403,7 +405,14 @@ public final class QCOW2Checker {
                     }
                     previousHost = host
                 }
-                if !self.externalData { self.reference(host, length: self.clusterSize) }
+                if !self.externalData {
+                    let before = self.report.messages.count
+                    self.reference(host, length: self.clusterSize)
+                    if let last = self.report.preallocatedFixes.last, last.messageIndex == before - 1 {
+                        self.report.preallocatedFixes[self.report.preallocatedFixes.count - 1].countingMessages =
+                            self.report.messages.count - before
+                    }
+                }
             }
         }
     }

@@ -52,13 +52,15 @@ struct CheckRepairPass {
         // image checked again for what the refcount repair is to find.
         var fixes: [QCOW2Checker.EntryFix] = []
         var seen: Set<UInt64> = []
-        for (fix, messageIndex) in before.preallocatedFixes {
+        for (fix, messageIndex, countingMessages) in before.preallocatedFixes {
             if seen.insert(fix.entryOffset).inserted {
                 fixes.append(fix)
                 lines[messageIndex] = ["Repairing" + before.messages[messageIndex].dropFirst("ERROR".count)]
             } else {
                 lines[messageIndex] = []
             }
+            // Fixed, the entry's cluster is not counted at all.
+            for index in messageIndex + 1..<messageIndex + 1 + countingMessages { lines[index] = [] }
         }
         // It also grows the file over a refcount block past its end, which
         // Strata does not do: a damaged entry may point anywhere. Only where

@@ -45,6 +45,9 @@ import Testing
         /// repair mends, with a cluster in use counted 0: after rebuilding,
         /// qemu-img walks the metadata again and tells of the entry again.
         case misalignedDataClusterAndCountedZero
+        /// A misaligned zero cluster's entry far past the end of the file:
+        /// rewritten, its cluster is not counted, nor reported past the end.
+        case misalignedZeroClusterPastTheEnd
     }
 
     func damage(_ image: String, _ damage: Damage) throws {
@@ -73,6 +76,8 @@ import Testing
         case .misalignedZeroClusterAndCountedZero:
             try write(image, (try u64(image, at: l2 + 8 * 4) | 1) + 0x200, width: 8, at: l2 + 8 * 4)
             try count(12, 0)
+        case .misalignedZeroClusterPastTheEnd:
+            try write(image, 0x100_0000_0201, width: 8, at: l2 + 8 * 4)
         case .misalignedDataClusterAndCountedZero:
             try write(image, try u64(image, at: l2 + 8 * 4) + 0x200, width: 8, at: l2 + 8 * 4)
             try count(12, 0)
@@ -120,7 +125,8 @@ import Testing
         }
         // A misaligned entry left in place (any under -r leaks, one with
         // data under -r all) is read by neither tool.
-        let unreadable: [Damage] = [.misalignedZeroCluster, .misalignedZeroClusterAndCountedZero, .misalignedDataClusterAndCountedZero]
+        let unreadable: [Damage] = [.misalignedZeroCluster, .misalignedZeroClusterAndCountedZero, .misalignedDataClusterAndCountedZero,
+                                    .misalignedZeroClusterPastTheEnd]
         if mode == "all" && damage != .misalignedDataClusterAndCountedZero || !unreadable.contains(damage) {
             #expect(try qemuImg(["compare", "-q", ours, theirs]).status == 0, "the same guest data")
         }
