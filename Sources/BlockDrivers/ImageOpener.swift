@@ -31,6 +31,8 @@ public struct ImageOptions: Sendable {
     /// Opened by `check -r all`: a qcow2 refcount structure that can only be
     /// rebuilt does not fail the open (never inherited by backing files).
     public var forRepair = false
+    /// Opened by `check` without `-r` (see `QCOW2Options.forCheck`).
+    public var forCheck = false
     /// False: the backing file is named but not opened (QEMU's
     /// BDRV_O_NO_BACKING, as `qemu-img info` opens images), so a missing
     /// backing file does not keep the image itself from being described.
@@ -195,7 +197,8 @@ public enum ImageOpener {
                                   depth: Int, chain: Set<String>) -> EventLoopFuture<BlockNode> {
         let loop = graph.eventLoop
         let qcowOptions = QCOW2Options(readOnly: options.readOnly, snapshot: options.snapshot,
-                                       l2CacheSize: options.l2CacheSize, forRepair: options.forRepair)
+                                       l2CacheSize: options.l2CacheSize, forRepair: options.forRepair,
+                                       forCheck: options.forCheck)
         return QCOW2Driver.open(file: fileNode, options: qcowOptions).flatMap { driver in
             let header = driver.header
             let directory = (options.filename as NSString).deletingLastPathComponent

@@ -17,12 +17,18 @@ public struct QCOW2Options: Sendable {
     /// corrupt bit does not refuse it, and a dirty lazy-refcounts image is
     /// left for the check to repair and report (see `markConsistent`).
     public var forRepair = false
+    /// Opened by `check` without `-r`: metadata qemu-img would check rather
+    /// than refuse is read as QEMU reads it (an L1 table past the end of
+    /// the file reads as zeroes there), for the check to report.
+    public var forCheck = false
 
-    public init(readOnly: Bool = true, snapshot: String? = nil, l2CacheSize: Int? = nil, forRepair: Bool = false) {
+    public init(readOnly: Bool = true, snapshot: String? = nil, l2CacheSize: Int? = nil, forRepair: Bool = false,
+                forCheck: Bool = false) {
         self.readOnly = readOnly
         self.snapshot = snapshot
         self.l2CacheSize = l2CacheSize
         self.forRepair = forRepair
+        self.forCheck = forCheck
     }
 }
 
@@ -135,7 +141,8 @@ public final class QCOW2Driver: BlockDriver {
         let loop = file.eventLoop
         let headerBytes = Int(min(file.length, Int64(2 << 20)))
         return readBytes(file, at: 0, count: headerBytes).flatMapThrowing { bytes -> QCOW2Header in
-            let header = try QCOW2Header.parse(bytes)
+            let header = try QCOW2Header.parse(bytes, forCheck: options.forCheck || options.forRepair,
+                                               readOnly: options.readOnly)
             // Nothing in an image names an offset from 2^61 on; a longer
             // file (sparse, near 2^63) would overflow the sums that round
             // the file's length up to whole clusters.
@@ -174,10 +181,15 @@ public final class QCOW2Driver: BlockDriver {
                 }
             }
             let l1Bytes = Int(l1Size) * 8
-            guard l1Bytes == 0 || Int64(l1Offset) + Int64(l1Bytes) <= file.length else {
+            // What a plain check finds past the end reads as zeroes, as in
+            // QEMU; anything else refuses the table (a repair would free
+            // every cluster the lost entries named).
+            let available = Int(max(0, min(Int64(l1Bytes), file.length - Int64(l1Offset))))
+            guard l1Bytes == 0 || available == l1Bytes || options.forCheck && options.readOnly else {
                 return loop.makeFailedFuture(QCOW2Error("L1 table lies past the end of the image file").blockError)
             }
-            let readL1 = l1Bytes == 0 ? loop.makeSucceededFuture([UInt8]()) : readBytes(file, at: Int64(l1Offset), count: l1Bytes)
+            let readL1 = available == 0 ? loop.makeSucceededFuture([UInt8](repeating: 0, count: l1Bytes))
+                : readBytes(file, at: Int64(l1Offset), count: available).map { $0 + [UInt8](repeating: 0, count: l1Bytes - available) }
             return readL1.map { bytes in
                 let reader = BigEndianReader(bytes)
                 let l1 = (0..<Int(l1Size)).map { reader.u64(at: $0 * 8) }

@@ -123,7 +123,13 @@ public struct QCOW2Error: Error, CustomStringConvertible {
 extension QCOW2Header {
     /// Parses the fixed header and its extensions from the first cluster of
     /// the file (`bytes` may be shorter than a cluster near a small file's end).
-    public static func parse(_ bytes: [UInt8]) throws -> QCOW2Header {
+    ///
+    /// `forCheck`: parsed for `check`, as QEMU opens with BDRV_O_CHECK, a
+    /// header without a refcount table passes (the check reports every
+    /// cluster's count as lost, and `-r all` rebuilds them); `readOnly`
+    /// too, an active L1 table at offset 0 passes (the check reads the
+    /// header as the table, as qemu-img does).
+    public static func parse(_ bytes: [UInt8], forCheck: Bool = false, readOnly: Bool = true) throws -> QCOW2Header {
         let reader = BigEndianReader(bytes)
         guard bytes.count >= version2Length, reader.u32(at: 0) == magic else {
             throw QCOW2Error("Image is not in qcow2 format")
@@ -160,7 +166,7 @@ extension QCOW2Header {
                 header.compressionType = type
             }
         }
-        try header.validateGeometry(fileBytes: bytes.count)
+        try header.validateGeometry(fileBytes: bytes.count, forCheck: forCheck, readOnly: readOnly)
         header.extensions = try QCOW2HeaderExtension.parseAll(bytes, from: Int(header.headerLength),
                                                               clusterSize: header.clusterSize)
         if header.backingFileOffset != 0 {
@@ -181,7 +187,7 @@ extension QCOW2Header {
     }
 
     /// Checks the numbers that later arithmetic depends on.
-    func validateGeometry(fileBytes: Int) throws {
+    func validateGeometry(fileBytes: Int, forCheck: Bool = false, readOnly: Bool = true) throws {
         guard clusterBits >= Self.minClusterBits, clusterBits <= Self.maxClusterBits else {
             throw QCOW2Error("Unsupported cluster size: 2^\(clusterBits)")
         }
@@ -213,7 +219,7 @@ extension QCOW2Header {
         guard Int64(l1Size) >= l1EntriesNeeded else {
             throw QCOW2Error("L1 table is too small")
         }
-        guard refcountTableClusters > 0 else {
+        guard refcountTableClusters > 0 || forCheck else {
             throw QCOW2Error("Image does not contain a reference count table")
         }
         guard UInt64(refcountTableClusters) << UInt64(clusterBits) <= Self.maxRefcountTableBytes else {
@@ -223,7 +229,8 @@ extension QCOW2Header {
         // qemu's names, in its messages.
         for (name, offset) in [("Active L1 table", l1TableOffset), ("Reference count table", refcountTableOffset)] {
             guard offset % cluster == 0 else { throw QCOW2Error("\(name) offset invalid") }
-            guard offset != 0 || (name == "Active L1 table" && l1Size == 0) else {
+            guard offset != 0 || (name == "Active L1 table" && (l1Size == 0 || forCheck && readOnly))
+                    || (name == "Reference count table" && refcountTableClusters == 0 && forCheck) else {
                 throw QCOW2Error("\(name) offset invalid")
             }
             guard offset < Self.maxSize else { throw QCOW2Error("\(name) offset invalid") }

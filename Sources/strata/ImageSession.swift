@@ -20,7 +20,7 @@ final class ImageSession {
 
     /// Opens `filename` and runs `body` on the loop with the top node.
     func withImage<T>(_ filename: String, format: String?, forceShare: Bool, writable: Bool = false,
-                      forRepair: Bool = false, openBacking: Bool = true, metadataOnly: Bool = false,
+                      forRepair: Bool = false, forCheck: Bool = false, openBacking: Bool = true, metadataOnly: Bool = false,
                       _ body: @escaping (BlockNode) -> EventLoopFuture<T>) throws -> T {
         defer {
             _ = try? loop.flatSubmit { () -> EventLoopFuture<[BlockError]> in
@@ -36,6 +36,7 @@ final class ImageSession {
             options.readOnly = !writable
             options.forceShare = forceShare
             options.forRepair = forRepair
+            options.forCheck = forCheck
             options.openBacking = openBacking
             options.metadataOnly = metadataOnly
             // The warnings qemu-img prints as it opens (a probed raw image

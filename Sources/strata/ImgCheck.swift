@@ -24,7 +24,8 @@ struct ImgCheck: ParsableCommand {
         let outcome: (format: String, report: QCOW2Checker.Report?, fixed: CheckRepairPass.Fixed?)
         do {
             outcome = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare,
-                                                   writable: repair != nil, forRepair: repair != nil) { node in
+                                                   writable: repair != nil, forRepair: repair != nil,
+                                                   forCheck: repair == nil) { node in
                 guard let driver = node.driver as? QCOW2Driver, let file = node.child(named: "file")?.node else {
                     return node.eventLoop.makeSucceededFuture((node.formatName, nil, nil))
                 }

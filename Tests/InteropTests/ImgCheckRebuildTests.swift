@@ -140,4 +140,46 @@ import Testing
         #expect(after.status == 0, "\(after.stdout)\(after.stderr)")
         #expect(try qemuImg(["compare", "-q", original, ours]).status == 0, "the data is unchanged")
     }
+
+    /// Damage a server must refuse but qemu-img checks, as Strata's check
+    /// does too: an L1 table the file ends inside (it reads as zeroes
+    /// there), an L1 table at offset 0 (the header read as one), and no
+    /// refcount table at all (every count lost; `-r all` rebuilds them).
+    /// Status, output and, for the repair, the file are qemu-img's.
+    @Test(arguments: ["l1-cut-off", "l1-at-zero", "no-refcount-table", "no-refcount-table -r all"])
+    func damageQemuImgChecksRatherThanRefusesIsChecked(damage: String) throws {
+        let directory = try Harness.temporaryDirectory("checkable")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let original = try pristine(in: directory)
+        let ours = directory.appendingPathComponent("ours.qcow2").path
+        switch damage {
+        case "l1-cut-off":
+            // 4 KiB clusters: the L1 table is the file's fourth cluster.
+            #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", ours, "8M"]).status == 0)
+            let handle = try #require(FileHandle(forUpdatingAtPath: ours))
+            try handle.truncate(atOffset: 12288)
+            try handle.close()
+        case "l1-at-zero": _ = try damaged(original, "ours.qcow2", setting: 0, at: 40)
+        default:
+            _ = try damaged(original, "ours.qcow2", setting: 0x10000, at: 48)
+            let handle = try #require(FileHandle(forUpdatingAtPath: ours))
+            try handle.seek(toOffset: 56)
+            handle.write(Data([0, 0, 0, 0]))
+            try handle.close()
+        }
+        let theirs = directory.appendingPathComponent("theirs.qcow2").path
+        try FileManager.default.copyItem(atPath: ours, toPath: theirs)
+        let arguments = damage.hasSuffix("-r all") ? ["check", "-r", "all"] : ["check"]
+        let result = try img(arguments + [ours])
+        let qemu = try qemuImg(arguments + [theirs])
+        #expect(result.status == qemu.status, "\(damage): \(result.stdout)\(result.stderr)")
+        #expect(result.stdout.replacingOccurrences(of: ours, with: theirs) == qemu.stdout,
+                "\(damage):\n\(result.stdout)--\n\(qemu.stdout)")
+        #expect(result.stderrAsQemuImg(ours: ours, theirs: theirs) == qemu.stderr,
+                "\(damage):\n\(result.stderr)--\n\(qemu.stderr)")
+        if damage.hasSuffix("-r all") {
+            #expect(try qemuImg(["check", ours]).status == 0)
+            #expect(try qemuImg(["compare", "-q", original, ours]).status == 0, "the data is unchanged")
+        }
+    }
 }
