@@ -135,6 +135,29 @@ import Testing
         #expect(FileManager.default.contentsEqual(atPath: ours, andPath: theirs), "\(damage) -r \(mode): the same file")
     }
 
+    /// An image of `size` with `clusterSize` clusters and the first
+    /// `written` bytes written, as `ours.qcow2` in `directory`.
+    func smallImage(in directory: URL, clusterSize: Int, size: String, written: String) throws -> String {
+        let path = directory.appendingPathComponent("ours.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=\(clusterSize)", path, size]).status == 0)
+        #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 0x5a 0 \(written)", path]).status == 0)
+        return path
+    }
+
+    /// `check -r mode` of `ours`, and qemu-img's of a copy: the same
+    /// status, output and file afterwards.
+    func expectRepairLikeQemuImg(_ ours: String, mode: String) throws {
+        let theirs = (ours as NSString).deletingLastPathComponent + "/theirs.qcow2"
+        try FileManager.default.copyItem(atPath: ours, toPath: theirs)
+        let repaired = try img(["check", "-r", mode, ours])
+        let qemu = try qemuImg(["check", "-r", mode, theirs])
+        #expect(repaired.status == qemu.status, "\(repaired.stdout)\(repaired.stderr)")
+        #expect(repaired.stdout.replacingOccurrences(of: ours, with: theirs) == qemu.stdout,
+                "\n\(repaired.stdout)--\n\(qemu.stdout)")
+        #expect(repaired.stderrAsQemuImg(ours: ours, theirs: theirs) == qemu.stderr, "\n\(repaired.stderr)--\n\(qemu.stderr)")
+        #expect(FileManager.default.contentsEqual(atPath: ours, andPath: theirs), "the same file")
+    }
+
     /// Leaked 512-byte clusters (their L2 entries cleared) are freed and
     /// punched out as qemu-img frees them: the file reads back as zeroes
     /// there, not a page at a time, and matches qemu-img's byte for byte.
@@ -142,18 +165,10 @@ import Testing
     func leaksSmallerThanAPageArePunchedAsQemuImgPunchesThem(mode: String) throws {
         let directory = try Harness.temporaryDirectory("smallleaks")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let ours = directory.appendingPathComponent("ours.qcow2").path
-        let theirs = directory.appendingPathComponent("theirs.qcow2").path
-        #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", ours, "1M"]).status == 0)
-        #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 0x5a 0 16k", ours]).status == 0)
+        let ours = try smallImage(in: directory, clusterSize: 512, size: "1M", written: "16k")
         let l2 = try u64(ours, at: try u64(ours, at: 40)) & 0x00ff_ffff_ffff_fe00
         for slot: UInt64 in [3, 4, 9] { try write(ours, 0, width: 8, at: l2 + 8 * slot) }
-        try FileManager.default.copyItem(atPath: ours, toPath: theirs)
-        let repaired = try img(["check", "-r", mode, ours])
-        let qemu = try qemuImg(["check", "-r", mode, theirs])
-        #expect(repaired.status == qemu.status && repaired.status == 0, "\(repaired.stdout)\(repaired.stderr)")
-        #expect(repaired.stderrAsQemuImg(ours: ours, theirs: theirs) == qemu.stderr)
-        #expect(FileManager.default.contentsEqual(atPath: ours, andPath: theirs), "the same file")
+        try expectRepairLikeQemuImg(ours, mode: mode)
     }
 
     /// Two L1 entries naming one L2 table with a wrong COPIED flag in it:
@@ -162,21 +177,12 @@ import Testing
     @Test func copiedFlagsInASharedL2TableAreFixedOnce() throws {
         let directory = try Harness.temporaryDirectory("sharedl2")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let ours = directory.appendingPathComponent("ours.qcow2").path
-        let theirs = directory.appendingPathComponent("theirs.qcow2").path
-        #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", ours, "8M"]).status == 0)
-        #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 8k", ours]).status == 0)
+        let ours = try smallImage(in: directory, clusterSize: 4096, size: "8M", written: "8k")
         let l1 = try u64(ours, at: 40)
         let entry = try u64(ours, at: l1)
         try write(ours, entry, width: 8, at: l1 + 8)
         let l2 = entry & 0x00ff_ffff_ffff_fe00
         try write(ours, try u64(ours, at: l2) & ~(1 << 63), width: 8, at: l2)
-        try FileManager.default.copyItem(atPath: ours, toPath: theirs)
-        let repaired = try img(["check", "-r", "all", ours])
-        let qemu = try qemuImg(["check", "-r", "all", theirs])
-        #expect(repaired.status == qemu.status, "\(repaired.stdout)\(repaired.stderr)")
-        #expect(repaired.stdout.replacingOccurrences(of: ours, with: theirs) == qemu.stdout, "\n\(repaired.stdout)--\n\(qemu.stdout)")
-        #expect(repaired.stderrAsQemuImg(ours: ours, theirs: theirs) == qemu.stderr, "\n\(repaired.stderr)--\n\(qemu.stderr)")
-        #expect(FileManager.default.contentsEqual(atPath: ours, andPath: theirs), "the same file")
+        try expectRepairLikeQemuImg(ours, mode: "all")
     }
 }

@@ -28,15 +28,21 @@ import Testing
         try write(path, bytes: table + [UInt8](repeating: 0, count: position - table.count), at: offset)
     }
 
+    /// A 16 MiB image with 1 MiB written, snapshot "first", then 1 MiB
+    /// more written over half of it.
+    func makeImageWithSnapshot(_ path: String) throws {
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", path, "16M"]).status == 0)
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 1M", path])
+        #expect(try qemuImg(["snapshot", "-c", "first", path]).status == 0)
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 2 512k 1M", path])
+    }
+
     @Test func incompleteEntriesAreFoundAndRepairedLikeQemuImg() throws {
         let directory = try Harness.temporaryDirectory("snaptable")
         defer { try? FileManager.default.removeItem(at: directory) }
         let ours = directory.appendingPathComponent("ours.qcow2").path
         let theirs = directory.appendingPathComponent("theirs.qcow2").path
-        #expect(try qemuImg(["create", "-q", "-f", "qcow2", ours, "16M"]).status == 0)
-        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 1M", ours])
-        #expect(try qemuImg(["snapshot", "-c", "first", ours]).status == 0)
-        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 2 512k 1M", ours])
+        try makeImageWithSnapshot(ours)
         #expect(try qemuImg(["snapshot", "-c", "second", ours]).status == 0)
         try dropExtraData(ours)
         try FileManager.default.copyItem(atPath: ours, toPath: theirs)
@@ -88,10 +94,7 @@ import Testing
         defer { try? FileManager.default.removeItem(at: directory) }
         let ours = directory.appendingPathComponent("ours.qcow2").path
         let theirs = directory.appendingPathComponent("theirs.qcow2").path
-        #expect(try qemuImg(["create", "-q", "-f", "qcow2", ours, "16M"]).status == 0)
-        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 1M", ours])
-        #expect(try qemuImg(["snapshot", "-c", "first", ours]).status == 0)
-        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 2 512k 1M", ours])
+        try makeImageWithSnapshot(ours)
         let table = try u64(ours, at: 64)
         try write(ours, try u64(ours, at: table) + 0x200, width: 8, at: table)
         try FileManager.default.copyItem(atPath: ours, toPath: theirs)
