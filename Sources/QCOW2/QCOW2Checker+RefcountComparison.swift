@@ -30,17 +30,16 @@ extension QCOW2Checker {
                     self.report.messages.append("ERROR refcount table entry \(block) has reserved bits set")
                 }
                 guard offset != 0 else { continue }
+                // A block QEMU cannot read (reserved bits or not): its
+                // clusters' refcounts are check errors (see compareCounts).
+                let misaligned = offset % UInt64(self.clusterSize) != 0
+                if misaligned || offset >= Self.unreachableOffset {
+                    let first = Int64(block) * perBlock
+                    self.unreadable.append((first..<first + perBlock, block, misaligned ? offset : nil))
+                }
                 if entry & 511 == 0 {
-                    guard self.countBlock(block, at: offset, fileClusters: fileClusters) else {
-                        let misaligned = offset % UInt64(self.clusterSize) != 0
-                        if misaligned || offset >= Self.unreachableOffset {
-                            let first = Int64(block) * perBlock
-                            self.unreadable.append((first..<first + perBlock, block, misaligned ? offset : nil))
-                        }
-                        continue
-                    }
-                } else if offset % UInt64(self.clusterSize) != 0
-                            || offset / UInt64(self.clusterSize) >= UInt64(fileClusters) {
+                    guard self.countBlock(block, at: offset, fileClusters: fileClusters) else { continue }
+                } else if misaligned || offset / UInt64(self.clusterSize) >= UInt64(fileClusters) {
                     continue
                 }
                 guard block < comparedBlocks else { continue }

@@ -103,7 +103,8 @@ import Testing
     /// corrupt once opened for a repair, and `-r all` rebuilds past the
     /// far one. Status, output and the file afterwards are qemu-img's.
     @Test(arguments: [(UInt64(0x20200), "check"), (0x20200, "leaks"),
-                      (0x8000_0000_0002_0000, "check"), (0x8000_0000_0002_0000, "leaks"), (0x8000_0000_0002_0000, "all")])
+                      (0x8000_0000_0002_0000, "check"), (0x8000_0000_0002_0000, "leaks"), (0x8000_0000_0002_0000, "all"),
+                      (0x20208, "check"), (0x20208, "leaks")])  // reserved bits too
     func unreadableRefcountBlocksAreReportedAsQemuImgReportsThem(entry: UInt64, mode: String) throws {
         let directory = try Harness.temporaryDirectory("unreadable")
         defer { try? FileManager.default.removeItem(at: directory) }
