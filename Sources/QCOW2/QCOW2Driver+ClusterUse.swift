@@ -122,18 +122,16 @@ extension QCOW2Driver: CachedFileExtentHolder, InFlightRequestOwner {
             // Once ranges have gone out by sendfile, whatever the discard
             // option: a reply sent may still sit in a socket, referencing
             // these pages.
-            punchesIssued += 1
+            punchesInFlight += 1
             file.discard(at: range.lowerBound * clusterSize, length: Int64(range.count) * clusterSize,
                          evenIfIgnored: refcounter.hasLent) { _ in
                 for cluster in range { self.refcounter?.finishPunch(cluster) }
-                self.punchesFinished += 1
-                // Punches finish in about the order they were issued; a
-                // count is close enough (nothing is reused before its own
-                // punch finishes, whatever a flush was told).
-                let ready = self.punchWaiters.filter { $0.issued <= self.punchesFinished }
-                guard !ready.isEmpty else { return }
-                self.punchWaiters.removeAll { $0.issued <= self.punchesFinished }
-                ready.forEach { $0.resume() }
+                self.punchesInFlight -= 1
+                if self.punchesInFlight == 0, !self.punchWaiters.isEmpty {
+                    let waiters = self.punchWaiters
+                    self.punchWaiters = []
+                    waiters.forEach { $0() }
+                }
             }
             start = end
         }

@@ -148,7 +148,7 @@ extension QCOW2Driver {
     }
 
     private func afterPunches(_ body: @escaping () -> Void) {
-        if punchesFinished >= punchesIssued { body() } else { punchWaiters.append((punchesIssued, body)) }
+        if punchesInFlight == 0 { body() } else { punchWaiters.append(body) }
     }
 
     /// Writes back everything changed, in crash-safe order; then releases

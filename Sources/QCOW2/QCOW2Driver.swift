@@ -74,12 +74,10 @@ public final class QCOW2Driver: BlockDriver {
     var metadataWaiters: [() -> Void] = []
     /// Host ranges to release once the tables that dropped them are on disk.
     var pendingFrees: [(UInt64, Int64)] = []
-    /// Punches of freed ranges issued and finished, and the flushes
-    /// waiting for the punches issued before them (see `flush`): a flush
-    /// waits for those only, so a steady stream of frees cannot hold it.
-    var punchesIssued = 0
-    var punchesFinished = 0
-    var punchWaiters: [(issued: Int, resume: () -> Void)] = []
+    /// Freed ranges being punched out of the file, and the flushes waiting
+    /// for them (see `flush`).
+    var punchesInFlight = 0
+    var punchWaiters: [() -> Void] = []
     var scratchBuffers: [UnsafeMutableRawPointer] = []
     /// Records of data reads and in-place writes in flight (see
     /// `countingUse`) that have ended, for the next ones to take.
