@@ -8,7 +8,7 @@ extension QCOW2Checker {
     /// Reads every refcount block and compares with what was counted.
     func compareRefcounts() -> EventLoopFuture<Void> {
         let loop = file.eventLoop
-        let perBlock = Int64(header.clusterSize * 8 / header.refcountBits)
+        let perBlock = clustersPerBlock
         let tableBytes = Int(header.refcountTableClusters) * header.clusterSize
         return read(header.refcountTableOffset, tableBytes).flatMap { table in
             let reader = BigEndianReader(table)
@@ -34,8 +34,8 @@ extension QCOW2Checker {
                 // clusters' refcounts are check errors (see compareCounts).
                 let misaligned = offset % UInt64(self.clusterSize) != 0
                 if misaligned || offset >= Self.unreachableOffset {
-                    let first = Int64(block) * perBlock
-                    self.unreadable.append((first..<first + perBlock, block, misaligned ? offset : nil))
+                    self.unreadableBlocks.insert(block)
+                    if misaligned { self.misalignedBlocks[block] = offset }
                 }
                 if entry & 511 == 0 {
                     guard self.countBlock(block, at: offset, fileClusters: fileClusters) else { continue }
@@ -104,8 +104,10 @@ extension QCOW2Checker {
     /// error instead, reported in cluster order among the rest, as qemu-img
     /// reports it.
     private func compareCounts(below limit: Int64) {
-        var blocked = unreadable.map { $0.clusters.clamped(to: 0..<limit) }.filter { !$0.isEmpty }
-            .sorted { $0.lowerBound < $1.lowerBound }[...]
+        let perBlock = clustersPerBlock
+        var blocked = unreadableBlocks.sorted().map { block in
+            (Int64(block) * perBlock..<Int64(block + 1) * perBlock).clamped(to: 0..<limit)
+        }.filter { !$0.isEmpty }[...]
         var highest: Int64 = 0
         // Reports the unreadable clusters below `end`.
         func reportBlocked(below end: Int64) {
@@ -146,17 +148,16 @@ extension QCOW2Checker {
     }
 
     func refcountReadable(_ cluster: Int64) -> Bool {
-        unreadable.isEmpty || !unreadable.contains { $0.clusters.contains(cluster) }
+        unreadableBlocks.isEmpty || !unreadableBlocks.contains(Int(cluster / clustersPerBlock))
     }
 
     /// QEMU's corruption event for the first read of a misaligned block
     /// (once per open: it suppresses the rest), or nil.
     private func corruptionEvent(at cluster: Int64) -> String? {
-        guard !corruptionSignalled,
-              let block = unreadable.first(where: { $0.clusters.lowerBound == cluster }), let offset = block.misaligned
-        else { return nil }
+        let block = Int(cluster / clustersPerBlock)
+        guard !corruptionSignalled, let offset = misalignedBlocks[block] else { return nil }
         corruptionSignalled = true
-        let index = block.tableIndex == 0 ? "0" : "0x" + String(block.tableIndex, radix: 16)
+        let index = block == 0 ? "0" : "0x" + String(block, radix: 16)
         let what = "Refblock offset 0x\(String(offset, radix: 16)) unaligned (reftable index: \(index))"
         return openedForRepair
             ? "qcow2: Marking image as corrupt: \(what); further corruption events will be suppressed"

@@ -106,10 +106,13 @@ public final class QCOW2Checker {
     var uncountedBlocks: Set<Int64> = []
     /// Refcounts as stored in the image (known once they are compared).
     var stored: [Int64: UInt64] = [:]
-    /// The clusters whose refcount block cannot be read at all (misaligned,
-    /// or beyond any offset a read can reach), in table order: qemu-img
-    /// cannot get their refcounts, and says so for each one.
-    var unreadable: [(clusters: Range<Int64>, tableIndex: Int, misaligned: UInt64?)] = []
+    /// The refcount table entries (indices) whose block cannot be read at
+    /// all, misaligned or beyond any offset a read can reach: qemu-img
+    /// cannot get their clusters' refcounts, and says so for each one.
+    /// Looked up by index, as a hostile table may have a million.
+    var unreadableBlocks: Set<Int> = []
+    /// The offsets of the misaligned ones among them, by index.
+    var misalignedBlocks: [Int: UInt64] = [:]
     /// QEMU tells of a corrupt image once.
     var corruptionSignalled = false
     /// Opened for a repair, the image would be marked corrupt where a
@@ -117,6 +120,8 @@ public final class QCOW2Checker {
     let openedForRepair: Bool
     var report = Report()
     var clusterSize: Int64 { Int64(header.clusterSize) }
+    /// The clusters one refcount block counts.
+    var clustersPerBlock: Int64 { Int64(header.clusterSize * 8 / header.refcountBits) }
 
     public init(driver: QCOW2Driver, file: BlockNode) {
         self.file = file
@@ -381,6 +386,8 @@ public final class QCOW2Checker {
                     self.report.corruptions += 1
                     self.report.messages.append("ERROR offset=\(String(host, radix: 16)): Allocated cluster has corrupted subcluster allocation bitmap")
                 }
+                // A misaligned entry `-r all` rewrites, with its message.
+                var preallocatedFix: (fix: EntryFix, messageIndex: Int)?
                 if host % UInt64(self.clusterSize) != 0 {
                     // Counted all the same, as qemu-img counts it (see checkL1);
                     // named as qemu-img names it, by whether it holds data.
@@ -393,7 +400,7 @@ public final class QCOW2Checker {
                         let fix = EntryFix(entryOffset: offset + UInt64(index * self.header.l2EntrySize),
                                            entry: self.header.hasExtendedL2 ? 0 : QCOW2Entry.zeroFlag,
                                            l1Index: nil, l2Table: offset, slot: index)
-                        self.report.preallocatedFixes.append((fix, self.report.messages.count, 0))
+                        preallocatedFix = (fix, self.report.messages.count)
                     }
                     self.report.messages.append("ERROR offset=\(String(host, radix: 16)): "
                         + (holdsData ? "Data" : "Preallocated") + " cluster is not properly aligned; L2 entry corrupted.")
@@ -405,13 +412,10 @@ public final class QCOW2Checker {
                     }
                     previousHost = host
                 }
-                if !self.externalData {
-                    let before = self.report.messages.count
-                    self.reference(host, length: self.clusterSize)
-                    if let last = self.report.preallocatedFixes.last, last.messageIndex == before - 1 {
-                        self.report.preallocatedFixes[self.report.preallocatedFixes.count - 1].countingMessages =
-                            self.report.messages.count - before
-                    }
+                let before = self.report.messages.count
+                if !self.externalData { self.reference(host, length: self.clusterSize) }
+                if let (fix, messageIndex) = preallocatedFix {
+                    self.report.preallocatedFixes.append((fix, messageIndex, self.report.messages.count - before))
                 }
             }
         }

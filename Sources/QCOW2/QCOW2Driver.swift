@@ -404,27 +404,23 @@ public final class QCOW2Driver: BlockDriver {
             self.writeBackMetadata { error in
                 if let error { promise.fail(error) } else { promise.succeed(()) }
             }
-            return promise.futureResult.flatMap { self.punch(freed.sorted(), file: file) }
+            return promise.futureResult.flatMap { self.punch(freed, file: file) }
         }
     }
 
-    /// Punches the runs of `clusters` (ascending) inside the file out of
-    /// it, one run after another. A file that cannot punch holes keeps
-    /// the bytes, as QEMU keeps them: the refcounts are what counts.
+    /// Punches the runs of `clusters` inside the file out of it, one run
+    /// after another. A file that cannot punch holes keeps the bytes, as
+    /// QEMU keeps them: the refcounts are what counts.
     func punch(_ clusters: [Int64], file: BlockNode) -> EventLoopFuture<Void> {
         let clusterSize = Int64(header.clusterSize)
-        var runs: [(start: Int64, end: Int64)] = []
-        for cluster in clusters {
-            let start = cluster * clusterSize
-            guard start < file.length else { break }
-            let end = min(start + clusterSize, file.length)
-            if let last = runs.last, last.end == start { runs[runs.count - 1].end = end } else { runs.append((start, end)) }
-        }
         var chain = file.eventLoop.makeSucceededVoidFuture()
-        for run in runs {
+        for run in QCOW2ClusterRuns(clusters.map { $0...$0 }).runs {
+            let start = run.lowerBound * clusterSize
+            let end = min((run.upperBound + 1) * clusterSize, file.length)
+            guard start < end else { break }
             chain = chain.flatMap {
                 let promise = file.eventLoop.makePromise(of: Void.self)
-                file.discard(at: run.start, length: run.end - run.start, evenIfIgnored: true) { _ in promise.succeed(()) }
+                file.discard(at: start, length: end - start, evenIfIgnored: true) { _ in promise.succeed(()) }
                 return promise.futureResult
             }
         }

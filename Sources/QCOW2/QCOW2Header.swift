@@ -109,6 +109,9 @@ public struct QCOW2Header: Equatable, Sendable {
     public static let maxRefcountTableBytes: UInt64 = 8 << 20
     /// Guest sizes up to 2^61 bytes keep every offset computation in range.
     public static let maxSize: UInt64 = 1 << 61
+    /// The open's error for a snapshot table where none can be, which
+    /// `check` reports as qemu-img's check does.
+    public static let snapshotTableOffsetInvalid = "Snapshot table offset invalid"
 }
 
 /// Errors opening a qcow2 image: every one names the problem.
@@ -238,11 +241,11 @@ extension QCOW2Header {
         guard snapshotCount <= 65536 else { throw QCOW2Error("Too many snapshots") }
         // Checked without snapshots too, as QEMU checks it.
         guard snapshotsOffset % cluster == 0, snapshotsOffset <= UInt64(Int64.max) else {
-            throw QCOW2Error("Snapshot table offset invalid")
+            throw QCOW2Error(Self.snapshotTableOffsetInvalid)
         }
         if snapshotCount > 0 {
-            guard snapshotsOffset % cluster == 0, snapshotsOffset != 0, snapshotsOffset < Self.maxSize else {
-                throw QCOW2Error("Snapshot table offset invalid")
+            guard snapshotsOffset != 0, snapshotsOffset < Self.maxSize else {
+                throw QCOW2Error(Self.snapshotTableOffsetInvalid)
             }
         }
     }

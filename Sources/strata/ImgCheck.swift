@@ -64,7 +64,7 @@ struct ImgCheck: ParsableCommand {
             let reason = (error as? BlockError)?.description ?? "\(error)"
             // qemu-img opens for a check without judging the snapshot
             // table's place, and the check then fails on it.
-            if reason == "Snapshot table offset invalid" {
+            if reason == QCOW2Header.snapshotTableOffsetInvalid {
                 FileHandle.standardError.write(Data("strata img: ERROR snapshot table offset invalid\n".utf8))
                 fail("Check failed: Invalid argument")
             }
