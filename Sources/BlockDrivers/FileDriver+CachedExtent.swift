@@ -15,9 +15,7 @@ extension FileDriver {
     /// cachestat(2) counts the cached pages, but readahead puts pages in the
     /// cache before the disk has filled them, so the first and the last page
     /// are also read with RWF_NOWAIT (one byte each), which fails for a page
-    /// still being read. Pages of a hole read as cached zeroes: a file with
-    /// fewer blocks than bytes is asked for holes (SEEK_HOLE takes the inode
-    /// lock, which a throttled writer may hold, so not for every file), and
+    /// still being read. Pages of a hole read as cached zeroes: a range with
     /// a hole goes the usual way too, to become a hole chunk.
     public func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
         guard let cacheFile, cacheResidency, length > 0, offset >= 0, offset + Int64(length) <= size else {
@@ -33,10 +31,33 @@ extension FileDriver {
               isReadable(at: offset), isReadable(at: end - 1) else {
             return nil
         }
-        if !isBlockDevice, strata_fd_allocated_bytes(fd) < size, strata_seek_hole(fd, offset) < end {
-            return nil
-        }
+        if hasHole(from: offset, to: end) { return nil }
         return CachedFileExtent(file: cacheFile, offset: offset, length: length)
+    }
+
+    /// Whether `fillPageCache` can work here: the file is read through the
+    /// page cache, and the kernel says what it holds.
+    public var fillsPageCache: Bool { cacheFile != nil && cacheResidency && PageCacheFiller.shared != nil }
+
+    /// Reads a range into the page cache on a pool thread without copying
+    /// it out (see `PageCacheFiller`), so that `cachedFileExtent` answers
+    /// for it next; true once all of it is in. A range with a hole is left
+    /// alone: `cachedFileExtent` refuses it anyway.
+    public func fillPageCache(at offset: Int64, length: Int, completion: @escaping (Bool) -> Void) {
+        let end = offset + Int64(length)
+        guard fillsPageCache, let filler = PageCacheFiller.shared, length > 0, offset >= 0, end <= size,
+              !hasHole(from: offset, to: end) else {
+            return completion(false)
+        }
+        let fd = self.fd
+        io.runBlocking({ filler.fill(fd: fd, offset: offset, length: length) }) { completion($0 == length) }
+    }
+
+    /// Whether `[offset, end)` holds a hole. Only a file with fewer blocks
+    /// than bytes is asked: SEEK_HOLE takes the inode lock, which a
+    /// throttled writer may hold.
+    private func hasHole(from offset: Int64, to end: Int64) -> Bool {
+        !isBlockDevice && strata_fd_allocated_bytes(fd) < size && strata_seek_hole(fd, offset) < end
     }
 
     /// Whether the byte at `offset` reads without waiting for the disk.

@@ -21,7 +21,9 @@ import Glibc
 /// where the kernel supports it for buffered writes; where it does not
 /// (ext4 on 6.x), a buffered write, a copy into the page cache, is done on
 /// the loop unless the last one blocked for long (dirty-page throttling),
-/// which sends writes to the pool for a while.
+/// which sends writes to the pool for a while. A server's large READs that
+/// miss the page cache are not read here at all but filled into it
+/// (`fillPageCache`) and sent from there (`cachedFileExtent`).
 public final class FileDriver: BlockDriver {
     public let formatName = "file"
     public let options: FileDriverOptions

@@ -105,10 +105,28 @@ extension NBDConnectionHandler {
             }
             return endRequest(bytes: length)
         }
-        if length >= configuration.smallestCachedSend,
-           let extent = export.backend.beginCachedRead(at: Int64(offset), length: length) {
-            return sendCached(extent, for: request)
+        if length >= configuration.smallestCachedSend {
+            let backend = export.backend
+            if let extent = backend.beginCachedRead(at: Int64(offset), length: length) {
+                return sendCached(extent, for: request)
+            }
+            if backend.fillsPageCache {
+                // Read from the disk into the page cache alone, then sent
+                // from there: no copy in the server (see `PageCacheFiller`).
+                return backend.fillPageCache(at: Int64(offset), length: length) { filled in
+                    if filled, let extent = backend.beginCachedRead(at: Int64(offset), length: length) {
+                        return self.sendCached(extent, for: request)
+                    }
+                    self.readIntoBuffer(request)
+                }
+            }
         }
+        readIntoBuffer(request)
+    }
+
+    /// READ into a reply buffer: the request is counted in flight already.
+    private func readIntoBuffer(_ request: NBDRequest) {
+        let length = Int(request.length)
         var data = transferBuffer(length: length, headroom: NBDReplyEncoder.dataChunkHeaderSize)
         let base = data.withUnsafeMutableWritableBytes { $0.baseAddress! }
         data.moveWriterIndex(forwardBy: length)
@@ -117,7 +135,7 @@ extension NBDConnectionHandler {
         // Consumed, not copied: the reply writes its header into this
         // storage, which must then have no other owner.
         pending.begin(handler: self, request: request, data: consume data, target: target)
-        export.backend.read(at: Int64(offset), into: target) { error in pending.end(error) }
+        export.backend.read(at: Int64(request.offset), into: target) { error in pending.end(error) }
     }
 
     /// The reply to a READ whose data is in `data` (`target` is its bytes).

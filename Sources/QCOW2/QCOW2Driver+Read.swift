@@ -144,19 +144,7 @@ extension QCOW2Driver {
     /// without one, since that reads as zeroes). Zero, compressed and mixed
     /// ranges, and ranges across two L2 tables, are read as usual.
     public func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
-        let table: QCOW2L2Table?
-        do {
-            if let tableOffset = try l2TableOffset(for: geometry.l1Index(of: offset)) {
-                guard let cached = cachedL2Table(at: tableOffset) else { return nil }
-                table = cached
-            } else {
-                table = nil
-            }
-        } catch {
-            return nil
-        }
-        guard let run = try? run(at: offset, maxLength: Int64(length), table: table),
-              run.length == Int64(length) else { return nil }
+        guard let run = runInMemory(at: offset, length: length) else { return nil }
         switch run.mapping {
         case .data:
             let host = Int64(run.hostOffset)
@@ -174,6 +162,47 @@ extension QCOW2Driver {
         case .zero, .compressed:
             return nil
         }
+    }
+
+    public var fillsPageCache: Bool { dataFile.fillsPageCache || backingNode?.fillsPageCache == true }
+
+    /// Fills the page cache with what `cachedFileExtent` would hand out for
+    /// the range, so that it does next: the data file's clusters, or the
+    /// backing file's range under unallocated ones.
+    public func fillPageCache(at offset: Int64, length: Int, completion: @escaping (Bool) -> Void) {
+        guard let run = runInMemory(at: offset, length: length) else { return completion(false) }
+        switch run.mapping {
+        case .data:
+            guard !dataClustersCanBeFreed || geometry.clusterSize >= CachedFileExtent.pageSize else {
+                return completion(false)
+            }
+            dataFile.fillPageCache(at: Int64(run.hostOffset), length: length, completion: completion)
+        case .unallocated, .unallocatedSubcluster:
+            guard let backingNode else { return completion(false) }
+            backingNode.fillPageCache(at: offset, length: length, completion: completion)
+        case .zero, .compressed:
+            completion(false)
+        }
+    }
+
+    /// The run covering all of `[offset, offset + length)`, looked up
+    /// without I/O: nil when its L2 table is not in memory, or when the
+    /// range spans more than one run.
+    private func runInMemory(at offset: Int64, length: Int) -> Run? {
+        let table: QCOW2L2Table?
+        do {
+            if let tableOffset = try l2TableOffset(for: geometry.l1Index(of: offset)) {
+                guard let cached = cachedL2Table(at: tableOffset) else { return nil }
+                table = cached
+            } else {
+                table = nil
+            }
+        } catch {
+            return nil
+        }
+        guard let run = try? run(at: offset, maxLength: Int64(length), table: table),
+              run.length == Int64(length) else { return nil }
+        return run
     }
 
     /// Reads L2 table by table: the runs found in a table are read in the

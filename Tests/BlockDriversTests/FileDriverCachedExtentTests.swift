@@ -51,4 +51,49 @@ extension FileDriverTests {
         defer { try? close(graph, io) }
         #expect(try cachedExtent(node, 0, 64 << 10) == nil)
     }
+
+    func fill(_ node: BlockNode, _ offset: Int64, _ length: Int) throws -> Bool {
+        try loop.flatSubmit { () -> EventLoopFuture<Bool> in
+            let promise = self.loop.makePromise(of: Bool.self)
+            node.fillPageCache(at: offset, length: length) { promise.succeed($0) }
+            return promise.futureResult
+        }.wait()
+    }
+
+    @Test(.enabled(if: kernelHasCachestat, "no cachestat(2) here"))
+    func aFilledRangeIsInThePageCacheAndOfferedForSending() throws {
+        let size = 1 << 20, offset = 256 << 10, length = 256 << 10
+        let (path, fd) = try evictedFile(size: size, name: "fill.raw")
+        defer { Glibc.close(fd) }
+        let (graph, node, io) = try open(path, direct: false, aio: .threads)
+        defer { try? close(graph, io) }
+        try #require(!(try isResident(fd, at: offset + length - 4096, fileSize: size)), "the kernel kept the page cached")
+        #expect(try loop.submit { node.fillsPageCache }.wait())
+        #expect(try cachedExtent(node, Int64(offset), length) == nil)
+
+        #expect(try fill(node, Int64(offset), length))
+        #expect(try isResident(fd, at: offset, fileSize: size) && isResident(fd, at: offset + length - 4096, fileSize: size))
+        let extent = try #require(try cachedExtent(node, Int64(offset), length))
+        #expect(extent.offset == Int64(offset) && extent.length == length)
+        #expect(try read(node, Int64(offset), length) == (offset..<offset + length).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) })
+        #expect(try !fill(node, Int64(size - 4096), 8192), "past the end of the file")
+    }
+
+    @Test func holesAndODirectFilesAreNotFilled() throws {
+        let path = try makeFile(size: 64 << 10, name: "sparse-fill.raw")
+        #expect(truncate(path, 1 << 20) == 0)
+        let fd = Glibc.open(path, O_RDONLY)
+        defer { Glibc.close(fd) }
+        do {
+            let (graph, node, io) = try open(path, direct: false, aio: .threads)
+            defer { try? close(graph, io) }
+            #expect(try !fill(node, 512 << 10, 64 << 10))
+            #expect(try !fill(node, 32 << 10, 64 << 10), "part data, part hole")
+            #expect(try !isResident(fd, at: 512 << 10, fileSize: 1 << 20), "no zero pages for the hole")
+        }
+        let (graph, node, io) = try open(path, direct: true, aio: .threads)
+        defer { try? close(graph, io) }
+        #expect(try !loop.submit { node.fillsPageCache }.wait())
+        #expect(try !fill(node, 0, 64 << 10))
+    }
 }
