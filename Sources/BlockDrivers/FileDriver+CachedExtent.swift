@@ -36,28 +36,42 @@ extension FileDriver {
     }
 
     /// Whether `fillPageCache` can work here: the file is read through the
-    /// page cache, and the kernel says what it holds.
-    public var fillsPageCache: Bool { cacheFile != nil && cacheResidency && PageCacheFiller.shared != nil }
+    /// page cache with `aio=threads` (where a miss is otherwise copied on a
+    /// pool thread; the engines are left as they are), and the kernel says
+    /// what the cache holds.
+    public var fillsPageCache: Bool {
+        engine == nil && cacheFile != nil && cacheResidency && pageCacheFills && PageCacheFiller.shared != nil
+    }
 
     /// Reads a range into the page cache on a pool thread without copying
     /// it out (see `PageCacheFiller`), so that `cachedFileExtent` answers
     /// for it next; true once all of it is in. A range with a hole is left
-    /// alone: `cachedFileExtent` refuses it anyway.
+    /// alone, since `cachedFileExtent` refuses it anyway; the pool thread
+    /// looks, as SEEK_HOLE may wait for the inode lock.
     public func fillPageCache(at offset: Int64, length: Int, completion: @escaping (Bool) -> Void) {
         let end = offset + Int64(length)
-        guard fillsPageCache, let filler = PageCacheFiller.shared, length > 0, offset >= 0, end <= size,
-              !hasHole(from: offset, to: end) else {
+        guard fillsPageCache, let filler = PageCacheFiller.shared, length > 0, offset >= 0, end <= size else {
             return completion(false)
         }
-        let fd = self.fd
-        io.runBlocking({ filler.fill(fd: fd, offset: offset, length: length) }) { completion($0 == length) }
+        let (fd, size, mayHaveHoles) = (self.fd, self.size, !isBlockDevice)
+        io.runBlocking({
+            if mayHaveHoles, Self.hasHole(fd: fd, size: size, from: offset, to: end) { return 0 }
+            return filler.fill(fd: fd, offset: offset, length: length)
+        }) { result in
+            if result == -Int(EINVAL) { self.pageCacheFills = false }  // no splice for this file
+            completion(result == length)
+        }
     }
 
     /// Whether `[offset, end)` holds a hole. Only a file with fewer blocks
     /// than bytes is asked: SEEK_HOLE takes the inode lock, which a
     /// throttled writer may hold.
     private func hasHole(from offset: Int64, to end: Int64) -> Bool {
-        !isBlockDevice && strata_fd_allocated_bytes(fd) < size && strata_seek_hole(fd, offset) < end
+        !isBlockDevice && Self.hasHole(fd: fd, size: size, from: offset, to: end)
+    }
+
+    private static func hasHole(fd: Int32, size: Int64, from offset: Int64, to end: Int64) -> Bool {
+        strata_fd_allocated_bytes(fd) < size && strata_seek_hole(fd, offset) < end
     }
 
     /// Whether the byte at `offset` reads without waiting for the disk.

@@ -21,9 +21,10 @@ import Glibc
 /// where the kernel supports it for buffered writes; where it does not
 /// (ext4 on 6.x), a buffered write, a copy into the page cache, is done on
 /// the loop unless the last one blocked for long (dirty-page throttling),
-/// which sends writes to the pool for a while. A server's large READs that
-/// miss the page cache are not read here at all but filled into it
-/// (`fillPageCache`) and sent from there (`cachedFileExtent`).
+/// which sends writes to the pool for a while. With `aio=threads`, a
+/// server's large READs that miss the page cache are, where they can be,
+/// filled into it (`fillPageCache`) and sent from there
+/// (`cachedFileExtent`) rather than read here.
 public final class FileDriver: BlockDriver {
     public let formatName = "file"
     public let options: FileDriverOptions
@@ -52,6 +53,8 @@ public final class FileDriver: BlockDriver {
     let cacheFile: NIOFileHandle?
     /// Cleared the first time the kernel has no cachestat(2).
     var cacheResidency = true
+    /// Cleared the first time the file cannot be spliced (`fillPageCache`).
+    var pageCacheFills = true
     /// Once fdatasync fails, the kernel forgets the error and may have
     /// dropped the dirty pages: every later flush fails too, so no client
     /// is told that lost data is safe.

@@ -54,8 +54,9 @@ public protocol BlockDriver: AnyObject {
     var fillsPageCache: Bool { get }
     /// Reads `[offset, offset + length)` into the page cache of the file
     /// holding it, without copying it out, so that `cachedFileExtent`
-    /// answers for it next; false, and nothing read, where the range is not
-    /// plain data in one file. The caller then reads as usual.
+    /// answers for it next. False where the range is not plain data in one
+    /// file (nothing read), or not all of it came in (an error): the caller
+    /// then reads as usual.
     func fillPageCache(at offset: Int64, length: Int, completion: @escaping (Bool) -> Void)
     /// Hints that a range will be read soon (NBD_CMD_CACHE).
     func prefetch(at offset: Int64, length: Int64, completion: @escaping BlockCompletion)

@@ -1,6 +1,7 @@
 @testable import BlockDrivers
 import BlockLayer
 import CLinuxAIO
+import Foundation
 import Glibc
 import NIOCore
 import Testing
@@ -60,9 +61,10 @@ extension FileDriverTests {
         }.wait()
     }
 
-    @Test(.enabled(if: kernelHasCachestat, "no cachestat(2) here"))
-    func aFilledRangeIsInThePageCacheAndOfferedForSending() throws {
-        let size = 1 << 20, offset = 256 << 10, length = 256 << 10
+    @Test(.enabled(if: kernelHasCachestat, "no cachestat(2) here"), arguments: [256 << 10, 2560 << 10])
+    func aFilledRangeIsInThePageCacheAndOfferedForSending(length: Int) throws {
+        // 2.5 MiB takes three turns through a 1 MiB pipe.
+        let size = 4 << 20, offset = 256 << 10
         let (path, fd) = try evictedFile(size: size, name: "fill.raw")
         defer { Glibc.close(fd) }
         let (graph, node, io) = try open(path, direct: false, aio: .threads)
@@ -77,6 +79,18 @@ extension FileDriverTests {
         #expect(extent.offset == Int64(offset) && extent.length == length)
         #expect(try read(node, Int64(offset), length) == (offset..<offset + length).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) })
         #expect(try !fill(node, Int64(size - 4096), 8192), "past the end of the file")
+    }
+
+    @Test func aFillStopsAtTheEndOfTheFile() throws {
+        let (_, fd) = try evictedFile(size: 64 << 10, name: "short-fill.raw")
+        defer { Glibc.close(fd) }
+        let filler = try #require(PageCacheFiller.shared)
+        #expect(filler.fill(fd: fd, offset: 60 << 10, length: 8 << 10) == 4 << 10)
+        #expect(filler.fill(fd: fd, offset: 64 << 10, length: 4 << 10) == 0)
+        let directory = Glibc.open(directory.path, O_RDONLY | O_DIRECTORY)
+        defer { Glibc.close(directory) }
+        #expect(filler.fill(fd: directory, offset: 0, length: 4096) < 0, "a directory cannot be read")
+        #expect(filler.fill(fd: fd, offset: 0, length: 4096) == 4096, "the pipe is still good")
     }
 
     @Test func holesAndODirectFilesAreNotFilled() throws {
