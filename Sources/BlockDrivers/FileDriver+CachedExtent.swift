@@ -22,6 +22,11 @@ extension FileDriver {
             return nil
         }
         let end = offset + Int64(length)
+        // Asked again by the fill's own completion: every page was read in
+        // by then, and no hole was found.
+        if let filled = justFilled, filled.offset == offset, filled.length == length {
+            return CachedFileExtent(file: cacheFile, offset: offset, length: length)
+        }
         let cached = strata_cached_pages(fd, offset, Int64(length))
         if cached < 0 {
             if cached == -Int64(ENOSYS) || cached == -Int64(EPERM) { cacheResidency = false }
@@ -58,8 +63,13 @@ extension FileDriver {
             if mayHaveHoles, Self.hasHole(fd: fd, size: size, from: offset, to: end) { return 0 }
             return filler.fill(fd: fd, offset: offset, length: length)
         }) { result in
-            if result == -Int(EINVAL) { self.pageCacheFills = false }  // no splice for this file
-            completion(result == length)
+            guard result == length else {
+                if result == -Int(EINVAL) { self.pageCacheFills = false }  // no splice for this file
+                return completion(false)
+            }
+            self.justFilled = (offset, length)
+            completion(true)
+            self.justFilled = nil
         }
     }
 

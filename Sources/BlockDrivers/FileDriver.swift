@@ -55,6 +55,9 @@ public final class FileDriver: BlockDriver {
     var cacheResidency = true
     /// Cleared the first time the file cannot be spliced (`fillPageCache`).
     var pageCacheFills = true
+    /// The range a fill has just brought in, while its completion runs: the
+    /// caller's `cachedFileExtent` for it then needs no residency syscalls.
+    var justFilled: (offset: Int64, length: Int)?
     /// Once fdatasync fails, the kernel forgets the error and may have
     /// dropped the dirty pages: every later flush fails too, so no client
     /// is told that lost data is safe.
