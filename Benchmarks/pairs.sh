@@ -44,6 +44,8 @@ Usage: Benchmarks/pairs.sh [options]
   --runtime SECS    seconds per fio run (default 3)
   --size SIZE       image size (default 2G)
   --dir DIR         work dir (default: fresh mktemp -d under /var/tmp)
+  --cold-memory M   settled (default) or backed: which state of a VM's
+                    memory a cold nbdcopy pass meets (see cold-cache.sh)
   -h, --help        this help
 
 Environment:
@@ -57,7 +59,7 @@ EOF
 log()  { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die()  { printf 'pairs.sh: error: %s\n' "$*" >&2; exit 1; }
 
-AGAINST=qemu-nbd FORMATS=raw,qcow2 MODES=none,defaults JOBS=randread-4k-qd1,nbdcopy PAIRS=20 RUNTIME=3 SIZE=2G WORK=""
+COLD_MEMORY=settled AGAINST=qemu-nbd FORMATS=raw,qcow2 MODES=none,defaults JOBS=randread-4k-qd1,nbdcopy PAIRS=20 RUNTIME=3 SIZE=2G WORK=""
 need_arg() { [ $# -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -69,12 +71,14 @@ while [ $# -gt 0 ]; do
     --runtime) need_arg "$@"; RUNTIME=$2; shift 2 ;;
     --size)    need_arg "$@"; SIZE=$2; shift 2 ;;
     --dir)     need_arg "$@"; WORK=$2; shift 2 ;;
+    --cold-memory) need_arg "$@"; COLD_MEMORY=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
 [[ "$PAIRS" =~ ^[1-9][0-9]*$ ]] || die "--pairs must be a positive integer, got '$PAIRS'"
 [[ "$RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer, got '$RUNTIME'"
+[[ "$COLD_MEMORY" =~ ^(settled|backed)$ ]] || die "--cold-memory must be settled or backed, got '$COLD_MEMORY'"
 [[ "$AGAINST" =~ ^(qemu-nbd|raw)$ ]] || die "--against must be qemu-nbd or raw, got '$AGAINST'"
 if [ "$AGAINST" = raw ]; then
   [ -z "${FORMATS_GIVEN:-}" ] || die "--against raw compares a qcow2 export with a raw one: leave out --formats"
@@ -91,6 +95,7 @@ for j in "${JOB_LIST[@]}"; do
 done
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+source "$REPO/Benchmarks/cold-cache.sh"   # drop_page_cache
 STRATA=${STRATA:-$REPO/.build/release/strata}
 [ -x "$STRATA" ] || die "no Strata binary at $STRATA (swift build -c release, or set STRATA)"
 for t in fio qemu-nbd qemu-img nbdcopy nbdinfo python3; do
@@ -113,6 +118,7 @@ stop_servers() {
 trap 'stop_servers; rm -f "$WORK"/image.raw "$WORK"/image.qcow2 "$WORK"/run.json' EXIT
 
 log "work dir $WORK; making a $SIZE image of random data"
+[ -r "$PAGE_REPORTED" ] && log "free page reporting: cold passes meet $COLD_MEMORY memory (see Benchmarks/cold-cache.sh)"
 fio --name=fill --filename="$WORK/image.raw" --size="$BYTES" --rw=write --bs=1M --ioengine=libaio --direct=1 \
     --iodepth=8 --refill_buffers --eta=never >"$WORK/fill.txt" 2>&1 || die "fio could not fill the image (see $WORK/fill.txt)"
 if [[ ",$FORMATS," == *,qcow2,* ]]; then
@@ -162,7 +168,7 @@ measure() {  # measure JOB SOCK -> prints IOPS (fio) or MiB/s (nbdcopy)
   if [ "$1" = nbdcopy ]; then
     local t0 t1 bytes
     bytes=$(nbdinfo --size "$uri") || die "nbdinfo against $2 failed"
-    sync; echo 3 >/proc/sys/vm/drop_caches
+    drop_page_cache
     t0=$(date +%s%N)
     nbdcopy --request-size=262144 "$uri" null: || die "nbdcopy from $2 failed"
     t1=$(date +%s%N)

@@ -53,6 +53,9 @@ Environment:
   STRATA            Strata binary (default: \$REPO/.build/release/strata).
                     Started as: \$STRATA serve -k SOCK -f raw|qcow2 -t [--cache=none --aio=native] IMAGE
   NBDCOPY_RUNS      nbdcopy copies per row, median reported (default 3)
+  COLD_MEMORY       settled (default) or backed: which state of a VM's
+                    memory a cold row meets (see cold-cache.sh, and
+                    README.md, "Cold passes on a VM")
 
 Formats: raw    image.raw, random data
          qcow2  image.qcow2 = qemu-img convert -O qcow2 image.raw (fully allocated)
@@ -255,6 +258,8 @@ fi
 NBDCOPY_REQ=$((256 * 1024))
 NBDCOPY_RUNS=${NBDCOPY_RUNS:-3}
 [[ "$NBDCOPY_RUNS" =~ ^[1-9][0-9]*$ ]] || die "NBDCOPY_RUNS must be a whole number, 1 or more (got '$NBDCOPY_RUNS')"
+COLD_MEMORY=${COLD_MEMORY:-settled}
+[[ "$COLD_MEMORY" =~ ^(settled|backed)$ ]] || die "COLD_MEMORY must be settled or backed (got '$COLD_MEMORY')"
 
 fmt_servers() {  # fmt_servers FORMAT -> sets FSERVERS and FJOBS arrays
   case "$1" in
@@ -382,10 +387,11 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # -------------------------------------------------------------- page cache --
+# drop_page_cache: see cold-cache.sh (it also waits for free page reporting).
+source "$SCRIPT_DIR/cold-cache.sh"
 DROP_OK=0
 drop_caches() {
-  sync
-  if [ "$DROP_OK" = 1 ]; then echo 3 > /proc/sys/vm/drop_caches; fi
+  if [ "$DROP_OK" = 1 ]; then drop_page_cache; else sync; fi
 }
 if (echo 3 > /proc/sys/vm/drop_caches) 2>/dev/null; then
   DROP_OK=1
@@ -764,6 +770,7 @@ versions+="; $(first_line nbdcopy --version)"
   echo "load=$(cut -d' ' -f1-3 /proc/loadavg)"
   echo "clk_tck=$CLK_TCK"
   echo "drop_ok=$DROP_OK"
+  echo "page_reporting=$([ -r "$PAGE_REPORTED" ] && echo "yes; cold memory: $COLD_MEMORY" || echo no)"
   echo "versions=$versions"
   echo "only=$ONLY"
   echo "formats=${FORMATS[*]}"
