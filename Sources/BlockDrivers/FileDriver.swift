@@ -21,9 +21,8 @@ import Glibc
 /// where the kernel supports it for buffered writes; where it does not
 /// (ext4 on 6.x), a buffered write, a copy into the page cache, is done on
 /// the loop unless the last one blocked for long (dirty-page throttling),
-/// which sends writes to the pool for a while. With `aio=threads`, a
-/// server's large READs that miss the page cache are, where they can be,
-/// filled into it (`fillPageCache`) and sent from there
+/// which sends writes to the pool for a while. A server's large READs of
+/// data the page cache has held for a while are sent from it
 /// (`cachedFileExtent`) rather than read here.
 public final class FileDriver: BlockDriver {
     public let formatName = "file"
@@ -53,11 +52,9 @@ public final class FileDriver: BlockDriver {
     let cacheFile: NIOFileHandle?
     /// Cleared the first time the kernel has no cachestat(2).
     var cacheResidency = true
-    /// Cleared the first time the file cannot be spliced (`fillPageCache`).
-    var pageCacheFills = true
-    /// The range a fill has just brought in, while its completion runs: the
-    /// caller's `cachedFileExtent` for it then needs no residency syscalls.
-    var justFilled: (offset: Int64, length: Int)?
+    /// Bytes of cached ranges `cachedFileExtent` still turns down after its
+    /// last miss, as pages the disk has only just filled (see there).
+    var coldStreamBytes: Int64 = 0
     /// Once fdatasync fails, the kernel forgets the error and may have
     /// dropped the dirty pages: every later flush fails too, so no client
     /// is told that lost data is safe.

@@ -59,12 +59,6 @@ public final class RawDriver: BlockDriver {
         file.cachedFileExtent(at: self.offset + offset, length: length)
     }
 
-    public var fillsPageCache: Bool { file.fillsPageCache }
-
-    public func fillPageCache(at offset: Int64, length: Int, completion: @escaping (Bool) -> Void) {
-        file.fillPageCache(at: self.offset + offset, length: length, completion: completion)
-    }
-
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer,
                       flags: BlockRequestFlags, completion: @escaping BlockCompletion) {
         if probed, offset < Int64(FormatProbe.probeSize) {

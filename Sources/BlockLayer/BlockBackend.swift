@@ -87,21 +87,6 @@ public final class BlockBackend: BlockParent, InFlightRequestOwner {
         return extent
     }
 
-    /// Whether a READ that `beginCachedRead` refused may be worth
-    /// `fillPageCache` (the graph reads through the page cache).
-    public var fillsPageCache: Bool { root?.node.fillsPageCache ?? false }
-
-    /// Reads a range into the page cache without copying it out, so that
-    /// `beginCachedRead` may take it next; in flight meanwhile, for drains.
-    /// False at once while drained: then `read`, which waits its turn.
-    public func fillPageCache(at offset: Int64, length: Int, completion: @escaping (Bool) -> Void) {
-        guard quiesceCount == 0, let node = begin() else { return completion(false) }
-        node.fillPageCache(at: offset, length: length) { filled in
-            self.end()
-            completion(filled)
-        }
-    }
-
     /// Ends a read started by `beginCachedRead`: what the extent covers may
     /// change from now on.
     public func endCachedRead(_ extent: CachedFileExtent) {

@@ -48,16 +48,6 @@ public protocol BlockDriver: AnyObject {
     /// plain data in one file's page cache, read as it is; nil otherwise,
     /// and then the caller reads. Must not block or do I/O.
     func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent?
-    /// Whether `fillPageCache` can work for this node at all (false where
-    /// the page cache is not used), asked before each large READ that
-    /// missed the cache.
-    var fillsPageCache: Bool { get }
-    /// Reads `[offset, offset + length)` into the page cache of the file
-    /// holding it, without copying it out, so that `cachedFileExtent`
-    /// answers for it next. False where the range is not plain data in one
-    /// file (nothing read), or not all of it came in (an error): the caller
-    /// then reads as usual.
-    func fillPageCache(at offset: Int64, length: Int, completion: @escaping (Bool) -> Void)
     /// Hints that a range will be read soon (NBD_CMD_CACHE).
     func prefetch(at offset: Int64, length: Int64, completion: @escaping BlockCompletion)
     func truncate(to length: Int64, completion: @escaping BlockCompletion)
@@ -103,12 +93,6 @@ extension BlockDriver {
     }
 
     public func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? { nil }
-
-    public var fillsPageCache: Bool { false }
-
-    public func fillPageCache(at offset: Int64, length: Int, completion: @escaping (Bool) -> Void) {
-        completion(false)
-    }
 
     public func truncate(to length: Int64, completion: @escaping BlockCompletion) {
         completion(.enotsup)

@@ -37,16 +37,6 @@ extension BlockNode {
         return driver.cachedFileExtent(at: offset, length: length)
     }
 
-    /// Whether `fillPageCache` can work for this node (see `BlockDriver`).
-    public var fillsPageCache: Bool { driver.fillsPageCache }
-
-    /// Reads a range into the page cache without copying it out, so that
-    /// `cachedFileExtent` answers for it next (see `BlockDriver`).
-    public func fillPageCache(at offset: Int64, length: Int, completion: @escaping (Bool) -> Void) {
-        guard length > 0, contains(offset: offset, length: Int64(length)) else { return completion(false) }
-        driver.fillPageCache(at: offset, length: length, completion: completion)
-    }
-
     /// NBD_CMD_CACHE: asks the driver to warm a range.
     public func prefetch(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
         guard contains(offset: offset, length: length) else { return completion(.einval) }

@@ -195,36 +195,6 @@ int64_t strata_cached_pages(int fd, int64_t offset, int64_t length) {
     return r < 0 ? -errno : (int64_t)stat.nr_cache;
 }
 
-int64_t strata_fill_page_cache(int fd, int64_t offset, int64_t length, int pipe_read, int pipe_write,
-                               int null_fd) {
-    int64_t done = 0;
-    while (done < length) {
-        loff_t from = offset + done;
-        ssize_t in = splice(fd, &from, pipe_write, NULL, (size_t)(length - done), SPLICE_F_MOVE);
-        if (in < 0) {
-            if (errno == EINTR) continue;
-            return -errno;
-        }
-        if (in == 0) break;   /* end of file */
-        for (ssize_t left = in; left > 0;) {
-            ssize_t out = splice(pipe_read, NULL, null_fd, NULL, (size_t)left, SPLICE_F_MOVE);
-            if (out < 0) {
-                if (errno == EINTR) continue;
-                return -errno;
-            }
-            left -= out;
-        }
-        done += in;
-    }
-    return done;
-}
-
-int strata_fill_pipe(int fds[2], int size) {
-    if (pipe2(fds, O_CLOEXEC) != 0) return -errno;
-    (void)fcntl(fds[1], F_SETPIPE_SZ, size);   /* a smaller pipe works too, in more turns */
-    return 0;
-}
-
 int strata_ofd_lock(int fd, int64_t offset, int exclusive, int unlock) {
     struct flock fl;
     memset(&fl, 0, sizeof(fl));

@@ -110,16 +110,6 @@ extension NBDConnectionHandler {
             if let extent = backend.beginCachedRead(at: Int64(offset), length: length) {
                 return sendCached(extent, for: request)
             }
-            if backend.fillsPageCache {
-                // Read from the disk into the page cache alone, then sent
-                // from there: no copy in the server (see `PageCacheFiller`).
-                return backend.fillPageCache(at: Int64(offset), length: length) { filled in
-                    if filled, let extent = backend.beginCachedRead(at: Int64(offset), length: length) {
-                        return self.sendCached(extent, for: request)
-                    }
-                    self.readIntoBuffer(request)
-                }
-            }
         }
         readIntoBuffer(request)
     }

@@ -164,27 +164,6 @@ extension QCOW2Driver {
         }
     }
 
-    public var fillsPageCache: Bool { dataFile.fillsPageCache || backingNode?.fillsPageCache == true }
-
-    /// Fills the page cache with what `cachedFileExtent` would hand out for
-    /// the range, so that it does next: the data file's clusters, or the
-    /// backing file's range under unallocated ones.
-    public func fillPageCache(at offset: Int64, length: Int, completion: @escaping (Bool) -> Void) {
-        guard let run = runInMemory(at: offset, length: length) else { return completion(false) }
-        switch run.mapping {
-        case .data:
-            guard !dataClustersCanBeFreed || geometry.clusterSize >= CachedFileExtent.pageSize else {
-                return completion(false)
-            }
-            dataFile.fillPageCache(at: Int64(run.hostOffset), length: length, completion: completion)
-        case .unallocated, .unallocatedSubcluster:
-            guard let backingNode else { return completion(false) }
-            backingNode.fillPageCache(at: offset, length: length, completion: completion)
-        case .zero, .compressed:
-            completion(false)
-        }
-    }
-
     /// The run covering all of `[offset, offset + length)`, looked up
     /// without I/O: nil when its L2 table is not in memory, or when the
     /// range spans more than one run.

@@ -19,13 +19,6 @@ final class RAMDriver: BlockDriver {
     /// While set, every read is offered as this file's range at the same
     /// offset, as a file driver offers cached ranges for `sendfile`.
     var cachedFile: NIOFileHandle?
-    /// While set, reads the cache missed may be filled into it: a fill
-    /// answers this, and after a true answer every read is offered as
-    /// `fillFile`'s range, as a file driver's are once their pages are in.
-    var fillAnswer: Bool?
-    var fillFile: NIOFileHandle?
-    /// The ranges asked to be filled, in order.
-    var fills: [(offset: Int64, length: Int)] = []
 
     init(size: Int) {
         data = [UInt8](repeating: 0, count: size)
@@ -60,17 +53,6 @@ final class RAMDriver: BlockDriver {
 
     func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
         cachedFile.map { CachedFileExtent(file: $0, offset: offset, length: length) }
-    }
-
-    var fillsPageCache: Bool { fillAnswer != nil }
-
-    func fillPageCache(at offset: Int64, length: Int, completion: @escaping (Bool) -> Void) {
-        fills.append((offset, length))
-        finish {
-            let filled = self.fillAnswer == true
-            if filled { self.cachedFile = self.fillFile }
-            completion(filled)
-        }
     }
 
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags,

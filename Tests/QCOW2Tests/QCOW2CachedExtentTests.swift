@@ -96,33 +96,4 @@ import Testing
         #expect(extent(chain, (2 << 20) - (64 << 10), 128 << 10) == nil, "zeroes past the base's end")
         #expect(extent(chain, 3 << 20, 64 << 10) == nil)
     }
-
-    func fill(_ chain: Chain, _ offset: Int64, _ length: Int) -> Bool {
-        var filled: Bool?
-        chain.backend.fillPageCache(at: offset, length: length) { filled = $0 }
-        loop.run()
-        return filled == true
-    }
-
-    @Test func fillsReachTheFileThatWouldSendTheRange() throws {
-        let chain = try chain(baseSize: 2 << 20)
-        defer { chain.close() }
-        chain.overlay.fills = []
-        chain.base.fills = []
-        let data = [UInt8](repeating: 0x11, count: 64 << 10)
-        try data.withUnsafeBytes { bytes in try run { chain.backend.write(at: 0, from: bytes, completion: $0) } }
-        try run { chain.backend.writeZeroes(at: 64 << 10, length: 64 << 10, flags: [], completion: $0) }
-        #expect(chain.backend.fillsPageCache)
-
-        let own = try #require(extent(chain, 0, 64 << 10))
-        #expect(fill(chain, 0, 64 << 10))
-        #expect(chain.overlay.fills?.map(\.offset) == [own.offset] && chain.overlay.fills?.map(\.length) == [64 << 10])
-        #expect(fill(chain, 1 << 20, 256 << 10))
-        #expect(chain.base.fills?.map(\.offset) == [1 << 20], "unallocated: the backing file's range")
-
-        #expect(!fill(chain, 64 << 10, 64 << 10), "a zero cluster")
-        #expect(!fill(chain, 0, 128 << 10), "data, then zeroes")
-        #expect(!fill(chain, (2 << 20) - (64 << 10), 128 << 10), "past the base's end")
-        #expect(chain.overlay.fills?.count == 1 && chain.base.fills?.count == 1)
-    }
 }

@@ -47,18 +47,6 @@ final class RecordingFile: BlockDriver {
         return CachedFileExtent(file: handle, offset: offset, length: length)
     }
 
-    /// When set, the file's page cache can be filled (see
-    /// `BlockDriver.fillPageCache`): each fill is recorded here, then done.
-    var fills: [(offset: Int64, length: Int)]?
-
-    var fillsPageCache: Bool { fills != nil }
-
-    func fillPageCache(at offset: Int64, length: Int, completion: @escaping (Bool) -> Void) {
-        guard fills != nil else { return completion(false) }
-        fills!.append((offset, length))
-        completion(true)
-    }
-
     func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, flags: BlockRequestFlags,
               completion: @escaping BlockCompletion) {
         if let error = readFault?(offset, buffer.count) { return completion(error) }

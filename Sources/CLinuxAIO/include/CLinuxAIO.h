@@ -107,17 +107,6 @@ int strata_fdatasync(int fd);
 /// (-ENOSYS on older kernels).
 int64_t strata_cached_pages(int fd, int64_t offset, int64_t length);
 
-/// Reads [offset, offset + length) of `fd` into the page cache without
-/// copying it anywhere: splice(2) into the pipe (page references), then out
-/// of it into `null_fd` (/dev/null). Blocks as pread(2) does, with the same
-/// readahead. The bytes read (short at the end of the file) or -errno;
-/// after an error the pipe may hold data and must not be used again.
-int64_t strata_fill_page_cache(int fd, int64_t offset, int64_t length, int pipe_read, int pipe_write,
-                               int null_fd);
-/// A pipe for strata_fill_page_cache, grown to `size` bytes where the
-/// kernel allows: 0 with the read and write ends in `fds`, or -errno.
-int strata_fill_pipe(int fds[2], int size);
-
 // --- OFD locks ------------------------------------------------------------
 /// Takes (`exclusive` 0: shared, 1: exclusive) or drops (`unlock` 1) a
 /// one-byte OFD lock at `offset`; 0 or -errno.
