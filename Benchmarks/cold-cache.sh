@@ -13,7 +13,7 @@
 # fault; if not, none does. Which of the two a pass meets depends on how
 # long ago the last drop was and what ran since, not on the server. On the
 # benchmark VM, cold buffered reads of a 2 GiB file by fio alone took
-# 1.2-1.4 s or 1.7-2.1 s, alternating pass by pass, with no wait; 2.5-3.5 s
+# 1.2-1.4 s or 1.7-2.1 s, alternating pass by pass, with no wait; 2.7-3.4 s
 # every time after the reports settle; 1.3-1.7 s when 4 GiB of anonymous
 # memory was touched just before. Waiting makes every cold pass meet the
 # same memory, the settled state an idle VM is in. See Benchmarks/README.md,
@@ -60,7 +60,6 @@ drop_page_cache() {
     [ $(((reported - reported_start) * 10)) -ge $((freed * 9)) ] && break
     [ "$quiet" -ge 20 ] && break
   done
-  COLD_WAIT_MS=$((waited * 250))
 }
 
 touch_memory() {  # touch_memory KIB: touch KIB of anonymous memory (at most
