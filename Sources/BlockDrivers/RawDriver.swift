@@ -34,6 +34,9 @@ public final class RawDriver: BlockDriver {
 
     private var file: BlockNode { node!.primaryChild!.node }
 
+    /// A window ends where its file does, not on a sector boundary:
+    /// qemu-nbd 7.2 rounds an `--offset` window up to whole sectors and
+    /// aborts when a client reads the rounded tail.
     public var length: Int64 {
         guard let node, let child = node.primaryChild else { return 0 }
         if let explicitSize { return explicitSize }

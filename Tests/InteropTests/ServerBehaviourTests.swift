@@ -111,6 +111,32 @@ import Testing
         #expect(read.status == 0 && !read.stdout.contains("verification failed"), "\(read.stdout)")
     }
 
+    /// qemu-nbd 7.2 rounds an `--offset` window up to whole sectors and then
+    /// aborts (`nbd_co_send_sparse_read: Assertion ... failed`) when a client
+    /// reads the rounded tail, so Strata serves the window as it is.
+    @Test func anOddWindowIsServedToItsLastByte() throws {
+        let directory = try Harness.temporaryDirectory("oddwindow")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = directory.appendingPathComponent("odd.raw").path
+        let bytes = (0..<1_000_000).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 5) }
+        try Data(bytes).write(to: URL(fileURLWithPath: image))
+        let served = try ServedImage(image: image, options: ["-f", "raw", "-r", "-o", "100"], directory: directory)
+        defer { served.stop() }
+        // The file is a disk of 1,000,448 bytes (whole sectors); the window is all of it after byte 100.
+        let info = try Harness.run("/usr/bin/nbdinfo", ["--size", served.uri])
+        #expect(info.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "1000348")
+        let copy = directory.appendingPathComponent("copy.raw").path
+        let out = try Harness.run("/usr/bin/nbdcopy", [served.uri, copy])
+        #expect(out.status == 0, "\(out.stderr)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: copy)) == Data(bytes.dropFirst(100)) + Data(count: 448))
+        let map = try Harness.run("/usr/bin/nbdinfo", ["--map", served.uri])
+        #expect(map.status == 0, "\(map.stderr)")
+        let mapped = map.stdout.split(separator: "\n").compactMap { line in
+            line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first.flatMap { Int($0) }
+        }
+        #expect(mapped.reduce(0, +) == 1_000_348, "\(map.stdout)")
+    }
+
     @Test(arguments: [["--cache=none", "--aio=native"], ["--cache=none"], []])
     func anImageOfOddSizeIsServedWhole(options: [String]) throws {
         let directory = try Harness.temporaryDirectory("odd")
