@@ -77,6 +77,42 @@ import Testing
         #expect(map.stdout == expected, "\(map.stdout)")
     }
 
+    /// Over a backing chain, qemu-nbd 7.2's `--offset` window reports the top
+    /// layer alone: "hole" (not zero) and depth 0 where the backing file's
+    /// data shows through. Strata reports what the window reads as; the raw
+    /// window owns all of it, so its depth is 1 throughout.
+    @Test func offsetOverAChainReportsWhatTheWindowReads() throws {
+        let directory = try Harness.temporaryDirectory("offset-chain")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let base = directory.appendingPathComponent("base.qcow2").path
+        let top = directory.appendingPathComponent("top.qcow2").path
+        #expect(try Harness.run("/usr/bin/qemu-img", ["create", "-q", "-f", "qcow2", base, "4M"]).status == 0)
+        #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 1M",
+                                                     "-c", "write -P 2 2M 512k", base]).status == 0)
+        #expect(try Harness.run("/usr/bin/qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2",
+                                                      top]).status == 0)
+        #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 3 512k 1M",
+                                                     "-c", "write -z 3M 64k", top]).status == 0)
+        let served = try ServedImage(image: top, options: ["-f", "qcow2", "-r", "-A", "-o", "65536"],
+                                     directory: directory)
+        defer { served.stop() }
+        let read = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-r", "-c", "read -P 1 0 448k",
+                                                        "-c", "read -P 3 448k 1M", "-c", "read -P 0 1472k 512k",
+                                                        "-c", "read -P 2 1984k 512k", "-c", "read -P 0 2496k 1536k",
+                                                        served.uri])
+        #expect(read.status == 0 && !read.stdout.contains("verification failed"), "\(read.stdout)")
+        let map = try Harness.run("/usr/bin/nbdinfo", ["--map", served.uri])
+        #expect(map.stdout == """
+                     0     1507328    0  data
+               1507328      524288    3  hole,zero
+               2031616      524288    0  data
+               2555904     1572864    3  hole,zero
+
+            """, "\(map.stdout)")
+        let depth = try Harness.run("/usr/bin/nbdinfo", ["--map=qemu:allocation-depth", served.uri])
+        #expect(depth.stdout == "         0     4128768    1  local\n", "\(depth.stdout)")
+    }
+
     /// SIGTERM while a dirty lazy-refcounts image is being repaired on
     /// open: the server finishes opening, then shuts down as usual (the
     /// image closed clean). It used to close the I/O under the open and
