@@ -84,9 +84,10 @@ public struct QCOW2Header: Equatable, Sendable {
     }
 
     /// The backing format extension's name, read as QEMU reads it: up to
-    /// the first NUL, and an empty name means none (probe the backing file).
+    /// the first NUL, an empty name means none (probe the backing file),
+    /// and of two extensions the last wins.
     public var backingFormat: String? {
-        let name = extensions.first { $0.type == QCOW2HeaderExtension.backingFormat }.map { Self.cString($0.data) }
+        let name = extensions.last { $0.type == QCOW2HeaderExtension.backingFormat }.map { Self.cString($0.data) }
         return name?.isEmpty == true ? nil : name
     }
 

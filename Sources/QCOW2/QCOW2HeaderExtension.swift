@@ -16,7 +16,7 @@ public struct QCOW2HeaderExtension: Equatable, Sendable {
     }
 
     /// Parses extensions from `start` to the end marker; each must fit in
-    /// the header cluster.
+    /// the header cluster, and a backing format name in 15 bytes.
     static func parseAll(_ bytes: [UInt8], from start: Int, clusterSize: Int) throws -> [QCOW2HeaderExtension] {
         let limit = min(bytes.count, clusterSize)
         var offset = start
@@ -28,6 +28,10 @@ public struct QCOW2HeaderExtension: Equatable, Sendable {
             if type == end { return result }
             guard length <= limit - offset - 8 else {
                 throw QCOW2Error("Header extension 0x\(String(type, radix: 16)) runs past the header cluster")
+            }
+            // QEMU keeps the name in a 16-byte C string and refuses a longer one.
+            if type == backingFormat, length >= 16 {
+                throw QCOW2Error("ERROR: ext_backing_format: len=\(length) too large (>=16)")
             }
             result.append(QCOW2HeaderExtension(type: type, data: Array(bytes[offset + 8..<offset + 8 + length])))
             offset += 8 + (length + 7) / 8 * 8

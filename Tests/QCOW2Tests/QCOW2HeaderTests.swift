@@ -50,6 +50,35 @@ import Testing
         #expect(try QCOW2Header.parse(empty).backingFormat == nil)
     }
 
+    /// `qemu-img info` of an image with two backing format extensions,
+    /// "raw" then "qcow2", says qcow2: each one overwrites the one before.
+    @Test func ofTwoBackingFormatsTheLastWins() throws {
+        var bytes = defaultHeader()
+        bytes.replaceSubrange(120..<125, with: Array("raw".utf8) + [0, 0])
+        bytes[116 + 3] = 3
+        bytes.replaceSubrange(128..<136, with: [0xe2, 0x79, 0x2a, 0xca, 0, 0, 0, 5])
+        bytes.replaceSubrange(136..<141, with: Array("qcow2".utf8))
+        let header = try QCOW2Header.parse(bytes)
+        #expect(header.extensions.count == 2)
+        #expect(header.backingFormat == "qcow2")
+    }
+
+    /// qemu-img refuses to open an image whose backing format extension
+    /// holds 16 bytes or more, with this message.
+    @Test func refusesABackingFormatTooLongForQemu() throws {
+        var bytes = defaultHeader()
+        bytes[116 + 3] = 15
+        bytes.replaceSubrange(120..<135, with: Array("qcow2xxxxxxxxxx".utf8))
+        #expect(try QCOW2Header.parse(bytes).backingFormat == "qcow2xxxxxxxxxx")
+        bytes[116 + 3] = 16
+        bytes[135] = UInt8(ascii: "x")
+        #expect {
+            _ = try QCOW2Header.parse(bytes)
+        } throws: { error in
+            "\(error)".contains("ext_backing_format: len=16 too large (>=16)")
+        }
+    }
+
     @Test(arguments: [
         (20, UInt64(40), 4, "cluster size"),
         (20, UInt64(8), 4, "cluster size"),
