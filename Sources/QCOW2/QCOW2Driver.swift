@@ -248,7 +248,8 @@ public final class QCOW2Driver: BlockDriver {
 
     /// Loads refcounts, notes where metadata lives (for overlap checks),
     /// repairs refcounts left stale by lazy refcounts, and clears unknown
-    /// autoclear bits, as QEMU does on a read-write open.
+    /// autoclear bits and drops a stale bitmaps extension, as QEMU does on
+    /// a read-write open.
     func prepareForWriting(file: BlockNode) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
         return QCOW2Refcounter.load(file: file, header: header).flatMapThrowing { refcounter -> QCOW2Refcounter? in
@@ -303,9 +304,15 @@ public final class QCOW2Driver: BlockDriver {
                 steps = steps.flatMap { self.markBitmapsInUse(file: file) }
             }
             let unknownAutoclear = self.header.autoclearFeatures.subtracting(QCOW2Header.AutoclearFeatures.known)
-            if !unknownAutoclear.isEmpty {
+            // A bitmaps extension without its autoclear bit was left by a
+            // program that wrote without keeping the bitmaps: QEMU ignores
+            // it and drops it from the header (its clusters leak).
+            let staleBitmaps = !self.header.autoclearFeatures.contains(.bitmaps)
+                && self.header.extensions.contains { $0.type == QCOW2HeaderExtension.bitmaps }
+            if !unknownAutoclear.isEmpty || staleBitmaps {
                 steps = steps.flatMap {
                     self.header.autoclearFeatures.subtract(unknownAutoclear)
+                    if staleBitmaps { self.header.extensions.removeAll { $0.type == QCOW2HeaderExtension.bitmaps } }
                     return self.rewriteHeader(file: file)
                 }
             }
@@ -466,14 +473,17 @@ public final class QCOW2Driver: BlockDriver {
         }
     }
 
-    /// Writes the header cluster's header part and syncs, after every
+    /// Writes the whole header cluster and syncs, after every
     /// header write asked for before it has ended: two in flight at once
     /// could land in either order, and one marking the image corrupt that
     /// still names the refcount table being replaced could land last.
     func rewriteHeader(file: BlockNode) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
-        let bytes: [UInt8]
+        var bytes: [UInt8]
         do { bytes = try header.serialize() } catch { return loop.makeFailedFuture(error) }
+        // The whole cluster, as QEMU writes it: a header that shrank (an
+        // extension dropped, a shorter backing name) leaves no old bytes.
+        bytes += [UInt8](repeating: 0, count: max(0, Int(header.clusterSize) - bytes.count))
         let previous = lastHeaderWrite ?? loop.makeSucceededVoidFuture()
         let write = previous.flatMapErrorThrowing { _ in }.flatMap { QCOW2Driver.writeBytes(file, bytes, at: 0) }
         lastHeaderWrite = write
