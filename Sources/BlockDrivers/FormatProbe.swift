@@ -31,8 +31,10 @@ public enum FormatProbe {
             }
             if matches {
                 if entry.format == "qcow2", head.count >= 8 {
-                    // Version 1 is the old qcow format.
+                    // Version 1 is the old qcow format; QEMU's probes claim
+                    // neither 0 (the file is raw unless another magic matches).
                     let version = head[4...7].reduce(0) { $0 << 8 | UInt32($1) }
+                    if version == 0 { continue }
                     return version == 1 ? "qcow" : "qcow2"
                 }
                 return entry.format

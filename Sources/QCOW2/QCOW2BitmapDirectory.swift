@@ -65,6 +65,7 @@ struct QCOW2BitmapDirectory {
     static func location(_ data: [UInt8], header: QCOW2Header) throws(QCOW2Error) -> (Int, UInt64, UInt64) {
         guard data.count == 24 else { throw QCOW2Error("bitmaps_ext: Invalid extension length") }
         let reader = BigEndianReader(data)
+        guard reader.u32(at: 4) == 0 else { throw QCOW2Error("bitmaps_ext: Reserved field is not zero") }
         let count = Int(reader.u32(at: 0))
         let size = reader.u64(at: 8)
         let offset = reader.u64(at: 16)

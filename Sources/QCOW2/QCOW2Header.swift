@@ -171,8 +171,11 @@ extension QCOW2Header {
             }
         }
         try header.validateGeometry(fileBytes: bytes.count, forCheck: forCheck, readOnly: readOnly)
+        // As QEMU: the extensions end where the backing file name begins.
+        let extensionsEnd = header.backingFileOffset != 0
+            ? Int(min(header.backingFileOffset, UInt64(header.clusterSize))) : header.clusterSize
         header.extensions = try QCOW2HeaderExtension.parseAll(bytes, from: Int(header.headerLength),
-                                                              clusterSize: header.clusterSize)
+                                                              to: extensionsEnd)
         if header.backingFileOffset != 0 {
             guard header.backingFileSize <= 1023 else {
                 throw QCOW2Error("Backing file name too long")

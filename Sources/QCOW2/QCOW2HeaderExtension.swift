@@ -15,28 +15,32 @@ public struct QCOW2HeaderExtension: Equatable, Sendable {
         self.data = data
     }
 
-    /// Parses extensions from `start` to the end marker; each must fit in
-    /// the header cluster, and a backing format name in 15 bytes.
-    static func parseAll(_ bytes: [UInt8], from start: Int, clusterSize: Int) throws -> [QCOW2HeaderExtension] {
-        let limit = min(bytes.count, clusterSize)
+    /// Parses extensions from `start` up to `limit` (where the backing file
+    /// name starts, or the end of the header cluster), as QEMU reads them:
+    /// the walk ends at an end marker or at `limit`, an extension running
+    /// past `limit` is refused, and a backing format name must fit in 15
+    /// bytes. Bytes past those read (a file shorter than its header
+    /// cluster) read as zeroes.
+    static func parseAll(_ bytes: [UInt8], from start: Int, to limit: Int) throws -> [QCOW2HeaderExtension] {
         var offset = start
         var result: [QCOW2HeaderExtension] = []
         let reader = BigEndianReader(bytes)
-        while offset + 8 <= limit {
+        while offset < limit {
+            guard offset + 8 <= limit else { throw QCOW2Error("Header extension too large") }
+            guard offset + 8 <= bytes.count else { return result }  // zeroes: an end marker
             let type = reader.u32(at: offset)
             let length = Int(reader.u32(at: offset + 4))
+            offset += 8
+            guard length <= limit - offset else { throw QCOW2Error("Header extension too large") }
             if type == end { return result }
-            guard length <= limit - offset - 8 else {
-                throw QCOW2Error("Header extension 0x\(String(type, radix: 16)) runs past the header cluster")
-            }
             // QEMU keeps the name in a 16-byte C string and refuses a longer one.
             if type == backingFormat, length >= 16 {
                 throw QCOW2Error("ERROR: ext_backing_format: len=\(length) too large (>=16)")
             }
-            result.append(QCOW2HeaderExtension(type: type, data: Array(bytes[offset + 8..<offset + 8 + length])))
-            offset += 8 + (length + 7) / 8 * 8
+            let read = Array(bytes[min(offset, bytes.count)..<min(offset + length, bytes.count)])
+            result.append(QCOW2HeaderExtension(type: type, data: read + [UInt8](repeating: 0, count: length - read.count)))
+            offset += (length + 7) / 8 * 8
         }
-        // Ran off the cluster without an end marker: what was read stands.
         return result
     }
 }

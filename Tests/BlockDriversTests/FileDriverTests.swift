@@ -399,6 +399,11 @@ import Testing
     @Test func probeRecognisesFormatsByMagic() {
         #expect(FormatProbe.detect(Array("QFI".utf8) + [0xfb, 0, 0, 0, 3]) == "qcow2")
         #expect(FormatProbe.detect(Array("QFI".utf8) + [0xfb, 0, 0, 0, 1]) == "qcow")
+        // Version 0 is neither, as in QEMU: raw, unless another magic matches.
+        var versionZero = Array("QFI".utf8) + [0xfb] + [UInt8](repeating: 0, count: 508)
+        #expect(FormatProbe.detect(versionZero) == "raw")
+        versionZero.replaceSubrange(0x40..<0x44, with: [0x7f, 0x10, 0xda, 0xbe])
+        #expect(FormatProbe.detect(versionZero) == "vdi")
         #expect(FormatProbe.detect([UInt8](repeating: 0, count: 512)) == "raw")
         #expect(FormatProbe.detect(Array("conectix".utf8)) == "vpc")
         #expect(FormatProbe.detect([]) == "raw")

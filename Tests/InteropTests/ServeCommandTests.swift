@@ -118,9 +118,9 @@ import Testing
         let image = try Harness.makeImage(in: directory)
         let served = try ServedImage(image: image, options: [], directory: directory)
         defer { served.stop() }
-        // "QFI\xfb" at offset 0 would make the image probe as qcow2.
+        // "QFI\xfb" and version 3 at offset 0 would make the image probe as qcow2.
         let header = directory.appendingPathComponent("header").path
-        try Data([0x51, 0x46, 0x49, 0xfb] + [UInt8](repeating: 0, count: 508)).write(to: URL(fileURLWithPath: header))
+        try Data([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3] + [UInt8](repeating: 0, count: 504)).write(to: URL(fileURLWithPath: header))
         let copy = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x51 0 1", served.uri])
         #expect(copy.status == 0, "a single byte that still probes raw is fine: \(copy.stderr)")
         let qcow = try Harness.run("/usr/bin/nbdcopy", [header, served.uri])

@@ -79,6 +79,53 @@ import Testing
         }
     }
 
+    /// QEMU reads extensions up to the backing file name: no end marker is
+    /// needed before it, and an extension reaching into it is refused.
+    @Test func extensionsEndWhereTheBackingNameBegins() throws {
+        var bytes = defaultHeader()
+        bytes.replaceSubrange(8..<16, with: [0, 0, 0, 0, 0, 0, 0, 128])
+        bytes.replaceSubrange(16..<20, with: [0, 0, 0, 10])
+        bytes.replaceSubrange(128..<138, with: Array("base.qcow2".utf8))
+        let header = try QCOW2Header.parse(bytes)
+        #expect(header.extensions.count == 1)
+        #expect(header.backingFormat == "qcow2")
+        #expect(header.backingFile == "base.qcow2")
+        bytes[116 + 3] = 12  // the backing format now reaches into the name
+        #expect {
+            _ = try QCOW2Header.parse(bytes)
+        } throws: { error in
+            "\(error)".contains("Header extension too large")
+        }
+    }
+
+    /// An end marker is read as any extension: a length past the header
+    /// cluster is refused, as QEMU refuses it.
+    @Test func anEndMarkerWithALengthPastTheClusterIsRefused() throws {
+        var bytes = defaultHeader()
+        bytes.replaceSubrange(128..<136, with: [0, 0, 0, 0, 0, 1, 0, 0])
+        #expect {
+            _ = try QCOW2Header.parse(bytes)
+        } throws: { error in
+            "\(error)".contains("Header extension too large")
+        }
+    }
+
+    /// The bitmaps extension's reserved word must be zero, as QEMU checks.
+    @Test func aBitmapsExtensionWithAReservedWordIsRefused() throws {
+        let header = try QCOW2Header.parse(defaultHeader())
+        var data = [UInt8](repeating: 0, count: 24)
+        data[3] = 1  // one bitmap
+        data[15] = 64  // a 64-byte directory
+        data[21] = 4  // at 0x40000
+        _ = try QCOW2BitmapDirectory.location(data, header: header)
+        data[7] = 1
+        #expect {
+            _ = try QCOW2BitmapDirectory.location(data, header: header)
+        } throws: { error in
+            "\(error)".contains("bitmaps_ext: Reserved field is not zero")
+        }
+    }
+
     @Test(arguments: [
         (20, UInt64(40), 4, "cluster size"),
         (20, UInt64(8), 4, "cluster size"),
