@@ -27,6 +27,15 @@ import Testing
         return bytes
     }
 
+    /// Parsing `bytes` fails with an error whose text holds `text`.
+    func expectRefusal(_ bytes: [UInt8], mentioning text: String, sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(sourceLocation: sourceLocation) {
+            _ = try QCOW2Header.parse(bytes)
+        } throws: { error in
+            "\(error)".contains(text)
+        }
+    }
+
     @Test func parsesWhatQemuWrites() throws {
         let header = try QCOW2Header.parse(defaultHeader())
         #expect(header.version == 3)
@@ -72,11 +81,7 @@ import Testing
         #expect(try QCOW2Header.parse(bytes).backingFormat == "qcow2xxxxxxxxxx")
         bytes[116 + 3] = 16
         bytes[135] = UInt8(ascii: "x")
-        #expect {
-            _ = try QCOW2Header.parse(bytes)
-        } throws: { error in
-            "\(error)".contains("ext_backing_format: len=16 too large (>=16)")
-        }
+        expectRefusal(bytes, mentioning: "ext_backing_format: len=16 too large (>=16)")
     }
 
     /// QEMU reads extensions up to the backing file name: no end marker is
@@ -91,11 +96,7 @@ import Testing
         #expect(header.backingFormat == "qcow2")
         #expect(header.backingFile == "base.qcow2")
         bytes[116 + 3] = 12  // the backing format now reaches into the name
-        #expect {
-            _ = try QCOW2Header.parse(bytes)
-        } throws: { error in
-            "\(error)".contains("Header extension too large")
-        }
+        expectRefusal(bytes, mentioning: "Header extension too large")
     }
 
     /// An end marker is read as any extension: a length past the header
@@ -103,11 +104,7 @@ import Testing
     @Test func anEndMarkerWithALengthPastTheClusterIsRefused() throws {
         var bytes = defaultHeader()
         bytes.replaceSubrange(128..<136, with: [0, 0, 0, 0, 0, 1, 0, 0])
-        #expect {
-            _ = try QCOW2Header.parse(bytes)
-        } throws: { error in
-            "\(error)".contains("Header extension too large")
-        }
+        expectRefusal(bytes, mentioning: "Header extension too large")
     }
 
     /// The bitmaps extension's reserved word must be zero, as QEMU checks.
