@@ -231,10 +231,15 @@ public final class QCOW2Driver: BlockDriver {
         return promise.futureResult
     }
 
-    /// Writes metadata bytes through to the disk (FUA; a cold path).
-    static func writeBytes(_ node: BlockNode, _ bytes: [UInt8], at offset: Int64) -> EventLoopFuture<Void> {
+    /// Writes metadata bytes through to the disk (FUA; a cold path),
+    /// followed by zeroes up to `length` when that is longer.
+    static func writeBytes(_ node: BlockNode, _ bytes: [UInt8], at offset: Int64,
+                           zeroFilledTo length: Int = 0) -> EventLoopFuture<Void> {
         let promise = node.eventLoop.makePromise(of: Void.self)
-        guard let buffer = AlignedBuffer.allocate(count: bytes.count, alignment: 4096) else {
+        let buffer = length > bytes.count
+            ? AlignedBuffer.zeroed(count: length, alignment: 4096)
+            : AlignedBuffer.allocate(count: bytes.count, alignment: 4096)
+        guard let buffer else {
             promise.fail(BlockError.enomem)
             return promise.futureResult
         }
@@ -479,13 +484,15 @@ public final class QCOW2Driver: BlockDriver {
     /// still names the refcount table being replaced could land last.
     func rewriteHeader(file: BlockNode) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
-        var bytes: [UInt8]
+        let bytes: [UInt8]
         do { bytes = try header.serialize() } catch { return loop.makeFailedFuture(error) }
         // The whole cluster, as QEMU writes it: a header that shrank (an
         // extension dropped, a shorter backing name) leaves no old bytes.
-        bytes += [UInt8](repeating: 0, count: max(0, Int(header.clusterSize) - bytes.count))
+        let clusterSize = header.clusterSize
         let previous = lastHeaderWrite ?? loop.makeSucceededVoidFuture()
-        let write = previous.flatMapErrorThrowing { _ in }.flatMap { QCOW2Driver.writeBytes(file, bytes, at: 0) }
+        let write = previous.flatMapErrorThrowing { _ in }.flatMap {
+            QCOW2Driver.writeBytes(file, bytes, at: 0, zeroFilledTo: clusterSize)
+        }
         lastHeaderWrite = write
         return write
     }
