@@ -84,4 +84,33 @@ extension FileDriverTests {
         #expect(try cachedExtent(node, Int64(size - 4096), 8192) == nil)
         #expect(try cachedExtent(node, 0, length) != nil)
     }
+
+    /// A cold stream whose readahead keeps ahead of it has no misses, but
+    /// the front of that readahead shows: the page `coldStreamLength` past
+    /// a range not cached yet starts a cold stream, as a miss does.
+    @Test(.enabled(if: kernelHasCachestat, "no cachestat(2) here"))
+    func cachedRangesBehindAReadaheadFrontAreReadAsUsual() throws {
+        let length = 256 << 10
+        let front = Int64(length) + FileDriver.coldStreamLength  // the page asked about for [0, length)
+        let size = Int(front) + (1 << 20)
+        let path = try makeFile(size: 1 << 20, name: "front.raw")
+        let fd = Glibc.open(path, O_RDWR)
+        try #require(fd >= 0)
+        defer { Glibc.close(fd) }
+        // Data at the front too (a sparse file's hole might not be cached
+        // when read), then nothing of the file cached.
+        let page = [UInt8](repeating: 7, count: 4096)
+        try #require(pwrite(fd, page, page.count, off_t(front)) == page.count)
+        #expect(ftruncate(fd, off_t(size)) == 0)
+        #expect(fdatasync(fd) == 0)
+        #expect(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
+        let (graph, node, io) = try open(path, direct: false, aio: .threads)
+        defer { try? close(graph, io) }
+        _ = try read(node, 0, 1 << 20)
+        try #require(!(try isResident(fd, at: Int(front), fileSize: size)), "the kernel read the front ahead")
+        #expect(try cachedExtent(node, 0, length) == nil, "the front is not cached yet")
+        _ = try read(node, front, 4096)
+        try passColdStream(node, 0, length)
+        #expect(try cachedExtent(node, 0, length)?.offset == 0, "the stream has passed and the front is cached")
+    }
 }
