@@ -12,6 +12,10 @@ extension FileDriver {
     /// `cachedFileExtent`): a few readahead windows of a cold stream.
     static let coldStreamLength: Int64 = 64 << 20
 
+    /// Bytes of cached ranges offered between two looks at the readahead
+    /// front: a warm stream costs one cachestat per 8 MiB, not one per READ.
+    static let frontCheckInterval: Int64 = 8 << 20
+
     /// The range itself when every page of it is data in the page cache,
     /// read from the disk already, and not just read: `sendfile` runs on the
     /// event loop, and any other range goes the usual way.
@@ -41,7 +45,8 @@ extension FileDriver {
     /// `coldStreamLength` past the range is not cached yet, which starts a
     /// cold stream as a miss does. Sent from such pages, cold 2 GiB nbdcopy
     /// passes over `run.sh`'s chain ran at 0.90x qemu-nbd (10 pairs, 2
-    /// won), some at half speed.
+    /// won), some at half speed. Once the front is found cached, it is looked
+    /// at again `frontCheckInterval` bytes later.
     public func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
         guard let cacheFile, cacheResidency, length > 0, offset >= 0, offset + Int64(length) <= size else {
             return nil
@@ -55,16 +60,22 @@ extension FileDriver {
         guard cached >= (end - 1) / Self.pageSize - offset / Self.pageSize + 1,
               isReadable(at: offset), isReadable(at: end - 1) else {
             coldStreamBytes = Self.coldStreamLength
+            frontCheckBytes = 0  // once the stream has passed, look at the front at once
             return nil
         }
         if coldStreamBytes > 0 {
             coldStreamBytes -= Int64(length)
             return nil
         }
-        let ahead = end + Self.coldStreamLength
-        if ahead < size, strata_cached_pages(fd, ahead, 1) == 0 {
-            coldStreamBytes = Self.coldStreamLength
-            return nil
+        if frontCheckBytes > 0 {
+            frontCheckBytes -= Int64(length)
+        } else {
+            let ahead = end + Self.coldStreamLength
+            if ahead < size, strata_cached_pages(fd, ahead, 1) == 0 {
+                coldStreamBytes = Self.coldStreamLength
+                return nil
+            }
+            frontCheckBytes = Self.frontCheckInterval
         }
         if hasHole(from: offset, to: end) { return nil }
         return CachedFileExtent(file: cacheFile, offset: offset, length: length)

@@ -55,6 +55,9 @@ public final class FileDriver: BlockDriver {
     /// Bytes of cached ranges `cachedFileExtent` still turns down after its
     /// last miss, as pages the disk has only just filled (see there).
     var coldStreamBytes: Int64 = 0
+    /// Bytes of cached ranges still offered before `cachedFileExtent` looks
+    /// at the readahead front again (see there).
+    var frontCheckBytes: Int64 = 0
     /// Once fdatasync fails, the kernel forgets the error and may have
     /// dropped the dirty pages: every later flush fails too, so no client
     /// is told that lost data is safe.
