@@ -26,9 +26,10 @@ extension FileDriver {
     /// still being read. Pages of a hole read as cached zeroes: a range with
     /// a hole goes the usual way too, to become a hole chunk.
     ///
-    /// After a miss, the next `coldStreamLength` bytes of cached ranges go
-    /// the usual way as well: in a cold stream they are pages readahead has
-    /// only just brought in, which no CPU has touched. Sent with `sendfile`,
+    /// After a miss, the next `coldStreamLength` bytes of ranges asked for
+    /// go the usual way, without a look at the page cache: in a cold stream
+    /// they are pages readahead has only just brought in, which no CPU has
+    /// touched. Sent with `sendfile`,
     /// the client's receive copy is the first to touch them, and on a VM
     /// whose idle memory the host has taken back (free page reporting) that
     /// first touch is what costs: a cold 2 GiB nbdcopy pass ran at 0.79x
@@ -51,6 +52,12 @@ extension FileDriver {
         guard let cacheFile, cacheResidency, length > 0, offset >= 0, offset + Int64(length) <= size else {
             return nil
         }
+        // Inside a cold stream's window the answer is no, cached or not:
+        // nothing to look up. The first range after it is looked at again.
+        if coldStreamBytes > 0 {
+            coldStreamBytes -= Int64(length)
+            return nil
+        }
         let end = offset + Int64(length)
         let cached = strata_cached_pages(fd, offset, Int64(length))
         if cached < 0 {
@@ -61,10 +68,6 @@ extension FileDriver {
               isReadable(at: offset), isReadable(at: end - 1) else {
             coldStreamBytes = Self.coldStreamLength
             frontCheckBytes = 0  // once the stream has passed, look at the front at once
-            return nil
-        }
-        if coldStreamBytes > 0 {
-            coldStreamBytes -= Int64(length)
             return nil
         }
         if frontCheckBytes > 0 {

@@ -52,8 +52,9 @@ public final class FileDriver: BlockDriver {
     let cacheFile: NIOFileHandle?
     /// Cleared the first time the kernel has no cachestat(2).
     var cacheResidency = true
-    /// Bytes of cached ranges `cachedFileExtent` still turns down after its
-    /// last miss, as pages the disk has only just filled (see there).
+    /// Bytes of ranges `cachedFileExtent` still turns down, without looking,
+    /// after a miss or an uncached readahead front: pages the disk has only
+    /// just filled (see there).
     var coldStreamBytes: Int64 = 0
     /// Bytes of cached ranges still offered before `cachedFileExtent` looks
     /// at the readahead front again (see there).
