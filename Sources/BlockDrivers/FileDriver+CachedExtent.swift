@@ -29,10 +29,10 @@ extension FileDriver {
     /// After a miss, the next `coldStreamLength` bytes of ranges asked for
     /// go the usual way, without a look at the page cache: in a cold stream
     /// they are pages readahead has only just brought in, which no CPU has
-    /// touched. Sent with `sendfile`,
-    /// the client's receive copy is the first to touch them, and on a VM
-    /// whose idle memory the host has taken back (free page reporting) that
-    /// first touch is what costs: a cold 2 GiB nbdcopy pass ran at 0.79x
+    /// touched. Sent with `sendfile`, the client's receive copy is the
+    /// first to touch them, and on a VM whose idle memory the host has taken
+    /// back (free page reporting) that first touch is what costs: a cold
+    /// 2 GiB nbdcopy pass ran at 0.79x
     /// qemu-nbd, whose pool threads copy the data into their own buffers.
     /// Read on the pool here, the same pass keeps up with qemu-nbd (raw
     /// 1.02x, qcow2 0.99x; where the memory was backed 1.13x and 0.93x, as

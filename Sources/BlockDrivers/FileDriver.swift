@@ -30,8 +30,8 @@ import Glibc
 /// at a time, was tried and dropped: a lone reader of a cold file gains
 /// 25–35 % from it, but cold 2 GiB nbdcopy passes through the server lost
 /// (qcow2 445–542 MiB/s against 487–597, raw 485–538 against 510–669):
-/// the disk had 6–7 requests in flight instead of 3, each slower, for no
-/// more bytes a second.
+/// the disk had 5.5–7.7 requests in flight instead of 2.6–2.9, each
+/// slower, for no more bytes a second.
 public final class FileDriver: BlockDriver {
     public let formatName = "file"
     public let options: FileDriverOptions
