@@ -33,6 +33,8 @@ public struct ImageOptions: Sendable {
     public var forRepair = false
     /// Opened by `check` without `-r` (see `QCOW2Options.forCheck`).
     public var forCheck = false
+    /// Opened by `check -r all` (see `QCOW2Options.forRepairAll`).
+    public var forRepairAll = false
     /// False: the backing file is named but not opened (QEMU's
     /// BDRV_O_NO_BACKING, as `qemu-img info` opens images), so a missing
     /// backing file does not keep the image itself from being described.
@@ -196,9 +198,10 @@ public enum ImageOpener {
                                   io: FileIOContext, warn: @escaping (String) -> Void,
                                   depth: Int, chain: Set<String>) -> EventLoopFuture<BlockNode> {
         let loop = graph.eventLoop
-        let qcowOptions = QCOW2Options(readOnly: options.readOnly, snapshot: options.snapshot,
+        var qcowOptions = QCOW2Options(readOnly: options.readOnly, snapshot: options.snapshot,
                                        l2CacheSize: options.l2CacheSize, forRepair: options.forRepair,
                                        forCheck: options.forCheck)
+        qcowOptions.forRepairAll = options.forRepairAll
         return QCOW2Driver.open(file: fileNode, options: qcowOptions).flatMap { driver in
             let header = driver.header
             let directory = (options.filename as NSString).deletingLastPathComponent

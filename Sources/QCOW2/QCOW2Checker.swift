@@ -29,6 +29,9 @@ public final class QCOW2Checker {
         /// for; `-r all` writes the table again (see
         /// `QCOW2Driver.rewriteSnapshotTable`).
         public var incompleteSnapshots = 0
+        /// Snapshot table entries whose extra data `-r all` cut to QEMU's
+        /// limit as it read the table; it writes the table again too.
+        public var droppedSnapshotExtraData = 0
         /// Clusters whose stored refcount differs from the references
         /// counted, in cluster order (each is also a message).
         public var mismatches: [RefcountMismatch] = []
@@ -60,7 +63,7 @@ public final class QCOW2Checker {
         /// refcount comparison and the walk over the metadata count, but
         /// the snapshot table's entries.
         public var refcountCorruptions: Int {
-            corruptions - incompleteSnapshots - copiedFixes.count
+            corruptions - incompleteSnapshots - droppedSnapshotExtraData - copiedFixes.count
         }
     }
 
@@ -95,6 +98,7 @@ public final class QCOW2Checker {
     let header: QCOW2Header
     let activeL1: [UInt64]
     let snapshots: [QCOW2Snapshot]
+    let droppedExtraData: [QCOW2Snapshot.DroppedExtraData]
     let externalData: Bool
     let snapshotTableLength: Int
     let bitmapDirectory: QCOW2BitmapDirectory?
@@ -128,6 +132,7 @@ public final class QCOW2Checker {
         header = driver.header
         activeL1 = driver.options.snapshot == nil ? driver.l1 : []
         snapshots = driver.snapshots
+        droppedExtraData = driver.droppedSnapshotExtraData
         externalData = header.incompatibleFeatures.contains(.externalDataFile)
         snapshotTableLength = driver.snapshotTableLength
         bitmapDirectory = driver.bitmapDirectory
@@ -233,8 +238,15 @@ public final class QCOW2Checker {
     }
 
     /// Version 3 entries need 16 bytes of extra data at least, as qemu-img
-    /// checks: reported first, as qemu-img reports them.
+    /// checks: reported first, as qemu-img reports them, after the entries
+    /// whose extra data `-r all` cut as it read the table.
     private func checkSnapshotEntries() {
+        for dropped in droppedExtraData {
+            report.corruptions += 1
+            report.droppedSnapshotExtraData += 1
+            report.messages.append("Discarding too much extra metadata in snapshot table entry \(dropped.entry) "
+                                   + "(\(dropped.size) > \(QCOW2Snapshot.maxExtraData))")
+        }
         guard header.version >= 3 else { return }
         for (index, snapshot) in snapshots.enumerated() where snapshot.extraDataSize < 16 {
             report.corruptions += 1

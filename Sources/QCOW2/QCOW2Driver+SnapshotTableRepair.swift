@@ -7,7 +7,8 @@ import Glibc
 extension QCOW2Driver {
     /// `qemu-img check -r all` for snapshot table entries left incomplete
     /// (version 3 entries without the 16 bytes of extra data, as QEMU
-    /// before 4.2 wrote them): the table is written again, as QEMU writes
+    /// before 4.2 wrote them) or with their extra data cut to QEMU's limit
+    /// as they were read: the table is written again, as QEMU writes
     /// it, to new clusters; then the header names it, then the old clusters
     /// are freed. A crash on the way leaves the old table named, or the new
     /// one, and at worst leaked clusters.
@@ -67,8 +68,15 @@ extension QCOW2Driver {
         }.flatMap {
             self.snapshots = rewritten
             self.snapshotTableLength = table.count
+            self.droppedSnapshotExtraData = []
             self.pendingFrees.append((old.offset, old.length))
             return self.flushed(file)
+        }.flatMap {
+            // QEMU passes the discard of a freed snapshot table down to the
+            // file whatever the discard option: the same bytes are left.
+            let freed = self.hostClusters(at: Int64(old.offset), length: max(old.length, 1))
+                .filter { refcounter.refcount($0) == 0 }
+            return self.punch(freed, file: file)
         }
     }
 

@@ -21,6 +21,10 @@ public struct QCOW2Options: Sendable {
     /// than refuse is read as QEMU reads it (an L1 table past the end of
     /// the file reads as zeroes there), for the check to report.
     public var forCheck = false
+    /// Opened by `check -r all` (QEMU's BDRV_FIX_ERRORS): snapshot table
+    /// entries with more extra data than QEMU allows are cut to its limit
+    /// as they are read, not refused.
+    public var forRepairAll = false
 
     public init(readOnly: Bool = true, snapshot: String? = nil, l2CacheSize: Int? = nil, forRepair: Bool = false,
                 forCheck: Bool = false) {
@@ -48,6 +52,9 @@ public final class QCOW2Driver: BlockDriver {
     public internal(set) var snapshots: [QCOW2Snapshot]
     /// Bytes the snapshot table occupies.
     public internal(set) var snapshotTableLength = 0
+    /// Snapshot table entries whose extra data `check -r all` cut to
+    /// QEMU's limit as it read them: the table is to be written again.
+    public internal(set) var droppedSnapshotExtraData: [QCOW2Snapshot.DroppedExtraData] = []
     let l2Cache: QCOW2L2Cache
     /// L2 tables being read, with the requests waiting for them.
     var l2Loads: [UInt64: [(Result<QCOW2L2Table, BlockError>) -> Void]] = [:]
@@ -153,16 +160,27 @@ public final class QCOW2Driver: BlockDriver {
                 throw QCOW2Error("qcow2: Image is corrupt; cannot be opened read/write")
             }
             return header
-        }.flatMap { header -> EventLoopFuture<(QCOW2Header, ([QCOW2Snapshot], Int))> in
-            guard header.snapshotCount > 0 else { return loop.makeSucceededFuture((header, ([], 0))) }
+        }.flatMap { header -> EventLoopFuture<(QCOW2Header, ([QCOW2Snapshot], Int, [QCOW2Snapshot.DroppedExtraData]))> in
+            guard header.snapshotCount > 0 else { return loop.makeSucceededFuture((header, ([], 0, []))) }
             // The table's size is unknown until parsed: read what can hold it.
             let available = max(0, file.length - Int64(header.snapshotsOffset))
             let count = Int(min(available, Int64(QCOW2Snapshot.maxTableBytes)))
             return readBytes(file, at: Int64(header.snapshotsOffset), count: count).flatMapThrowing { bytes in
-                (header, try QCOW2Snapshot.parseTableAndLength(bytes, count: Int(header.snapshotCount)))
+                // A check reads the table as qemu-img check does; a server
+                // refuses a table past the end of the file.
+                let table = try QCOW2Snapshot.parseTableAndLength(
+                    bytes, count: Int(header.snapshotCount), zeroFilled: options.forCheck || options.forRepair,
+                    dropExcessExtraData: options.forRepairAll)
+                // A table ending a cluster or more past the end of the file
+                // is one qemu-img's repair fails on (its new table overlaps
+                // the old); nor would Strata's free the old clusters safely.
+                if options.forRepair, Int64(header.snapshotsOffset) + Int64(table.length) - file.length >= header.clusterSize {
+                    throw QCOW2Error("Snapshot table truncated")
+                }
+                return (header, table)
             }
         }.flatMap { header, table -> EventLoopFuture<QCOW2Driver> in
-            let (snapshots, tableLength) = table
+            let (snapshots, tableLength, droppedExtraData) = table
             var l1Offset = header.l1TableOffset
             var l1Size = header.l1Size
             var size = Int64(header.size)
@@ -198,6 +216,7 @@ public final class QCOW2Driver: BlockDriver {
                 let driver = QCOW2Driver(header: header, l1: l1, snapshots: snapshots, guestSize: size & ~511,
                                          options: options)
                 driver.snapshotTableLength = tableLength
+                driver.droppedSnapshotExtraData = droppedExtraData
                 driver.openedFile = file
                 return driver
             }.flatMap { driver in

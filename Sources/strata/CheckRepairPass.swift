@@ -187,9 +187,10 @@ struct CheckRepairPass {
                 fixed.corruptions += fixes.count
             }
         }.flatMap {
-            guard all, before.incompleteSnapshots > 0 else { return file.eventLoop.makeSucceededVoidFuture() }
+            let snapshotFixes = before.incompleteSnapshots + before.droppedSnapshotExtraData
+            guard all, snapshotFixes > 0 else { return file.eventLoop.makeSucceededVoidFuture() }
             return driver.rewriteSnapshotTable(file: file).map {
-                fixed.corruptions += before.incompleteSnapshots
+                fixed.corruptions += snapshotFixes
             }
         }.flatMapErrorThrowing { error in
             throw RepairFailed(error: error as? BlockError ?? .eio)

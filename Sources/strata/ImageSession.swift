@@ -20,7 +20,7 @@ final class ImageSession {
 
     /// Opens `filename` and runs `body` on the loop with the top node.
     func withImage<T>(_ filename: String, format: String?, forceShare: Bool, writable: Bool = false,
-                      forRepair: Bool = false, forCheck: Bool = false, openBacking: Bool = true, metadataOnly: Bool = false,
+                      forRepair: Bool = false, forRepairAll: Bool = false, forCheck: Bool = false, openBacking: Bool = true, metadataOnly: Bool = false,
                       _ body: @escaping (BlockNode) -> EventLoopFuture<T>) throws -> T {
         defer {
             _ = try? loop.flatSubmit { () -> EventLoopFuture<[BlockError]> in
@@ -37,6 +37,7 @@ final class ImageSession {
             options.forceShare = forceShare
             options.forRepair = forRepair
             options.forCheck = forCheck
+            options.forRepairAll = forRepairAll
             options.openBacking = openBacking
             options.metadataOnly = metadataOnly
             // The warnings qemu-img prints as it opens (a probed raw image

@@ -25,6 +25,7 @@ struct ImgCheck: ParsableCommand {
         do {
             outcome = try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare,
                                                    writable: repair != nil, forRepair: repair != nil,
+                                                   forRepairAll: repair == "all",
                                                    forCheck: repair == nil) { node in
                 guard let driver = node.driver as? QCOW2Driver, let file = node.child(named: "file")?.node else {
                     return node.eventLoop.makeSucceededFuture((node.formatName, nil, nil))
@@ -67,6 +68,16 @@ struct ImgCheck: ParsableCommand {
             if reason == QCOW2Header.snapshotTableOffsetInvalid {
                 FileHandle.standardError.write(Data("strata img: ERROR snapshot table offset invalid\n".utf8))
                 fail("Check failed: Invalid argument")
+            }
+            // Snapshot tables qemu-img's check reads and gives up on (with
+            // `-r all`, extra data is cut instead).
+            if reason.hasPrefix(QCOW2Snapshot.tooMuchExtraData) || reason == QCOW2Snapshot.tableTooLarge {
+                var lines = "strata img: ERROR failed to read the snapshot table: \(reason)\n"
+                if reason != QCOW2Snapshot.tableTooLarge {
+                    lines += "You can force-remove this extra metadata with strata img check -r all\n"
+                }
+                FileHandle.standardError.write(Data(lines.utf8))
+                fail("Check failed: File too large")
             }
             fail("Could not open '\(image.filename)': \(reason)")
         }

@@ -64,6 +64,7 @@ import Testing
         #expect(repaired.stdout == qemuRepaired.stdout, "\(repaired.stdout)\n--\n\(qemuRepaired.stdout)")
         #expect(repaired.stderr == qemuRepaired.stderr, "\(repaired.stderr)\n--\n\(qemuRepaired.stderr)")
         #expect(try qemuImg(["check", ours]).status == 0)
+        #expect(FileManager.default.contentsEqual(atPath: ours, andPath: theirs), "the same file")
 
         // The same snapshots, with the same data, as qemu-img's repair left.
         let snapshots = { (path: String) throws -> String in
@@ -105,5 +106,84 @@ import Testing
         #expect(result.stdout.replacingOccurrences(of: ours, with: theirs) == qemu.stdout, "\n\(result.stdout)--\n\(qemu.stdout)")
         #expect(result.stderrAsQemuImg(ours: ours, theirs: theirs) == qemu.stderr, "\n\(result.stderr)--\n\(qemu.stderr)")
         #expect(FileManager.default.contentsEqual(atPath: ours, andPath: theirs), "the same file")
+    }
+
+    /// Damage to the table as a whole, which qemu-img's check reads past
+    /// (a plain open refuses it): more entries than the file holds, read
+    /// as zeroes past its end, each then incomplete; more extra data than
+    /// QEMU allows, which only `-r all` cuts (in entry 0 the rest of the
+    /// table is then read from the wrong place, as QEMU reads it).
+    enum TableDamage: String, CaseIterable, Sendable {
+        case entriesPastTheEnd, tooMuchExtraData, tooMuchExtraDataFirst
+    }
+
+    @Test(arguments: TableDamage.allCases, ["check", "leaks", "all"])
+    func aDamagedTableIsCheckedAndRepairedLikeQemuImg(damage: TableDamage, mode: String) throws {
+        let directory = try Harness.temporaryDirectory("snaptable")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let ours = directory.appendingPathComponent("ours.qcow2").path
+        let theirs = directory.appendingPathComponent("theirs.qcow2").path
+        try makeImageWithSnapshot(ours)
+        #expect(try qemuImg(["snapshot", "-c", "second", ours]).status == 0)
+        let table = try u64(ours, at: 64)
+        switch damage {
+        case .entriesPastTheEnd:
+            try write(ours, 100, width: 4, at: 60)
+        case .tooMuchExtraData, .tooMuchExtraDataFirst:
+            // Entry 0 is 40 bytes, 24 of extra data, id "1" and "first": 72.
+            let entry = damage == .tooMuchExtraData ? table + 72 : table
+            try write(ours, damage == .tooMuchExtraData ? 1500 : 2000, width: 4, at: entry + 36)
+        }
+        try FileManager.default.copyItem(atPath: ours, toPath: theirs)
+        let arguments = mode == "check" ? ["check"] : ["check", "-r", mode]
+        let result = try img(arguments + [ours])
+        let qemu = try qemuImg(arguments + [theirs])
+        #expect(result.status == qemu.status, "\(result.stdout)\(result.stderr)")
+        #expect(result.stdout.replacingOccurrences(of: ours, with: theirs) == qemu.stdout, "\n\(result.stdout)--\n\(qemu.stdout)")
+        let stderr = result.stderrAsQemuImg(ours: ours, theirs: theirs)
+            .replacingOccurrences(of: "strata img check", with: "qemu-img check")
+        #expect(stderr == qemu.stderr, "\n\(result.stderr)--\n\(qemu.stderr)")
+        // Byte for byte, the old table's cluster punched out as QEMU does.
+        #expect(FileManager.default.contentsEqual(atPath: ours, andPath: theirs), "the same file")
+        guard mode == "all" else {
+            #expect(qemu.status != 0)
+            return
+        }
+        // Clean, with the snapshots qemu-img's repair left.
+        #expect(qemu.status == 0)
+        #expect(try qemuImg(["check", ours]).status == 0)
+        let snapshots = { (path: String) throws -> String in
+            try self.qemuImg(["snapshot", "-l", path]).stdout.replacingOccurrences(of: path, with: "")
+        }
+        let (mine, qemuImgs) = (try snapshots(ours), try snapshots(theirs))
+        #expect(mine == qemuImgs, "\n\(mine)--\n\(qemuImgs)")
+    }
+
+    /// A table that ends a cluster or more past the end of the file: the
+    /// check reports it as qemu-img does; a repair refuses and leaves the
+    /// file as it was (qemu-img's `-r all` fails on its own overlap check).
+    @Test func aTableFarPastTheEndIsCheckedButNotRepaired() throws {
+        let directory = try Harness.temporaryDirectory("snaptable")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let ours = directory.appendingPathComponent("ours.qcow2").path
+        let theirs = directory.appendingPathComponent("theirs.qcow2").path
+        try makeImageWithSnapshot(ours)
+        // The last snapshot's table is the file's last cluster; 5,000
+        // entries of 40 bytes reach 3 clusters past it.
+        #expect(try qemuImg(["snapshot", "-c", "second", ours]).status == 0)
+        try write(ours, 5000, width: 4, at: 60)
+        try FileManager.default.copyItem(atPath: ours, toPath: theirs)
+        let result = try img(["check", ours])
+        let qemu = try qemuImg(["check", theirs])
+        #expect(qemu.status == 2 && result.status == 2, "\(result.stderr)")
+        #expect(result.stdout.replacingOccurrences(of: ours, with: theirs) == qemu.stdout)
+        #expect(result.stderrAsQemuImg(ours: ours, theirs: theirs) == qemu.stderr)
+        #expect(qemu.stderr.contains("exceeding the end of the file by one cluster or more"))
+        let before = try Data(contentsOf: URL(fileURLWithPath: ours))
+        for mode in ["leaks", "all"] {
+            let repair = try img(["check", "-r", mode, ours])
+            #expect(repair.status == 1 && repair.stderr.contains("Snapshot table truncated"), "\(repair.stderr)")
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: ours)) == before)
     }
 }

@@ -245,7 +245,7 @@ import Testing
         second.diskSize = 1 << 30
         let bytes = QCOW2Snapshot.serializeTable([old, second], guestSize: 1 << 20)
         #expect(bytes.count % 8 == 0)
-        let (parsed, length) = try QCOW2Snapshot.parseTableAndLength(bytes, count: 2)
+        let (parsed, length, _) = try QCOW2Snapshot.parseTableAndLength(bytes, count: 2)
         #expect(length == bytes.count)
         #expect(parsed[0].vmStateSize == 1 << 33 && parsed[0].diskSize == 1 << 20 && parsed[0].icount == nil)
         #expect(parsed[0].name == old.name && parsed[0].unknownExtraData == old.unknownExtraData)
@@ -264,5 +264,56 @@ import Testing
         entry += [UInt8](repeating: 0, count: (8 - entry.count % 8) % 8)
         let snapshots = try QCOW2Snapshot.parseTable(entry, count: 1)
         #expect(QCOW2Snapshot.serializeTable(snapshots, guestSize: 1 << 30) == entry)
+    }
+
+    /// As qemu-img check reads a damaged table: past the end of the file
+    /// zeroes, and under `-r all` extra data cut to QEMU's 1024 bytes, the
+    /// id and name found after all of it. A plain open refuses both.
+    @Test func checksReadDamagedSnapshotTablesAsQemuDoes() throws {
+        // One entry with 1500 bytes of extra data: 24 known, 1476 unknown.
+        var header = [UInt8](repeating: 0, count: 40)
+        header[11] = 1
+        header[13] = 1
+        header[15] = 1
+        header[38] = 0x05
+        header[39] = 0xdc
+        var entry = header + [UInt8](repeating: 0, count: 24) + [UInt8](repeating: 0x5a, count: 1476) + Array("1a".utf8)
+        entry += [UInt8](repeating: 0, count: (8 - entry.count % 8) % 8)
+        #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTable(entry, count: 1) }
+        #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTableAndLength(entry, count: 3, zeroFilled: true) }
+        #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTableAndLength(entry, count: 3, dropExcessExtraData: true) }
+
+        let (parsed, length, dropped) = try QCOW2Snapshot.parseTableAndLength(
+            entry, count: 3, zeroFilled: true, dropExcessExtraData: true)
+        #expect(dropped == [QCOW2Snapshot.DroppedExtraData(entry: 0, size: 1500)])
+        #expect(parsed[0].extraDataSize == 1024 && parsed[0].unknownExtraData == [UInt8](repeating: 0x5a, count: 1000))
+        #expect(parsed[0].id == "1" && parsed[0].name == "a" && parsed[0].l1Size == 1)
+        // Two entries of zeroes past the end: no extra data (incomplete).
+        #expect(parsed[1].extraDataSize == 0 && parsed[2].l1Size == 0 && parsed[2].id == "")
+        #expect(length == entry.count + 80)
+        // Written again: 1024 bytes of extra data, within QEMU's limit.
+        let rewritten = QCOW2Snapshot.serializeTable([parsed[0]], guestSize: 1 << 20)
+        let again = try QCOW2Snapshot.parseTableAndLength(rewritten, count: 1)
+        #expect(again.snapshots[0].unknownExtraData == parsed[0].unknownExtraData && again.snapshots[0].name == "a")
+
+        // Extra data claiming 4 GiB reaches past QEMU's limit on the table.
+        var hostile = entry
+        hostile.replaceSubrange(36..<40, with: [0xff, 0xff, 0xff, 0xff])
+        let error = #expect(throws: QCOW2Error.self) {
+            try QCOW2Snapshot.parseTableAndLength(hostile, count: 1, zeroFilled: true, dropExcessExtraData: true)
+        }
+        #expect(error?.message == QCOW2Snapshot.tableTooLarge)
+    }
+
+    /// QEMU keeps ids and names as C strings: a zero byte ends them, when
+    /// they are read and when the table is written again.
+    @Test func snapshotNamesEndAtAZeroByte() throws {
+        var entry = snapshotEntry(l1Size: 1, id: [0x31, 0], name: [0, 0, 0], extra: [UInt8](repeating: 0, count: 24))
+        entry += [UInt8](repeating: 0, count: (8 - entry.count % 8) % 8)
+        let snapshots = try QCOW2Snapshot.parseTable(entry, count: 1)
+        #expect(snapshots[0].id == "1" && snapshots[0].name == "")
+        let written = QCOW2Snapshot.serializeTable(snapshots, guestSize: 0)
+        #expect(written[12..<16] == [0, 1, 0, 0])
+        #expect(written.count == 72)
     }
 }
