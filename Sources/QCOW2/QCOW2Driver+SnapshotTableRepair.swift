@@ -29,14 +29,15 @@ extension QCOW2Driver {
             rewritten[index].extraDataSize = QCOW2Snapshot.knownExtraData + rewritten[index].unknownExtraData.count
             rewritten[index].diskSize = rewritten[index].diskSize ?? UInt64(length)
         }
-        var table = QCOW2Snapshot.serializeTable(rewritten, guestSize: UInt64(length))
+        // Only the table is written, as QEMU writes it: at the end of the
+        // file, the file ends where the table does.
+        let table = QCOW2Snapshot.serializeTable(rewritten, guestSize: UInt64(length))
         // Past QEMU's limit, neither QEMU nor Strata would read it back.
         guard table.count <= QCOW2Snapshot.maxTableBytes else {
             return loop.makeFailedFuture(BlockError(errno: EFBIG, "The snapshot table would be too large"))
         }
         let clusterSize = refcounter.clusterSize
         let clusters = (Int64(table.count) + clusterSize - 1) / clusterSize
-        table += [UInt8](repeating: 0, count: Int(clusters * clusterSize) - table.count)
         let newOffset: Int64
         do {
             // One cluster (nearly every table) goes where the allocator puts

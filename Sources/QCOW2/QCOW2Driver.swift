@@ -169,11 +169,12 @@ public final class QCOW2Driver: BlockDriver {
                 // A check reads the table as qemu-img check does; a server
                 // refuses a table past the end of the file.
                 let table = try QCOW2Snapshot.parseTableAndLength(
-                    bytes, count: Int(header.snapshotCount), zeroFilled: options.forCheck || options.forRepair,
-                    dropExcessExtraData: options.forRepairAll)
+                    bytes, count: Int(header.snapshotCount), fileBytes: Int(available),
+                    forCheck: options.forCheck || options.forRepair, dropExcessExtraData: options.forRepairAll)
                 // A table ending a cluster or more past the end of the file
-                // is one qemu-img's repair fails on (its new table overlaps
-                // the old); nor would Strata's free the old clusters safely.
+                // is not repaired: freeing the old one would free clusters
+                // the file does not have (qemu-img's free fails, and whether
+                // its repair does depends on where its new table goes).
                 if options.forRepair, Int64(header.snapshotsOffset) + Int64(table.length) - file.length >= header.clusterSize {
                     throw QCOW2Error("Snapshot table truncated")
                 }
@@ -365,7 +366,8 @@ public final class QCOW2Driver: BlockDriver {
     /// The clusters of the snapshots' L1 tables (for overlap checks).
     private func clustersOfSnapshotL1Tables() -> QCOW2ClusterRuns {
         let clusterSize = Int64(header.clusterSize)
-        return QCOW2ClusterRuns(snapshots.filter { $0.l1Size > 0 }.map { snapshot in
+        // (A check reads tables whose L1 table no image could hold.)
+        return QCOW2ClusterRuns(snapshots.filter { $0.l1Size > 0 && $0.l1TableOffset < QCOW2Header.maxSize }.map { snapshot in
             let start = Int64(snapshot.l1TableOffset)
             return start / clusterSize...(start + Int64(snapshot.l1Size) * 8 - 1) / clusterSize
         })

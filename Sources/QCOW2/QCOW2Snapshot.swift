@@ -48,74 +48,82 @@ public struct QCOW2Snapshot: Equatable, Sendable {
     /// The error for a table past QEMU's limit on its size.
     public static let tableTooLarge = "Snapshot table exceeds the maximum size"
 
-    /// As `parseTable`, with the table's length in bytes.
+    /// As `parseTable`, with the table's length in bytes: to the end of the
+    /// last entry, without its padding, as QEMU counts it.
     ///
-    /// For `qemu-img check`, QEMU reads the table as a check reads it:
-    /// `zeroFilled` reads what lies past `bytes` (the end of the file) as
-    /// zeroes, up to QEMU's limit on the table's size, and `dropExcessExtraData`
-    /// (`-r all`) cuts an entry's extra data to 1024 bytes instead of
-    /// refusing the table, each cut in `dropped`.
-    public static func parseTableAndLength(_ bytes: [UInt8], count: Int, zeroFilled: Bool = false,
+    /// `bytes` holds the table's first bytes, and the file goes on to
+    /// `fileBytes` (the table's offset from the file's end). `forCheck`
+    /// reads the table as qemu-img check does: what lies past the end of
+    /// the file reads as zeroes, and an entry's L1 table is left for the
+    /// check to judge (only an offset no image can use is refused). With
+    /// `dropExcessExtraData` (`-r all`), an entry's extra data past QEMU's
+    /// 1024 bytes is cut, each cut in `dropped`, and its id and name are
+    /// read after all of it. QEMU's limit on the table's size counts the
+    /// entries as kept.
+    public static func parseTableAndLength(_ bytes: [UInt8], count: Int, fileBytes: Int? = nil, forCheck: Bool = false,
                                            dropExcessExtraData: Bool = false) throws
         -> (snapshots: [QCOW2Snapshot], length: Int, dropped: [DroppedExtraData]) {
-        var bytes = bytes
+        let fileBytes = max(fileBytes ?? bytes.count, bytes.count)
+        /// `count` bytes from `start`; nil where they cannot be read (past
+        /// `bytes` but inside the file, or past the file and not `forCheck`).
+        func read(_ start: Int, _ count: Int) -> [UInt8]? {
+            if start + count <= bytes.count { return Array(bytes[start..<start + count]) }
+            // Past `bytes`: zeroes, where that is past the end of the file too.
+            guard forCheck, bytes.count == fileBytes || start >= fileBytes else { return nil }
+            let real = start < bytes.count ? Array(bytes[start...]) : []
+            return real + [UInt8](repeating: 0, count: count - real.count)
+        }
         var offset = 0
+        var keptBytes = 0
         var snapshots: [QCOW2Snapshot] = []
         var dropped: [DroppedExtraData] = []
-        /// Whether `end` bytes can be read, zeroes past the file's end
-        /// included (`bytes` holds the file up to the table's limit).
-        func readable(to end: Int) -> Bool {
-            if end <= bytes.count { return true }
-            guard zeroFilled else { return false }
-            bytes += [UInt8](repeating: 0, count: end - bytes.count)
-            return true
-        }
         for index in 0..<count {
-            guard offset <= maxTableBytes else { throw QCOW2Error(tableTooLarge) }
-            guard readable(to: offset + 40) else { throw QCOW2Error("Snapshot table truncated") }
-            // Read straight from `bytes`: a reader holding it while `readable`
-            // grows it would copy the whole table each time.
-            let field = { (at: Int, width: Int) in (at..<at + width).reduce(0) { $0 << 8 | Int(bytes[$1]) } }
-            let idSize = field(offset + 12, 2)
-            let nameSize = field(offset + 14, 2)
-            let storedExtraSize = field(offset + 36, 4)
+            offset = (offset + 7) / 8 * 8
+            guard let head = read(offset, 40) else { throw QCOW2Error("Snapshot table truncated") }
+            let reader = BigEndianReader(head)
+            let idSize = Int(reader.u16(at: 12))
+            let nameSize = Int(reader.u16(at: 14))
+            let storedExtraSize = Int(reader.u32(at: 36))
             var extraSize = storedExtraSize
             if extraSize > maxExtraData {
-                guard dropExcessExtraData else {
-                    throw QCOW2Error("\(tooMuchExtraData) \(index)")
-                }
+                guard dropExcessExtraData else { throw QCOW2Error("\(tooMuchExtraData) \(index)") }
                 dropped.append(DroppedExtraData(entry: index, size: storedExtraSize))
                 extraSize = maxExtraData
             }
             // The id and name follow the extra data as stored, kept or not.
-            let idStart = offset + 40 + storedExtraSize
-            let end = idStart + idSize + nameSize
-            // Past the limit nothing is read: extra data may claim 4 GiB.
-            guard end <= maxTableBytes else { throw QCOW2Error(tableTooLarge) }
-            guard readable(to: end) else { throw QCOW2Error("Snapshot table entry runs past the table") }
-            let reader = BigEndianReader(bytes)
+            let namesStart = offset + 40 + storedExtraSize
+            guard let extra = read(offset + 40, extraSize), let names = read(namesStart, idSize + nameSize) else {
+                throw QCOW2Error("Snapshot table entry runs past the table")
+            }
+            keptBytes += 40 + extraSize + idSize + nameSize
+            guard keptBytes <= maxTableBytes else { throw QCOW2Error(tableTooLarge) }
+            let extraReader = BigEndianReader(extra)
             var snapshot = QCOW2Snapshot(
-                l1TableOffset: reader.u64(at: offset), l1Size: reader.u32(at: offset + 8),
+                l1TableOffset: reader.u64(at: 0), l1Size: reader.u32(at: 8),
                 // C strings to QEMU: up to the first zero byte.
-                id: String(decoding: bytes[idStart..<(idStart + idSize)].prefix { $0 != 0 }, as: UTF8.self),
-                name: String(decoding: bytes[(idStart + idSize)..<end].prefix { $0 != 0 }, as: UTF8.self),
-                dateSeconds: reader.u32(at: offset + 16), dateNanoseconds: reader.u32(at: offset + 20),
-                vmClockNanoseconds: reader.u64(at: offset + 24), vmStateSize: UInt64(reader.u32(at: offset + 32)))
-            guard snapshot.l1TableOffset < QCOW2Header.maxSize, snapshot.l1TableOffset % 512 == 0,
-                  UInt64(snapshot.l1Size) * 8 <= QCOW2Header.maxL1Bytes else {
-                throw QCOW2Error("Snapshot L1 table offset or size invalid")
-            }
-            if extraSize >= 8 { snapshot.vmStateSize = reader.u64(at: offset + 40) }
-            if extraSize >= 16 { snapshot.diskSize = reader.u64(at: offset + 48) }
-            if extraSize >= 24, case let icount = reader.u64(at: offset + 56), icount != .max { snapshot.icount = icount }
+                id: String(decoding: names[..<idSize].prefix { $0 != 0 }, as: UTF8.self),
+                name: String(decoding: names[idSize...].prefix { $0 != 0 }, as: UTF8.self),
+                dateSeconds: reader.u32(at: 16), dateNanoseconds: reader.u32(at: 20),
+                vmClockNanoseconds: reader.u64(at: 24), vmStateSize: UInt64(reader.u32(at: 32)))
+            let l1Offset = snapshot.l1TableOffset
+            let sizeValid = UInt64(snapshot.l1Size) * 8 <= QCOW2Header.maxL1Bytes
+            // A check judges the L1 table itself (past the end of the file
+            // at 2^61 on), and reads it only when it is aligned, of a valid
+            // size and not empty: then only an offset past what a file
+            // offset can hold (2^63) is refused.
+            let refused = forCheck
+                ? l1Offset > UInt64(Int64.max) && l1Offset % 512 == 0 && sizeValid && snapshot.l1Size > 0
+                : l1Offset >= QCOW2Header.maxSize || l1Offset % 512 != 0 || !sizeValid
+            guard !refused else { throw QCOW2Error("Snapshot L1 table offset or size invalid") }
+            if extraSize >= 8 { snapshot.vmStateSize = extraReader.u64(at: 0) }
+            if extraSize >= 16 { snapshot.diskSize = extraReader.u64(at: 8) }
+            if extraSize >= 24, case let icount = extraReader.u64(at: 16), icount != .max { snapshot.icount = icount }
             snapshot.extraDataSize = extraSize
-            snapshot.storedID = Array(bytes[idStart..<(idStart + idSize)])
-            snapshot.storedName = Array(bytes[(idStart + idSize)..<end])
-            if extraSize > Self.knownExtraData {
-                snapshot.unknownExtraData = Array(bytes[(offset + 40 + Self.knownExtraData)..<(offset + 40 + extraSize)])
-            }
+            snapshot.storedID = Array(names[..<idSize])
+            snapshot.storedName = Array(names[idSize...])
+            if extraSize > Self.knownExtraData { snapshot.unknownExtraData = Array(extra[Self.knownExtraData...]) }
             snapshots.append(snapshot)
-            offset = (end + 7) / 8 * 8
+            offset = namesStart + idSize + nameSize
         }
         return (snapshots, offset, dropped)
     }
@@ -126,13 +134,16 @@ public struct QCOW2Snapshot: Equatable, Sendable {
 
     /// The table as QEMU writes it: every entry with the full known extra
     /// data (all ones for an unknown instruction count, `guestSize` for an
-    /// unknown disk size) and its unknown extra data after it, padded to 8.
+    /// unknown disk size) and its unknown extra data after it, each entry
+    /// starting on the 8-byte grid, the table ending where its last entry
+    /// does (QEMU's length of it, and as far as it writes).
     public static func serializeTable(_ snapshots: [QCOW2Snapshot], guestSize: UInt64) -> [UInt8] {
         var bytes: [UInt8] = []
         func put(_ value: UInt64, _ width: Int) {
             for index in (0..<width).reversed() { bytes.append(UInt8(truncatingIfNeeded: value >> UInt64(8 * index))) }
         }
         for snapshot in snapshots {
+            bytes += [UInt8](repeating: 0, count: (8 - bytes.count % 8) % 8)
             // At most 65535 bytes each: the stored ones fit their 16-bit
             // sizes, and QEMU limits new ones further. QEMU keeps them as C
             // strings, so it writes them up to the first zero byte.
@@ -153,7 +164,6 @@ public struct QCOW2Snapshot: Equatable, Sendable {
             bytes += snapshot.unknownExtraData
             bytes += id
             bytes += name
-            bytes += [UInt8](repeating: 0, count: (8 - bytes.count % 8) % 8)
         }
         return bytes
     }

@@ -108,13 +108,19 @@ import Testing
         #expect(FileManager.default.contentsEqual(atPath: ours, andPath: theirs), "the same file")
     }
 
-    /// Damage to the table as a whole, which qemu-img's check reads past
-    /// (a plain open refuses it): more entries than the file holds, read
-    /// as zeroes past its end, each then incomplete; more extra data than
-    /// QEMU allows, which only `-r all` cuts (in entry 0 the rest of the
-    /// table is then read from the wrong place, as QEMU reads it).
+    /// Damage a server refuses and qemu-img's check reads past. To the
+    /// table: more entries than the file holds, read as zeroes past its
+    /// end, each then incomplete; more extra data than QEMU allows, which
+    /// only `-r all` cuts (in entry 0 the rest of the table is then read
+    /// from the wrong place, as QEMU reads it). To an entry's L1 table, which
+    /// the check judges (no repair mends it): off the 512-byte grid, too
+    /// large, or past anything a file holds.
     enum TableDamage: String, CaseIterable, Sendable {
         case entriesPastTheEnd, tooMuchExtraData, tooMuchExtraDataFirst
+        case l1OffTheGrid, l1TooLarge, l1PastAnyFile
+
+        /// Whether `-r all` leaves the image clean.
+        var repairable: Bool { ![.l1OffTheGrid, .l1TooLarge, .l1PastAnyFile].contains(self) }
     }
 
     @Test(arguments: TableDamage.allCases, ["check", "leaks", "all"])
@@ -133,6 +139,12 @@ import Testing
             // Entry 0 is 40 bytes, 24 of extra data, id "1" and "first": 72.
             let entry = damage == .tooMuchExtraData ? table + 72 : table
             try write(ours, damage == .tooMuchExtraData ? 1500 : 2000, width: 4, at: entry + 36)
+        case .l1OffTheGrid:
+            try write(ours, try u64(ours, at: table) + 0x10, width: 8, at: table)
+        case .l1TooLarge:
+            try write(ours, 0x1000_0000, width: 4, at: table + 8)
+        case .l1PastAnyFile:
+            try write(ours, 0x7878_0000_0000_0000, width: 8, at: table)
         }
         try FileManager.default.copyItem(atPath: ours, toPath: theirs)
         let arguments = mode == "check" ? ["check"] : ["check", "-r", mode]
@@ -145,7 +157,7 @@ import Testing
         #expect(stderr == qemu.stderr, "\n\(result.stderr)--\n\(qemu.stderr)")
         // Byte for byte, the old table's cluster punched out as QEMU does.
         #expect(FileManager.default.contentsEqual(atPath: ours, andPath: theirs), "the same file")
-        guard mode == "all" else {
+        guard mode == "all", damage.repairable else {
             #expect(qemu.status != 0)
             return
         }
@@ -161,7 +173,8 @@ import Testing
 
     /// A table that ends a cluster or more past the end of the file: the
     /// check reports it as qemu-img does; a repair refuses and leaves the
-    /// file as it was (qemu-img's `-r all` fails on its own overlap check).
+    /// file as it was (here qemu-img's `-r all` fails on its own overlap
+    /// check: its new table lands on the old one past the end).
     @Test func aTableFarPastTheEndIsCheckedButNotRepaired() throws {
         let directory = try Harness.temporaryDirectory("snaptable")
         defer { try? FileManager.default.removeItem(at: directory) }

@@ -234,7 +234,7 @@ import Testing
     }
 
     /// A table written again keeps every field and unknown extra data,
-    /// gains the known extra data, and stays on the 8-byte grid.
+    /// gains the known extra data, and puts each entry on the 8-byte grid.
     @Test func snapshotTablesAreWrittenAsQemuWritesThem() throws {
         var old = QCOW2Snapshot(l1TableOffset: 0x30000, l1Size: 3, id: "7", name: "n\u{e9}", dateSeconds: 5,
                                 dateNanoseconds: 6, vmClockNanoseconds: 7_000_000_123, vmStateSize: 1 << 33)
@@ -244,8 +244,9 @@ import Testing
         second.icount = 99
         second.diskSize = 1 << 30
         let bytes = QCOW2Snapshot.serializeTable([old, second], guestSize: 1 << 20)
-        #expect(bytes.count % 8 == 0)
+        #expect(bytes.count == 80 + 76)
         let (parsed, length, _) = try QCOW2Snapshot.parseTableAndLength(bytes, count: 2)
+        // To the end of the last entry, without padding, as QEMU counts.
         #expect(length == bytes.count)
         #expect(parsed[0].vmStateSize == 1 << 33 && parsed[0].diskSize == 1 << 20 && parsed[0].icount == nil)
         #expect(parsed[0].name == old.name && parsed[0].unknownExtraData == old.unknownExtraData)
@@ -261,7 +262,6 @@ import Testing
         var entry = snapshotEntry(l1Size: 1, id: Array("9".utf8), name: [0xff, 0x41, 0xc3],
                                   extra: [UInt8](repeating: 0, count: 8) + [0, 0, 0, 0, 0, 0x10, 0, 0]
                                       + [UInt8](repeating: 0xff, count: 8))
-        entry += [UInt8](repeating: 0, count: (8 - entry.count % 8) % 8)
         let snapshots = try QCOW2Snapshot.parseTable(entry, count: 1)
         #expect(QCOW2Snapshot.serializeTable(snapshots, guestSize: 1 << 30) == entry)
     }
@@ -280,11 +280,11 @@ import Testing
         var entry = header + [UInt8](repeating: 0, count: 24) + [UInt8](repeating: 0x5a, count: 1476) + Array("1a".utf8)
         entry += [UInt8](repeating: 0, count: (8 - entry.count % 8) % 8)
         #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTable(entry, count: 1) }
-        #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTableAndLength(entry, count: 3, zeroFilled: true) }
+        #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTableAndLength(entry, count: 3, forCheck: true) }
         #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTableAndLength(entry, count: 3, dropExcessExtraData: true) }
 
         let (parsed, length, dropped) = try QCOW2Snapshot.parseTableAndLength(
-            entry, count: 3, zeroFilled: true, dropExcessExtraData: true)
+            entry, count: 3, forCheck: true, dropExcessExtraData: true)
         #expect(dropped == [QCOW2Snapshot.DroppedExtraData(entry: 0, size: 1500)])
         #expect(parsed[0].extraDataSize == 1024 && parsed[0].unknownExtraData == [UInt8](repeating: 0x5a, count: 1000))
         #expect(parsed[0].id == "1" && parsed[0].name == "a" && parsed[0].l1Size == 1)
@@ -296,13 +296,26 @@ import Testing
         let again = try QCOW2Snapshot.parseTableAndLength(rewritten, count: 1)
         #expect(again.snapshots[0].unknownExtraData == parsed[0].unknownExtraData && again.snapshots[0].name == "a")
 
-        // Extra data claiming 4 GiB reaches past QEMU's limit on the table.
+        // Extra data claiming 4 GiB: the id and name are read 4 GiB on,
+        // past the end of the file, as zeroes; nothing that far is held.
         var hostile = entry
         hostile.replaceSubrange(36..<40, with: [0xff, 0xff, 0xff, 0xff])
-        let error = #expect(throws: QCOW2Error.self) {
-            try QCOW2Snapshot.parseTableAndLength(hostile, count: 1, zeroFilled: true, dropExcessExtraData: true)
+        let far = try QCOW2Snapshot.parseTableAndLength(hostile, count: 1, forCheck: true, dropExcessExtraData: true)
+        #expect(far.snapshots[0].id == "" && far.snapshots[0].name == "" && far.length == 40 + 0xffff_ffff + 2)
+        // An L1 table off the grid, or past anything a file holds, is the
+        // check's to judge; from 2^63 on (no file offset) refused by all.
+        for (l1Offset, checkReads) in [(UInt64(0x10010), true), (0x7878_0000_0000_0000, true), (0xf000_0000_0000_0000, false)] {
+            var odd = entry
+            odd.replaceSubrange(0..<8, with: (0..<8).map { UInt8(truncatingIfNeeded: l1Offset >> (56 - 8 * $0)) })
+            #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTableAndLength(odd, count: 1, dropExcessExtraData: true) }
+            let read = try? QCOW2Snapshot.parseTableAndLength(odd, count: 1, forCheck: true, dropExcessExtraData: true)
+            #expect((read != nil) == checkReads, "0x\(String(l1Offset, radix: 16))")
         }
-        #expect(error?.message == QCOW2Snapshot.tableTooLarge)
+        // Inside the file but past what was read of it: refused, not guessed.
+        #expect(throws: QCOW2Error.self) {
+            try QCOW2Snapshot.parseTableAndLength(hostile, count: 1, fileBytes: 1 << 40, forCheck: true,
+                                                  dropExcessExtraData: true)
+        }
     }
 
     /// QEMU keeps ids and names as C strings: a zero byte ends them, when
@@ -314,6 +327,6 @@ import Testing
         #expect(snapshots[0].id == "1" && snapshots[0].name == "")
         let written = QCOW2Snapshot.serializeTable(snapshots, guestSize: 0)
         #expect(written[12..<16] == [0, 1, 0, 0])
-        #expect(written.count == 72)
+        #expect(written.count == 65)
     }
 }
