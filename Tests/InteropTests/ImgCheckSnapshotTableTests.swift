@@ -28,6 +28,13 @@ import Testing
         try write(path, bytes: table + [UInt8](repeating: 0, count: position - table.count), at: offset)
     }
 
+    /// A scratch directory with the image Strata checks and qemu-img's copy.
+    func scratchPair(_ name: String) throws -> (directory: URL, ours: String, theirs: String) {
+        let directory = try Harness.temporaryDirectory(name)
+        return (directory, directory.appendingPathComponent("ours.qcow2").path,
+                directory.appendingPathComponent("theirs.qcow2").path)
+    }
+
     /// A 16 MiB image with 1 MiB written, snapshot "first", then 1 MiB
     /// more written over half of it.
     func makeImageWithSnapshot(_ path: String) throws {
@@ -38,10 +45,8 @@ import Testing
     }
 
     @Test func incompleteEntriesAreFoundAndRepairedLikeQemuImg() throws {
-        let directory = try Harness.temporaryDirectory("snaptable")
+        let (directory, ours, theirs) = try scratchPair("snaptable")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let ours = directory.appendingPathComponent("ours.qcow2").path
-        let theirs = directory.appendingPathComponent("theirs.qcow2").path
         try makeImageWithSnapshot(ours)
         #expect(try qemuImg(["snapshot", "-c", "second", ours]).status == 0)
         try dropExtraData(ours)
@@ -91,10 +96,8 @@ import Testing
     /// every mode reports, repairs and leaves the file as qemu-img does.
     @Test(arguments: ["check", "leaks", "all"])
     func aSnapshotWithAMisalignedL1TableIsReportedLikeQemuImg(mode: String) throws {
-        let directory = try Harness.temporaryDirectory("snapl1")
+        let (directory, ours, theirs) = try scratchPair("snapl1")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let ours = directory.appendingPathComponent("ours.qcow2").path
-        let theirs = directory.appendingPathComponent("theirs.qcow2").path
         try makeImageWithSnapshot(ours)
         let table = try u64(ours, at: 64)
         try write(ours, try u64(ours, at: table) + 0x200, width: 8, at: table)
@@ -125,10 +128,8 @@ import Testing
 
     @Test(arguments: TableDamage.allCases, ["check", "leaks", "all"])
     func aDamagedTableIsCheckedAndRepairedLikeQemuImg(damage: TableDamage, mode: String) throws {
-        let directory = try Harness.temporaryDirectory("snaptable")
+        let (directory, ours, theirs) = try scratchPair("snaptable")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let ours = directory.appendingPathComponent("ours.qcow2").path
-        let theirs = directory.appendingPathComponent("theirs.qcow2").path
         try makeImageWithSnapshot(ours)
         #expect(try qemuImg(["snapshot", "-c", "second", ours]).status == 0)
         let table = try u64(ours, at: 64)
@@ -176,10 +177,8 @@ import Testing
     /// file as it was (here qemu-img's `-r all` fails on its own overlap
     /// check: its new table lands on the old one past the end).
     @Test func aTableFarPastTheEndIsCheckedButNotRepaired() throws {
-        let directory = try Harness.temporaryDirectory("snaptable")
+        let (directory, ours, theirs) = try scratchPair("snaptable")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let ours = directory.appendingPathComponent("ours.qcow2").path
-        let theirs = directory.appendingPathComponent("theirs.qcow2").path
         try makeImageWithSnapshot(ours)
         // The last snapshot's table is the file's last cluster; 5,000
         // entries of 40 bytes reach 3 clusters past it.
