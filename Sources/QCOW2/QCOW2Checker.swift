@@ -98,7 +98,8 @@ public final class QCOW2Checker {
     let header: QCOW2Header
     let activeL1: [UInt64]
     let snapshots: [QCOW2Snapshot]
-    let droppedExtraData: [QCOW2Snapshot.DroppedExtraData]
+    let droppedExtraData: [QCOW2SnapshotTable.DroppedExtraData]
+    let overhangingSnapshots: Int
     let externalData: Bool
     let snapshotTableLength: Int
     let bitmapDirectory: QCOW2BitmapDirectory?
@@ -133,6 +134,7 @@ public final class QCOW2Checker {
         activeL1 = driver.options.snapshot == nil ? driver.l1 : []
         snapshots = driver.snapshots
         droppedExtraData = driver.droppedSnapshotExtraData
+        overhangingSnapshots = driver.overhangingSnapshots
         externalData = header.incompatibleFeatures.contains(.externalDataFile)
         snapshotTableLength = driver.snapshotTableLength
         bitmapDirectory = driver.bitmapDirectory
@@ -237,14 +239,19 @@ public final class QCOW2Checker {
     }
 
     /// Version 3 entries need 16 bytes of extra data at least, as qemu-img
-    /// checks: reported first, as qemu-img reports them, after the entries
-    /// whose extra data `-r all` cut as it read the table.
+    /// checks: reported first, as qemu-img reports them, after what `-r all`
+    /// cut from the table as it read it. (The entries it dropped from the
+    /// end are fixed at once, as the header counts the rest: no corruption
+    /// is left of them; see `CheckRepairPass`.)
     private func checkSnapshotEntries() {
         for dropped in droppedExtraData {
             report.corruptions += 1
             report.droppedSnapshotExtraData += 1
             report.messages.append("Discarding too much extra metadata in snapshot table entry \(dropped.entry) "
-                                   + "(\(dropped.size) > \(QCOW2Snapshot.maxExtraData))")
+                                   + "(\(dropped.size) > \(QCOW2SnapshotTable.maxExtraData))")
+        }
+        if overhangingSnapshots > 0 {
+            report.messages.append("Discarding \(overhangingSnapshots) overhanging snapshots (snapshot table is too big)")
         }
         guard header.version >= 3 else { return }
         for (index, snapshot) in snapshots.enumerated() where snapshot.extraDataSize < 16 {

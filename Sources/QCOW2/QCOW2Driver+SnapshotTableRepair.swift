@@ -81,6 +81,17 @@ extension QCOW2Driver {
         }
     }
 
+    /// `qemu-img check -r all` for entries it dropped from the end of the
+    /// table as it read it: the header counts the rest, at once, before
+    /// the refcount repair frees what only those held.
+    public func writeSnapshotCount(file: BlockNode) -> EventLoopFuture<Void> {
+        let count = header.snapshotCount
+        let bytes = (0..<4).map { UInt8(truncatingIfNeeded: count >> (24 - 8 * $0)) }
+        return QCOW2Driver.writeBytes(file, bytes, at: 60).flatMap { self.flushed(file) }.map {
+            self.overhangingSnapshots = 0
+        }
+    }
+
     /// Metadata written back and the file synced, as a future.
     private func flushed(_ file: BlockNode) -> EventLoopFuture<Void> {
         let promise = file.eventLoop.makePromise(of: Void.self)

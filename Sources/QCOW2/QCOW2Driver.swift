@@ -54,7 +54,10 @@ public final class QCOW2Driver: BlockDriver {
     public internal(set) var snapshotTableLength = 0
     /// Snapshot table entries whose extra data `check -r all` cut to
     /// QEMU's limit as it read them: the table is to be written again.
-    public internal(set) var droppedSnapshotExtraData: [QCOW2Snapshot.DroppedExtraData] = []
+    public internal(set) var droppedSnapshotExtraData: [QCOW2SnapshotTable.DroppedExtraData] = []
+    /// Snapshot table entries `check -r all` dropped from the end as it read
+    /// the table (past QEMU's limits): the header is to count the rest.
+    public internal(set) var overhangingSnapshots = 0
     let l2Cache: QCOW2L2Cache
     /// L2 tables being read, with the requests waiting for them.
     var l2Loads: [UInt64: [(Result<QCOW2L2Table, BlockError>) -> Void]] = [:]
@@ -160,17 +163,19 @@ public final class QCOW2Driver: BlockDriver {
                 throw QCOW2Error("qcow2: Image is corrupt; cannot be opened read/write")
             }
             return header
-        }.flatMap { header -> EventLoopFuture<(QCOW2Header, ([QCOW2Snapshot], Int, [QCOW2Snapshot.DroppedExtraData]))> in
-            guard header.snapshotCount > 0 else { return loop.makeSucceededFuture((header, ([], 0, []))) }
+        }.flatMap { header -> EventLoopFuture<(QCOW2Header, QCOW2SnapshotTable)> in
+            guard header.snapshotCount > 0 else {
+                return loop.makeSucceededFuture((header, .none))
+            }
             // The table's size is unknown until parsed: read what can hold it.
             let available = max(0, file.length - Int64(header.snapshotsOffset))
             let count = Int(min(available, Int64(QCOW2Snapshot.maxTableBytes)))
             return readBytes(file, at: Int64(header.snapshotsOffset), count: count).flatMapThrowing { bytes in
                 // A check reads the table as qemu-img check does; a server
                 // refuses a table past the end of the file.
-                let table = try QCOW2Snapshot.parseTableAndLength(
-                    bytes, count: Int(header.snapshotCount), fileBytes: Int(available),
-                    forCheck: options.forCheck || options.forRepair, dropExcessExtraData: options.forRepairAll)
+                let table = try QCOW2SnapshotTable(
+                    parsing: bytes, count: Int(header.snapshotCount), fileBytes: Int(available),
+                    clusterSize: header.clusterSize, forCheck: options.forCheck || options.forRepair, repairing: options.forRepairAll)
                 // A table ending a cluster or more past the end of the file
                 // is not repaired: freeing the old one would free clusters
                 // the file does not have (qemu-img's free fails, and whether
@@ -181,7 +186,11 @@ public final class QCOW2Driver: BlockDriver {
                 return (header, table)
             }
         }.flatMap { header, table -> EventLoopFuture<QCOW2Driver> in
-            let (snapshots, tableLength, droppedExtraData) = table
+            var header = header
+            let snapshots = table.snapshots
+            // Entries a repair drops are gone from the count the check and
+            // the repair work with (`writeSnapshotCount` makes it so on disk).
+            header.snapshotCount = UInt32(snapshots.count)
             var l1Offset = header.l1TableOffset
             var l1Size = header.l1Size
             var size = Int64(header.size)
@@ -216,8 +225,9 @@ public final class QCOW2Driver: BlockDriver {
                 // the 512-byte grid (no qemu-img makes one) is cut down.
                 let driver = QCOW2Driver(header: header, l1: l1, snapshots: snapshots, guestSize: size & ~511,
                                          options: options)
-                driver.snapshotTableLength = tableLength
-                driver.droppedSnapshotExtraData = droppedExtraData
+                driver.snapshotTableLength = table.length
+                driver.droppedSnapshotExtraData = table.droppedExtraData
+                driver.overhangingSnapshots = table.overhanging
                 driver.openedFile = file
                 return driver
             }.flatMap { driver in

@@ -39,13 +39,26 @@ struct CheckRepairPass {
 
     /// Repairs what `before` (a check of the image as it was) found.
     func run(before: QCOW2Checker.Report) -> EventLoopFuture<Fixed> {
+        // Entries `-r all` dropped from the end of the snapshot table as it
+        // read it: the header counts the rest first, as qemu-img writes it.
+        let dropped = driver.overhangingSnapshots
+        guard all, dropped > 0 else { return repair(before: before, fixed: Fixed()) }
+        return driver.writeSnapshotCount(file: file).flatMapErrorThrowing { error in
+            throw RepairFailed(error: error as? BlockError ?? .eio)
+        }.flatMap {
+            repair(before: before, fixed: Fixed(corruptions: dropped))
+        }
+    }
+
+    /// The repairs after the snapshot count's, counted on from `fixed`.
+    private func repair(before: QCOW2Checker.Report, fixed: Fixed) -> EventLoopFuture<Fixed> {
         // What the pass prints before the refcount comparison, line by line
         // of `before`: the snapshot table is repaired (by `-r all`) as it is
         // found.
         var lines = before.messages[..<before.mismatchMessagesStart].map {
             [all && $0.hasPrefix("ERROR snapshot table entry ") ? "Repairing" + $0.dropFirst("ERROR".count) : $0]
         }
-        guard all else { return repairRefcounts(found: before, leadingLines: lines.flatMap { $0 }, fixed: Fixed()) }
+        guard all else { return repairRefcounts(found: before, leadingLines: lines.flatMap { $0 }, fixed: fixed) }
         // qemu-img's pass rewrites misaligned entries without data as its
         // walk meets them, so it counts neither their clusters nor their
         // second sighting in a shared table: rewritten first here, and the
@@ -71,7 +84,7 @@ struct CheckRepairPass {
                                    "ERROR could not resize image: Invalid argument"]
         }
         guard !fixes.isEmpty else {
-            return repairRefcounts(found: before, leadingLines: lines.flatMap { $0 }, fixed: Fixed())
+            return repairRefcounts(found: before, leadingLines: lines.flatMap { $0 }, fixed: fixed)
         }
         return driver.repairEntries(fixes, file: file).flatMap {
             QCOW2Checker(driver: driver, file: file).run()
@@ -79,7 +92,8 @@ struct CheckRepairPass {
             emit(lines.flatMap { $0 })
             throw RepairFailed(error: error as? BlockError ?? .eio)
         }.flatMap { rechecked in
-            repairRefcounts(found: rechecked, leadingLines: lines.flatMap { $0 }, fixed: Fixed(corruptions: fixes.count))
+            repairRefcounts(found: rechecked, leadingLines: lines.flatMap { $0 },
+                            fixed: Fixed(leaks: fixed.leaks, corruptions: fixed.corruptions + fixes.count))
         }
     }
 

@@ -69,14 +69,10 @@ struct ImgCheck: ParsableCommand {
                 FileHandle.standardError.write(Data("strata img: ERROR snapshot table offset invalid\n".utf8))
                 fail("Check failed: Invalid argument")
             }
-            // Snapshot tables qemu-img's check reads and gives up on (with
-            // `-r all`, extra data is cut instead).
-            if reason.hasPrefix(QCOW2Snapshot.tooMuchExtraData) || reason == QCOW2Snapshot.tableTooLarge {
-                var lines = "strata img: ERROR failed to read the snapshot table: \(reason)\n"
-                if reason != QCOW2Snapshot.tableTooLarge {
-                    lines += "You can force-remove this extra metadata with strata img check -r all\n"
-                }
-                FileHandle.standardError.write(Data(lines.utf8))
+            // Snapshot tables qemu-img's check reads and gives up on (`-r
+            // all` cuts them instead); the reason ends with a hint.
+            if reason.hasPrefix(QCOW2SnapshotTable.tooMuchExtraData) || reason.hasPrefix(QCOW2SnapshotTable.tooBig) {
+                FileHandle.standardError.write(Data("strata img: ERROR failed to read the snapshot table: \(reason)\n".utf8))
                 fail("Check failed: File too large")
             }
             fail("Could not open '\(image.filename)': \(reason)")

@@ -115,15 +115,17 @@ import Testing
     /// table: more entries than the file holds, read as zeroes past its
     /// end, each then incomplete; more extra data than QEMU allows, which
     /// only `-r all` cuts (in entry 0 the rest of the table is then read
-    /// from the wrong place, as QEMU reads it). To an entry's L1 table, which
-    /// the check judges (no repair mends it): off the 512-byte grid, too
-    /// large, or past anything a file holds.
+    /// from the wrong place, as QEMU reads it); extra data claiming 4 GiB,
+    /// which takes the table past QEMU's 2 GiB, so that `-r all` drops the
+    /// entry. To an entry's L1 table, which the check judges (no repair
+    /// mends it): off the 512-byte grid, too large, past anything a file
+    /// holds, or past 2^63 and off the cluster grid.
     enum TableDamage: String, CaseIterable, Sendable {
-        case entriesPastTheEnd, tooMuchExtraData, tooMuchExtraDataFirst
-        case l1OffTheGrid, l1TooLarge, l1PastAnyFile
+        case entriesPastTheEnd, tooMuchExtraData, tooMuchExtraDataFirst, tableTooBig
+        case l1OffTheGrid, l1TooLarge, l1PastAnyFile, l1PastFileOffsetsOffTheGrid
 
         /// Whether `-r all` leaves the image clean.
-        var repairable: Bool { ![.l1OffTheGrid, .l1TooLarge, .l1PastAnyFile].contains(self) }
+        var repairable: Bool { !rawValue.hasPrefix("l1") }
     }
 
     @Test(arguments: TableDamage.allCases, ["check", "leaks", "all"])
@@ -136,16 +138,19 @@ import Testing
         switch damage {
         case .entriesPastTheEnd:
             try write(ours, 100, width: 4, at: 60)
-        case .tooMuchExtraData, .tooMuchExtraDataFirst:
+        case .tooMuchExtraData, .tooMuchExtraDataFirst, .tableTooBig:
             // Entry 0 is 40 bytes, 24 of extra data, id "1" and "first": 72.
-            let entry = damage == .tooMuchExtraData ? table + 72 : table
-            try write(ours, damage == .tooMuchExtraData ? 1500 : 2000, width: 4, at: entry + 36)
+            let entry = damage == .tooMuchExtraDataFirst ? table : table + 72
+            let size: UInt64 = [.tooMuchExtraData: 1500, .tooMuchExtraDataFirst: 2000][damage] ?? 0xffff_ffff
+            try write(ours, size, width: 4, at: entry + 36)
         case .l1OffTheGrid:
             try write(ours, try u64(ours, at: table) + 0x10, width: 8, at: table)
         case .l1TooLarge:
             try write(ours, 0x1000_0000, width: 4, at: table + 8)
         case .l1PastAnyFile:
             try write(ours, 0x7878_0000_0000_0000, width: 8, at: table)
+        case .l1PastFileOffsetsOffTheGrid:
+            try write(ours, 0x8000_0000_0000_0200, width: 8, at: table)
         }
         try FileManager.default.copyItem(atPath: ours, toPath: theirs)
         let arguments = mode == "check" ? ["check"] : ["check", "-r", mode]
@@ -197,5 +202,7 @@ import Testing
             #expect(repair.status == 1 && repair.stderr.contains("Snapshot table truncated"), "\(repair.stderr)")
         }
         #expect(try Data(contentsOf: URL(fileURLWithPath: ours)) == before)
+        let qemuRepair = try qemuImg(["check", "-r", "all", theirs])
+        #expect(qemuRepair.status == 1 && qemuRepair.stderr.contains("overlaps with snapshot table"), "\(qemuRepair.stderr)")
     }
 }

@@ -245,9 +245,10 @@ import Testing
         second.diskSize = 1 << 30
         let bytes = QCOW2Snapshot.serializeTable([old, second], guestSize: 1 << 20)
         #expect(bytes.count == 80 + 76)
-        let (parsed, length, _) = try QCOW2Snapshot.parseTableAndLength(bytes, count: 2)
+        let table = try QCOW2SnapshotTable(parsing: bytes, count: 2)
+        let parsed = table.snapshots
         // To the end of the last entry, without padding, as QEMU counts.
-        #expect(length == bytes.count)
+        #expect(table.length == bytes.count)
         #expect(parsed[0].vmStateSize == 1 << 33 && parsed[0].diskSize == 1 << 20 && parsed[0].icount == nil)
         #expect(parsed[0].name == old.name && parsed[0].unknownExtraData == old.unknownExtraData)
         #expect(parsed[0].extraDataSize == 32)
@@ -280,12 +281,13 @@ import Testing
         var entry = header + [UInt8](repeating: 0, count: 24) + [UInt8](repeating: 0x5a, count: 1476) + Array("1a".utf8)
         entry += [UInt8](repeating: 0, count: (8 - entry.count % 8) % 8)
         #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTable(entry, count: 1) }
-        #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTableAndLength(entry, count: 3, forCheck: true) }
-        #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTableAndLength(entry, count: 3, dropExcessExtraData: true) }
+        #expect(throws: QCOW2Error.self) { try QCOW2SnapshotTable(parsing: entry, count: 3, forCheck: true) }
+        #expect(throws: QCOW2Error.self) { try QCOW2SnapshotTable(parsing: entry, count: 3, repairing: true) }
 
-        let (parsed, length, dropped) = try QCOW2Snapshot.parseTableAndLength(
-            entry, count: 3, forCheck: true, dropExcessExtraData: true)
-        #expect(dropped == [QCOW2Snapshot.DroppedExtraData(entry: 0, size: 1500)])
+        let table = try QCOW2SnapshotTable(parsing: entry, count: 3, forCheck: true, repairing: true)
+        let (parsed, length) = (table.snapshots, table.length)
+        #expect(table.droppedExtraData == [QCOW2SnapshotTable.DroppedExtraData(entry: 0, size: 1500)])
+        #expect(table.overhanging == 0)
         #expect(parsed[0].extraDataSize == 1024 && parsed[0].unknownExtraData == [UInt8](repeating: 0x5a, count: 1000))
         #expect(parsed[0].id == "1" && parsed[0].name == "a" && parsed[0].l1Size == 1)
         // Two entries of zeroes past the end: no extra data (incomplete).
@@ -293,28 +295,39 @@ import Testing
         #expect(length == entry.count + 80)
         // Written again: 1024 bytes of extra data, within QEMU's limit.
         let rewritten = QCOW2Snapshot.serializeTable([parsed[0]], guestSize: 1 << 20)
-        let again = try QCOW2Snapshot.parseTableAndLength(rewritten, count: 1)
+        let again = try QCOW2SnapshotTable(parsing: rewritten, count: 1)
         #expect(again.snapshots[0].unknownExtraData == parsed[0].unknownExtraData && again.snapshots[0].name == "a")
 
-        // Extra data claiming 4 GiB: the id and name are read 4 GiB on,
-        // past the end of the file, as zeroes; nothing that far is held.
+        // Extra data claiming 144 MiB: the id and name are read that far
+        // on, past the end of the file, as zeroes; nothing that far is held.
         var hostile = entry
-        hostile.replaceSubrange(36..<40, with: [0xff, 0xff, 0xff, 0xff])
-        let far = try QCOW2Snapshot.parseTableAndLength(hostile, count: 1, forCheck: true, dropExcessExtraData: true)
-        #expect(far.snapshots[0].id == "" && far.snapshots[0].name == "" && far.length == 40 + 0xffff_ffff + 2)
+        hostile.replaceSubrange(36..<40, with: [0x09, 0x09, 0x09, 0x09])
+        let far = try QCOW2SnapshotTable(parsing: hostile, count: 1, forCheck: true, repairing: true)
+        #expect(far.snapshots[0].id == "" && far.snapshots[0].name == "" && far.length == 40 + 0x0909_0909 + 2)
+        // Claiming 4 GiB, it takes the table past 2 GiB: the entry and all
+        // after it are dropped (QEMU's "overhanging snapshots"); a plain
+        // check refuses the table.
+        var huge = entry
+        huge.replaceSubrange(36..<40, with: [0xff, 0xff, 0xff, 0xff])
+        let dropped = try QCOW2SnapshotTable(parsing: huge + entry, count: 3, forCheck: true, repairing: true)
+        #expect(dropped.snapshots.isEmpty && dropped.overhanging == 3 && dropped.length == 0)
+        #expect(dropped.droppedExtraData == [QCOW2SnapshotTable.DroppedExtraData(entry: 0, size: 0xffff_ffff)])
+        let error = #expect(throws: QCOW2Error.self) {
+            try QCOW2SnapshotTable(parsing: huge, count: 1, forCheck: true)
+        }
+        #expect(error?.message.hasPrefix(QCOW2SnapshotTable.tooMuchExtraData + " 0\n") == true)
         // An L1 table off the grid, or past anything a file holds, is the
         // check's to judge; from 2^63 on (no file offset) refused by all.
         for (l1Offset, checkReads) in [(UInt64(0x10010), true), (0x7878_0000_0000_0000, true), (0xf000_0000_0000_0000, false)] {
             var odd = entry
             odd.replaceSubrange(0..<8, with: (0..<8).map { UInt8(truncatingIfNeeded: l1Offset >> (56 - 8 * $0)) })
-            #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTableAndLength(odd, count: 1, dropExcessExtraData: true) }
-            let read = try? QCOW2Snapshot.parseTableAndLength(odd, count: 1, forCheck: true, dropExcessExtraData: true)
+            #expect(throws: QCOW2Error.self) { try QCOW2SnapshotTable(parsing: odd, count: 1, repairing: true) }
+            let read = try? QCOW2SnapshotTable(parsing: odd, count: 1, forCheck: true, repairing: true)
             #expect((read != nil) == checkReads, "0x\(String(l1Offset, radix: 16))")
         }
         // Inside the file but past what was read of it: refused, not guessed.
         #expect(throws: QCOW2Error.self) {
-            try QCOW2Snapshot.parseTableAndLength(hostile, count: 1, fileBytes: 1 << 40, forCheck: true,
-                                                  dropExcessExtraData: true)
+            try QCOW2SnapshotTable(parsing: hostile, count: 1, fileBytes: 1 << 40, forCheck: true, repairing: true)
         }
     }
 
