@@ -15,7 +15,6 @@ extension QCOW2Driver {
     public func rewriteSnapshotTable(file: BlockNode) -> EventLoopFuture<Void> {
         let loop = file.eventLoop
         guard let refcounter else { return loop.makeFailedFuture(BlockError.eperm) }
-        guard !snapshots.isEmpty else { return loop.makeSucceededVoidFuture() }
         guard !refcounter.needsLargerTable else {
             let promise = loop.makePromise(of: Void.self)
             growRefcountTable { error in
@@ -41,8 +40,11 @@ extension QCOW2Driver {
         let newOffset: Int64
         do {
             // One cluster (nearly every table) goes where the allocator puts
-            // it, lowest free first, as QEMU places it; more at the end.
-            if clusters == 1 {
+            // it, lowest free first, as QEMU places it; more at the end. No
+            // entries left (a repair dropped them all): no table, at 0.
+            if clusters == 0 {
+                newOffset = 0
+            } else if clusters == 1 {
                 newOffset = Int64(try refcounter.allocateCluster())
             } else {
                 newOffset = try refcounter.claimAtEnd(clusters * clusterSize)
@@ -60,7 +62,8 @@ extension QCOW2Driver {
         let old = (offset: header.snapshotsOffset, length: Int64(snapshotTableLength))
         // The table and the refcounts that own it reach the disk before the
         // header names it.
-        return QCOW2Driver.writeBytes(file, table, at: newOffset).flatMap {
+        let written = table.isEmpty ? loop.makeSucceededVoidFuture() : QCOW2Driver.writeBytes(file, table, at: newOffset)
+        return written.flatMap {
             self.flushed(file)
         }.flatMap {
             self.header.snapshotsOffset = UInt64(newOffset)
@@ -75,7 +78,8 @@ extension QCOW2Driver {
         }.flatMap {
             // QEMU passes the discard of a freed snapshot table down to the
             // file whatever the discard option: the same bytes are left.
-            let freed = self.hostClusters(at: Int64(old.offset), length: max(old.length, 1))
+            guard old.length > 0 else { return loop.makeSucceededVoidFuture() }
+            let freed = self.hostClusters(at: Int64(old.offset), length: old.length)
                 .filter { refcounter.refcount($0) == 0 }
             return self.punch(freed, file: file)
         }

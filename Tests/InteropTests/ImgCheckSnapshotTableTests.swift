@@ -117,11 +117,12 @@ import Testing
     /// only `-r all` cuts (in entry 0 the rest of the table is then read
     /// from the wrong place, as QEMU reads it); extra data claiming 4 GiB,
     /// which takes the table past QEMU's 2 GiB, so that `-r all` drops the
-    /// entry. To an entry's L1 table, which the check judges (no repair
+    /// entry and those after it (in entry 0: every one, and the header then
+    /// names no table). To an entry's L1 table, which the check judges (no repair
     /// mends it): off the 512-byte grid, too large, past anything a file
     /// holds, or past 2^63 and off the cluster grid.
     enum TableDamage: String, CaseIterable, Sendable {
-        case entriesPastTheEnd, tooMuchExtraData, tooMuchExtraDataFirst, tableTooBig
+        case entriesPastTheEnd, tooMuchExtraData, tooMuchExtraDataFirst, tableTooBig, tableTooBigFirst
         case l1OffTheGrid, l1TooLarge, l1PastAnyFile, l1PastFileOffsetsOffTheGrid
 
         /// Whether `-r all` leaves the image clean.
@@ -138,9 +139,9 @@ import Testing
         switch damage {
         case .entriesPastTheEnd:
             try write(ours, 100, width: 4, at: 60)
-        case .tooMuchExtraData, .tooMuchExtraDataFirst, .tableTooBig:
+        case .tooMuchExtraData, .tooMuchExtraDataFirst, .tableTooBig, .tableTooBigFirst:
             // Entry 0 is 40 bytes, 24 of extra data, id "1" and "first": 72.
-            let entry = damage == .tooMuchExtraDataFirst ? table : table + 72
+            let entry = [.tooMuchExtraDataFirst, .tableTooBigFirst].contains(damage) ? table : table + 72
             let size: UInt64 = [.tooMuchExtraData: 1500, .tooMuchExtraDataFirst: 2000][damage] ?? 0xffff_ffff
             try write(ours, size, width: 4, at: entry + 36)
         case .l1OffTheGrid:
