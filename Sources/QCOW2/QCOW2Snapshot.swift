@@ -59,7 +59,9 @@ public struct QCOW2Snapshot: Equatable, Sendable {
             put(UInt64(snapshot.dateSeconds), 4)
             put(UInt64(snapshot.dateNanoseconds), 4)
             put(snapshot.vmClockNanoseconds, 8)
-            put(snapshot.vmStateSize, 4)  // the low half, as QEMU writes it
+            // A VM state past 32 bits is 0 here, as QEMU writes it: an older
+            // reader sees a snapshot without one, not a cut one.
+            put(snapshot.vmStateSize <= 0xffff_ffff ? snapshot.vmStateSize : 0, 4)
             put(UInt64(knownExtraData + snapshot.unknownExtraData.count), 4)
             put(snapshot.vmStateSize, 8)
             put(snapshot.diskSize ?? guestSize, 8)

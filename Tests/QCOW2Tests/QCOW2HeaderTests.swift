@@ -245,6 +245,7 @@ import Testing
         second.diskSize = 1 << 30
         let bytes = QCOW2Snapshot.serializeTable([old, second], guestSize: 1 << 20)
         #expect(bytes.count == 80 + 76)
+        #expect(bytes[32..<36] == [0, 0, 0, 0], "8 GiB of VM state: 0 in the 32-bit field")
         let table = try QCOW2SnapshotTable(parsing: bytes, count: 2)
         let parsed = table.snapshots
         // To the end of the last entry, without padding, as QEMU counts.
