@@ -47,12 +47,12 @@ public struct QCOW2SnapshotTable: Sendable {
     /// `forCheck` reads the table as qemu-img check does: what lies past
     /// the end of the file reads as zeroes, and an entry's L1 table is left
     /// for the check to judge (only an offset past 2^63 is refused, where
-    /// the check would read it). `repairing` (`check -r all`) cuts
-    /// an entry's extra data to 1024 bytes, reading its id and name after
-    /// all of it, and drops the entries from the one that takes the table
-    /// past QEMU's limits (64 MiB as kept, 2 GiB as stored); without it,
-    /// both refuse the table. Anything past `bytes` but inside the file,
-    /// which was not read, refuses the table too.
+    /// the check would read it). `repairing` (`check -r all`) cuts an
+    /// entry's extra data to 1024 bytes, reading its id and name after all
+    /// of it, and drops the entries from the one that takes the table past
+    /// QEMU's limits (64 MiB as kept, 2 GiB as stored); without it, both
+    /// refuse the table. Anything past `bytes` but inside the file, which
+    /// was not read, refuses the table too.
     public init(parsing bytes: [UInt8], count: Int, fileBytes: Int? = nil, clusterSize: Int = 512,
                 forCheck: Bool = false, repairing: Bool = false) throws {
         let fileBytes = max(fileBytes ?? bytes.count, bytes.count)
