@@ -32,12 +32,11 @@ extension FileDriver {
     /// touched. Sent with `sendfile`, the client's receive copy is the
     /// first to touch them, and on a VM whose idle memory the host has taken
     /// back (free page reporting) that first touch is what costs: a cold
-    /// 2 GiB nbdcopy pass ran at 0.79x
-    /// qemu-nbd, whose pool threads copy the data into their own buffers.
-    /// Read on the pool here, the same pass keeps up with qemu-nbd (raw
-    /// 1.02x, qcow2 0.99x; where the memory was backed 1.13x and 0.93x, as
-    /// with sendfile). A warm stream has no misses, so it keeps sending from
-    /// the cache.
+    /// 2 GiB nbdcopy pass ran at 0.79x qemu-nbd, whose pool threads copy the
+    /// data into their own buffers. Read on the pool here, the same pass
+    /// keeps up with qemu-nbd (raw 1.02x, qcow2 0.99x; where the memory was
+    /// backed 1.13x and 0.93x, as with sendfile). A warm stream has no
+    /// misses, so it keeps sending from the cache.
     ///
     /// A cold stream whose readahead keeps ahead of the reader has no misses
     /// either: a backing file read one MiB in two (a chain's base under an
@@ -45,9 +44,9 @@ extension FileDriver {
     /// asked for. Its readahead's front shows all the same: the page
     /// `coldStreamLength` past the range is not cached yet, which starts a
     /// cold stream as a miss does. Sent from such pages, cold 2 GiB nbdcopy
-    /// passes over `run.sh`'s chain ran at 0.90x qemu-nbd (10 pairs, 2
-    /// won), some at half speed. Once the front is found cached, it is looked
-    /// at again `frontCheckInterval` bytes later.
+    /// passes over `run.sh`'s chain ran at 0.90x qemu-nbd (10 pairs, 2 won),
+    /// some at half speed. Once the front is found cached, it is looked at
+    /// again `frontCheckInterval` bytes later.
     public func cachedFileExtent(at offset: Int64, length: Int) -> CachedFileExtent? {
         guard let cacheFile, cacheResidency, length > 0, offset >= 0, offset + Int64(length) <= size else {
             return nil

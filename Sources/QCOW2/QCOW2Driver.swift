@@ -21,9 +21,10 @@ public struct QCOW2Options: Sendable {
     /// than refuse is read as QEMU reads it (an L1 table past the end of
     /// the file reads as zeroes there), for the check to report.
     public var forCheck = false
-    /// Opened by `check -r all` (QEMU's BDRV_FIX_ERRORS): snapshot table
-    /// entries with more extra data than QEMU allows are cut to its limit
-    /// as they are read, not refused.
+    /// Opened by `check -r all` (QEMU's BDRV_FIX_ERRORS; set with
+    /// `forRepair`): snapshot table entries with more extra data than QEMU
+    /// allows are cut to its limit as they are read, and the entries past
+    /// its limit on the table's size dropped, not refused.
     public var forRepairAll = false
 
     public init(readOnly: Bool = true, snapshot: String? = nil, l2CacheSize: Int? = nil, forRepair: Bool = false,

@@ -25,12 +25,6 @@ public struct QCOW2Snapshot: Equatable, Sendable {
     var storedID: [UInt8]?
     var storedName: [UInt8]?
 
-    /// Parses `count` entries, as a server reads them (see
-    /// `QCOW2SnapshotTable`).
-    public static func parseTable(_ bytes: [UInt8], count: Int) throws -> [QCOW2Snapshot] {
-        try QCOW2SnapshotTable(parsing: bytes, count: count).snapshots
-    }
-
     /// The extra data QEMU knows: the large VM state size, the disk size
     /// and the instruction count, 8 bytes each.
     static let knownExtraData = 24

@@ -222,15 +222,15 @@ import Testing
         // Extra data: vm state 0, disk size 1 MiB.
         let bytes = snapshotEntry(l1Size: 2, id: Array("1".utf8), name: Array("snap".utf8),
                                   extra: [UInt8](repeating: 0, count: 8) + [0, 0, 0, 0, 0, 0x10, 0, 0])
-        let snapshots = try QCOW2Snapshot.parseTable(bytes, count: 1)
+        let snapshots = try QCOW2SnapshotTable(parsing: bytes, count: 1).snapshots
         #expect(snapshots.first?.name == "snap")
         #expect(snapshots.first?.id == "1")
         #expect(snapshots.first?.diskSize == 1 << 20)
-        #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTable(bytes, count: 2) }
+        #expect(throws: QCOW2Error.self) { try QCOW2SnapshotTable(parsing: bytes, count: 2).snapshots }
         // A snapshot L1 table at an absurd offset is refused, not converted.
         var hostile = bytes
         for index in 0..<8 { hostile[index] = 0xff }
-        #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTable(hostile, count: 1) }
+        #expect(throws: QCOW2Error.self) { try QCOW2SnapshotTable(parsing: hostile, count: 1).snapshots }
     }
 
     /// A table written again keeps every field and unknown extra data,
@@ -264,7 +264,7 @@ import Testing
         var entry = snapshotEntry(l1Size: 1, id: Array("9".utf8), name: [0xff, 0x41, 0xc3],
                                   extra: [UInt8](repeating: 0, count: 8) + [0, 0, 0, 0, 0, 0x10, 0, 0]
                                       + [UInt8](repeating: 0xff, count: 8))
-        let snapshots = try QCOW2Snapshot.parseTable(entry, count: 1)
+        let snapshots = try QCOW2SnapshotTable(parsing: entry, count: 1).snapshots
         #expect(QCOW2Snapshot.serializeTable(snapshots, guestSize: 1 << 30) == entry)
     }
 
@@ -281,7 +281,7 @@ import Testing
         header[39] = 0xdc
         var entry = header + [UInt8](repeating: 0, count: 24) + [UInt8](repeating: 0x5a, count: 1476) + Array("1a".utf8)
         entry += [UInt8](repeating: 0, count: (8 - entry.count % 8) % 8)
-        #expect(throws: QCOW2Error.self) { try QCOW2Snapshot.parseTable(entry, count: 1) }
+        #expect(throws: QCOW2Error.self) { try QCOW2SnapshotTable(parsing: entry, count: 1).snapshots }
         #expect(throws: QCOW2Error.self) { try QCOW2SnapshotTable(parsing: entry, count: 3, forCheck: true) }
         #expect(throws: QCOW2Error.self) { try QCOW2SnapshotTable(parsing: entry, count: 3, repairing: true) }
 
@@ -337,7 +337,7 @@ import Testing
     @Test func snapshotNamesEndAtAZeroByte() throws {
         var entry = snapshotEntry(l1Size: 1, id: [0x31, 0], name: [0, 0, 0], extra: [UInt8](repeating: 0, count: 24))
         entry += [UInt8](repeating: 0, count: (8 - entry.count % 8) % 8)
-        let snapshots = try QCOW2Snapshot.parseTable(entry, count: 1)
+        let snapshots = try QCOW2SnapshotTable(parsing: entry, count: 1).snapshots
         #expect(snapshots[0].id == "1" && snapshots[0].name == "")
         let written = QCOW2Snapshot.serializeTable(snapshots, guestSize: 0)
         #expect(written[12..<16] == [0, 1, 0, 0])
