@@ -62,7 +62,7 @@ public enum ImageOpener {
     /// `offset` into a qcow2 image, a raw window above it). Errors carry
     /// QEMU-style messages.
     public static func open(_ options: ImageOptions, graph: BlockGraph, io: FileIOContext,
-                            warn: @escaping (String) -> Void = { _ in }) -> EventLoopFuture<BlockNode> {
+                            warn: @escaping (ImageOpenWarning) -> Void = { _ in }) -> EventLoopFuture<BlockNode> {
         // Sharing writes with other users is only safe for a reader (QEMU
         // refuses it in every tool, `qemu-img check -r -U` included).
         guard options.readOnly || !options.forceShare else {
@@ -109,7 +109,7 @@ public enum ImageOpener {
 
     /// `above` holds the identities of the images above this one in the chain.
     private static func open(_ options: ImageOptions, graph: BlockGraph, io: FileIOContext,
-                             warn: @escaping (String) -> Void, depth: Int,
+                             warn: @escaping (ImageOpenWarning) -> Void, depth: Int,
                              above: Set<String>) -> EventLoopFuture<BlockNode> {
         let loop = graph.eventLoop
         guard depth < maxChainDepth else {
@@ -141,11 +141,11 @@ public enum ImageOpener {
             return loop.makeFailedFuture(BlockError(errno: ENOTSUP, message))
         }
         if probed, format == "raw", !options.readOnly {
-            warn("""
+            warn(ImageOpenWarning("""
                 WARNING: Image format was not specified for '\(options.filename)' and probing guessed raw.
                          Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.
                          Specify the 'raw' format explicitly to remove the restrictions.
-                """)
+                """, isReport: false))
         }
         return openFile(options.filename, options: options, graph: graph, io: io).flatMap { fileNode in
             let opened: EventLoopFuture<BlockNode>
@@ -195,7 +195,7 @@ public enum ImageOpener {
     }
 
     private static func openQCOW2(above fileNode: BlockNode, options: ImageOptions, graph: BlockGraph,
-                                  io: FileIOContext, warn: @escaping (String) -> Void,
+                                  io: FileIOContext, warn: @escaping (ImageOpenWarning) -> Void,
                                   depth: Int, chain: Set<String>) -> EventLoopFuture<BlockNode> {
         let loop = graph.eventLoop
         var qcowOptions = QCOW2Options(readOnly: options.readOnly, snapshot: options.snapshot,
@@ -204,6 +204,7 @@ public enum ImageOpener {
         qcowOptions.forRepairAll = options.forRepairAll
         return QCOW2Driver.open(file: fileNode, options: qcowOptions).flatMap { driver in
             let header = driver.header
+            if driver.openedWithStaleBitmaps { warn(.staleBitmaps(version: header.version)) }
             let directory = (options.filename as NSString).deletingLastPathComponent
             var children: [BlockGraph.ChildSpec] = [.init(name: "file", role: .image, node: fileNode)]
             var opening: [EventLoopFuture<Void>] = []

@@ -108,8 +108,14 @@ public final class QCOW2Driver: BlockDriver {
     /// loaded: nothing may be allocated until `rebuildRefcounts` has run.
     public internal(set) var refcountDamage: QCOW2RefcountDamage?
 
+    /// Whether the header as opened had a stale bitmaps extension (see
+    /// `QCOW2Header.hasStaleBitmapsExtension`), which QEMU warns of on
+    /// every open; a read-write open drops it from `header`.
+    public let openedWithStaleBitmaps: Bool
+
     init(header: QCOW2Header, l1: [UInt64], snapshots: [QCOW2Snapshot], guestSize: Int64, options: QCOW2Options) {
         self.header = header
+        openedWithStaleBitmaps = header.hasStaleBitmapsExtension
         geometry = QCOW2Geometry(header)
         self.l1 = l1
         self.snapshots = snapshots
@@ -343,8 +349,7 @@ public final class QCOW2Driver: BlockDriver {
             // A bitmaps extension without its autoclear bit was left by a
             // program that wrote without keeping the bitmaps: QEMU ignores
             // it and drops it from the header (its clusters leak).
-            let staleBitmaps = !self.header.autoclearFeatures.contains(.bitmaps)
-                && self.header.extensions.contains { $0.type == QCOW2HeaderExtension.bitmaps }
+            let staleBitmaps = self.header.hasStaleBitmapsExtension
             if !unknownAutoclear.isEmpty || staleBitmaps {
                 steps = steps.flatMap {
                     self.header.autoclearFeatures.subtract(unknownAutoclear)

@@ -91,6 +91,14 @@ public struct QCOW2Header: Equatable, Sendable {
         return name?.isEmpty == true ? nil : name
     }
 
+    /// A bitmaps extension without its autoclear bit (a version 2 header
+    /// has none): a program that knows nothing of bitmaps wrote the image
+    /// since, so QEMU considers every bitmap stale, ignores them and drops
+    /// the extension on a read-write open.
+    public var hasStaleBitmapsExtension: Bool {
+        !autoclearFeatures.contains(.bitmaps) && extensions.contains { $0.type == QCOW2HeaderExtension.bitmaps }
+    }
+
     /// The external data file's name; of two extensions naming one, the
     /// last, as QEMU reads them.
     public var dataFile: String? {

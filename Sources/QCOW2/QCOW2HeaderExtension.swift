@@ -18,9 +18,9 @@ public struct QCOW2HeaderExtension: Equatable, Sendable {
     /// Parses extensions from `start` up to `limit` (where the backing file
     /// name starts, or the end of the header cluster), as QEMU reads them:
     /// the walk ends at an end marker or at `limit`, an extension running
-    /// past `limit` is refused, and a backing format name must fit in 15
-    /// bytes. Bytes past those read (a file shorter than its header
-    /// cluster) read as zeroes.
+    /// past `limit` is refused, a backing format name must fit in 15 bytes
+    /// and a bitmaps extension must be 24 bytes long. Bytes past those read
+    /// (a file shorter than its header cluster) read as zeroes.
     static func parseAll(_ bytes: [UInt8], from start: Int, to limit: Int) throws -> [QCOW2HeaderExtension] {
         var offset = start
         var result: [QCOW2HeaderExtension] = []
@@ -37,6 +37,8 @@ public struct QCOW2HeaderExtension: Equatable, Sendable {
             if type == backingFormat, length >= 16 {
                 throw QCOW2Error("ERROR: ext_backing_format: len=\(length) too large (>=16)")
             }
+            // Checked before anything else QEMU reads of it, stale or not.
+            if type == bitmaps, length != 24 { throw QCOW2Error("bitmaps_ext: Invalid extension length") }
             let read = Array(bytes[min(offset, bytes.count)..<min(offset + length, bytes.count)])
             result.append(QCOW2HeaderExtension(type: type, data: read + [UInt8](repeating: 0, count: length - read.count)))
             offset += (length + 7) / 8 * 8

@@ -41,8 +41,10 @@ final class ImageSession {
             options.openBacking = openBacking
             options.metadataOnly = metadataOnly
             // The warnings qemu-img prints as it opens (a probed raw image
-            // opened for writing).
-            let warn = { (message: String) in FileHandle.standardError.write(Data((message + "\n").utf8)) }
+            // opened for writing, stale bitmaps).
+            let warn = { (warning: ImageOpenWarning) in
+                FileHandle.standardError.write(Data((warning.formatted(tool: "strata img") + "\n").utf8))
+            }
             return ImageOpener.open(options, graph: self.graph, io: self.io, warn: warn).flatMap { node in
                 // qemu-img takes consistent read and shares only reading.
                 do {

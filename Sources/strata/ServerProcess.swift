@@ -98,7 +98,9 @@ final class ServerProcess {
         image.snapshot = options.snapshotName
         image.l2CacheSize = options.l2CacheSize.flatMap(ImageSize.parse).map { Int(min($0, UInt64(Int.max))) }
         image.forceShare = options.forceShare
-        return ImageOpener.open(image, graph: graph, io: io, warn: { ServerProcess.printError($0) })
+        return ImageOpener.open(image, graph: graph, io: io, warn: { warning in
+            FileHandle.standardError.write(Data((warning.formatted(tool: "strata") + "\n").utf8))
+        })
             .flatMapErrorThrowing { error in
                 // Named, as qemu-nbd names it: the error may be about a
                 // backing or data file several layers down.

@@ -107,6 +107,20 @@ import Testing
         expectRefusal(bytes, mentioning: "Header extension too large")
     }
 
+    /// A bitmaps extension is 24 bytes long, stale or not; a stale one (no
+    /// autoclear bit) is otherwise not looked into, as QEMU ignores it.
+    @Test func aBitmapsExtensionIsCheckedForItsLengthOnly() throws {
+        var bytes = defaultHeader()
+        // In place of the backing format extension, whose 8 padded bytes
+        // the end marker follows.
+        bytes.replaceSubrange(112..<120, with: [0x23, 0x85, 0x28, 0x75, 0, 0, 0, 8])
+        expectRefusal(bytes, mentioning: "bitmaps_ext: Invalid extension length")
+        bytes.replaceSubrange(112..<152, with: [0x23, 0x85, 0x28, 0x75, 0, 0, 0, 24] + [UInt8](repeating: 0xff, count: 24)
+                              + [UInt8](repeating: 0, count: 8))
+        let header = try QCOW2Header.parse(bytes)
+        #expect(header.hasStaleBitmapsExtension)
+    }
+
     /// The bitmaps extension's reserved word must be zero, as QEMU checks.
     @Test func aBitmapsExtensionWithAReservedWordIsRefused() throws {
         let header = try QCOW2Header.parse(defaultHeader())
@@ -261,7 +275,7 @@ import Testing
     /// check): a table already complete is written as it was read.
     @Test func snapshotNamesAreWrittenBackByteForByte() throws {
         // Extra data: vm state 0, disk size 1 MiB, no icount; a name that is not UTF-8.
-        var entry = snapshotEntry(l1Size: 1, id: Array("9".utf8), name: [0xff, 0x41, 0xc3],
+        let entry = snapshotEntry(l1Size: 1, id: Array("9".utf8), name: [0xff, 0x41, 0xc3],
                                   extra: [UInt8](repeating: 0, count: 8) + [0, 0, 0, 0, 0, 0x10, 0, 0]
                                       + [UInt8](repeating: 0xff, count: 8))
         let snapshots = try QCOW2SnapshotTable(parsing: entry, count: 1).snapshots
