@@ -4,10 +4,10 @@ import NIOCore
 /// The directory of persistent dirty bitmaps (header extension 0x23852875,
 /// in force while the `bitmaps` autoclear bit is set).
 ///
-/// Strata keeps bitmaps without using them, but checks the directory on
-/// open against QEMU's constraints, so an image QEMU refuses is refused
-/// here too, naming the bitmap, and a hostile table size never makes a
-/// check read gigabytes.
+/// Strata keeps bitmaps without using them, but checks the directory and
+/// the tables of the bitmaps not in use on open, as QEMU does, so an image
+/// QEMU refuses is refused here too, naming the bitmap, and a hostile table
+/// size never makes a check read gigabytes.
 struct QCOW2BitmapDirectory {
     struct Entry {
         /// Where the entry starts in the directory.
@@ -58,7 +58,71 @@ struct QCOW2BitmapDirectory {
             } catch let error as QCOW2Error {
                 throw error.blockError
             }
+        }.flatMap { directory in
+            checkTables(of: directory.entries, file: file, header: header).map { directory }
         }
+    }
+
+    /// At most this many bytes of bitmap tables are read on an open; the
+    /// tables past it go unchecked. Each table is at most 8 MiB (512 MiB of
+    /// bitmap in 512-byte clusters), but a hostile directory can name
+    /// 65,535 of them.
+    static let tableCheckBudget = 64 << 20
+
+    /// QEMU reads every bitmap not in use as it opens an image, and refuses
+    /// the open when an entry of its table is malformed (first) or the
+    /// table is not the size the disk needs. Strata does not read bitmaps,
+    /// but refuses what QEMU refuses. A table past the end of the file
+    /// reads as zeroes (valid), as in QEMU; one named twice is read once.
+    static func checkTables(of entries: [Entry], file: BlockNode, header: QCOW2Header) -> EventLoopFuture<Void> {
+        let loop = file.eventLoop
+        // QEMU's bitmaps cover the disk in whole sectors.
+        let diskSize = header.size & ~511
+        var budget = tableCheckBudget
+        var checked: [UInt64: Int] = [:]  // table offset: entries found valid
+        var chain = loop.makeSucceededVoidFuture()
+        for entry in entries where !entry.inUse {
+            let inFile = Int(max(0, min(Int64(entry.tableSize) * 8, file.length - Int64(entry.tableOffset))))
+            let known = checked[entry.tableOffset, default: 0] * 8 >= inFile
+            let readable = !known && inFile > 0 && inFile <= budget
+            if readable {
+                budget -= inFile
+                checked[entry.tableOffset] = inFile / 8
+            }
+            chain = chain.flatMap {
+                guard readable else { return loop.makeSucceededFuture([]) }
+                return QCOW2Driver.readBytes(file, at: Int64(entry.tableOffset), count: inFile)
+            }.flatMapThrowing { (table: [UInt8]) in
+                let reader = BigEndianReader(table)
+                guard (0..<table.count / 8).allSatisfy({ tableEntryIsValid(reader.u64(at: $0 * 8), header: header) }) else {
+                    throw QCOW2Error("Could not read bitmap_table table from image for bitmap '\(entry.name)': Invalid argument").blockError
+                }
+                guard entry.tableSize == tableSize(forDisk: diskSize, granularityBits: entry.granularityBits,
+                                                   clusterSize: header.clusterSize) else {
+                    throw QCOW2Error("Could not read bitmap '\(entry.name)' from image: Invalid argument").blockError
+                }
+            }
+        }
+        return chain
+    }
+
+    /// A bitmap table entry as QEMU accepts it: no reserved bit set (1-8,
+    /// 56-63), and with an offset, one on the cluster grid without the
+    /// all-ones flag (bit 0), which only an entry without one may have.
+    static func tableEntryIsValid(_ entry: UInt64, header: QCOW2Header) -> Bool {
+        let reserved: UInt64 = 0xff00_0000_0000_01fe
+        let offset = entry & 0x00ff_ffff_ffff_fe00
+        guard entry & reserved == 0 else { return false }
+        return offset == 0 || (entry & 1 == 0 && offset % UInt64(header.clusterSize) == 0)
+    }
+
+    /// Table entries (clusters) of a bitmap of `diskSize` bytes at one bit
+    /// per 2^granularityBits bytes, as QEMU sizes it.
+    static func tableSize(forDisk diskSize: UInt64, granularityBits: Int, clusterSize: Int) -> Int {
+        guard diskSize > 0 else { return 0 }
+        let bits = (diskSize - 1) >> UInt64(granularityBits) + 1
+        let bitsPerCluster = UInt64(clusterSize) * 8
+        return Int((bits + bitsPerCluster - 1) / bitsPerCluster)
     }
 
     /// The extension's fields, checked as QEMU checks them.

@@ -104,24 +104,66 @@ import Testing
         #expect(try qemuImg(["create", "-q", "-f", "qcow2", path, "16M"]).status == 0)
         #expect(try qemuImg(["bitmap", "--add", path, "b0"]).status == 0)
         #expect(try img(["check", path]).status == 0)
-        // Header extensions follow the header; the bitmaps one holds the
-        // directory's offset, whose first entry has the table size at 8.
-        var position = UInt64(try u32(path, at: 100))
-        var directoryOffset: UInt64?
-        while directoryOffset == nil, position < 4096 {
-            let type = try u32(path, at: position)
-            let length = UInt64(try u32(path, at: position + 4))
-            guard type != 0 else { break }
-            if type == 0x2385_2875 { directoryOffset = try u64(path, at: position + 8 + 16) }
-            position += 8 + (length + 7) / 8 * 8
-        }
-        let directory0 = try #require(directoryOffset, "no bitmaps extension")
-        try write(path, 1 << 24, width: 4, at: directory0 + 8)
+        // The first entry of the directory has the table size at 8.
+        try write(path, 1 << 24, width: 4, at: try #require(try bitmapDirectoryOffset(path)) + 8)
         #expect(try qemuImg(["check", path]).status == 1)
         for command in ["info", "check", "map"] {
             let result = try img([command, path])
             #expect(result.status == 1, "\(command): \(result.stdout)\(result.stderr)")
             #expect(result.stderr.contains("Bitmap 'b0' doesn't satisfy the constraints"), "\(command): \(result.stderr)")
         }
+    }
+
+    /// Where the bitmap directory of `path` starts: header extensions
+    /// follow the header, and the bitmaps one holds the offset.
+    func bitmapDirectoryOffset(_ path: String) throws -> UInt64? {
+        var position = UInt64(try u32(path, at: 100))
+        while position < 4096 {
+            let type = try u32(path, at: position)
+            let length = UInt64(try u32(path, at: position + 4))
+            guard type != 0 else { break }
+            if type == 0x2385_2875 { return try u64(path, at: position + 8 + 16) }
+            position += 8 + (length + 7) / 8 * 8
+        }
+        return nil
+    }
+
+    enum BitmapTableDamage: String, CaseIterable {
+        case oneEntryTooMany, oneEntryTooFew, reservedBitInAnEntry, allOnesFlagWithAnOffset
+        case offsetOnTheGrid, tooManyEntriesButInUse
+    }
+
+    /// QEMU reads each bitmap not in use as it opens an image: a table of
+    /// another size than the disk needs, or a malformed entry, refuses the
+    /// open (with two different messages); a bitmap in use is not read.
+    @Test(arguments: BitmapTableDamage.allCases)
+    func aBitmapTableIsCheckedOnOpenAsQemuChecksIt(damage: BitmapTableDamage) throws {
+        let directory = try Harness.temporaryDirectory("bitmaptable")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("b.qcow2").path
+        // 100 MiB at one bit per 4 KiB is 3,200 bytes: a table of 7 entries.
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path, "100M"]).status == 0)
+        #expect(try qemuImg(["bitmap", "--add", "-g", "4096", path, "b0"]).status == 0)
+        let entry = try #require(try bitmapDirectoryOffset(path))
+        let tableOffset = try u64(path, at: entry), tableSize = try u32(path, at: entry + 8)
+        #expect(tableSize == 7)
+        switch damage {
+        case .oneEntryTooMany: try write(path, UInt64(tableSize + 1), width: 4, at: entry + 8)
+        case .oneEntryTooFew: try write(path, UInt64(tableSize - 1), width: 4, at: entry + 8)
+        case .reservedBitInAnEntry: try write(path, 1 << 1, width: 8, at: tableOffset + 8)
+        case .allOnesFlagWithAnOffset: try write(path, 0x200 | 1, width: 8, at: tableOffset + 8)
+        case .offsetOnTheGrid: try write(path, 0x200, width: 8, at: tableOffset + 8)
+        case .tooManyEntriesButInUse:
+            try write(path, UInt64(tableSize + 1), width: 4, at: entry + 8)
+            try write(path, UInt64(try u32(path, at: entry + 12) | 1), width: 4, at: entry + 12)
+        }
+        let qemu = try qemuImg(["info", path])
+        #expect(qemu.status == ([.offsetOnTheGrid, .tooManyEntriesButInUse].contains(damage) ? 0 : 1), "\(qemu.stderr)")
+        let result = try img(["info", path])
+        #expect(result.status == qemu.status, "\(result.stderr)")
+        #expect(result.stdout == qemu.stdout, "\n\(result.stdout)--\n\(qemu.stdout)")
+        #expect(result.stderrAsQemuImg() == qemu.stderr, "\n\(result.stderr)--\n\(qemu.stderr)")
+        let check = try img(["check", path]), qemuCheck = try qemuImg(["check", path])
+        #expect(check.status == qemuCheck.status, "\(check.stdout)\(check.stderr)--\n\(qemuCheck.stdout)\(qemuCheck.stderr)")
     }
 }
