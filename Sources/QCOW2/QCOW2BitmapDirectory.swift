@@ -49,10 +49,10 @@ struct QCOW2BitmapDirectory {
         } catch {
             return loop.makeFailedFuture(error.blockError)
         }
-        guard Int64(offset) + Int64(size) <= file.length else {
-            return loop.makeFailedFuture(QCOW2Error("Bitmap directory lies past the end of the image").blockError)
+        guard offset <= readLimit - size else {
+            return loop.makeFailedFuture(QCOW2Error("Failed to read bitmap directory: Input/output error").blockError)
         }
-        return QCOW2Driver.readBytes(file, at: Int64(offset), count: Int(size)).flatMapThrowing { bytes in
+        return readPaddingWithZeroes(file, at: offset, count: Int(size)).flatMapThrowing { bytes in
             do {
                 return QCOW2BitmapDirectory(offset: offset, bytes: bytes, entries: try parse(bytes, count: count, header: header))
             } catch let error as QCOW2Error {
@@ -60,6 +60,20 @@ struct QCOW2BitmapDirectory {
             }
         }.flatMap { directory in
             checkTables(of: directory.entries, file: file, header: header).map { directory }
+        }
+    }
+
+    /// Where QEMU's reads must end (`BDRV_MAX_LENGTH`: 2^63 rounded down to
+    /// a GiB): a directory or table past it fails to read with EIO. Short
+    /// of it, what lies past the end of the file reads as zeroes.
+    static let readLimit: UInt64 = 0x7fff_ffff_c000_0000
+
+    /// `count` bytes at `offset`, those past the end of the file as zeroes.
+    static func readPaddingWithZeroes(_ file: BlockNode, at offset: UInt64, count: Int) -> EventLoopFuture<[UInt8]> {
+        let inFile = offset < UInt64(file.length) ? min(count, Int(UInt64(file.length) - offset)) : 0
+        guard inFile > 0 else { return file.eventLoop.makeSucceededFuture([UInt8](repeating: 0, count: count)) }
+        return QCOW2Driver.readBytes(file, at: Int64(offset), count: inFile).map {
+            inFile == count ? $0 : $0 + [UInt8](repeating: 0, count: count - inFile)
         }
     }
 
@@ -82,7 +96,13 @@ struct QCOW2BitmapDirectory {
         var checked: [UInt64: Int] = [:]  // table offset: entries found valid
         var chain = loop.makeSucceededVoidFuture()
         for entry in entries where !entry.inUse {
-            let inFile = Int(max(0, min(Int64(entry.tableSize) * 8, file.length - Int64(entry.tableOffset))))
+            guard entry.tableOffset <= readLimit - UInt64(entry.tableSize) * 8 else {
+                let reason = "Could not read bitmap_table table from image for bitmap '\(entry.name)': Input/output error"
+                chain = chain.flatMapThrowing { throw QCOW2Error(reason).blockError }
+                break
+            }
+            let fileLength = UInt64(file.length)
+            let inFile = entry.tableOffset < fileLength ? min(entry.tableSize * 8, Int(fileLength - entry.tableOffset)) : 0
             let known = checked[entry.tableOffset, default: 0] * 8 >= inFile
             let readable = !known && inFile > 0 && inFile <= budget
             if readable {
@@ -141,7 +161,7 @@ struct QCOW2BitmapDirectory {
         guard size <= UInt64(maxDirectoryBytes) else {
             throw QCOW2Error("bitmaps_ext: bitmap directory size (\(size)) exceeds the maximum supported size (\(maxDirectoryBytes))")
         }
-        guard offset % UInt64(header.clusterSize) == 0, offset < QCOW2Header.maxSize else {
+        guard offset % UInt64(header.clusterSize) == 0 else {
             throw QCOW2Error("bitmaps_ext: invalid bitmap directory offset")
         }
         return (count, size, offset)
@@ -160,13 +180,13 @@ struct QCOW2BitmapDirectory {
             let nameSize = Int(reader.u16(at: position + 18))
             let extraSize = Int(reader.u32(at: position + 20))
             let next = position + (entryHeaderSize + nameSize + extraSize + 7) / 8 * 8
-            guard next <= bytes.count else { throw QCOW2Error("Broken bitmap directory") }
             guard extraSize == 0 else { throw QCOW2Error("Bitmap extra data is not supported") }
+            guard next <= bytes.count else { throw QCOW2Error("Broken bitmap directory") }
             let nameStart = position + entryHeaderSize
             let entry = Entry(position: position, tableOffset: reader.u64(at: position),
                               tableSize: Int(reader.u32(at: position + 8)), flags: reader.u32(at: position + 12),
                               granularityBits: Int(reader.u8(at: position + 17)),
-                              name: String(decoding: bytes[nameStart..<nameStart + nameSize], as: UTF8.self))
+                              name: QCOW2Header.cString(bytes[nameStart..<nameStart + nameSize]))
             guard fits(entry, type: reader.u8(at: position + 16), nameSize: nameSize, header: header) else {
                 throw QCOW2Error("Bitmap '\(entry.name)' doesn't satisfy the constraints")
             }
@@ -184,7 +204,7 @@ struct QCOW2BitmapDirectory {
     private static func fits(_ entry: Entry, type: UInt8, nameSize: Int, header: QCOW2Header) -> Bool {
         let knownFlags = Entry.inUseFlag | Entry.autoFlag
         guard entry.tableSize > 0, entry.tableSize <= maxTableEntries, entry.tableOffset != 0,
-              entry.tableOffset % UInt64(header.clusterSize) == 0, entry.tableOffset < QCOW2Header.maxSize,
+              entry.tableOffset % UInt64(header.clusterSize) == 0,
               (9...31).contains(entry.granularityBits), entry.flags & ~knownFlags == 0,
               nameSize <= maxNameBytes, type == 1 else { return false }
         let bitmapBytes = UInt64(entry.tableSize) * UInt64(header.clusterSize)

@@ -105,8 +105,9 @@ public struct QCOW2Header: Equatable, Sendable {
         extensions.last { $0.type == QCOW2HeaderExtension.dataFile }.map { Self.cString($0.data) }
     }
 
-    /// Bytes up to the first NUL, as a C string would end there.
-    private static func cString(_ bytes: [UInt8]) -> String {
+    /// Bytes up to the first NUL, as a C string would end there (QEMU keeps
+    /// names it reads from an image as C strings).
+    static func cString<Bytes: Collection<UInt8>>(_ bytes: Bytes) -> String {
         String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
     }
 

@@ -114,18 +114,24 @@ import Testing
         }
     }
 
-    /// Where the bitmap directory of `path` starts: header extensions
-    /// follow the header, and the bitmaps one holds the offset.
-    func bitmapDirectoryOffset(_ path: String) throws -> UInt64? {
+    /// Where the data of the bitmaps extension of `path` starts (header
+    /// extensions follow the header): the count at 0, the directory's size
+    /// at 8 and its offset at 16.
+    func bitmapsExtensionOffset(_ path: String) throws -> UInt64? {
         var position = UInt64(try u32(path, at: 100))
         while position < 4096 {
             let type = try u32(path, at: position)
             let length = UInt64(try u32(path, at: position + 4))
             guard type != 0 else { break }
-            if type == 0x2385_2875 { return try u64(path, at: position + 8 + 16) }
+            if type == 0x2385_2875 { return position + 8 }
             position += 8 + (length + 7) / 8 * 8
         }
         return nil
+    }
+
+    /// Where the bitmap directory of `path` starts.
+    func bitmapDirectoryOffset(_ path: String) throws -> UInt64? {
+        try bitmapsExtensionOffset(path).map { try u64(path, at: $0 + 16) }
     }
 
     enum BitmapTableDamage: String, CaseIterable {
@@ -165,5 +171,45 @@ import Testing
         #expect(result.stderrAsQemuImg() == qemu.stderr, "\n\(result.stderr)--\n\(qemu.stderr)")
         let check = try img(["check", path]), qemuCheck = try qemuImg(["check", path])
         #expect(check.status == qemuCheck.status, "\(check.stdout)\(check.stderr)--\n\(qemuCheck.stdout)\(qemuCheck.stderr)")
+    }
+
+    enum BitmapDirectoryDamage: String, CaseIterable {
+        case directoryPastTheEnd, directoryRunningPastTheEnd, directoryPast2To63, hugeExtraData
+        case nameWithItsPadding, tablePast2To62, tablePast2To63
+    }
+
+    /// What lies past the end of the file reads as zeroes, short of where
+    /// QEMU's reads must end (2^63 less a GiB), past which they fail; names
+    /// end at a zero byte; extra data is refused before the entry's size is
+    /// looked at. All as qemu-img reads them.
+    @Test(arguments: BitmapDirectoryDamage.allCases)
+    func aBitmapDirectoryIsReadAsQemuReadsIt(damage: BitmapDirectoryDamage) throws {
+        let directory = try Harness.temporaryDirectory("bitmapdirectory")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("b.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", path, "16M"]).status == 0)
+        #expect(try qemuImg(["bitmap", "--add", path, "b0"]).status == 0)
+        #expect(try qemuImg(["bitmap", "--add", "--disable", path, "bitmap1"]).status == 0)
+        let ext = try #require(try bitmapsExtensionOffset(path))
+        let entry = try u64(path, at: ext + 16)
+        let fileLength = UInt64(try FileManager.default.attributesOfItem(atPath: path)[.size] as! Int)
+        switch damage {
+        case .directoryPastTheEnd: try write(path, (fileLength / 65536 + 2) * 65536, width: 8, at: ext + 16)
+        case .directoryRunningPastTheEnd: try write(path, 1024, width: 8, at: ext + 8)
+        case .directoryPast2To63: try write(path, 1 << 63, width: 8, at: ext + 16)
+        case .hugeExtraData: try write(path, 1 << 31, width: 4, at: entry + 20)
+        case .nameWithItsPadding: try write(path, 3, width: 2, at: entry + 18)  // "b0" and a zero
+        case .tablePast2To62: try write(path, 1 << 62, width: 8, at: entry)
+        case .tablePast2To63: try write(path, 1 << 63, width: 8, at: entry)
+        }
+        let qemu = try qemuImg(["info", path])
+        #expect(qemu.status == ([.nameWithItsPadding, .tablePast2To62].contains(damage) ? 0 : 1), "\(qemu.stderr)")
+        let result = try img(["info", path])
+        #expect(result.status == qemu.status, "\(result.stderr)")
+        #expect(result.stdout == qemu.stdout, "\n\(result.stdout)--\n\(qemu.stdout)")
+        #expect(result.stderrAsQemuImg() == qemu.stderr, "\n\(result.stderr)--\n\(qemu.stderr)")
+        let check = try img(["check", path]), qemuCheck = try qemuImg(["check", path])
+        #expect(check.status == qemuCheck.status, "\(check.stdout)\(check.stderr)--\n\(qemuCheck.stdout)\(qemuCheck.stderr)")
+        #expect(check.stdout == qemuCheck.stdout, "\n\(check.stdout)--\n\(qemuCheck.stdout)")
     }
 }
