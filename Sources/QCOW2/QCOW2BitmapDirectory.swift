@@ -179,9 +179,13 @@ struct QCOW2BitmapDirectory {
             }
             let nameSize = Int(reader.u16(at: position + 18))
             let extraSize = Int(reader.u32(at: position + 20))
-            let next = position + (entryHeaderSize + nameSize + extraSize + 7) / 8 * 8
+            // QEMU sums an entry's sizes in a C int: with extra data past
+            // about 2 GiB the sum wraps, the entry seems to fit, and the
+            // extra data is what gets refused.
+            let wrappedSize = (Int32(truncatingIfNeeded: entryHeaderSize + nameSize + extraSize) &+ 7) & ~7
+            guard Int(wrappedSize) <= bytes.count - position else { throw QCOW2Error("Broken bitmap directory") }
             guard extraSize == 0 else { throw QCOW2Error("Bitmap extra data is not supported") }
-            guard next <= bytes.count else { throw QCOW2Error("Broken bitmap directory") }
+            let next = position + Int(wrappedSize)
             let nameStart = position + entryHeaderSize
             let entry = Entry(position: position, tableOffset: reader.u64(at: position),
                               tableSize: Int(reader.u32(at: position + 8)), flags: reader.u32(at: position + 12),

@@ -174,14 +174,15 @@ import Testing
     }
 
     enum BitmapDirectoryDamage: String, CaseIterable {
-        case directoryPastTheEnd, directoryRunningPastTheEnd, directoryPast2To63, hugeExtraData
+        case directoryPastTheEnd, directoryRunningPastTheEnd, directoryPast2To63, extraDataPastTheDirectory, hugeExtraData
         case nameWithItsPadding, tablePast2To62, tablePast2To63
     }
 
     /// What lies past the end of the file reads as zeroes, short of where
     /// QEMU's reads must end (2^63 less a GiB), past which they fail; names
-    /// end at a zero byte; extra data is refused before the entry's size is
-    /// looked at. All as qemu-img reads them.
+    /// end at a zero byte; an entry running past the directory is refused
+    /// before its extra data, unless the sizes' sum wraps in QEMU's int.
+    /// All as qemu-img reads them.
     @Test(arguments: BitmapDirectoryDamage.allCases)
     func aBitmapDirectoryIsReadAsQemuReadsIt(damage: BitmapDirectoryDamage) throws {
         let directory = try Harness.temporaryDirectory("bitmapdirectory")
@@ -197,7 +198,8 @@ import Testing
         case .directoryPastTheEnd: try write(path, (fileLength / 65536 + 2) * 65536, width: 8, at: ext + 16)
         case .directoryRunningPastTheEnd: try write(path, 1024, width: 8, at: ext + 8)
         case .directoryPast2To63: try write(path, 1 << 63, width: 8, at: ext + 16)
-        case .hugeExtraData: try write(path, 1 << 31, width: 4, at: entry + 20)
+        case .extraDataPastTheDirectory: try write(path, 1 << 16, width: 4, at: entry + 20)
+        case .hugeExtraData: try write(path, 1 << 31, width: 4, at: entry + 20)  // QEMU's int sum wraps
         case .nameWithItsPadding: try write(path, 3, width: 2, at: entry + 18)  // "b0" and a zero
         case .tablePast2To62: try write(path, 1 << 62, width: 8, at: entry)
         case .tablePast2To63: try write(path, 1 << 63, width: 8, at: entry)
