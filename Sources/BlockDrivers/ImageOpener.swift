@@ -209,14 +209,14 @@ public enum ImageOpener {
             var children: [BlockGraph.ChildSpec] = [.init(name: "file", role: .image, node: fileNode)]
             var opening: [EventLoopFuture<Void>] = []
             if header.incompatibleFeatures.contains(.externalDataFile) {
-                guard let name = header.dataFile else {
-                    return loop.makeFailedFuture(BlockError(errno: EINVAL,
-                        "'\(options.filename)' needs an external data file but names none"))
-                }
                 // QEMU opens a relative data file name from the current
-                // directory (unlike backing files); do the same.
-                let path = name
-                var dataFile = openFile(path, options: options, graph: graph, io: io)
+                // directory (unlike backing files); do the same. Without a
+                // name QEMU needs one given; only a look at the metadata
+                // (qemu-img info) goes ahead.
+                let missing = BlockError(errno: EINVAL, "'data-file' is required for this image")
+                guard header.dataFile != nil || options.metadataOnly else { return loop.makeFailedFuture(missing) }
+                var dataFile = header.dataFile.map { openFile($0, options: options, graph: graph, io: io) }
+                    ?? loop.makeFailedFuture(missing)
                 if options.metadataOnly {
                     // Shown even when missing, as qemu-img info shows it; its
                     // place is held so that no data is read from elsewhere.
@@ -228,6 +228,8 @@ public enum ImageOpener {
                 opening.append(dataFile.map { node in
                     children.append(.init(name: "data-file", role: [.data], node: node))
                 })
+            } else if header.autoclearFeatures.contains(.rawExternalData), !options.metadataOnly {
+                return loop.makeFailedFuture(BlockError(errno: EINVAL, "data-file-raw requires a data file"))
             }
             if options.openBacking, let backingName = header.backingFile, !backingName.isEmpty {
                 guard !backingName.hasPrefix("json:") else {

@@ -159,6 +159,9 @@ extension QCOW2Header {
             refcountTableOffset: reader.u64(at: 48), refcountTableClusters: reader.u32(at: 56),
             snapshotCount: reader.u32(at: 60), snapshotsOffset: reader.u64(at: 64),
             headerLength: UInt32(version2Length))
+        // Checked in QEMU's order, so that of several problems the same one
+        // is named.
+        try header.validateClusterBits()
         if version == 3 {
             guard bytes.count >= version3Length else { throw QCOW2Error("qcow2 header truncated") }
             header.incompatibleFeatures = IncompatibleFeatures(rawValue: reader.u64(at: 72))
@@ -166,18 +169,33 @@ extension QCOW2Header {
             header.autoclearFeatures = AutoclearFeatures(rawValue: reader.u64(at: 88))
             header.refcountOrder = reader.u32(at: 96)
             header.headerLength = reader.u32(at: 100)
-            guard header.headerLength >= UInt32(version3Length) else {
-                throw QCOW2Error("qcow2 header length \(header.headerLength) is invalid")
+            guard header.headerLength >= UInt32(version3Length) else { throw QCOW2Error("qcow2 header too short") }
+            guard Int(header.headerLength) <= header.clusterSize else {
+                throw QCOW2Error("qcow2 header exceeds cluster size")
             }
             guard Int(header.headerLength) <= bytes.count else {
-                throw QCOW2Error("qcow2 header length \(header.headerLength) is larger than the cluster")
+                throw QCOW2Error("qcow2 header length \(header.headerLength) runs past the end of the file")
             }
-            if header.headerLength > 104 {
-                guard let type = CompressionType(rawValue: bytes[104]) else {
-                    throw QCOW2Error("Unknown compression type \(bytes[104])")
-                }
-                header.compressionType = type
+        }
+        guard header.backingFileOffset <= UInt64(header.clusterSize) else {
+            throw QCOW2Error("Invalid backing file offset")
+        }
+        if header.headerLength > 104 {
+            guard let type = CompressionType(rawValue: bytes[104]) else {
+                throw QCOW2Error("qcow2: unknown compression type: \(bytes[104])")
             }
+            header.compressionType = type
+        }
+        // The incompatible bit says the image is not zlib's, no more, no less.
+        if header.compressionType == .zlib, header.incompatibleFeatures.contains(.compressionType) {
+            throw QCOW2Error("qcow2: Compression type incompatible feature bit must not be set")
+        }
+        if header.compressionType != .zlib, !header.incompatibleFeatures.contains(.compressionType) {
+            throw QCOW2Error("qcow2: Compression type incompatible feature bit must be set")
+        }
+        let unknown = header.incompatibleFeatures.subtracting(.known)
+        guard unknown.isEmpty else {
+            throw QCOW2Error("Unsupported qcow2 feature(s): " + unsupportedFeatures(unknown, bytes: bytes, header: header))
         }
         try header.validateGeometry(fileBytes: bytes.count, forCheck: forCheck, readOnly: readOnly)
         // As QEMU: the extensions end where the backing file name begins.
@@ -186,35 +204,64 @@ extension QCOW2Header {
         header.extensions = try QCOW2HeaderExtension.parseAll(bytes, from: Int(header.headerLength),
                                                               to: extensionsEnd)
         if header.backingFileOffset != 0 {
-            guard header.backingFileSize <= 1023 else {
+            // The offset is within the header cluster (checked above).
+            let start = Int(header.backingFileOffset)
+            guard header.backingFileSize <= min(1023, UInt32(header.clusterSize - start)) else {
                 throw QCOW2Error("Backing file name too long")
             }
-            let start = header.backingFileOffset
-            guard start < UInt64(header.clusterSize) else {
-                throw QCOW2Error("Backing file name lies outside the header cluster")
-            }
-            let end = start + UInt64(header.backingFileSize)
-            guard end <= UInt64(bytes.count) else {
-                throw QCOW2Error("Backing file name lies outside the header cluster")
-            }
-            header.backingFile = String(decoding: bytes[Int(start)..<Int(end)], as: UTF8.self)
+            // Past the end of a short file the name reads as zeroes; it
+            // ends at a zero byte, as QEMU keeps it, and an empty one names
+            // no backing file.
+            let end = min(start + Int(header.backingFileSize), bytes.count)
+            let name = start < end ? cString(bytes[start..<end]) : ""
+            header.backingFile = name.isEmpty ? nil : name
         }
         return header
     }
 
+    /// QEMU's list of unsupported incompatible features: those the feature
+    /// name table names, in its order, then the rest as one hex mask.
+    private static func unsupportedFeatures(_ unknown: IncompatibleFeatures, bytes: [UInt8],
+                                            header: QCOW2Header) -> String {
+        let extensionsEnd = header.backingFileOffset != 0 ? Int(header.backingFileOffset) : header.clusterSize
+        let extensions = (try? QCOW2HeaderExtension.parseAll(bytes, from: Int(header.headerLength),
+                                                             to: extensionsEnd)) ?? []
+        var mask = unknown.rawValue
+        var names: [String] = []
+        for table in extensions where table.type == QCOW2HeaderExtension.featureNames {
+            for start in stride(from: 0, to: table.data.count - 47, by: 48) {
+                let name = table.data[(start + 2)..<(start + 48)]
+                guard name.first != 0 else { break }  // QEMU's table ends at an empty name
+                let bit = UInt64(1) << UInt64(table.data[start + 1] & 63)
+                guard table.data[start] == 0, table.data[start + 1] < 64, mask & bit != 0 else { continue }
+                names.append(cString(name))
+                mask &= ~bit
+            }
+        }
+        if mask != 0 { names.append("Unknown incompatible feature: \(String(mask, radix: 16))") }
+        return names.joined(separator: ", ")
+    }
+
     /// Checks the numbers that later arithmetic depends on.
-    func validateGeometry(fileBytes: Int, forCheck: Bool = false, readOnly: Bool = true) throws {
+    func validateClusterBits() throws {
         guard clusterBits >= Self.minClusterBits, clusterBits <= Self.maxClusterBits else {
             throw QCOW2Error("Unsupported cluster size: 2^\(clusterBits)")
         }
+    }
+
+    /// Checks the numbers that later arithmetic depends on, in QEMU's
+    /// order (the cluster size again, for headers not parsed).
+    func validateGeometry(fileBytes: Int, forCheck: Bool = false, readOnly: Bool = true) throws {
+        try validateClusterBits()
         guard refcountOrder <= 6 else {
             throw QCOW2Error("Reference count entry width too large; may not exceed 64 bits")
         }
         if version == 2, refcountOrder != 4 {
             throw QCOW2Error("qcow2 version 2 requires 16-bit refcounts")
         }
-        guard size <= Self.maxSize else {
-            throw QCOW2Error("Image size \(size) is too large")
+        // Subclusters smaller than a sector (QEMU's words for it).
+        if hasExtendedL2, clusterBits < 14 {
+            throw QCOW2Error("Unsupported subcluster size: \(clusterSize / 32)")
         }
         guard cryptMethod <= 2 else {
             throw QCOW2Error("Unsupported encryption method \(cryptMethod)")   // qemu-img's words
@@ -224,16 +271,7 @@ extension QCOW2Header {
         }
         let unknown = incompatibleFeatures.subtracting(.known)
         guard unknown.isEmpty else {
-            throw QCOW2Error("Unsupported qcow2 feature(s): incompatible bits 0x\(String(unknown.rawValue, radix: 16))")
-        }
-        if hasExtendedL2, clusterBits < 14 {
-            throw QCOW2Error("Extended L2 entries are only supported with cluster sizes of at least 16 KiB")
-        }
-        guard UInt64(l1Size) * 8 <= Self.maxL1Bytes else {
-            throw QCOW2Error("Active L1 table too large")
-        }
-        guard Int64(l1Size) >= l1EntriesNeeded else {
-            throw QCOW2Error("L1 table is too small")
+            throw QCOW2Error("Unsupported qcow2 feature(s): Unknown incompatible feature: \(String(unknown.rawValue, radix: 16))")
         }
         guard refcountTableClusters > 0 || forCheck else {
             throw QCOW2Error("Image does not contain a reference count table")
@@ -243,15 +281,10 @@ extension QCOW2Header {
         }
         let cluster = UInt64(clusterSize)
         // qemu's names, in its messages.
-        for (name, offset) in [("Active L1 table", l1TableOffset), ("Reference count table", refcountTableOffset)] {
-            guard offset % cluster == 0 else { throw QCOW2Error("\(name) offset invalid") }
-            guard offset != 0 || (name == "Active L1 table" && (l1Size == 0 || forCheck && readOnly))
-                    || (name == "Reference count table" && refcountTableClusters == 0 && forCheck) else {
-                throw QCOW2Error("\(name) offset invalid")
-            }
-            guard offset < Self.maxSize else { throw QCOW2Error("\(name) offset invalid") }
-        }
-        guard snapshotCount <= 65536 else { throw QCOW2Error("Too many snapshots") }
+        let refcountTableOffsetValid = refcountTableOffset % cluster == 0 && refcountTableOffset < Self.maxSize
+            && (refcountTableOffset != 0 || refcountTableClusters == 0 && forCheck)
+        guard refcountTableOffsetValid else { throw QCOW2Error("Reference count table offset invalid") }
+        guard snapshotCount <= 65536 else { throw QCOW2Error("Snapshot table too large") }
         // Checked without snapshots too, as QEMU checks it.
         guard snapshotsOffset % cluster == 0, snapshotsOffset <= UInt64(Int64.max) else {
             throw QCOW2Error(Self.snapshotTableOffsetInvalid)
@@ -261,6 +294,20 @@ extension QCOW2Header {
                 throw QCOW2Error(Self.snapshotTableOffsetInvalid)
             }
         }
+        guard UInt64(l1Size) * 8 <= Self.maxL1Bytes else {
+            throw QCOW2Error("Active L1 table too large")
+        }
+        // QEMU keeps the L1 index of the disk's end in an int. A table
+        // large enough for the rest keeps the size below 2^61.
+        let perL2 = UInt64(bytesPerL2)
+        let l1Needed = size / perL2 + (size % perL2 == 0 ? 0 : 1)
+        guard l1Needed <= UInt64(Int32.max) else { throw QCOW2Error("Image is too big") }
+        guard UInt64(l1Size) >= l1Needed else {
+            throw QCOW2Error("L1 table is too small")
+        }
+        let l1TableOffsetValid = l1TableOffset % cluster == 0 && l1TableOffset < Self.maxSize
+            && (l1TableOffset != 0 || l1Size == 0 || forCheck && readOnly)
+        guard l1TableOffsetValid else { throw QCOW2Error("Active L1 table offset invalid") }
     }
 }
 

@@ -74,8 +74,10 @@ struct ImgInfo: ParsableCommand {
             specific["lazy-refcounts"] = .bool(header.compatibleFeatures.contains(.lazyRefcounts))
             specific["corrupt"] = .bool(header.incompatibleFeatures.contains(.corrupt))
             specific["extended-l2"] = .bool(header.hasExtendedL2)
-            if let dataFile = header.dataFile {
-                specific["data-file"] = .string(dataFile)
+            // With the feature bit but no name (qemu-img info needs none),
+            // QEMU still reports whether the data file is raw.
+            if let dataFile = header.dataFile { specific["data-file"] = .string(dataFile) }
+            if header.incompatibleFeatures.contains(.externalDataFile) {
                 specific["data-file-raw"] = .bool(header.autoclearFeatures.contains(.rawExternalData))
             }
         }

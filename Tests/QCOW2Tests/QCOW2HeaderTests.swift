@@ -145,10 +145,10 @@ import Testing
         (72, UInt64(1) << 40, 8, "incompatible"),
         (32, UInt64(1), 4, "not supported"),
         (96, UInt64(7), 4, "Reference count"),
-        (100, UInt64(1) << 30, 4, "header length"),
-        (24, UInt64.max, 8, "too large"),
+        (100, UInt64(1) << 30, 4, "header exceeds cluster size"),
+        (24, UInt64.max, 8, "Image is too big"),
         (40, UInt64(12345), 8, "offset invalid"),
-        (8, UInt64.max, 8, "backing file name"),
+        (8, UInt64.max, 8, "Invalid backing file offset"),
         (56, UInt64(0), 4, "does not contain a reference count table"),
     ])
     func refusesHostileFields(offset: Int, value: UInt64, size: Int, mentions: String) {
