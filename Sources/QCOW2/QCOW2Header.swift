@@ -297,6 +297,12 @@ extension QCOW2Header {
         guard UInt64(l1Size) * 8 <= Self.maxL1Bytes else {
             throw QCOW2Error("Active L1 table too large")
         }
+        // QEMU judges the table's place before the disk's size, then (on
+        // reading it) the rest: at 0 it would be the header, past 2^61 no
+        // file reaches.
+        guard l1TableOffset % cluster == 0, l1TableOffset <= UInt64(Int64.max) - UInt64(l1Size) * 8 else {
+            throw QCOW2Error("Active L1 table offset invalid")
+        }
         // QEMU keeps the L1 index of the disk's end in an int. A table
         // large enough for the rest keeps the size below 2^61.
         let perL2 = UInt64(bytesPerL2)
@@ -305,7 +311,7 @@ extension QCOW2Header {
         guard UInt64(l1Size) >= l1Needed else {
             throw QCOW2Error("L1 table is too small")
         }
-        let l1TableOffsetValid = l1TableOffset % cluster == 0 && l1TableOffset < Self.maxSize
+        let l1TableOffsetValid = l1TableOffset < Self.maxSize
             && (l1TableOffset != 0 || l1Size == 0 || forCheck && readOnly)
         guard l1TableOffsetValid else { throw QCOW2Error("Active L1 table offset invalid") }
     }

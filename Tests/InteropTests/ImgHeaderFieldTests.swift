@@ -41,6 +41,8 @@ import Testing
         Damage(name: "L1 table too small", clusterSize: 512, fields: [Field(offset: 24, width: 8, value: 1 << 40)]),
         Damage(name: "refcount table offset before L1 size",
                fields: [Field(offset: 36, width: 4, value: 0xffff_fe00), Field(offset: 48, width: 8, value: 0x10200)]),
+        Damage(name: "L1 offset off the grid before the disk's size",
+               fields: [Field(offset: 40, width: 8, value: 0x30001), Field(offset: 36, width: 4, value: 0)]),
         Damage(name: "data file bit without a name", fields: [Field(offset: incompatible, width: 8, value: 1 << 2)]),
         Damage(name: "raw data file without a data file", fields: [Field(offset: autoclear, width: 8, value: 1 << 1)]),
     ]
