@@ -39,13 +39,14 @@ struct QCOW2BitmapDirectory {
     /// (no extension, or the autoclear bit clear, which makes QEMU ignore them).
     static func load(file: BlockNode, header: QCOW2Header) -> EventLoopFuture<QCOW2BitmapDirectory?> {
         let loop = file.eventLoop
-        guard header.autoclearFeatures.contains(.bitmaps),
-              let ext = header.extensions.first(where: { $0.type == QCOW2HeaderExtension.bitmaps }) else {
+        let extensions = header.extensions.filter { $0.type == QCOW2HeaderExtension.bitmaps }
+        guard header.autoclearFeatures.contains(.bitmaps), !extensions.isEmpty else {
             return loop.makeSucceededFuture(nil)
         }
-        let count: Int, size: UInt64, offset: UInt64
+        // QEMU checks each extension as it reads it; the last one counts.
+        var count = 0, size: UInt64 = 0, offset: UInt64 = 0
         do {
-            (count, size, offset) = try location(ext.data, header: header)
+            for ext in extensions { (count, size, offset) = try location(ext.data, header: header) }
         } catch {
             return loop.makeFailedFuture(error.blockError)
         }
@@ -101,17 +102,22 @@ struct QCOW2BitmapDirectory {
                 chain = chain.flatMapThrowing { throw QCOW2Error(reason).blockError }
                 break
             }
+            // The entries the file holds, a last one cut short filled out
+            // with zeroes.
             let fileLength = UInt64(file.length)
-            let inFile = entry.tableOffset < fileLength ? min(entry.tableSize * 8, Int(fileLength - entry.tableOffset)) : 0
+            let inFile = entry.tableOffset < fileLength
+                ? min(entry.tableSize * 8, (Int(min(fileLength - entry.tableOffset, 1 << 40)) + 7) / 8 * 8) : 0
             let known = checked[entry.tableOffset, default: 0] * 8 >= inFile
             let readable = !known && inFile > 0 && inFile <= budget
             if readable {
                 budget -= inFile
+                // Marked before it is judged: a table found malformed ends
+                // the chain, and with it the open.
                 checked[entry.tableOffset] = inFile / 8
             }
             chain = chain.flatMap {
                 guard readable else { return loop.makeSucceededFuture([]) }
-                return QCOW2Driver.readBytes(file, at: Int64(entry.tableOffset), count: inFile)
+                return readPaddingWithZeroes(file, at: entry.tableOffset, count: inFile)
             }.flatMapThrowing { (table: [UInt8]) in
                 let reader = BigEndianReader(table)
                 guard (0..<table.count / 8).allSatisfy({ tableEntryIsValid(reader.u64(at: $0 * 8), header: header) }) else {
@@ -157,13 +163,13 @@ struct QCOW2BitmapDirectory {
         guard count <= maxBitmaps else {
             throw QCOW2Error("bitmaps_ext: Image has \(count) bitmaps, exceeding the QEMU supported maximum of \(maxBitmaps)")
         }
-        guard size > 0 else { throw QCOW2Error("Requested bitmap directory size is zero") }
-        guard size <= UInt64(maxDirectoryBytes) else {
-            throw QCOW2Error("bitmaps_ext: bitmap directory size (\(size)) exceeds the maximum supported size (\(maxDirectoryBytes))")
-        }
         guard offset % UInt64(header.clusterSize) == 0 else {
             throw QCOW2Error("bitmaps_ext: invalid bitmap directory offset")
         }
+        guard size <= UInt64(maxDirectoryBytes) else {
+            throw QCOW2Error("bitmaps_ext: bitmap directory size (\(size)) exceeds the maximum supported size (\(maxDirectoryBytes))")
+        }
+        guard size > 0 else { throw QCOW2Error("Requested bitmap directory size is zero") }
         return (count, size, offset)
     }
 
@@ -213,6 +219,7 @@ struct QCOW2BitmapDirectory {
               nameSize <= maxNameBytes, type == 1 else { return false }
         let bitmapBytes = UInt64(entry.tableSize) * UInt64(header.clusterSize)
         guard bitmapBytes <= maxBitmapBytes else { return false }
-        return entry.inUse || header.size <= (bitmapBytes * 8) << UInt64(entry.granularityBits)
+        // QEMU's disk is whole sectors.
+        return entry.inUse || header.size & ~511 <= (bitmapBytes * 8) << UInt64(entry.granularityBits)
     }
 }

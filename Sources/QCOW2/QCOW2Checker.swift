@@ -455,10 +455,10 @@ public final class QCOW2Checker {
         for bitmap in directory.entries {
             let (tableOffset, tableSize) = (bitmap.tableOffset, bitmap.tableSize)
             reference(tableOffset, length: Int64(tableSize) * 8)
-            // (Offsets past 2^63 come only with bitmaps in use, whose
-            // tables the open does not read.)
-            let fileLength = UInt64(file.length)
-            guard tableOffset <= fileLength, fileLength - tableOffset >= UInt64(tableSize) * 8 else { continue }
+            // Past the end of the file a table reads as zeroes (no
+            // clusters named), as in QEMU: only one starting inside it is
+            // read. (Offsets past 2^63 come only with bitmaps in use.)
+            guard tableOffset < UInt64(file.length) else { continue }
             let table = tables[tableOffset] ?? chain.flatMap {
                 self.read(tableOffset, tableSize * 8).map { bytes in
                     let entries = BigEndianReader(bytes)

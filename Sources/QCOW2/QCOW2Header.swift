@@ -83,6 +83,12 @@ public struct QCOW2Header: Equatable, Sendable {
         return (Int64(size) + perL2 - 1) / perL2
     }
 
+    /// Where the header extensions end, as QEMU reads them: where the
+    /// backing file name begins, else at the end of the header cluster.
+    var extensionsEnd: Int {
+        backingFileOffset != 0 ? Int(min(backingFileOffset, UInt64(clusterSize))) : clusterSize
+    }
+
     /// The backing format extension's name, read as QEMU reads it: up to
     /// the first NUL, an empty name means none (probe the backing file),
     /// and of two extensions the last wins.
@@ -198,11 +204,8 @@ extension QCOW2Header {
             throw QCOW2Error("Unsupported qcow2 feature(s): " + unsupportedFeatures(unknown, bytes: bytes, header: header))
         }
         try header.validateGeometry(fileBytes: bytes.count, forCheck: forCheck, readOnly: readOnly)
-        // As QEMU: the extensions end where the backing file name begins.
-        let extensionsEnd = header.backingFileOffset != 0
-            ? Int(min(header.backingFileOffset, UInt64(header.clusterSize))) : header.clusterSize
         header.extensions = try QCOW2HeaderExtension.parseAll(bytes, from: Int(header.headerLength),
-                                                              to: extensionsEnd)
+                                                              to: header.extensionsEnd)
         if header.backingFileOffset != 0 {
             // The offset is within the header cluster (checked above).
             let start = Int(header.backingFileOffset)
@@ -223,55 +226,44 @@ extension QCOW2Header {
     /// name table names, in its order, then the rest as one hex mask.
     private static func unsupportedFeatures(_ unknown: IncompatibleFeatures, bytes: [UInt8],
                                             header: QCOW2Header) -> String {
-        let extensionsEnd = header.backingFileOffset != 0 ? Int(header.backingFileOffset) : header.clusterSize
-        let extensions = (try? QCOW2HeaderExtension.parseAll(bytes, from: Int(header.headerLength),
-                                                             to: extensionsEnd)) ?? []
+        // The extensions read before any malformed one; of several name
+        // tables the last, zero-filled to whole entries.
+        let extensions = QCOW2HeaderExtension.parseLeniently(bytes, from: Int(header.headerLength),
+                                                            to: header.extensionsEnd)
+        var table = extensions.last { $0.type == QCOW2HeaderExtension.featureNames }?.data ?? []
+        table += [UInt8](repeating: 0, count: (48 - table.count % 48) % 48)
         var mask = unknown.rawValue
         var names: [String] = []
-        for table in extensions where table.type == QCOW2HeaderExtension.featureNames {
-            for start in stride(from: 0, to: table.data.count - 47, by: 48) {
-                let name = table.data[(start + 2)..<(start + 48)]
-                guard name.first != 0 else { break }  // QEMU's table ends at an empty name
-                let bit = UInt64(1) << UInt64(table.data[start + 1] & 63)
-                guard table.data[start] == 0, table.data[start + 1] < 64, mask & bit != 0 else { continue }
-                names.append(cString(name))
-                mask &= ~bit
-            }
+        for start in stride(from: 0, to: table.count, by: 48) {
+            let name = table[(start + 2)..<(start + 48)]
+            guard name.first != 0 else { break }  // QEMU's table ends at an empty name
+            // QEMU shifts by the bit number as x86 does: modulo 64.
+            let bit = UInt64(1) << UInt64(table[start + 1] & 63)
+            guard table[start] == 0, mask & bit != 0 else { continue }
+            names.append(cString(name))
+            mask &= ~bit
         }
         if mask != 0 { names.append("Unknown incompatible feature: \(String(mask, radix: 16))") }
         return names.joined(separator: ", ")
     }
 
-    /// Checks the numbers that later arithmetic depends on.
+    /// The cluster size QEMU accepts, checked first.
     func validateClusterBits() throws {
         guard clusterBits >= Self.minClusterBits, clusterBits <= Self.maxClusterBits else {
             throw QCOW2Error("Unsupported cluster size: 2^\(clusterBits)")
         }
     }
 
-    /// Checks the numbers that later arithmetic depends on, in QEMU's
-    /// order (the cluster size again, for headers not parsed).
-    func validateGeometry(fileBytes: Int, forCheck: Bool = false, readOnly: Bool = true) throws {
-        try validateClusterBits()
-        guard refcountOrder <= 6 else {
-            throw QCOW2Error("Reference count entry width too large; may not exceed 64 bits")
-        }
-        if version == 2, refcountOrder != 4 {
-            throw QCOW2Error("qcow2 version 2 requires 16-bit refcounts")
-        }
+    /// Checks the numbers that later arithmetic depends on, in QEMU's order
+    /// (after the checks `parse` makes first); encryption is judged last,
+    /// as QEMU judges it once the tables' places are known.
+    private func validateGeometry(fileBytes: Int, forCheck: Bool, readOnly: Bool) throws {
         // Subclusters smaller than a sector (QEMU's words for it).
         if hasExtendedL2, clusterBits < 14 {
             throw QCOW2Error("Unsupported subcluster size: \(clusterSize / 32)")
         }
-        guard cryptMethod <= 2 else {
-            throw QCOW2Error("Unsupported encryption method \(cryptMethod)")   // qemu-img's words
-        }
-        guard cryptMethod == 0 else {
-            throw QCOW2Error("qcow2 encryption (\(cryptMethod == 1 ? "AES" : "LUKS")) is not supported yet")
-        }
-        let unknown = incompatibleFeatures.subtracting(.known)
-        guard unknown.isEmpty else {
-            throw QCOW2Error("Unsupported qcow2 feature(s): Unknown incompatible feature: \(String(unknown.rawValue, radix: 16))")
+        guard refcountOrder <= 6 else {
+            throw QCOW2Error("Reference count entry width too large; may not exceed 64 bits")
         }
         guard refcountTableClusters > 0 || forCheck else {
             throw QCOW2Error("Image does not contain a reference count table")
@@ -314,6 +306,12 @@ extension QCOW2Header {
         let l1TableOffsetValid = l1TableOffset < Self.maxSize
             && (l1TableOffset != 0 || l1Size == 0 || forCheck && readOnly)
         guard l1TableOffsetValid else { throw QCOW2Error("Active L1 table offset invalid") }
+        guard cryptMethod <= 2 else {
+            throw QCOW2Error("Unsupported encryption method \(cryptMethod)")   // qemu-img's words
+        }
+        guard cryptMethod == 0 else {
+            throw QCOW2Error("qcow2 encryption (\(cryptMethod == 1 ? "AES" : "LUKS")) is not supported yet")
+        }
     }
 }
 

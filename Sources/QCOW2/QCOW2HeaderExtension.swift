@@ -22,17 +22,31 @@ public struct QCOW2HeaderExtension: Equatable, Sendable {
     /// and a bitmaps extension must be 24 bytes long. Bytes past those read
     /// (a file shorter than its header cluster) read as zeroes.
     static func parseAll(_ bytes: [UInt8], from start: Int, to limit: Int) throws -> [QCOW2HeaderExtension] {
-        var offset = start
         var result: [QCOW2HeaderExtension] = []
+        try parse(bytes, from: start, to: limit, into: &result)
+        return result
+    }
+
+    /// The extensions before the first malformed one (QEMU reads the
+    /// feature name table for its message before it judges the rest).
+    static func parseLeniently(_ bytes: [UInt8], from start: Int, to limit: Int) -> [QCOW2HeaderExtension] {
+        var result: [QCOW2HeaderExtension] = []
+        try? parse(bytes, from: start, to: limit, into: &result)
+        return result
+    }
+
+    private static func parse(_ bytes: [UInt8], from start: Int, to limit: Int,
+                              into result: inout [QCOW2HeaderExtension]) throws {
+        var offset = start
         let reader = BigEndianReader(bytes)
         while offset < limit {
             guard offset + 8 <= limit else { throw QCOW2Error("Header extension too large") }
-            guard offset + 8 <= bytes.count else { return result }  // zeroes: an end marker
+            guard offset + 8 <= bytes.count else { return }  // zeroes: an end marker
             let type = reader.u32(at: offset)
             let length = Int(reader.u32(at: offset + 4))
             offset += 8
             guard length <= limit - offset else { throw QCOW2Error("Header extension too large") }
-            if type == end { return result }
+            if type == end { return }
             // QEMU keeps the name in a 16-byte C string and refuses a longer one.
             if type == backingFormat, length >= 16 {
                 throw QCOW2Error("ERROR: ext_backing_format: len=\(length) too large (>=16)")
@@ -43,6 +57,5 @@ public struct QCOW2HeaderExtension: Equatable, Sendable {
             result.append(QCOW2HeaderExtension(type: type, data: read + [UInt8](repeating: 0, count: length - read.count)))
             offset += (length + 7) / 8 * 8
         }
-        return result
     }
 }

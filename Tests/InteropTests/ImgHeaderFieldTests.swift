@@ -43,6 +43,10 @@ import Testing
                fields: [Field(offset: 36, width: 4, value: 0xffff_fe00), Field(offset: 48, width: 8, value: 0x10200)]),
         Damage(name: "L1 offset off the grid before the disk's size",
                fields: [Field(offset: 40, width: 8, value: 0x30001), Field(offset: 36, width: 4, value: 0)]),
+        Damage(name: "subcluster size before refcount width", clusterSize: 512,
+               fields: [Field(offset: incompatible, width: 8, value: 1 << 4), Field(offset: 96, width: 4, value: 7)]),
+        Damage(name: "encryption method after the L1 table",
+               fields: [Field(offset: 32, width: 4, value: 3), Field(offset: 36, width: 4, value: 0)]),
         Damage(name: "data file bit without a name", fields: [Field(offset: incompatible, width: 8, value: 1 << 2)]),
         Damage(name: "raw data file without a data file", fields: [Field(offset: autoclear, width: 8, value: 1 << 1)]),
     ]

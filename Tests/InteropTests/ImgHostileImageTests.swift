@@ -174,7 +174,8 @@ import Testing
     }
 
     enum BitmapDirectoryDamage: String, CaseIterable {
-        case directoryPastTheEnd, directoryRunningPastTheEnd, directoryPast2To63, extraDataPastTheDirectory, hugeExtraData
+        case directoryPastTheEnd, directoryRunningPastTheEnd, directoryPast2To63, directoryOffsetBeforeItsSize
+        case extraDataPastTheDirectory, hugeExtraData
         case nameWithItsPadding, tablePast2To62, tablePast2To63
     }
 
@@ -198,6 +199,9 @@ import Testing
         case .directoryPastTheEnd: try write(path, (fileLength / 65536 + 2) * 65536, width: 8, at: ext + 16)
         case .directoryRunningPastTheEnd: try write(path, 1024, width: 8, at: ext + 8)
         case .directoryPast2To63: try write(path, 1 << 63, width: 8, at: ext + 16)
+        case .directoryOffsetBeforeItsSize:
+            try write(path, 0, width: 8, at: ext + 8)
+            try write(path, entry + 1, width: 8, at: ext + 16)
         case .extraDataPastTheDirectory: try write(path, 1 << 16, width: 4, at: entry + 20)
         case .hugeExtraData: try write(path, 1 << 31, width: 4, at: entry + 20)  // QEMU's int sum wraps
         case .nameWithItsPadding: try write(path, 3, width: 2, at: entry + 18)  // "b0" and a zero
