@@ -163,14 +163,7 @@ import Testing
             try write(path, UInt64(tableSize + 1), width: 4, at: entry + 8)
             try write(path, UInt64(try u32(path, at: entry + 12) | 1), width: 4, at: entry + 12)
         }
-        let qemu = try qemuImg(["info", path])
-        #expect(qemu.status == ([.offsetOnTheGrid, .tooManyEntriesButInUse].contains(damage) ? 0 : 1), "\(qemu.stderr)")
-        let result = try img(["info", path])
-        #expect(result.status == qemu.status, "\(result.stderr)")
-        #expect(result.stdout == qemu.stdout, "\n\(result.stdout)--\n\(qemu.stdout)")
-        #expect(result.stderrAsQemuImg() == qemu.stderr, "\n\(result.stderr)--\n\(qemu.stderr)")
-        let check = try img(["check", path]), qemuCheck = try qemuImg(["check", path])
-        #expect(check.status == qemuCheck.status, "\(check.stdout)\(check.stderr)--\n\(qemuCheck.stdout)\(qemuCheck.stderr)")
+        try expectReadLikeQemuImg(path, qemuOpens: [.offsetOnTheGrid, .tooManyEntriesButInUse].contains(damage))
     }
 
     enum BitmapDirectoryDamage: String, CaseIterable {
@@ -208,14 +201,23 @@ import Testing
         case .tablePast2To62: try write(path, 1 << 62, width: 8, at: entry)
         case .tablePast2To63: try write(path, 1 << 63, width: 8, at: entry)
         }
+        try expectReadLikeQemuImg(path, qemuOpens: [.nameWithItsPadding, .tablePast2To62].contains(damage))
+    }
+
+    /// `info` and `check` of `path` by both tools: the same status and
+    /// report, qemu-img's info opening the image or not as `qemuOpens` says.
+    func expectReadLikeQemuImg(_ path: String, qemuOpens: Bool,
+                               sourceLocation: SourceLocation = #_sourceLocation) throws {
         let qemu = try qemuImg(["info", path])
-        #expect(qemu.status == ([.nameWithItsPadding, .tablePast2To62].contains(damage) ? 0 : 1), "\(qemu.stderr)")
+        #expect(qemu.status == (qemuOpens ? 0 : 1), "\(qemu.stderr)", sourceLocation: sourceLocation)
         let result = try img(["info", path])
-        #expect(result.status == qemu.status, "\(result.stderr)")
-        #expect(result.stdout == qemu.stdout, "\n\(result.stdout)--\n\(qemu.stdout)")
-        #expect(result.stderrAsQemuImg() == qemu.stderr, "\n\(result.stderr)--\n\(qemu.stderr)")
+        #expect(result.status == qemu.status, "\(result.stderr)", sourceLocation: sourceLocation)
+        #expect(result.stdout == qemu.stdout, "\n\(result.stdout)--\n\(qemu.stdout)", sourceLocation: sourceLocation)
+        #expect(result.stderrAsQemuImg() == qemu.stderr, "\n\(result.stderr)--\n\(qemu.stderr)",
+                sourceLocation: sourceLocation)
         let check = try img(["check", path]), qemuCheck = try qemuImg(["check", path])
-        #expect(check.status == qemuCheck.status, "\(check.stdout)\(check.stderr)--\n\(qemuCheck.stdout)\(qemuCheck.stderr)")
-        #expect(check.stdout == qemuCheck.stdout, "\n\(check.stdout)--\n\(qemuCheck.stdout)")
+        #expect(check.status == qemuCheck.status, "\(check.stdout)\(check.stderr)--\n\(qemuCheck.stdout)\(qemuCheck.stderr)",
+                sourceLocation: sourceLocation)
+        #expect(check.stdout == qemuCheck.stdout, "\n\(check.stdout)--\n\(qemuCheck.stdout)", sourceLocation: sourceLocation)
     }
 }
