@@ -98,7 +98,8 @@ extension QCOW2Driver {
                 throw BlockError(errno: EIO, "Invalid L2 entry 0x\(String(entry, radix: 16)) for guest offset \(position)")
             }
             if case .data(let host) = mapping, host & UInt64(clusterSize - 1) != 0 || entry & QCOW2Entry.l2ReservedMask & ~1 != 0 {
-                throw BlockError(errno: EIO, "Cluster allocation offset 0x\(String(host, radix: 16)) unaligned")
+                let where_ = "L2 offset: 0x\(String(table.offset, radix: 16)), L2 index: \(index == 0 ? "0" : "0x" + String(index, radix: 16))"
+                throw Corruption(what: "Cluster allocation offset 0x\(String(host, radix: 16)) unaligned (\(where_))")
             }
             // The extent of this mapping: the rest of the subcluster, or of
             // the whole cluster for compressed data.
@@ -106,7 +107,12 @@ extension QCOW2Driver {
             if case .compressed = mapping { pieceSize = clusterSize }
             return (mapping, pieceSize - (position & (pieceSize - 1)))
         }
-        let (first, firstLength) = try mapping(at: offset)
+        let (first, firstLength): (QCOW2ClusterMapping, Int64)
+        do {
+            (first, firstLength) = try mapping(at: offset)
+        } catch let found as Corruption {
+            throw corruption(found.what)
+        }
         var hostStart: UInt64 = 0
         switch first {
         case .data(let host), .zero(.some(let host)), .unallocatedSubcluster(let host):
@@ -119,7 +125,9 @@ extension QCOW2Driver {
         // Extend over following pieces with the same kind (and contiguous data).
         while offset + length < limit {
             let position = offset + length
-            let (next, nextLength) = try mapping(at: position)
+            // As QEMU: an entry is judged when a run starts at it, so a bad
+            // one ends the run before it and fails only the next lookup.
+            guard let (next, nextLength) = try? mapping(at: position) else { break }
             var same = false
             switch (first, next) {
             case (.unallocated, .unallocated), (.zero(nil), .zero(nil)):
@@ -133,6 +141,22 @@ extension QCOW2Driver {
             length += min(nextLength, limit - position)
         }
         return Run(mapping: first, length: length, hostOffset: hostStart)
+    }
+
+    /// A corruption `run` finds in an entry, told only if the entry
+    /// starts the run (further on, it ends the run instead).
+    private struct Corruption: Error {
+        var what: String
+    }
+
+    /// A corruption found reading metadata: on a read-only image QEMU
+    /// says so once per open, in its words, and fails the request.
+    func corruption(_ what: String) -> BlockError {
+        if options.readOnly, !readCorruptionSignalled {
+            readCorruptionSignalled = true
+            fputs("qcow2: Image is corrupt: \(what); further non-fatal corruption events will be suppressed\n", stderr)
+        }
+        return BlockError(errno: EIO, what)
     }
 
     // MARK: read

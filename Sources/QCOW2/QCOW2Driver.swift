@@ -96,6 +96,8 @@ public final class QCOW2Driver: BlockDriver {
     /// Why the image was marked corrupt while open; from then on it takes
     /// no more changes (see `changeRefusal`).
     var corruptReason: String?
+    /// Whether a read has reported a corruption (QEMU tells once per open).
+    var readCorruptionSignalled = false
     /// The header write issued last (see `rewriteHeader`).
     var lastHeaderWrite: EventLoopFuture<Void>?
     /// A grown refcount table the header does not name yet (see the type).

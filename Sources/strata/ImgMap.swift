@@ -33,13 +33,25 @@ struct ImgMap: ParsableCommand {
         }
     }
 
+    /// The walk failed once the image was open.
+    struct WalkFailed: Error {
+        var error: BlockError
+    }
+
     func run() throws {
         let printer = MapPrinter(output: image.output)
         do {
             try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare) { node in
                 printer.start()
-                return Self.map(node, emit: printer.add)
+                return Self.map(node, emit: printer.add).flatMapErrorThrowing { error in
+                    throw WalkFailed(error: error as? BlockError ?? .eio)
+                }
             }
+        } catch let failure as WalkFailed {
+            // qemu-img's words; what went wrong in the image was told as it
+            // was found (the driver's corruption event).
+            printer.abandon()
+            fail("Could not read file metadata: \(String(cString: strerror(failure.error.errno)))")
         } catch {
             printer.abandon()
             fail("Could not open '\(image.filename)': \((error as? BlockError)?.description ?? "\(error)")")

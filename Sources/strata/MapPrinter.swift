@@ -18,9 +18,10 @@ final class MapPrinter: @unchecked Sendable {
         self.output = output
     }
 
-    /// The image is open: the human table gets its heading.
+    /// The image is open: the human table gets its heading, the JSON list
+    /// its bracket (qemu-img's, even when the walk then fails).
     func start() {
-        if output == .human { append("Offset          Length          Mapped to       File\n") }
+        append(output == .human ? "Offset          Length          Mapped to       File\n" : "[")
     }
 
     /// Takes the next entry; false once the output has ended early.
@@ -29,20 +30,21 @@ final class MapPrinter: @unchecked Sendable {
             self.pending!.length += entry.length
             return true
         }
-        if let pending { write(pending) }
+        // Settled, with one more to come: in JSON, its comma goes out now.
+        if let pending { write(pending, last: false) }
         pending = entry
         return refusal == nil
     }
 
     /// Ends the output; returns the error to exit with, if any.
     func finish() -> String? {
-        if let pending, refusal == nil { write(pending) }
+        if let pending, refusal == nil { write(pending, last: true) }
         pending = nil
         if output == .json {
             // An empty image is one empty entry to qemu-img, not none.
             if printed == 0 {
                 write(ImgMap.Entry(start: 0, length: 0, depth: 0, present: false, zero: false, data: false,
-                                   offset: nil, file: ""))
+                                   offset: nil, file: ""), last: true)
             }
             append("]\n")
         }
@@ -91,12 +93,12 @@ final class MapPrinter: @unchecked Sendable {
         if text.utf8.count < 16 { buffer.append(contentsOf: repeatElement(UInt8(ascii: " "), count: 16 - text.utf8.count)) }
     }
 
-    private func write(_ entry: ImgMap.Entry) {
+    private func write(_ entry: ImgMap.Entry, last: Bool) {
         switch output {
         case .json:
             // Byte by byte: string interpolation, millions of times over,
             // cost more than the walk.
-            appendLiteral(printed == 0 ? "[{ \"start\": " : ",\n{ \"start\": ")
+            appendLiteral("{ \"start\": ")
             appendDecimal(entry.start)
             appendLiteral(", \"length\": ")
             appendDecimal(entry.length)
@@ -109,7 +111,7 @@ final class MapPrinter: @unchecked Sendable {
                 appendLiteral(", \"offset\": ")
                 appendDecimal(offset)
             }
-            appendLiteral("}")
+            appendLiteral(last ? "}" : "},\n")
             if buffer.count >= 1 << 16 { flushBuffer() }
         case .human:
             guard entry.data else { return }

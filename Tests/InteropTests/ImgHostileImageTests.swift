@@ -220,4 +220,25 @@ import Testing
                 sourceLocation: sourceLocation)
         #expect(check.stdout == qemuCheck.stdout, "\n\(check.stdout)--\n\(qemuCheck.stdout)", sourceLocation: sourceLocation)
     }
+
+    /// An L2 entry off the cluster grid is judged when the walk reaches
+    /// it, as QEMU judges it: `map` prints what it settled before, then
+    /// QEMU's corruption event and "Could not read file metadata".
+    @Test(arguments: [["--output=json"], []])
+    func aMisalignedDataEntryStopsMapWhereQemuImgStops(options: [String]) throws {
+        let directory = try Harness.temporaryDirectory("mapentry")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("m.qcow2").path
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "4M"]).status == 0)
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 8k", "-c", "write -z 8k 4k",
+                                                 "-c", "write -P 2 12k 4k", path])
+        // The fourth entry of the first L2 table: data at 0x200.
+        let l2 = try u64(path, at: try u64(path, at: 40)) & 0x00ff_ffff_ffff_fe00
+        try write(path, 1 << 63 | 0x200, width: 8, at: l2 + 3 * 8)
+        let ours = try img(["map"] + options + [path]), theirs = try qemuImg(["map"] + options + [path])
+        #expect(theirs.status == 1 && theirs.stderr.contains("Cluster allocation offset 0x200 unaligned"), "\(theirs.stderr)")
+        #expect(ours.status == theirs.status, "\(ours.stderr)")
+        #expect(ours.stdout == theirs.stdout, "\n\(ours.stdout)--\n\(theirs.stdout)")
+        #expect(ours.stderrAsQemuImg() == theirs.stderr, "\n\(ours.stderr)--\n\(theirs.stderr)")
+    }
 }
