@@ -53,7 +53,7 @@ struct QCOW2BitmapDirectory {
         guard offset <= readLimit - size else {
             return loop.makeFailedFuture(QCOW2Error("Failed to read bitmap directory: Input/output error").blockError)
         }
-        return readPaddingWithZeroes(file, at: offset, count: Int(size)).flatMapThrowing { bytes in
+        return QCOW2Driver.readPaddingWithZeroes(file, at: offset, count: Int(size)).flatMapThrowing { bytes in
             do {
                 return QCOW2BitmapDirectory(offset: offset, bytes: bytes, entries: try parse(bytes, count: count, header: header))
             } catch let error as QCOW2Error {
@@ -68,15 +68,6 @@ struct QCOW2BitmapDirectory {
     /// a GiB): a directory or table past it fails to read with EIO. Short
     /// of it, what lies past the end of the file reads as zeroes.
     static let readLimit: UInt64 = 0x7fff_ffff_c000_0000
-
-    /// `count` bytes at `offset`, those past the end of the file as zeroes.
-    static func readPaddingWithZeroes(_ file: BlockNode, at offset: UInt64, count: Int) -> EventLoopFuture<[UInt8]> {
-        let inFile = offset < UInt64(file.length) ? min(count, Int(UInt64(file.length) - offset)) : 0
-        guard inFile > 0 else { return file.eventLoop.makeSucceededFuture([UInt8](repeating: 0, count: count)) }
-        return QCOW2Driver.readBytes(file, at: Int64(offset), count: inFile).map {
-            inFile == count ? $0 : $0 + [UInt8](repeating: 0, count: count - inFile)
-        }
-    }
 
     /// At most this many bytes of bitmap tables are read on an open; the
     /// tables past it go unchecked. Each table is at most 8 MiB (512 MiB of
@@ -117,7 +108,7 @@ struct QCOW2BitmapDirectory {
             }
             chain = chain.flatMap {
                 guard readable else { return loop.makeSucceededFuture([]) }
-                return readPaddingWithZeroes(file, at: entry.tableOffset, count: inFile)
+                return QCOW2Driver.readPaddingWithZeroes(file, at: entry.tableOffset, count: inFile)
             }.flatMapThrowing { (table: [UInt8]) in
                 let reader = BigEndianReader(table)
                 guard (0..<table.count / 8).allSatisfy({ tableEntryIsValid(reader.u64(at: $0 * 8), header: header) }) else {

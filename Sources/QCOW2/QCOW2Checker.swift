@@ -184,12 +184,7 @@ public final class QCOW2Checker {
     /// as through QEMU's file driver, so a table there is reported (by
     /// `reference`) and checked as empty instead of failing the check.
     func read(_ offset: UInt64, _ count: Int) -> EventLoopFuture<[UInt8]> {
-        let available = offset < UInt64(file.length) ? min(count, Int(UInt64(file.length) - offset)) : 0
-        guard available > 0 else { return file.eventLoop.makeSucceededFuture([UInt8](repeating: 0, count: count)) }
-        guard available < count else { return QCOW2Driver.readBytes(file, at: Int64(offset), count: count) }
-        return QCOW2Driver.readBytes(file, at: Int64(offset), count: available).map {
-            $0 + [UInt8](repeating: 0, count: count - available)
-        }
+        QCOW2Driver.readPaddingWithZeroes(file, at: offset, count: count)
     }
 
     /// Only the references every cluster should have (for repairs).
@@ -459,10 +454,13 @@ public final class QCOW2Checker {
             // clusters named), as in QEMU: only one starting inside it is
             // read. (Offsets past 2^63 come only with bitmaps in use.)
             guard tableOffset < UInt64(file.length) else { continue }
+            // Only the entries the file holds (a last one cut short filled
+            // out): zeroes past it name nothing.
+            let inFile = min(tableSize, Int(min(UInt64(file.length) - tableOffset, 1 << 40) + 7) / 8)
             let table = tables[tableOffset] ?? chain.flatMap {
-                self.read(tableOffset, tableSize * 8).map { bytes in
+                self.read(tableOffset, inFile * 8).map { bytes in
                     let entries = BigEndianReader(bytes)
-                    return (0..<tableSize).map { entries.u64(at: $0 * 8) & QCOW2Entry.offsetMask }.filter { $0 != 0 }
+                    return (0..<inFile).map { entries.u64(at: $0 * 8) & QCOW2Entry.offsetMask }.filter { $0 != 0 }
                 }
             }
             tables[tableOffset] = table

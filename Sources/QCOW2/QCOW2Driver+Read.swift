@@ -98,8 +98,8 @@ extension QCOW2Driver {
                 throw BlockError(errno: EIO, "Invalid L2 entry 0x\(String(entry, radix: 16)) for guest offset \(position)")
             }
             if case .data(let host) = mapping, host & UInt64(clusterSize - 1) != 0 || entry & QCOW2Entry.l2ReservedMask & ~1 != 0 {
-                let where_ = "L2 offset: 0x\(String(table.offset, radix: 16)), L2 index: \(index == 0 ? "0" : "0x" + String(index, radix: 16))"
-                throw Corruption(what: "Cluster allocation offset 0x\(String(host, radix: 16)) unaligned (\(where_))")
+                let place = "L2 offset: 0x\(String(table.offset, radix: 16)), L2 index: \(index == 0 ? "0" : "0x" + String(index, radix: 16))"
+                throw Corruption(what: "Cluster allocation offset 0x\(String(host, radix: 16)) unaligned (\(place))")
             }
             // The extent of this mapping: the rest of the subcluster, or of
             // the whole cluster for compressed data.

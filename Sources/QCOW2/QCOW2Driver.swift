@@ -225,9 +225,7 @@ public final class QCOW2Driver: BlockDriver {
             guard l1Bytes == 0 || available == l1Bytes || options.forCheck && options.readOnly else {
                 return loop.makeFailedFuture(QCOW2Error("L1 table lies past the end of the image file").blockError)
             }
-            let readL1 = available == 0 ? loop.makeSucceededFuture([UInt8](repeating: 0, count: l1Bytes))
-                : readBytes(file, at: Int64(l1Offset), count: available).map { $0 + [UInt8](repeating: 0, count: l1Bytes - available) }
-            return readL1.map { bytes in
+            return readPaddingWithZeroes(file, at: l1Offset, count: l1Bytes).map { bytes in
                 let reader = BigEndianReader(bytes)
                 let l1 = (0..<Int(l1Size)).map { reader.u64(at: $0 * 8) }
                 // Whole sectors, as QEMU counts the guest size: a size off
@@ -268,6 +266,18 @@ public final class QCOW2Driver: BlockDriver {
             promise.succeed(Array(buffer.bytes))
         }
         return promise.futureResult
+    }
+
+    /// `count` bytes at `offset`; what lies past the end of the file reads
+    /// as zeroes, as through QEMU's file driver (metadata a damaged image
+    /// names there is then judged as empty instead of failing the read).
+    static func readPaddingWithZeroes(_ node: BlockNode, at offset: UInt64, count: Int) -> EventLoopFuture<[UInt8]> {
+        let length = UInt64(node.length)
+        let inFile = offset < length ? min(count, Int(length - offset)) : 0
+        guard inFile > 0 else { return node.eventLoop.makeSucceededFuture([UInt8](repeating: 0, count: count)) }
+        return readBytes(node, at: Int64(offset), count: inFile).map {
+            inFile == count ? $0 : $0 + [UInt8](repeating: 0, count: count - inFile)
+        }
     }
 
     /// Writes metadata bytes through to the disk (FUA; a cold path),
