@@ -114,6 +114,7 @@ let package = Package(
                 "NBDServer", "NBDProtocol", "NBDTestSupport", "BlockLayer",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
         .testTarget(

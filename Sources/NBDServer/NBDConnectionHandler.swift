@@ -11,7 +11,8 @@ import NIOCore
 /// inbound buffer nor an O_DIRECT bounce copies them again (see
 /// `NBDRequestDecoder`). Replies complete out of order and are
 /// flushed once per batch: per burst of I/O completions, per inbound read,
-/// or else per loop tick. Parsing and reading pause while too many
+/// or else per loop tick; straight to the socket while NIO holds none of
+/// them (see `DirectReplyWriter`). Parsing and reading pause while too many
 /// requests or bytes are in flight, or while the client is not reading its
 /// replies (the channel is not writable), so no client can make the server
 /// buffer without bound.
@@ -98,6 +99,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var shortReplies: ByteBuffer?
     /// READs that have been answered, for the next ones to take.
     var idleReads: [NBDPendingRead] = []
+    /// Writes replies past NIO while NIO holds none (see
+    /// `DirectReplyWriter`); nil before transmission, after the channel
+    /// closes, and where the socket's descriptor was not found.
+    private var directWriter: DirectReplyWriter?
+    /// NIO may hold writes of this connection not yet on the socket (the
+    /// greeting, at first): until NIO says it holds none, writes go
+    /// through it, to stay in order.
+    private var channelHoldsWrites = true
+    /// NIO holds writes not yet flushed.
+    private var channelUnflushed = false
 
     init(registry: NBDExportRegistry, configuration: Configuration) {
         self.registry = registry
@@ -122,6 +133,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         // active sends no channelInactive): nothing may write any more.
         phase = .closed
         handshakeDeadline?.cancel()
+        closeDirectWriter()
         removed = true
         releaseContextWhenIdle()
     }
@@ -148,6 +160,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         phase = .closed
+        closeDirectWriter()
         handshakeDeadline?.cancel()
         cumulation = nil
         incomingWrite = nil
@@ -315,6 +328,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             self.session = session
             self.export = export
             phase = .transmission
+            // Complete at once: the lookup runs on the loop. (A writer not
+            // kept closes its descriptor as it goes.)
+            DirectReplyWriter.open(for: context.channel).whenSuccess { [weak self] writer in
+                guard let self, self.phase == .transmission else { return }
+                self.directWriter = writer
+            }
             log("client entered transmission on export '\(export.name)' (structured replies: \(session.structuredReplies))")
             return true
         case .close(let reason):
@@ -437,7 +456,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// whatever is written next.
     private func writeShortReplies() {
         guard let replies = shortReplies, replies.readableBytes > 0 else { return }
-        context.write(wrapOutboundOut(.byteBuffer(replies)), promise: nil)
+        enqueue(.byteBuffer(replies), promise: nil)
         shortReplies!.moveReaderIndex(to: replies.writerIndex)
     }
 
@@ -455,8 +474,48 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func write(_ data: IOData, promise: EventLoopPromise<Void>? = nil) {
         writeShortReplies()
         unflushed = true
-        context.write(wrapOutboundOut(data), promise: promise)
+        enqueue(data, promise: promise)
         scheduleFlush()
+    }
+
+    /// Batches `data` for the direct writer while NIO holds nothing of this
+    /// connection, or else hands it to NIO after the batch, so the stream
+    /// stays in order. Writes with a promise (file ranges) always go through
+    /// NIO, which knows when they are sent.
+    private func enqueue(_ data: IOData, promise: EventLoopPromise<Void>?) {
+        if let writer = directWriter, promise == nil, case .byteBuffer(let buffer) = data, channelIsDrained() {
+            writer.append(buffer)
+            return
+        }
+        sendDirectBatch()
+        channelHoldsWrites = true
+        channelUnflushed = true
+        context.write(wrapOutboundOut(data), promise: promise)
+    }
+
+    /// Whether NIO has nothing of this connection left to send; asked of
+    /// the channel only while it may have.
+    private func channelIsDrained() -> Bool {
+        if channelHoldsWrites, (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) == 0 {
+            channelHoldsWrites = false
+        }
+        return !channelHoldsWrites
+    }
+
+    /// Sends the direct writer's batch; what the socket does not take now
+    /// goes to NIO, ahead of anything written after it.
+    private func sendDirectBatch() {
+        guard let writer = directWriter, !writer.isEmpty else { return }
+        writer.send { rest in
+            channelHoldsWrites = true
+            channelUnflushed = true
+            context.write(wrapOutboundOut(.byteBuffer(rest)), promise: nil)
+        }
+    }
+
+    private func closeDirectWriter() {
+        directWriter?.close()
+        directWriter = nil
     }
 
     /// Sends what is written. After replies the client's next request is
@@ -468,7 +527,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if unflushed {
             unflushed = false
             writeShortReplies()
-            context.flush()
+            sendDirectBatch()
+            if channelUnflushed {
+                channelUnflushed = false
+                context.flush()
+            }
         }
         // (A sendfile reply ends once sent, maybe after its flush.)
         if repliesSinceFlush > 0 {
@@ -518,6 +581,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         guard phase != .closed else { return }
         let done = context.eventLoop.makePromise(of: Void.self)
         writeShortReplies()
+        sendDirectBatch()
+        channelUnflushed = false
         context.writeAndFlush(wrapOutboundOut(.byteBuffer(allocator.buffer(capacity: 0))), promise: done)
         done.futureResult.whenComplete { [weak self] _ in self?.close() }
     }
@@ -525,6 +590,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func close() {
         guard phase != .closed else { return }
         phase = .closed
+        closeDirectWriter()
         context.close(promise: nil)
     }
 }

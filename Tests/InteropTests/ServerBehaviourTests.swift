@@ -236,6 +236,57 @@ import Testing
         let read = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "read -P 0x3c 1M 64k", image])
         #expect(read.status == 0 && !read.stdout.contains("fail"), "\(read.stdout)")
     }
+
+    /// Replies go straight to the socket while NIO holds none of the
+    /// connection's, and through NIO once the client falls behind. A client
+    /// that sends rounds of READs of 512 B to 2 MiB and FLUSHes, and reads
+    /// the replies only after a pause through a small receive buffer, gets
+    /// every reply whole, its data right, and the connection's end after
+    /// DISC. Buffered (sendfile for cached data) and O_DIRECT.
+    @Test(arguments: [[], ["--cache=none", "--aio=native"]])
+    func repliesStayWholeWhenTheClientFallsBehind(options: [String]) throws {
+        let directory = try Harness.temporaryDirectory("behind")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = directory.appendingPathComponent("disk.raw").path
+        FileManager.default.createFile(atPath: image, contents: Data((0..<(16 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 131 ^ $0 >> 9) }))
+        let served = try ServedImage(image: image, options: ["-f", "raw"] + options, directory: directory)
+        defer { served.stop() }
+        let script = """
+            import random, socket, struct, sys, time
+            image = open(sys.argv[1], "rb").read()
+            s = socket.socket(socket.AF_UNIX); s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096); s.connect(sys.argv[2])
+            def recv(n):
+                data = bytearray()
+                while len(data) < n:
+                    chunk = s.recv(min(n - len(data), 1 << 16))
+                    if not chunk: sys.exit(f"connection closed after {len(data)} of {n} bytes")
+                    data += chunk
+                return bytes(data)
+            recv(18); s.sendall(struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 1, 0)); recv(10)
+            rng = random.Random(7); cookie = 0; replies = 0
+            for round in range(4):
+                expected = {}
+                for i in range(48):
+                    cookie += 1
+                    if i % 5 == 4:
+                        s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 3, cookie, 0, 0)); expected[cookie] = (0, 0)
+                    else:
+                        length = rng.choice([512, 4096, 65536, 1 << 21]); offset = rng.randrange(0, len(image) - length) & ~511
+                        s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, cookie, offset, length)); expected[cookie] = (offset, length)
+                time.sleep(0.2)
+                while expected:
+                    magic, error, handle = struct.unpack(">IIQ", recv(16))
+                    if magic != 0x67446698 or error != 0 or handle not in expected: sys.exit(f"reply {replies}: {magic:#x} {error} {handle}")
+                    offset, length = expected.pop(handle)
+                    if recv(length) != image[offset:offset + length]: sys.exit(f"reply {replies}: wrong data")
+                    replies += 1
+            s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))
+            s.settimeout(10)
+            print("ok", replies, "end" if s.recv(1) == b"" else "more")
+            """
+        let client = try Harness.run("/usr/bin/python3", ["-c", script, image, served.socket], timeout: 60)
+        #expect(client.stdout == "ok 192 end\n", "\(client.stdout)\(client.stderr)")
+    }
 }
 
 /// Whether a TCP port can be bound on every IPv4 address right now.
