@@ -96,4 +96,34 @@ import Testing
         #expect(extent(chain, (2 << 20) - (64 << 10), 128 << 10) == nil, "zeroes past the base's end")
         #expect(extent(chain, 3 << 20, 64 << 10) == nil)
     }
+
+    /// Reads within one run go straight to the image file or the backing
+    /// file, past the general path; both must read the same. The base ends
+    /// at 2 MiB: a read that crosses its end, or lies past it, is the
+    /// general path's, with zeroes past the end.
+    @Test func readsOfOneRunReadWhatTheGeneralPathReads() throws {
+        let chain = try chain(baseSize: 2 << 20)
+        defer { chain.close() }
+        let data = [UInt8](repeating: 0x11, count: 64 << 10)
+        try data.withUnsafeBytes { bytes in try run { chain.backend.write(at: 0, from: bytes, completion: $0) } }
+        try run { chain.backend.writeZeroes(at: 1 << 20, length: 64 << 10, flags: [], completion: $0) }
+        let base: UInt8 = 0xb5
+        let cases: [(offset: Int64, length: Int, expected: [UInt8])] = [
+            (4096, 4096, .init(repeating: 0x11, count: 4096)),  // own data
+            (64 << 10, 4096, .init(repeating: base, count: 4096)),  // unallocated, one cluster
+            ((64 << 10) + 512, 192 << 10, .init(repeating: base, count: 192 << 10)),  // unallocated, several clusters
+            ((1 << 20) + 4096, 4096, .init(repeating: 0, count: 4096)),  // zero cluster
+            ((2 << 20) - 4096, 4096, .init(repeating: base, count: 4096)),  // the base's last bytes
+            ((2 << 20) - 2048, 4096, .init(repeating: base, count: 2048) + .init(repeating: 0, count: 2048)),
+            (3 << 20, 4096, .init(repeating: 0, count: 4096)),  // past the base
+            ((64 << 10) - 2048, 4096, .init(repeating: 0x11, count: 2048) + .init(repeating: base, count: 2048)),
+        ]
+        for (offset, length, expected) in cases {
+            var read = [UInt8](repeating: 0xee, count: length)
+            try read.withUnsafeMutableBytes { buffer in
+                try run { chain.backend.read(at: offset, into: buffer, flags: [], completion: $0) }
+            }
+            #expect(read == expected, "read of \(length) at \(offset)")
+        }
+    }
 }
