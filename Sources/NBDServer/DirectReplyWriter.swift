@@ -1,8 +1,9 @@
 import Glibc
 import NIOCore
 
-/// Sends a connection's replies straight to its socket with one gathered
-/// `sendmsg` per flush, instead of through NIO's outbound pipeline.
+/// Sends a connection's replies straight to its socket with gathered
+/// `sendmsg` calls (one per flush, at most 64 buffers each), instead of
+/// through NIO's outbound pipeline.
 ///
 /// Why: at queue depth 1 a reply's trip through NIO's write path (the
 /// type-erased `NIOAny`, the pending-writes bookkeeping, the flush) was
@@ -54,8 +55,9 @@ final class DirectReplyWriter {
         }.recover { _ in nil }
     }
 
-    /// `SO_COOKIE` (Linux 4.12 on): a socket's number, unique for the
-    /// system's uptime, that any descriptor of it reports.
+    /// `SO_COOKIE` (Linux 4.12 on): a socket's number, which every
+    /// descriptor of it reports. Unique per network namespace (older
+    /// kernels) or system-wide; a server's sockets share one namespace.
     static let socketCookieOption: CInt = 57
 
     /// A duplicate (close-on-exec) of the process's descriptor for the
@@ -102,7 +104,8 @@ final class DirectReplyWriter {
             let count = min(batch.count - first, vectors.count)
             var total = 0
             for index in 0..<count {
-                // The storage stays put: the batch holds it, unchanged, until the send ends.
+                // The pointer outlives the closure on purpose: the batch
+                // holds the storage, unchanged, until the send ends.
                 batch[first + index].withUnsafeReadableBytes { bytes in
                     vectors[index] = iovec(iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress),
                                            iov_len: bytes.count)
@@ -112,10 +115,12 @@ final class DirectReplyWriter {
             var message = msghdr()
             message.msg_iov = vectors.baseAddress
             message.msg_iovlen = count
-            var sent: Int
-            repeat {
-                sent = descriptor < 0 ? -1 : sendmsg(descriptor, &message, CInt(MSG_NOSIGNAL) | CInt(MSG_DONTWAIT))
-            } while sent < 0 && errno == EINTR
+            var sent = -1
+            if descriptor >= 0 {
+                repeat {
+                    sent = sendmsg(descriptor, &message, CInt(MSG_NOSIGNAL) | CInt(MSG_DONTWAIT))
+                } while sent < 0 && errno == EINTR
+            }
             if sent == total {
                 first += count
                 continue

@@ -93,9 +93,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var repliesSinceFlush = 0
     /// Whether anything was written since the last flush.
     private var unflushed = false
-    /// Header-only replies not yet written to the channel: gathered in one
-    /// buffer per flush, not a buffer and a pending write each, and the
-    /// buffer reused once the channel has let go of it.
+    /// Header-only replies not yet written (to the direct writer or the
+    /// channel): gathered in one buffer per flush, not a buffer and a
+    /// pending write each, and the buffer reused once nothing else holds it.
     private var shortReplies: ByteBuffer?
     /// READs that have been answered, for the next ones to take.
     var idleReads: [NBDPendingRead] = []
@@ -452,7 +452,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         scheduleFlush()
     }
 
-    /// Hands the gathered header-only replies to the channel, ahead of
+    /// Hands the gathered header-only replies on (see `enqueue`), ahead of
     /// whatever is written next.
     private func writeShortReplies() {
         guard let replies = shortReplies, replies.readableBytes > 0 else { return }
