@@ -257,25 +257,18 @@ extension QCOW2Driver {
     private func readWithinOneRun(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer,
                                   completion: @escaping BlockCompletion) -> Bool {
         guard buffer.count > 0 else { return false }
-        var table: QCOW2L2Table?
-        do {
-            if let tableOffset = try l2TableOffset(for: geometry.l1Index(of: offset)) {
-                guard let cached = cachedL2Table(at: tableOffset) else { return false }
-                table = cached
-            }
-        } catch {
-            return false  // the general path reports it
-        }
         let host: Int64
         let inCluster = geometry.offsetInCluster(offset)
-        if let table, !geometry.extendedL2, !geometry.externalData, inCluster + Int64(buffer.count) <= geometry.clusterSize,
+        if !geometry.extendedL2, !geometry.externalData, inCluster + Int64(buffer.count) <= geometry.clusterSize,
+           let tableOffset = try? l2TableOffset(for: geometry.l1Index(of: offset)),
+           let table = cachedL2Table(at: tableOffset),
            let cluster = QCOW2Entry.plainDataCluster(table.entry(geometry.l2Slot(of: geometry.cluster(of: offset))),
                                                      clusterSize: geometry.clusterSize) {
             // Within one plain data cluster: no need for the general decode.
             host = Int64(cluster) + inCluster
         } else {
-            guard let run = try? run(at: offset, maxLength: Int64(buffer.count), table: table),
-                  run.length == Int64(buffer.count) else { return false }
+            // Errors are the general path's to report.
+            guard let run = runInMemory(at: offset, length: buffer.count) else { return false }
             switch run.mapping {
             case .data:
                 host = Int64(run.hostOffset)
