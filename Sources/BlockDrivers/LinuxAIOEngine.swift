@@ -12,15 +12,18 @@ import Glibc
 /// runs on the loop that submitted it without a thread hop.
 ///
 /// Finished requests are taken from the completion ring the kernel maps
-/// into the process, without a system call, and the ring is looked at once
-/// more as soon as the loop has submitted this tick's requests: a request
-/// the kernel finished inside `io_submit` (a page-cache or tmpfs file, a
-/// fast device) then completes in the same loop turn, instead of after
-/// another `epoll_wait`, an eventfd read and an `io_getevents`. QEMU's
-/// Linux AIO does the same. Measured with O_DIRECT 4 KiB reads at QD1 over
-/// NBD from a tmpfs file: median 29.0K IOPS before, 30.2K after (10
-/// alternating runs; qemu-nbd 33.9K). On a disk the request is never done
-/// that soon, and only the `io_getevents` call is saved.
+/// into the process, without a system call. When the ring already holds
+/// some right after an `io_submit`, it is looked at once more as soon as
+/// the loop has run this turn's work: a request the kernel finished inside
+/// `io_submit` (a page-cache or tmpfs file, a fast device) then completes
+/// in the same loop turn, instead of after another `epoll_wait`, an
+/// eventfd read and an `io_getevents`. QEMU's Linux AIO does the same.
+/// Measured with O_DIRECT 4 KiB reads at QD1 over NBD from a tmpfs file:
+/// median 29.0K IOPS before, 30.2K after (10 alternating runs; qemu-nbd
+/// 33.9K). On a disk the request is never done that soon, and only the
+/// `io_getevents` call is saved; looking at the ring only when it holds
+/// something there saved ~3 µs of server CPU per request (57.8 to 54.5 µs,
+/// medians of 19 rounds, 4 KiB O_DIRECT reads at QD1 from the disk).
 ///
 /// Requests need O_DIRECT file descriptors and aligned buffers; the node's
 /// request path guarantees both.
@@ -204,9 +207,12 @@ public final class LinuxAIOEngine: FileIOEngine {
 
 
     /// Looks at the ring once the loop has run this turn's other work, for
-    /// requests the kernel finished while they were submitted.
+    /// requests the kernel finished while they were submitted. Only when
+    /// the ring holds some now: a request still on the device signals the
+    /// eventfd when it ends, and a disk's requests always are, so queueing
+    /// a look that finds nothing would cost a loop task per request.
     private func schedulePeek() {
-        guard !peekScheduled else { return }
+        guard !peekScheduled, strata_aio_ring_may_have_events(context) != 0 else { return }
         peekScheduled = true
         eventLoop.execute(peekTask)
     }

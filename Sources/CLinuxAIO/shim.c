@@ -65,6 +65,14 @@ int strata_aio_ring_known(io_context_t ctx) {
            ring->header_length == sizeof(*ring);
 }
 
+int strata_aio_ring_may_have_events(io_context_t ctx) {
+    const struct strata_aio_ring *ring = (const struct strata_aio_ring *)ctx;
+    if (!strata_aio_ring_known(ctx)) {
+        return 1;
+    }
+    return ring->head != __atomic_load_n(&ring->tail, __ATOMIC_ACQUIRE);
+}
+
 int strata_aio_reap(io_context_t ctx, long max, struct io_event *events) {
     struct strata_aio_ring *ring = (struct strata_aio_ring *)ctx;
     if (!strata_aio_ring_known(ctx)) {

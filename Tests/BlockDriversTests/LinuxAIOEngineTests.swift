@@ -69,6 +69,40 @@ import Testing
         try loop.flatSubmit { engine.close() }.wait()
     }
 
+    /// Whether the ring holds finished events is read without a system
+    /// call: none on a new context, the read tmpfs finished inside
+    /// `io_submit`, none once it is taken. The engine queues its look at
+    /// the ring after a submission only on this answer.
+    @Test(.enabled(if: tmpfsTakesDirectIO, "tmpfs refuses O_DIRECT on this kernel"))
+    func theRingSaysWhetherItHoldsEvents() throws {
+        let fd = try #require(try makeDirectFile(in: "/dev/shm", size: 1 << 16))
+        defer { close(fd) }
+        var context: io_context_t?
+        try #require(io_setup(8, &context) == 0)
+        let ring = try #require(context)
+        defer { io_destroy(ring) }
+        try #require(strata_aio_ring_known(ring) == 1)
+        #expect(strata_aio_ring_may_have_events(ring) == 0)
+
+        let memory = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { memory.deallocate() }
+        let signal = strata_eventfd()
+        try #require(signal >= 0)
+        defer { close(signal) }
+        var request = iocb()
+        strata_iocb_prep(&request, fd, 0, memory, 4096, 4096, signal, 0, 7)
+        try withUnsafeMutablePointer(to: &request) { pointer in
+            var list: UnsafeMutablePointer<iocb>? = pointer
+            try #require(io_submit(ring, 1, &list) == 1)
+        }
+        #expect(strata_aio_ring_may_have_events(ring) == 1)
+        var event = io_event()
+        #expect(strata_aio_reap(ring, 1, &event) == 1)
+        #expect(strata_io_event_tag(&event) == 7)
+        #expect(strata_io_event_result(&event) == 4096)
+        #expect(strata_aio_ring_may_have_events(ring) == 0)
+    }
+
     /// A small context whose ring the reads go round many times, a few at
     /// a time: every read gets its own result and bytes.
     @Test func readsGoRoundTheRingManyTimes() throws {

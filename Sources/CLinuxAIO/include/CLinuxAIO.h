@@ -35,6 +35,9 @@ int strata_io_getevents_nowait(io_context_t ctx, long max, struct io_event *even
 int strata_aio_reap(io_context_t ctx, long max, struct io_event *events);
 /// 1 if strata_aio_reap reads `ctx`'s ring itself, 0 if it falls back.
 int strata_aio_ring_known(io_context_t ctx);
+/// 0 if `ctx`'s ring holds no finished event now, 1 if it does or the
+/// ring is not one this code knows (then only a system call could tell).
+int strata_aio_ring_may_have_events(io_context_t ctx);
 
 extern const int strata_RWF_DSYNC;
 extern const int strata_RWF_NOWAIT;
