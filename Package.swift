@@ -9,9 +9,22 @@ import PackageDescription
 // callgrind, they were 18% of the instructions per NBD request (every
 // class-property access on the hot path). Debug builds, which run the
 // tests, keep them.
+//
+// The release binary carries the Swift runtime inside it (`-static-stdlib`,
+// release only): it runs on a machine without a Swift toolchain, and the
+// runtime's entry points and thread-local lookups are direct calls rather
+// than calls through the dynamic linker. The command line uses
+// FoundationEssentials, not Foundation, so ICU's 37 MiB of tables stay out
+// (they landed in the writable segment, and a 24 MiB RLIMIT_DATA killed the
+// binary at start). Measured against the same code linked dynamically, on
+// 4 KiB O_DIRECT reads at QD1 over NBD: callgrind counts 5.5 % fewer
+// instructions per request, and server CPU per request is 2.8 % lower
+// (paired medians, two runs of 20 rotating rounds).
 let swiftSettings: [SwiftSetting] = [
     .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
 ]
+
+let staticRuntime = SwiftSetting.unsafeFlags(["-static-stdlib"], .when(platforms: [.linux], configuration: .release))
 
 let package = Package(
     name: "Strata",
@@ -80,7 +93,11 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            swiftSettings: swiftSettings
+            // Compiled against the static runtime too: the modules it imports
+            // (FoundationEssentials) then name the static libraries they
+            // need, which the link fails without.
+            swiftSettings: swiftSettings + [staticRuntime],
+            linkerSettings: [.unsafeFlags(["-static-stdlib"], .when(platforms: [.linux], configuration: .release))]
         ),
         .target(
             name: "NBDTestSupport",

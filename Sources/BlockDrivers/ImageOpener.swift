@@ -1,5 +1,5 @@
 import BlockLayer
-import Foundation
+import FoundationEssentials
 import NIOCore
 import QCOW2
 #if canImport(Glibc)
@@ -205,7 +205,7 @@ public enum ImageOpener {
         return QCOW2Driver.open(file: fileNode, options: qcowOptions).flatMap { driver in
             let header = driver.header
             if driver.openedWithStaleBitmaps { warn(.staleBitmaps(version: header.version)) }
-            let directory = (options.filename as NSString).deletingLastPathComponent
+            let directory = directory(of: options.filename)
             var children: [BlockGraph.ChildSpec] = [.init(name: "file", role: .image, node: fileNode)]
             var opening: [EventLoopFuture<Void>] = []
             if header.incompatibleFeatures.contains(.externalDataFile) {
@@ -273,6 +273,18 @@ public enum ImageOpener {
 
     /// QEMU resolves relative backing and data file names against the
     /// directory of the image that names them.
+    /// The directory part of `path`, as Foundation's
+    /// `deletingLastPathComponent` gives it: "" for a bare name, "/" for a
+    /// name in the root, and no trailing slash otherwise.
+    public static func directory(of path: String) -> String {
+        var path = Substring(path)
+        while path.count > 1, path.hasSuffix("/") { path = path.dropLast() }
+        guard let slash = path.lastIndex(of: "/") else { return "" }
+        var directory = path[..<slash]
+        while directory.hasSuffix("/") { directory = directory.dropLast() }
+        return directory.isEmpty ? "/" : String(directory)
+    }
+
     public static func resolve(_ name: String, relativeTo directory: String) -> String {
         if name.hasPrefix("/") || directory.isEmpty { return name }
         // The root directory already ends in one ("/base", not "//base").

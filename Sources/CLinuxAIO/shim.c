@@ -6,6 +6,7 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <linux/stat.h>
+#include <spawn.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
@@ -222,4 +223,8 @@ int strata_ofd_lock_conflicts(int fd, int64_t offset) {
     fl.l_type = F_WRLCK;
     if (fcntl(fd, F_OFD_GETLK, &fl) != 0) return -errno;
     return fl.l_type == F_UNLCK ? 0 : 1;
+}
+
+int strata_spawn_close_from(posix_spawn_file_actions_t *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, from);
 }

@@ -1,4 +1,5 @@
-import Foundation
+import CLinuxAIO
+import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -24,26 +25,48 @@ enum Daemon {
             perror("strata: pipe")
             return 1
         }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-        process.arguments = Array(CommandLine.arguments.dropFirst())
+        // The child gets the pipe as its stdout and nothing else of ours:
+        // descriptors past stderr are closed in it.
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO)
+        strata_spawn_close_from(&actions, 3)
         var environment = ProcessInfo.processInfo.environment
         environment[notifyVariable] = String(getpid())
-        process.environment = environment
-        process.standardOutput = FileHandle(fileDescriptor: fds[1], closeOnDealloc: false)
-        do {
-            try process.run()
-        } catch {
-            FileHandle.standardError.write(Data("strata: cannot start the server: \(error)\n".utf8))
-            return 1
+        let executable = realpath("/proc/self/exe", nil).map { path in
+            defer { free(path) }
+            return String(cString: path)
+        } ?? "/proc/self/exe"
+        let arguments = [executable] + CommandLine.arguments.dropFirst()
+        let variables = environment.map { "\($0.key)=\($0.value)" }
+        var child = pid_t()
+        let spawned = withCStringArray(arguments) { argv in
+            withCStringArray(variables) { envp in posix_spawn(&child, executable, &actions, nil, argv, envp) }
         }
         close(fds[1])
+        guard spawned == 0 else {
+            close(fds[0])
+            StandardError.write("strata: cannot start the server: \(String(cString: strerror(spawned)))\n")
+            return 1
+        }
         var byte: UInt8 = 0
         let count = read(fds[0], &byte, 1)
         close(fds[0])
         if count == 1, byte == 0 { return 0 }
-        process.waitUntilExit()
-        return process.terminationStatus == 0 ? 1 : process.terminationStatus
+        var status: Int32 = 0
+        while waitpid(child, &status, 0) < 0, errno == EINTR {}
+        // The child's exit status, or the signal that ended it.
+        let exitStatus = status & 0x7f == 0 ? (status >> 8) & 0xff : status & 0x7f
+        return exitStatus == 0 ? 1 : exitStatus
+    }
+
+    /// `strings` as the NULL-terminated array of C strings that exec takes.
+    private static func withCStringArray<Result>(_ strings: [String],
+                                                 _ body: ([UnsafeMutablePointer<CChar>?]) -> Result) -> Result {
+        let pointers = strings.map { strdup($0) } + [nil]
+        defer { pointers.forEach { free($0) } }
+        return body(pointers)
     }
 
     /// Child side: detaches from the terminal and tells the parent it is up.

@@ -1,6 +1,7 @@
 import BlockDrivers
 import BlockLayer
-import Foundation
+import FoundationEssentials
+import Glibc
 import NIOCore
 import NIOPosix
 import QCOW2
@@ -43,7 +44,7 @@ final class ImageSession {
             // The warnings qemu-img prints as it opens (a probed raw image
             // opened for writing, stale bitmaps).
             let warn = { (warning: ImageOpenWarning) in
-                FileHandle.standardError.write(Data((warning.formatted(tool: "strata img") + "\n").utf8))
+                StandardError.write(warning.formatted(tool: "strata img") + "\n")
             }
             return ImageOpener.open(options, graph: self.graph, io: self.io, warn: warn).flatMap { node in
                 // qemu-img takes consistent read and shares only reading.
@@ -84,6 +85,6 @@ final class ImageSession {
 
 /// Prints errors the way qemu-img does and exits with its status.
 func fail(_ message: String, status: Int32 = 1) -> Never {
-    FileHandle.standardError.write(Data("strata img: \(message)\n".utf8))
+    StandardError.write("strata img: \(message)\n")
     exit(status)
 }

@@ -85,7 +85,7 @@ enum ImageSize {
             unit += 1
         }
         if unit == 0 { return "\(bytes) B" }
-        let text = value >= 100 ? String(format: "%.0f", value) : value >= 10 ? String(format: "%.1f", value) : String(format: "%.2f", value)
+        let text = value >= 100 ? String(printf: "%.0f", value) : value >= 10 ? String(printf: "%.1f", value) : String(printf: "%.2f", value)
         // qemu-img drops trailing zeros: "64 MiB", "1.5 GiB".
         var trimmed = text
         if trimmed.contains(".") {
@@ -96,4 +96,5 @@ enum ImageSize {
     }
 }
 
-import Foundation
+import FoundationEssentials
+import Glibc

@@ -1,7 +1,8 @@
 import ArgumentParser
 import BlockDrivers
 import BlockLayer
-import Foundation
+import FoundationEssentials
+import Glibc
 import NIOCore
 import QCOW2
 
@@ -66,13 +67,13 @@ struct ImgCheck: ParsableCommand {
             // qemu-img opens for a check without judging the snapshot
             // table's place, and the check then fails on it.
             if reason == QCOW2Header.snapshotTableOffsetInvalid {
-                FileHandle.standardError.write(Data("strata img: ERROR snapshot table offset invalid\n".utf8))
+                StandardError.write("strata img: ERROR snapshot table offset invalid\n")
                 fail("Check failed: Invalid argument")
             }
             // Snapshot tables qemu-img's check reads and gives up on (`-r
             // all` cuts them instead); the reason ends with a hint.
             if reason.hasPrefix(QCOW2SnapshotTable.tooMuchExtraData) || reason.hasPrefix(QCOW2SnapshotTable.tooBig) {
-                FileHandle.standardError.write(Data("strata img: ERROR failed to read the snapshot table: \(reason)\n".utf8))
+                StandardError.write("strata img: ERROR failed to read the snapshot table: \(reason)\n")
                 fail("Check failed: File too large")
             }
             fail("Could not open '\(image.filename)': \(reason)")
@@ -124,7 +125,7 @@ struct ImgCheck: ParsableCommand {
             }
             // As qemu-img, only an image with allocated clusters gets the line.
             if report.totalClusters > 0, report.allocatedClusters > 0 {
-                let percent = { (value: Int, base: Int) in String(format: "%.2f", Double(value) * 100 / Double(base)) }
+                let percent = { (value: Int, base: Int) in String(printf: "%.2f", Double(value) * 100 / Double(base)) }
                 print("\(report.allocatedClusters)/\(report.totalClusters) = "
                       + "\(percent(report.allocatedClusters, report.totalClusters))% allocated, "
                       + "\(percent(report.fragmentedClusters, report.allocatedClusters))% fragmented, "
@@ -139,6 +140,6 @@ struct ImgCheck: ParsableCommand {
     }
 
     private func printToStandardError(_ messages: [String]) {
-        for message in messages { FileHandle.standardError.write(Data((message + "\n").utf8)) }
+        for message in messages { StandardError.write(message + "\n") }
     }
 }

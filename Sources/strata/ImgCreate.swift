@@ -1,7 +1,8 @@
 import ArgumentParser
 import BlockDrivers
 import CLinuxAIO
-import Foundation
+import FoundationEssentials
+import Glibc
 import QCOW2
 
 /// `strata img create`: raw and qcow2 images, qemu-img's options.
@@ -51,7 +52,7 @@ struct ImgCreate: ParsableCommand {
         if let backing {
             // qemu-img's checks, plus the same file under another name.
             guard !backing.isEmpty else { fail("\(filename): Expected backing file name, got empty string") }
-            let path = ImageOpener.resolve(backing, relativeTo: (filename as NSString).deletingLastPathComponent)
+            let path = ImageOpener.resolve(backing, relativeTo: ImageOpener.directory(of: filename))
             if backing == filename || Self.sameFile(path, filename) {
                 fail("\(filename): Error: Trying to create an image with the same filename as the backing file")
             }

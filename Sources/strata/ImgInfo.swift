@@ -1,7 +1,8 @@
 import ArgumentParser
 import BlockDrivers
 import BlockLayer
-import Foundation
+import FoundationEssentials
+import Glibc
 import NIOCore
 import QCOW2
 
@@ -94,7 +95,7 @@ struct ImgInfo: ParsableCommand {
                                           order: QemuKeyOrder.formatSpecific)
         if let backing = header.backingFile {
             info["backing-filename"] = .string(backing)
-            let directory = (ImageSession.fileName(of: node) as NSString).deletingLastPathComponent
+            let directory = ImageOpener.directory(of: ImageSession.fileName(of: node))
             info["full-backing-filename"] = .string(ImageOpener.resolve(backing, relativeTo: directory))
             if let format = header.backingFormat { info["backing-filename-format"] = .string(format) }
         }
@@ -150,6 +151,17 @@ struct ImgInfo: ParsableCommand {
         return left(id, 9) + " " + left(name, 16) + " " + right(size, 8) + right(date, 20) + right(clock, 13) + right(icount, 11)
     }
 
+    /// A snapshot's date in local time, as qemu-img prints it (strftime
+    /// "%Y-%m-%d %H:%M:%S" of localtime).
+    static func localDateAndTime(secondsSinceEpoch seconds: UInt64) -> String {
+        var time = time_t(clamping: seconds)
+        var parts = tm()
+        guard localtime_r(&time, &parts) != nil else { return "" }
+        var buffer = [CChar](repeating: 0, count: 64)
+        let count = strftime(&buffer, buffer.count, "%Y-%m-%d %H:%M:%S", &parts)
+        return String(decoding: buffer.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     static func snapshotLine(_ snapshot: QemuJSON) -> String {
         func value(_ key: String) -> UInt64 {
             switch snapshot[key] {
@@ -159,11 +171,9 @@ struct ImgInfo: ParsableCommand {
             }
         }
         func text(_ key: String) -> String { if case .string(let value)? = snapshot[key] { value } else { "" } }
-        let formatter = DateFormatter()
-        formatter.dateFormat = "yyyy-MM-dd HH:mm:ss"
-        let date = formatter.string(from: Date(timeIntervalSince1970: TimeInterval(value("date-sec"))))
+        let date = localDateAndTime(secondsSinceEpoch: value("date-sec"))
         let seconds = value("vm-clock-sec")
-        let clock = String(format: "%02llu:%02llu:%02llu.%03llu", seconds / 3600, seconds / 60 % 60, seconds % 60,
+        let clock = String(printf: "%02llu:%02llu:%02llu.%03llu", seconds / 3600, seconds / 60 % 60, seconds % 60,
                            value("vm-clock-nsec") / 1_000_000 % 1000)
         let icount = snapshot["icount"] == nil ? "" : String(value("icount"))
         return snapshotLine(text("id"), text("name"), ImageSize.human(Int64(bitPattern: value("vm-state-size"))),

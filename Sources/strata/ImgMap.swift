@@ -1,7 +1,8 @@
 import ArgumentParser
 import BlockDrivers
 import BlockLayer
-import Foundation
+import FoundationEssentials
+import Glibc
 import NIOCore
 
 /// `strata img map`: where each guest range comes from in the chain.

@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import Glibc
 
 /// Prints `img map` entries as the walk finds them, merging those that
 /// continue each other: a fragmented image has millions, which held all at

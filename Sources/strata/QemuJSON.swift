@@ -70,7 +70,7 @@ enum QemuJSON {
         }
         switch self {
         case .object(let members):
-            return members.flatMap { entry($0.key.replacingOccurrences(of: "-", with: " "), $0.value) }
+            return members.flatMap { entry($0.key.replacing("-", with: " "), $0.value) }
         case .array(let items):
             return items.enumerated().flatMap { entry("[\($0.offset)]", $0.element) }
         default:

@@ -1,7 +1,8 @@
 import ArgumentParser
 import BlockDrivers
 import BlockLayer
-import Foundation
+import FoundationEssentials
+import Glibc
 import NBDServer
 import NIOCore
 import NIOPosix

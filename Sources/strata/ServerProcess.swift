@@ -1,7 +1,8 @@
 import BlockDrivers
 import BlockLayer
 import Dispatch
-import Foundation
+import FoundationEssentials
+import Glibc
 import NBDServer
 import NIOCore
 import NIOPosix
@@ -46,12 +47,12 @@ final class ServerProcess {
     }
 
     static func printError(_ message: String) {
-        FileHandle.standardError.write(Data("strata: \(message)\n".utf8))
+        StandardError.write("strata: \(message)\n")
     }
 
     func log(_ message: String) {
         guard options.verbose else { return }
-        FileHandle.standardError.write(Data("strata: \(message)\n".utf8))
+        StandardError.write("strata: \(message)\n")
     }
 
     /// Runs until shutdown; returns the exit status.
@@ -99,7 +100,7 @@ final class ServerProcess {
         image.l2CacheSize = options.l2CacheSize.flatMap(ImageSize.parse).map { Int(min($0, UInt64(Int.max))) }
         image.forceShare = options.forceShare
         return ImageOpener.open(image, graph: graph, io: io, warn: { warning in
-            FileHandle.standardError.write(Data((warning.formatted(tool: "strata") + "\n").utf8))
+            StandardError.write(warning.formatted(tool: "strata") + "\n")
         })
             .flatMapErrorThrowing { error in
                 // Named, as qemu-nbd names it: the error may be about a
@@ -123,12 +124,16 @@ final class ServerProcess {
 
     private func writePidFile() throws {
         guard let pidFile = options.pidFile else { return }
-        do {
-            try "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
-            ownsPidFile = true
-        } catch {
-            throw BlockError(errno: EIO, "Failed to write pid file '\(pidFile)': \(error.localizedDescription)")
+        let text = Array("\(getpid())\n".utf8)
+        let fd = open(pidFile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let written = fd < 0 ? -1 : text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        let error = errno
+        if fd >= 0 { close(fd) }
+        guard written == text.count else {
+            let reason = written < 0 ? String(cString: strerror(error)) : "short write"
+            throw BlockError(errno: EIO, "Failed to write pid file '\(pidFile)': \(reason)")
         }
+        ownsPidFile = true
     }
 
     private func export(_ node: BlockNode) throws {

@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import Glibc
 
 /// systemd socket activation: listening sockets passed as fds 3… with
 /// LISTEN_PID naming this process and LISTEN_FDS their count.

@@ -1,5 +1,6 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
+import Glibc
 
 @main
 struct Strata: ParsableCommand {
@@ -19,8 +20,8 @@ struct Strata: ParsableCommand {
             try command.run()
         } catch {
             guard exitCode(for: error) == .validationFailure else { exit(withError: error) }
-            FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
-            Foundation.exit(1)
+            StandardError.write(fullMessage(for: error) + "\n")
+            Glibc.exit(1)
         }
     }
 }

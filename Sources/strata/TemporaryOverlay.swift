@@ -1,5 +1,5 @@
 import BlockLayer
-import Foundation
+import FoundationEssentials
 import QCOW2
 #if canImport(Glibc)
 import Glibc

@@ -20,6 +20,20 @@ import Testing
         #expect(ImageOpener.resolve(name, relativeTo: directory) == expected)
     }
 
+    /// An image's directory, which its relative backing name resolves
+    /// against: what Foundation's `deletingLastPathComponent` gave where
+    /// the tool used it (checked against it on this toolchain), except
+    /// that a bare name gives "" (Foundation traps) and "//" gives "/"
+    /// (Foundation gives "").
+    @Test(arguments: [
+        ("", ""), ("a", ""), ("dir/", ""), ("/a", "/"), ("/", "/"), ("//", "/"), ("//a", "/"),
+        ("a/b", "a"), ("/a/b/", "/a"), ("a//b", "a"), ("a/b//", "a"), ("./o.qcow2", "."),
+        ("../x/y.qcow2", "../x"), ("/images/vm/overlay.qcow2", "/images/vm"),
+    ])
+    func anImagesDirectoryIsItsNameWithoutTheLastComponent(path: String, expected: String) {
+        #expect(ImageOpener.directory(of: path) == expected)
+    }
+
     /// `img info` opens a qcow2 whose external data file is missing, as
     /// qemu-img info does; its data clusters must then fail to read, not be
     /// read from the image file in the data file's place.

@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <sys/types.h>
 #include <libaio.h>
+#include <spawn.h>
 
 extern const int strata_O_DIRECT;
 extern const int strata_O_DSYNC;
@@ -117,5 +118,10 @@ int strata_ofd_lock(int fd, int64_t offset, int exclusive, int unlock);
 /// 1 if another open file description holds a lock that conflicts with an
 /// exclusive lock of the byte at `offset`, 0 if none, -errno on error.
 int strata_ofd_lock_conflicts(int fd, int64_t offset);
+
+// --- process spawning -----------------------------------------------------
+/// posix_spawn_file_actions_addclosefrom_np (glibc 2.34): the child closes
+/// every descriptor from `from` on. 0 or an errno.
+int strata_spawn_close_from(posix_spawn_file_actions_t *actions, int from);
 
 #endif
