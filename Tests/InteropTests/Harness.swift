@@ -27,10 +27,11 @@ enum Harness {
     /// Runs a command to completion with a time limit; the process is killed
     /// if it overstays.
     static func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:],
-                    timeout: TimeInterval = 120) throws -> Output {
+                    currentDirectory: String? = nil, timeout: TimeInterval = 120) throws -> Output {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
+        if let currentDirectory { process.currentDirectoryURL = URL(fileURLWithPath: currentDirectory) }
         if !environment.isEmpty {
             process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         }

@@ -393,6 +393,31 @@ import Testing
         #expect(try qemuImg(["info", "--backing-chain", overlay]).status == 1)
     }
 
+    /// An image named by one character, relative to the current directory,
+    /// with a backing file beside it: `create`, `info` and `check` work and
+    /// report what qemu-img reports. (Foundation's
+    /// `deletingLastPathComponent`, which found the backing file's
+    /// directory before, trapped on such a name.)
+    @Test func aOneCharacterImageNameFindsItsBackingFile() throws {
+        let directory = try Harness.temporaryDirectory("short-name").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        func run(_ tool: String, _ arguments: [String]) throws -> Harness.Output {
+            try Harness.run(tool, arguments, currentDirectory: directory)
+        }
+        #expect(try run("/usr/bin/qemu-img", ["create", "-q", "-f", "qcow2", "b", "1M"]).status == 0)
+        let created = try run(Harness.strata, ["img", "create", "-q", "-f", "qcow2", "-b", "b", "-F", "qcow2", "a", "1M"])
+        #expect(created.status == 0, "\(created.stderr)")
+        #expect(try run("/usr/bin/qemu-img", ["create", "-q", "-f", "qcow2", "-b", "b", "-F", "qcow2", "q", "1M"]).status == 0)
+        for command in [["info", "--output=json"], ["info", "--backing-chain"], ["check"]] {
+            let ours = try run(Harness.strata, ["img"] + command + ["a"])
+            let theirs = try run("/usr/bin/qemu-img", command + ["q"])
+            #expect(ours.status == 0, "\(command): \(ours.stderr)")
+            #expect(ours.stdout.replacingOccurrences(of: "\"a\"", with: "\"q\"")
+                        .replacingOccurrences(of: "image: a\n", with: "image: q\n") == theirs.stdout,
+                    "\(command):\n\(ours.stdout)\n--\n\(theirs.stdout)")
+        }
+    }
+
     /// A FIFO named as an image or a backing file is refused at once, with
     /// the message qemu-img gives a directory; qemu-img itself would wait in
     /// `open` for a writer that never comes.
