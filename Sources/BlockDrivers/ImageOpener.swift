@@ -271,20 +271,22 @@ public enum ImageOpener {
         }
     }
 
-    /// QEMU resolves relative backing and data file names against the
-    /// directory of the image that names them.
     /// The directory part of `path`, as Foundation's
     /// `deletingLastPathComponent` gives it: "" for a bare name, "/" for a
-    /// name in the root, and no trailing slash otherwise.
+    /// name in the root, and no trailing slash otherwise. Worked on bytes:
+    /// a "/" followed by a combining mark is still a separator.
     public static func directory(of path: String) -> String {
-        var path = Substring(path)
-        while path.count > 1, path.hasSuffix("/") { path = path.dropLast() }
-        guard let slash = path.lastIndex(of: "/") else { return "" }
-        var directory = path[..<slash]
-        while directory.hasSuffix("/") { directory = directory.dropLast() }
-        return directory.isEmpty ? "/" : String(directory)
+        let slash = UInt8(ascii: "/")
+        var bytes = Array(path.utf8)[...]
+        while bytes.count > 1, bytes.last == slash { bytes = bytes.dropLast() }
+        guard let last = bytes.lastIndex(of: slash) else { return "" }
+        var directory = bytes[..<last]
+        while directory.last == slash { directory = directory.dropLast() }
+        return directory.isEmpty ? "/" : String(decoding: directory, as: UTF8.self)
     }
 
+    /// QEMU resolves relative backing and data file names against the
+    /// directory of the image that names them.
     public static func resolve(_ name: String, relativeTo directory: String) -> String {
         if name.hasPrefix("/") || directory.isEmpty { return name }
         // The root directory already ends in one ("/base", not "//base").

@@ -30,8 +30,8 @@ enum Daemon {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO)
-        strata_spawn_close_from(&actions, 3)
+        let prepared = posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO) == 0
+            && strata_spawn_close_from(&actions, 3) == 0
         var environment = ProcessInfo.processInfo.environment
         environment[notifyVariable] = String(getpid())
         let executable = realpath("/proc/self/exe", nil).map { path in
@@ -41,7 +41,7 @@ enum Daemon {
         let arguments = [executable] + CommandLine.arguments.dropFirst()
         let variables = environment.map { "\($0.key)=\($0.value)" }
         var child = pid_t()
-        let spawned = withCStringArray(arguments) { argv in
+        let spawned = !prepared ? ENOMEM : withCStringArray(arguments) { argv in
             withCStringArray(variables) { envp in posix_spawn(&child, executable, &actions, nil, argv, envp) }
         }
         close(fds[1])

@@ -122,18 +122,29 @@ final class ServerProcess {
             }
     }
 
+    /// Writes the pid file whole or not at all: into a temporary file
+    /// beside it (mode 0600, as qemu-nbd's), renamed over the name, which
+    /// replaces a symlink there rather than writing through it.
     private func writePidFile() throws {
         guard let pidFile = options.pidFile else { return }
-        let text = Array("\(getpid())\n".utf8)
-        let fd = open(pidFile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        let written = fd < 0 ? -1 : text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        let error = errno
-        if fd >= 0 { close(fd) }
-        guard written == text.count else {
-            let reason = written < 0 ? String(cString: strerror(error)) : "short write"
-            throw BlockError(errno: EIO, "Failed to write pid file '\(pidFile)': \(reason)")
+        var template = Array((pidFile + ".XXXXXX").utf8CString)
+        let fd = mkstemp(&template)
+        guard fd >= 0 else {
+            throw BlockError(errno: EIO, "Failed to write pid file '\(pidFile)': \(String(cString: strerror(errno)))")
         }
-        ownsPidFile = true
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        let temporary = String(cString: template)
+        let text = Array("\(getpid())\n".utf8)
+        let written = text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        var error = written < 0 ? errno : 0
+        if close(fd) != 0, error == 0 { error = errno }
+        if written == text.count, error == 0, rename(temporary, pidFile) == 0 {
+            ownsPidFile = true
+            return
+        }
+        if error == 0 { error = written == text.count ? errno : EIO }
+        unlink(temporary)
+        throw BlockError(errno: EIO, "Failed to write pid file '\(pidFile)': \(String(cString: strerror(error)))")
     }
 
     private func export(_ node: BlockNode) throws {

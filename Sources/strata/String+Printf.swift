@@ -1,6 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#endif
 
 extension String {
     /// `format` filled in by C's `vsnprintf`: the tool prints numbers the

@@ -24,11 +24,12 @@ import Testing
     /// against: what Foundation's `deletingLastPathComponent` gave where
     /// the tool used it (checked against it on this toolchain), except
     /// that a bare name gives "" (Foundation traps) and "//" gives "/"
-    /// (Foundation gives "").
+    /// (Foundation gives ""). A "/" before a combining mark still counts.
     @Test(arguments: [
         ("", ""), ("a", ""), ("dir/", ""), ("/a", "/"), ("/", "/"), ("//", "/"), ("//a", "/"),
         ("a/b", "a"), ("/a/b/", "/a"), ("a//b", "a"), ("a/b//", "a"), ("./o.qcow2", "."),
         ("../x/y.qcow2", "../x"), ("/images/vm/overlay.qcow2", "/images/vm"),
+        ("d\u{e9}/\u{301}x.qcow2", "d\u{e9}"),
     ])
     func anImagesDirectoryIsItsNameWithoutTheLastComponent(path: String, expected: String) {
         #expect(ImageOpener.directory(of: path) == expected)

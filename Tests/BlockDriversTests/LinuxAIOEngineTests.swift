@@ -77,6 +77,9 @@ import Testing
     func theRingSaysWhetherItHoldsEvents() throws {
         let fd = try #require(try makeDirectFile(in: "/dev/shm", size: 1 << 16))
         defer { close(fd) }
+        // Freed after io_destroy, which waits for a read still in flight.
+        let memory = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { memory.deallocate() }
         var context: io_context_t?
         try #require(io_setup(8, &context) == 0)
         let ring = try #require(context)
@@ -84,8 +87,6 @@ import Testing
         try #require(strata_aio_ring_known(ring) == 1)
         #expect(strata_aio_ring_may_have_events(ring) == 0)
 
-        let memory = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
-        defer { memory.deallocate() }
         let signal = strata_eventfd()
         try #require(signal >= 0)
         defer { close(signal) }

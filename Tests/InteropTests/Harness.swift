@@ -5,7 +5,8 @@ import Testing
 enum Harness {
     /// The `strata` built next to this test bundle (or `STRATA_BINARY`).
     static var strata: String {
-        if let path = ProcessInfo.processInfo.environment["STRATA_BINARY"] { return path }
+        // Made absolute: some tests run it from another directory.
+        if let path = ProcessInfo.processInfo.environment["STRATA_BINARY"] { return URL(fileURLWithPath: path).path }
         let bundle = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
         var candidates = [bundle.appendingPathComponent("strata")]
         // `swift test` may run the bundle from inside its .xctest directory.

@@ -142,6 +142,9 @@ import Testing
         let pidText = try String(contentsOfFile: pidFile, encoding: .utf8)
         let pid = try #require(Int32(pidText.trimmingCharacters(in: .whitespacesAndNewlines)))
         defer { kill(pid, SIGKILL) }
+        var pidFileStatus = stat()
+        #expect(stat(pidFile, &pidFileStatus) == 0 && pidFileStatus.st_mode & 0o777 == 0o600,
+                "the pid file is the server's alone, as qemu-nbd's")
         let write = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x77 0 1M",
                                                          "nbd+unix:///?socket=\(socket)"])
         #expect(write.status == 0, "\(write.stderr)")
@@ -153,6 +156,22 @@ import Testing
         #expect(!FileManager.default.fileExists(atPath: pidFile), "the pid file is removed")
         let check = try Harness.run("/usr/bin/qemu-io", ["-f", "raw", "-c", "read -P 0x77 0 1M", image])
         #expect(check.status == 0 && !check.stdout.contains("Pattern verification failed"), "\(check.stdout)")
+    }
+
+    /// A `--fork` server that cannot start: the parent exits 1 once the
+    /// child has died, the child's error on its stderr; no pid file or
+    /// socket is left, and the pid file's temporary name is gone too.
+    @Test func forkOfAServerThatCannotStartExitsOne() throws {
+        let directory = try Harness.temporaryDirectory("fork-fail")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let missing = directory.appendingPathComponent("missing.raw").path
+        let socket = directory.appendingPathComponent("s.sock").path
+        let pidFile = directory.appendingPathComponent("strata.pid").path
+        let started = try Harness.run(Harness.strata, ["serve", "--fork", "--pid-file", pidFile, "-f", "raw",
+                                                       "-k", socket, missing], timeout: 30)
+        #expect(started.status == 1)
+        #expect(started.stderr.contains("missing.raw"), "\(started.stderr)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory.path).isEmpty)
     }
 
     /// SIGINT (Ctrl-C) ends the server as SIGTERM does: what clients wrote
