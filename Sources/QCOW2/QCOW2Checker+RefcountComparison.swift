@@ -157,8 +157,7 @@ extension QCOW2Checker {
         let block = Int(cluster / clustersPerBlock)
         guard !corruptionSignalled, let offset = misalignedBlocks[block] else { return nil }
         corruptionSignalled = true
-        let index = block == 0 ? "0" : "0x" + String(block, radix: 16)
-        let what = "Refblock offset 0x\(String(offset, radix: 16)) unaligned (reftable index: \(index))"
+        let what = "Refblock offset 0x\(String(offset, radix: 16)) unaligned (reftable index: \(block.alternateHex))"
         return openedForRepair
             ? "qcow2: Marking image as corrupt: \(what); further corruption events will be suppressed"
             : "qcow2: Image is corrupt: \(what); further non-fatal corruption events will be suppressed"

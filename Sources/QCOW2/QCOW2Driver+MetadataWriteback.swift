@@ -286,14 +286,21 @@ extension QCOW2Driver {
         return rewriteHeader(file: file)
     }
 
-    /// Marks the image corrupt on disk, as QEMU does, and fails the request.
+    /// Marks the image corrupt on disk, as QEMU does, and fails the request
+    /// once the header says so.
     func markCorrupt(_ reason: String, completion: @escaping BlockCompletion) {
-        // Told once, in qemu's words, on the server's stderr.
-        if corruptReason == nil {
-            fputs("qcow2: Marking image as corrupt: \(reason); further corruption events will be suppressed\n", stderr)
-        }
+        markCorrupt(reason).whenComplete { _ in completion(BlockError(errno: EIO, reason)) }
+    }
+
+    /// Marks the image corrupt on disk, once: told once, in QEMU's words,
+    /// on the server's stderr; later corruptions keep the first reason and
+    /// wait for the same header write. `prepareToClose` waits for it too.
+    @discardableResult
+    func markCorrupt(_ reason: String) -> EventLoopFuture<Void> {
+        guard corruptReason == nil else { return lastHeaderWrite ?? file.eventLoop.makeSucceededVoidFuture() }
+        fputs("qcow2: Marking image as corrupt: \(reason); further corruption events will be suppressed\n", stderr)
         header.incompatibleFeatures.insert(.corrupt)
         corruptReason = reason
-        rewriteHeader(file: file).whenComplete { _ in completion(BlockError(errno: EIO, reason)) }
+        return rewriteHeader(file: file)
     }
 }

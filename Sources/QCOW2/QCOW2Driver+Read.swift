@@ -18,14 +18,18 @@ extension QCOW2Driver {
     // MARK: L2 tables
 
     /// The host offset of the L2 table for L1 index `index`; nil when the
-    /// L1 entry is empty, an error when it is unaligned or has reserved bits.
+    /// L1 entry is empty, an error when it is unaligned (a corruption, as
+    /// QEMU words it) or has reserved bits.
     func l2TableOffset(for index: Int) throws(BlockError) -> UInt64? {
         guard index < l1.count else { return nil }
         let entry = l1[index]
         let offset = entry & QCOW2Entry.offsetMask
         guard offset != 0 else { return nil }
-        if entry & QCOW2Entry.l1ReservedMask != 0 || offset & UInt64(geometry.clusterSize - 1) != 0 {
-            throw BlockError(errno: EIO, "L2 table offset 0x\(String(offset, radix: 16)) unaligned or reserved bits set")
+        if offset & UInt64(geometry.clusterSize - 1) != 0 {
+            throw corruption("L2 table offset 0x\(String(offset, radix: 16)) unaligned (L1 index: \(index.alternateHex))")
+        }
+        if entry & QCOW2Entry.l1ReservedMask != 0 {
+            throw BlockError(errno: EIO, "L1 entry 0x\(String(entry, radix: 16)) has reserved bits set")
         }
         return offset
     }
@@ -98,7 +102,7 @@ extension QCOW2Driver {
                 throw BlockError(errno: EIO, "Invalid L2 entry 0x\(String(entry, radix: 16)) for guest offset \(position)")
             }
             if case .data(let host) = mapping, host & UInt64(clusterSize - 1) != 0 || entry & QCOW2Entry.l2ReservedMask & ~1 != 0 {
-                let place = "L2 offset: 0x\(String(table.offset, radix: 16)), L2 index: \(index == 0 ? "0" : "0x" + String(index, radix: 16))"
+                let place = "L2 offset: 0x\(String(table.offset, radix: 16)), L2 index: \(index.alternateHex)"
                 throw Corruption(what: "Cluster allocation offset 0x\(String(host, radix: 16)) unaligned (\(place))")
             }
             // The extent of this mapping: the rest of the subcluster, or of
@@ -149,10 +153,16 @@ extension QCOW2Driver {
         var what: String
     }
 
-    /// A corruption found reading metadata: on a read-only image QEMU
-    /// says so once per open, in its words, and fails the request.
+    /// A corruption found reading metadata, for the request to fail with.
+    /// As QEMU: a read-only image says so once per open, in its words; a
+    /// writable one is marked corrupt on disk too, so that nothing more is
+    /// written over metadata that cannot be trusted, in this open or the
+    /// next, until a check repairs it. (A check's own open leaves the
+    /// marking to the check.)
     func corruption(_ what: String) -> BlockError {
-        if options.readOnly, !readCorruptionSignalled {
+        if writable {
+            if !options.forRepair { markCorrupt(what) }
+        } else if !readCorruptionSignalled {
             readCorruptionSignalled = true
             fputs("qcow2: Image is corrupt: \(what); further non-fatal corruption events will be suppressed\n", stderr)
         }

@@ -515,12 +515,16 @@ public final class QCOW2Driver: BlockDriver {
     /// clears it (`markConsistent`). qemu-img 7.2 clears it on close even
     /// when `-r leaks` gave up, leaving clusters in use counted 0: measured,
     /// its next write into a new cluster overwrote guest data there.
+    ///
+    /// Either way it ends after the last header write: a read that finds a
+    /// corruption marks the image without waiting for the write.
     public func prepareToClose(completion: @escaping BlockCompletion) {
         guard writable else { return completion(nil) }
         flush { error in
             if let error { return completion(error) }
-            guard !self.options.forRepair else { return completion(nil) }
-            self.clearFlags(.dirty, file: self.file).whenComplete { result in
+            let cleared = self.options.forRepair ? self.file.eventLoop.makeSucceededVoidFuture()
+                                                 : self.clearFlags(.dirty, file: self.file)
+            cleared.flatMap { self.lastHeaderWrite ?? self.file.eventLoop.makeSucceededVoidFuture() }.whenComplete { result in
                 if case .failure(let error) = result { return completion(error as? BlockError ?? .eio) }
                 completion(nil)
             }

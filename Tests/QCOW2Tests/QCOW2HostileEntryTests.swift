@@ -134,4 +134,37 @@ import Glibc
         var readBack = [UInt8](repeating: 1, count: 4096)
         #expect(run { done in readBack.withUnsafeMutableBytes { driver.read(at: elsewhere, into: $0, flags: [], completion: done) } } == nil)
     }
+
+    /// A read that meets a data cluster off the grid fails and, the image
+    /// being writable, marks it corrupt as QEMU does: nothing is written
+    /// after. The read does not wait for the header write; a close does.
+    @Test func aReadOfAnUnalignedClusterMarksAWritableImageCorrupt() throws {
+        let (file, _) = try image { header, _ in
+            QCOW2Entry.copied | (header.l1TableOffset + UInt64(4 * (64 << 10)) + 512)
+        }
+        let driver = try open(file)
+        file.heldWrites = []
+        var readBack = [UInt8](repeating: 1, count: 4096)
+        let error = run { done in readBack.withUnsafeMutableBytes { driver.read(at: 0, into: $0, flags: [], completion: done) } }
+        #expect(error?.errno == EIO, "the read fails")
+        #expect(driver.corruptReason?.hasPrefix("Cluster allocation offset 0x") == true, "\(driver.corruptReason ?? "not marked corrupt")")
+        #expect(file.heldWrites?.count == 1, "one header write, in flight")
+        let data = [UInt8](repeating: 0x55, count: 4096)
+        var later: BlockError?
+        data.withUnsafeBytes { bytes in driver.write(at: Int64(clusterSize), from: bytes, flags: []) { later = $0 } }
+        loop.run()
+        #expect(later?.errno == EIO, "a later write to a sound cluster fails")
+
+        var closed = false
+        driver.prepareToClose { _ in closed = true }
+        loop.run()
+        #expect(!closed, "the close waits for the header write")
+        while let write = file.heldWrites?.first {
+            file.heldWrites!.removeFirst()
+            write()
+            loop.run()
+        }
+        #expect(closed)
+        #expect(try QCOW2Header.parse(file.bytes).incompatibleFeatures.contains(.corrupt), "the header on disk says corrupt")
+    }
 }

@@ -6,6 +6,7 @@ and a kill -9 in the middle of a write storm."""
 import errno
 import os
 import random
+import re
 import shutil
 import signal
 import threading
@@ -598,6 +599,69 @@ def qcow2_hostile_metadata(ctx):
     # Read-only still works.
     srv = ctx.start_server(img, fmt="qcow2", readonly=True)
     srv.stop()
+
+
+def _corruption_event(text):
+    """The qcow2 corruption line in a tool's stderr, without any prefix."""
+    found = re.search(r"qcow2: (Marking image as corrupt|Image is corrupt): [^\n]*", text)
+    return found.group(0) if found else None
+
+
+@case
+def qcow2_read_of_a_bad_entry_marks_the_image_corrupt(ctx):
+    """A read that meets an L2 table or a data cluster off the cluster grid
+    does what it does in QEMU: on a read-write image, the image is marked
+    corrupt on disk (the server's stderr has qemu-io's line, word for
+    word) and takes no more writes; read-only, the server says so in
+    qemu-io's words and leaves the image as it was."""
+    for damage in ("data cluster", "L2 table"):
+        img = ctx.path("bad.qcow2")
+        qimg(ctx, "create", "-f", "qcow2", img, "16M")
+        qio(ctx, img, "write -P 0x11 0 128k")
+        with open(img, "r+b") as f:
+            l1_offset = int.from_bytes(f.read(48)[40:48], "big")
+            f.seek(l1_offset)
+            l2_offset = int.from_bytes(f.read(8), "big") & 0x00fffffffffffe00
+            if damage == "data cluster":
+                f.seek(l2_offset + 8)  # the second cluster
+                f.write(((1 << 63) | 0x12345600).to_bytes(8, "big"))
+            else:
+                f.seek(l1_offset)
+                f.write(((1 << 63) | (l2_offset + 0x200)).to_bytes(8, "big"))
+        pristine = ctx.path("pristine.qcow2")
+        shutil.copyfile(img, pristine)
+        for readonly in (True, False):
+            theirs = ctx.path("theirs.qcow2")
+            shutil.copyfile(pristine, theirs)
+            shutil.copyfile(pristine, img)
+            qemu = ctx.run(["qemu-io", "-f", "qcow2"] + (["-r"] if readonly else [])
+                           + ["-c", "read 64k 512", theirs], check=False)
+            expected = _corruption_event(qemu.err + qemu.out)
+            check(expected is not None, "qemu-io reports the corruption: %s" % qemu.err)
+            srv = ctx.start_server(img, fmt="qcow2", readonly=readonly)
+            h = nbd.NBD()
+            h.connect_uri(srv.uri())
+            try:
+                h.pread(512, 65536)
+                fail("%s: reading past a bad %s must fail" % (readonly and "read-only" or "read-write", damage))
+            except nbd.Error as e:
+                check_eq("%s, bad %s: errno of the read" % (readonly and "read-only" or "read-write", damage),
+                         errno.EIO, e.errnum)
+            if not readonly:
+                try:
+                    h.pwrite(b"\x22" * 4096, 8 << 20)
+                    fail("bad %s: a write after the image was marked corrupt must fail" % damage)
+                except nbd.Error as e:
+                    note("later write: %s" % e)
+            h.shutdown()
+            srv.stop()
+            check_eq("bad %s, %s: the server's corruption event" % (damage, readonly and "read-only" or "read-write"),
+                     expected, _corruption_event(srv.stderr_text()))
+            for path, who in ((theirs, "qemu-io"), (img, "Strata")):
+                info = ctx.run(["qemu-img", "info", "--output=json", "-U", path]).out
+                marked = '"corrupt": true' in info
+                check(marked == (not readonly), "bad %s, after %s (%s): marked corrupt %s" % (
+                    damage, who, readonly and "read-only" or "read-write", marked))
 
 
 @case
