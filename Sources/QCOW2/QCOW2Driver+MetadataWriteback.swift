@@ -93,9 +93,11 @@ extension QCOW2Driver {
                     self.header.refcountTableClusters = UInt32(move.newClusters)
                     self.rewriteHeader(file: self.file).whenComplete { result in
                         if case .failure(let error) = result {
-                            // Other header rewrites (marking the image
-                            // corrupt) must not name a table that may not be
-                            // on disk when they run.
+                            // Header rewrites asked for from now on (marking
+                            // the image corrupt) must not name a table that
+                            // may not be on disk. (One already queued names
+                            // it, but the table and its blocks were flushed
+                            // before this write, so it is complete.)
                             (self.header.refcountTableOffset, self.header.refcountTableClusters) = named
                             return failed(error as? BlockError ?? .eio)
                         }
@@ -292,15 +294,21 @@ extension QCOW2Driver {
         markCorrupt(reason).whenComplete { _ in completion(BlockError(errno: EIO, reason)) }
     }
 
-    /// Marks the image corrupt on disk, once: told once, in QEMU's words,
-    /// on the server's stderr; later corruptions keep the first reason and
-    /// wait for the same header write. `prepareToClose` waits for it too.
+    /// Marks the image corrupt on disk: told once, in QEMU's words, on the
+    /// server's stderr; later corruptions keep the first reason and wait
+    /// for the same header write, or try again if it failed.
+    /// `prepareToClose` waits for it too.
     @discardableResult
     func markCorrupt(_ reason: String) -> EventLoopFuture<Void> {
-        guard corruptReason == nil else { return lastHeaderWrite ?? file.eventLoop.makeSucceededVoidFuture() }
-        fputs("qcow2: Marking image as corrupt: \(reason); further corruption events will be suppressed\n", stderr)
+        if corruptReason == nil {
+            fputs("qcow2: Marking image as corrupt: \(reason); further corruption events will be suppressed\n", stderr)
+            corruptReason = reason
+        }
+        if let corruptMarking { return corruptMarking }
         header.incompatibleFeatures.insert(.corrupt)
-        corruptReason = reason
-        return rewriteHeader(file: file)
+        let write = rewriteHeader(file: file)
+        corruptMarking = write
+        write.whenFailure { _ in self.corruptMarking = nil }
+        return write
     }
 }

@@ -96,14 +96,20 @@ extension QCOW2Driver {
             let bitmap = geometry.extendedL2 ? table.bitmap(index) : nil
             let inCluster = position & (clusterSize - 1)
             let subcluster = Int(inCluster / subclusterSize)
+            let place = "L2 offset: 0x\(String(table.offset, radix: 16)), L2 index: \(index.alternateHex)"
             guard let mapping = QCOW2Entry.mapping(entry: entry, bitmap: bitmap, subcluster: subcluster,
                                                    clusterBits: UInt32(clusterBits),
                                                    externalData: geometry.externalData) else {
-                throw BlockError(errno: EIO, "Invalid L2 entry 0x\(String(entry, radix: 16)) for guest offset \(position)")
+                throw Corruption(what: "Invalid cluster entry found (\(place))")
             }
-            if case .data(let host) = mapping, host & UInt64(clusterSize - 1) != 0 || entry & QCOW2Entry.l2ReservedMask & ~1 != 0 {
-                let place = "L2 offset: 0x\(String(table.offset, radix: 16)), L2 index: \(index.alternateHex)"
-                throw Corruption(what: "Cluster allocation offset 0x\(String(host, radix: 16)) unaligned (\(place))")
+            // Reserved bits are QEMU's check's business, not its reads'.
+            switch mapping {
+            case .data(let host), .zero(.some(let host)), .unallocatedSubcluster(let host):
+                if host & UInt64(clusterSize - 1) != 0 {
+                    throw Corruption(what: "Cluster allocation offset 0x\(String(host, radix: 16)) unaligned (\(place))")
+                }
+            default:
+                break
             }
             // The extent of this mapping: the rest of the subcluster, or of
             // the whole cluster for compressed data.
@@ -155,10 +161,10 @@ extension QCOW2Driver {
 
     /// A corruption found reading metadata, for the request to fail with.
     /// As QEMU: a read-only image says so once per open, in its words; a
-    /// writable one is marked corrupt on disk too, so that nothing more is
-    /// written over metadata that cannot be trusted, in this open or the
-    /// next, until a check repairs it. (A check's own open leaves the
-    /// marking to the check.)
+    /// writable one is marked corrupt on disk too, so that it takes no more
+    /// changes, in this open or the next, until a check repairs it. (A
+    /// check's own open leaves the marking to the check.) The request does
+    /// not wait for the header write; a close does.
     func corruption(_ what: String) -> BlockError {
         if writable {
             if !options.forRepair { markCorrupt(what) }
@@ -200,7 +206,8 @@ extension QCOW2Driver {
 
     /// The run covering all of `[offset, offset + length)`, looked up
     /// without I/O: nil when its L2 table is not in memory, or when the
-    /// range spans more than one run.
+    /// range spans more than one run. A corruption found on the way is
+    /// signalled (`corruption`) as the general path would signal it.
     private func runInMemory(at offset: Int64, length: Int) -> Run? {
         let table: QCOW2L2Table?
         do {
@@ -263,7 +270,7 @@ extension QCOW2Driver {
     /// the data file or unallocated over a backing file that holds all of
     /// it. One read, without the group and closures the general path
     /// allocates (callgrind: 1,100 of the server's 30,800 instructions per
-    /// 4 KiB read). False, with nothing started, for anything else.
+    /// 4 KiB read). False, with no read started, for anything else.
     private func readWithinOneRun(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer,
                                   completion: @escaping BlockCompletion) -> Bool {
         guard buffer.count > 0 else { return false }

@@ -246,6 +246,9 @@ extension QCOW2Driver {
                     if let table, table.offset != self.l1[index] & QCOW2Entry.offsetMask {
                         return attempt()  // replaced meanwhile: look again
                     }
+                    if let table, let refusal = self.misalignedClusterRefusal(table.entry(slot), guestOffset: offset) {
+                        return self.markCorrupt(refusal, completion: completion)
+                    }
                     if let table, self.l1[index] & QCOW2Entry.copied != 0,
                        let host = self.inPlaceHost(table, slot: slot, offset: offset, count: piece.count) {
                         if let refusal = self.inPlaceWriteRefusal(host: host) {
@@ -267,6 +270,17 @@ extension QCOW2Driver {
             }
         }
         attempt()
+    }
+
+    /// Why a write may not touch the cluster of `entry`: one the image
+    /// owns (COPIED) at a host offset off the cluster grid. QEMU checks
+    /// this first, in these words, whatever the write would do next.
+    private func misalignedClusterRefusal(_ entry: UInt64, guestOffset: Int64) -> String? {
+        let host = entry & QCOW2Entry.offsetMask
+        guard entry & QCOW2Entry.copied != 0, entry & QCOW2Entry.compressed == 0,
+              geometry.offsetInCluster(Int64(host)) != 0 else { return nil }
+        let kind = !geometry.extendedL2 && entry & QCOW2Entry.zeroFlag != 0 ? "Preallocated zero" : "Data"
+        return "\(kind) cluster offset 0x\(String(host, radix: 16)) unaligned (guest offset: \(guestOffset.alternateHex))"
     }
 
     /// The host offset of a cluster the active image owns outright, whose

@@ -96,6 +96,9 @@ public final class QCOW2Driver: BlockDriver {
     /// Why the image was marked corrupt while open; from then on it takes
     /// no more changes (see `changeRefusal`).
     var corruptReason: String?
+    /// The header write setting the corrupt bit, in flight or done; nil
+    /// before one, or after one failed (the next corruption tries again).
+    var corruptMarking: EventLoopFuture<Void>?
     /// Whether a read has reported a corruption (QEMU tells once per open).
     var readCorruptionSignalled = false
     /// The header write issued last (see `rewriteHeader`).
@@ -506,6 +509,7 @@ public final class QCOW2Driver: BlockDriver {
     func clearFlags(_ flags: QCOW2Header.IncompatibleFeatures, file: BlockNode) -> EventLoopFuture<Void> {
         guard !header.incompatibleFeatures.isDisjoint(with: flags) else { return file.eventLoop.makeSucceededVoidFuture() }
         header.incompatibleFeatures.subtract(flags)
+        if flags.contains(.corrupt) { corruptMarking = nil }  // a later corruption marks it again
         return rewriteHeader(file: file)
     }
 
@@ -516,15 +520,17 @@ public final class QCOW2Driver: BlockDriver {
     /// when `-r leaks` gave up, leaving clusters in use counted 0: measured,
     /// its next write into a new cluster overwrote guest data there.
     ///
-    /// Either way it ends after the last header write: a read that finds a
-    /// corruption marks the image without waiting for the write.
+    /// It always ends after the last header write, even when the flush
+    /// failed: a read that finds a corruption marks the image without
+    /// waiting for that write, and the file must not close under it.
     public func prepareToClose(completion: @escaping BlockCompletion) {
         guard writable else { return completion(nil) }
-        flush { error in
-            if let error { return completion(error) }
-            let cleared = self.options.forRepair ? self.file.eventLoop.makeSucceededVoidFuture()
-                                                 : self.clearFlags(.dirty, file: self.file)
-            cleared.flatMap { self.lastHeaderWrite ?? self.file.eventLoop.makeSucceededVoidFuture() }.whenComplete { result in
+        let loop = file.eventLoop
+        flush { flushError in
+            let cleared = flushError != nil || self.options.forRepair ? loop.makeSucceededVoidFuture()
+                                                                      : self.clearFlags(.dirty, file: self.file)
+            cleared.flatMap { self.lastHeaderWrite ?? loop.makeSucceededVoidFuture() }.whenComplete { result in
+                if let flushError { return completion(flushError) }
                 if case .failure(let error) = result { return completion(error as? BlockError ?? .eio) }
                 completion(nil)
             }

@@ -135,12 +135,14 @@ import Glibc
         #expect(run { done in readBack.withUnsafeMutableBytes { driver.read(at: elsewhere, into: $0, flags: [], completion: done) } } == nil)
     }
 
-    /// A read that meets a data cluster off the grid fails and, the image
-    /// being writable, marks it corrupt as QEMU does: nothing is written
-    /// after. The read does not wait for the header write; a close does.
-    @Test func aReadOfAnUnalignedClusterMarksAWritableImageCorrupt() throws {
+    /// A read that meets a cluster off the grid (data, or a preallocated
+    /// zero cluster) fails and, the image being writable, marks it corrupt
+    /// as QEMU does: nothing is written after. The read does not wait for
+    /// the header write; a close does.
+    @Test(arguments: [UInt64(0), QCOW2Entry.zeroFlag])
+    func aReadOfAnUnalignedClusterMarksAWritableImageCorrupt(flags: UInt64) throws {
         let (file, _) = try image { header, _ in
-            QCOW2Entry.copied | (header.l1TableOffset + UInt64(4 * (64 << 10)) + 512)
+            flags | QCOW2Entry.copied | (header.l1TableOffset + UInt64(4 * (64 << 10)) + 512)
         }
         let driver = try open(file)
         file.heldWrites = []
@@ -166,5 +168,18 @@ import Glibc
         }
         #expect(closed)
         #expect(try QCOW2Header.parse(file.bytes).incompatibleFeatures.contains(.corrupt), "the header on disk says corrupt")
+    }
+
+    /// Reserved bits in an L2 entry are for `check` to report; QEMU reads
+    /// such an entry as if they were clear, and so does Strata.
+    @Test func aReadOfAnEntryWithReservedBitsGoesOn() throws {
+        let (file, _) = try image { _, free in QCOW2Entry.copied | free | 1 << 1 | 1 << 56 }
+        let free = file.bytes.count - clusterSize
+        file.bytes.replaceSubrange(free..<free + 4096, with: repeatElement(0x5a, count: 4096))
+        let driver = try open(file)
+        var readBack = [UInt8](repeating: 1, count: 4096)
+        #expect(run { done in readBack.withUnsafeMutableBytes { driver.read(at: 0, into: $0, flags: [], completion: done) } } == nil)
+        #expect(readBack == [UInt8](repeating: 0x5a, count: 4096))
+        #expect(driver.corruptReason == nil)
     }
 }

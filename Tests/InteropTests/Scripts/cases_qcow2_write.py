@@ -550,8 +550,10 @@ def qcow2_write_grows_refcount_table(ctx):
 def qcow2_hostile_metadata(ctx):
     """Hostile tables: an L2 entry pointing into the L1 table is refused on
     write (the image is marked corrupt, as QEMU does, and takes no more
-    writes; reads go on) and an unaligned one
-    fails the read; a corrupt image will not open read-write. No crash."""
+    writes; reads go on) and an unaligned one fails the read; a corrupt
+    image will not open read-write. No crash. (The write comes first: a
+    read of the unaligned entry would mark the image by itself, see
+    qcow2_read_of_a_bad_entry_marks_the_image_corrupt.)"""
     img = ctx.path("h.qcow2")
     qimg(ctx, "create", "-f", "qcow2", img, "16M")
     qio(ctx, img, "write -P 0x11 0 128k")
@@ -569,15 +571,17 @@ def qcow2_hostile_metadata(ctx):
     h = nbd.NBD()
     h.connect_uri(srv.uri())
     try:
-        h.pread(512, 65536)
-        fail("reading an unaligned cluster must fail")
-    except nbd.Error as e:
-        note("read of an unaligned cluster: %s" % e)
-    try:
         h.pwrite(b"\xee" * 512, 0)
         fail("writing over the L1 table must fail")
     except nbd.Error as e:
         note("write into metadata: %s" % e)
+    check("Marking image as corrupt: Preventing invalid write on metadata" in srv.stderr_text(),
+          "the write into metadata marks the image: %s" % srv.stderr_text()[-300:])
+    try:
+        h.pread(512, 65536)
+        fail("reading an unaligned cluster must fail")
+    except nbd.Error as e:
+        note("read of an unaligned cluster: %s" % e)
     # Marked corrupt, the image takes no more changes anywhere; reads of
     # sound clusters go on, so the data can be copied off.
     try:
@@ -607,61 +611,88 @@ def _corruption_event(text):
     return found.group(0) if found else None
 
 
+def _misaligned_image(ctx, path, damage):
+    """A 1 GiB qcow2 with data in its first two clusters, then damaged:
+    the second cluster's entry moved off the grid ("data cluster"), made
+    a preallocated zero cluster off the grid ("zero cluster"), or the first
+    L2 table's L1 entry moved off the grid ("L2 table"). 1 GiB: writes past
+    the first L2 table's reach (512 MiB) touch nothing the damage does."""
+    qimg(ctx, "create", "-f", "qcow2", path, "1G")
+    qio(ctx, path, "write -P 0x11 0 128k")
+    with open(path, "r+b") as f:
+        l1_offset = int.from_bytes(f.read(48)[40:48], "big")
+        f.seek(l1_offset)
+        l2_offset = int.from_bytes(f.read(8), "big") & 0x00fffffffffffe00
+        if damage == "L2 table":
+            f.seek(l1_offset)
+            f.write(((1 << 63) | (l2_offset + 0x200)).to_bytes(8, "big"))
+        else:
+            zero = 1 if damage == "zero cluster" else 0
+            f.seek(l2_offset + 8)
+            f.write(((1 << 63) | 0x12345600 | zero).to_bytes(8, "big"))
+
+
+def _same_corruption_as_qemu_io(ctx, damage, command, readonly=False):
+    """`command` (a qemu-io read or write) on a damaged image through qemu-io
+    and through Strata's export: both fail, both say the same corruption
+    line, and both leave the image marked corrupt (not when read-only)."""
+    mode = "read-only" if readonly else "read-write"
+    what = "%s, %s, %s" % (damage, command, mode)
+    pristine, theirs, ours = ctx.path("pristine.qcow2"), ctx.path("theirs.qcow2"), ctx.path("ours.qcow2")
+    _misaligned_image(ctx, pristine, damage)
+    shutil.copyfile(pristine, theirs)
+    shutil.copyfile(pristine, ours)
+    qemu = ctx.run(["qemu-io", "-f", "qcow2"] + (["-r"] if readonly else []) + ["-c", command, theirs],
+                   check=False)
+    expected = _corruption_event(qemu.err + qemu.out)
+    check(expected is not None, "%s: qemu-io reports the corruption: %s" % (what, qemu.err))
+    verb, offset, length = command.split()[0], int(command.split()[-2]), int(command.split()[-1])
+    srv = ctx.start_server(ours, fmt="qcow2", readonly=readonly)
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    try:
+        if verb == "read":
+            h.pread(length, offset)
+        else:
+            h.pwrite(b"\x22" * length, offset)
+        fail("%s: must fail" % what)
+    except nbd.Error as e:
+        check_eq("%s: errno" % what, errno.EIO, e.errnum)
+    if not readonly:
+        try:
+            h.pwrite(b"\x22" * 4096, 600 << 20)
+            fail("%s: a write after the image was marked corrupt must fail" % what)
+        except nbd.Error as e:
+            check_eq("%s: errno of a later write to a sound cluster" % what, errno.EIO, e.errnum)
+    h.shutdown()
+    srv.stop()
+    check_eq("%s: the server's corruption line" % what, expected, _corruption_event(srv.stderr_text()))
+    for path, who in ((theirs, "qemu-io"), (ours, "Strata")):
+        info = ctx.run(["qemu-img", "info", "--output=json", "-U", path]).out
+        marked = '"corrupt": true' in info
+        check(marked == (not readonly), "%s, after %s: marked corrupt %s" % (what, who, marked))
+
+
 @case
 def qcow2_read_of_a_bad_entry_marks_the_image_corrupt(ctx):
-    """A read that meets an L2 table or a data cluster off the cluster grid
+    """A read that meets an L2 table or a cluster off the cluster grid
     does what it does in QEMU: on a read-write image, the image is marked
     corrupt on disk (the server's stderr has qemu-io's line, word for
     word) and takes no more writes; read-only, the server says so in
     qemu-io's words and leaves the image as it was."""
-    for damage in ("data cluster", "L2 table"):
-        img = ctx.path("bad.qcow2")
-        qimg(ctx, "create", "-f", "qcow2", img, "16M")
-        qio(ctx, img, "write -P 0x11 0 128k")
-        with open(img, "r+b") as f:
-            l1_offset = int.from_bytes(f.read(48)[40:48], "big")
-            f.seek(l1_offset)
-            l2_offset = int.from_bytes(f.read(8), "big") & 0x00fffffffffffe00
-            if damage == "data cluster":
-                f.seek(l2_offset + 8)  # the second cluster
-                f.write(((1 << 63) | 0x12345600).to_bytes(8, "big"))
-            else:
-                f.seek(l1_offset)
-                f.write(((1 << 63) | (l2_offset + 0x200)).to_bytes(8, "big"))
-        pristine = ctx.path("pristine.qcow2")
-        shutil.copyfile(img, pristine)
+    for damage in ("data cluster", "zero cluster", "L2 table"):
         for readonly in (True, False):
-            theirs = ctx.path("theirs.qcow2")
-            shutil.copyfile(pristine, theirs)
-            shutil.copyfile(pristine, img)
-            qemu = ctx.run(["qemu-io", "-f", "qcow2"] + (["-r"] if readonly else [])
-                           + ["-c", "read 64k 512", theirs], check=False)
-            expected = _corruption_event(qemu.err + qemu.out)
-            check(expected is not None, "qemu-io reports the corruption: %s" % qemu.err)
-            srv = ctx.start_server(img, fmt="qcow2", readonly=readonly)
-            h = nbd.NBD()
-            h.connect_uri(srv.uri())
-            try:
-                h.pread(512, 65536)
-                fail("%s: reading past a bad %s must fail" % (readonly and "read-only" or "read-write", damage))
-            except nbd.Error as e:
-                check_eq("%s, bad %s: errno of the read" % (readonly and "read-only" or "read-write", damage),
-                         errno.EIO, e.errnum)
-            if not readonly:
-                try:
-                    h.pwrite(b"\x22" * 4096, 8 << 20)
-                    fail("bad %s: a write after the image was marked corrupt must fail" % damage)
-                except nbd.Error as e:
-                    note("later write: %s" % e)
-            h.shutdown()
-            srv.stop()
-            check_eq("bad %s, %s: the server's corruption event" % (damage, readonly and "read-only" or "read-write"),
-                     expected, _corruption_event(srv.stderr_text()))
-            for path, who in ((theirs, "qemu-io"), (img, "Strata")):
-                info = ctx.run(["qemu-img", "info", "--output=json", "-U", path]).out
-                marked = '"corrupt": true' in info
-                check(marked == (not readonly), "bad %s, after %s (%s): marked corrupt %s" % (
-                    damage, who, readonly and "read-only" or "read-write", marked))
+            _same_corruption_as_qemu_io(ctx, damage, "read 65536 512", readonly=readonly)
+
+
+@case
+def qcow2_write_to_a_misaligned_cluster_marks_the_image_corrupt(ctx):
+    """A write to a cluster the image owns at an offset off the grid fails
+    and marks the image corrupt, in qemu-io's words (which name the guest
+    offset of the part of the write in that cluster)."""
+    for damage, command in (("data cluster", "write 70000 512"), ("zero cluster", "write 70000 512"),
+                            ("data cluster", "write 60000 10000"), ("L2 table", "write 70000 512")):
+        _same_corruption_as_qemu_io(ctx, damage, command)
 
 
 @case
