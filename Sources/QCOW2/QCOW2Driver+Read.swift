@@ -19,17 +19,14 @@ extension QCOW2Driver {
 
     /// The host offset of the L2 table for L1 index `index`; nil when the
     /// L1 entry is empty, an error when it is unaligned (a corruption, as
-    /// QEMU words it) or has reserved bits.
+    /// QEMU words it). Reserved bits are read as clear, as QEMU reads them
+    /// (check reports them).
     func l2TableOffset(for index: Int) throws(BlockError) -> UInt64? {
         guard index < l1.count else { return nil }
-        let entry = l1[index]
-        let offset = entry & QCOW2Entry.offsetMask
+        let offset = l1[index] & QCOW2Entry.offsetMask
         guard offset != 0 else { return nil }
         if offset & UInt64(geometry.clusterSize - 1) != 0 {
             throw corruption("L2 table offset 0x\(String(offset, radix: 16)) unaligned (L1 index: \(index.alternateHex))")
-        }
-        if entry & QCOW2Entry.l1ReservedMask != 0 {
-            throw BlockError(errno: EIO, "L1 entry 0x\(String(entry, radix: 16)) has reserved bits set")
         }
         return offset
     }

@@ -696,6 +696,48 @@ def qcow2_write_to_a_misaligned_cluster_marks_the_image_corrupt(ctx):
 
 
 @case
+def qcow2_reserved_entry_bits_are_read_as_qemu_reads_them(ctx):
+    """Reserved bits in an L1 and an L2 entry are check's to report: QEMU
+    reads and writes through such entries as if the bits were clear, and
+    so does Strata; neither marks the image corrupt, and qemu-img check
+    then reports the same bits in both copies."""
+    pristine, theirs, ours = ctx.path("pristine.qcow2"), ctx.path("theirs.qcow2"), ctx.path("ours.qcow2")
+    qimg(ctx, "create", "-f", "qcow2", pristine, "16M")
+    qio(ctx, pristine, "write -P 0x11 0 128k")
+    with open(pristine, "r+b") as f:
+        l1_offset = int.from_bytes(f.read(48)[40:48], "big")
+        f.seek(l1_offset)
+        l1_entry = int.from_bytes(f.read(8), "big")
+        f.seek(l1_offset)
+        f.write((l1_entry | 1 << 1 | 1 << 56).to_bytes(8, "big"))
+        l2_offset = l1_entry & 0x00fffffffffffe00
+        f.seek(l2_offset)
+        l2_entry = int.from_bytes(f.read(8), "big")
+        f.seek(l2_offset)
+        f.write((l2_entry | 1 << 2 | 1 << 57).to_bytes(8, "big"))
+    shutil.copyfile(pristine, theirs)
+    shutil.copyfile(pristine, ours)
+    qio(ctx, theirs, "read -P 0x11 0 128k", "write -P 0x22 4k 4k", "write -P 0x33 1M 64k")
+    srv = ctx.start_server(ours, fmt="qcow2")
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    check(h.pread(131072, 0) == b"\x11" * 131072, "the data under both entries reads back")
+    h.pwrite(b"\x22" * 4096, 4096)
+    h.pwrite(b"\x33" * 65536, 1 << 20)
+    h.shutdown()
+    srv.stop()
+    check(_corruption_event(srv.stderr_text()) is None, "no corruption event: %s" % srv.stderr_text()[-300:])
+    ctx.qemu_img_compare(theirs, ours)
+    theirs_check = ctx.run(["qemu-img", "check", theirs], check=False)
+    ours_check = ctx.run(["qemu-img", "check", ours], check=False)
+    check_eq("qemu-img check after the writes (status, report)", (theirs_check.returncode, theirs_check.err),
+             (ours_check.returncode, ours_check.err))
+    for path in (theirs, ours):
+        check('"corrupt": false' in ctx.run(["qemu-img", "info", "--output=json", path]).out,
+              "%s is not marked corrupt" % path)
+
+
+@case
 def qcow2_header_rewrites_keep_unknowns(ctx):
     """Unknown header extensions and compatible bits survive header
     rewrites (lazy refcounts rewrite the header on open and close); unknown
