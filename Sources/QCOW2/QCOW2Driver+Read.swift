@@ -105,6 +105,8 @@ extension QCOW2Driver {
                 if host & UInt64(clusterSize - 1) != 0 {
                     throw Corruption(what: "Cluster allocation offset 0x\(String(host, radix: 16)) unaligned (\(place))")
                 }
+            case .compressed where geometry.externalData:
+                throw Corruption(what: "Compressed cluster entry found in image with external data file (\(place))")
             default:
                 break
             }

@@ -614,10 +614,13 @@ def _corruption_event(text):
 def _misaligned_image(ctx, path, damage):
     """A 1 GiB qcow2 with data in its first two clusters, then damaged:
     the second cluster's entry moved off the grid ("data cluster"), made
-    a preallocated zero cluster off the grid ("zero cluster"), or the first
+    a preallocated zero cluster off the grid ("zero cluster"), made a
+    compressed cluster in an image with an external data file ("compressed
+    cluster", which QEMU refuses to read), or the first
     L2 table's L1 entry moved off the grid ("L2 table"). 1 GiB: writes past
     the first L2 table's reach (512 MiB) touch nothing the damage does."""
-    qimg(ctx, "create", "-f", "qcow2", path, "1G")
+    options = ["-o", "data_file=" + ctx.path("data.raw")] if damage == "compressed cluster" else []
+    qimg(ctx, "create", "-f", "qcow2", *options, path, "1G")
     qio(ctx, path, "write -P 0x11 0 128k")
     with open(path, "r+b") as f:
         l1_offset = int.from_bytes(f.read(48)[40:48], "big")
@@ -626,6 +629,9 @@ def _misaligned_image(ctx, path, damage):
         if damage == "L2 table":
             f.seek(l1_offset)
             f.write(((1 << 63) | (l2_offset + 0x200)).to_bytes(8, "big"))
+        elif damage == "compressed cluster":
+            f.seek(l2_offset + 8)
+            f.write(((1 << 62) | 0x50000).to_bytes(8, "big"))
         else:
             zero = 1 if damage == "zero cluster" else 0
             f.seek(l2_offset + 8)
@@ -675,12 +681,13 @@ def _same_corruption_as_qemu_io(ctx, damage, command, readonly=False):
 
 @case
 def qcow2_read_of_a_bad_entry_marks_the_image_corrupt(ctx):
-    """A read that meets an L2 table or a cluster off the cluster grid
-    does what it does in QEMU: on a read-write image, the image is marked
+    """A read that meets an L2 table or a cluster off the cluster grid, or
+    a compressed cluster where an external data file holds the data, does
+    what it does in QEMU: on a read-write image, the image is marked
     corrupt on disk (the server's stderr has qemu-io's line, word for
     word) and takes no more writes; read-only, the server says so in
     qemu-io's words and leaves the image as it was."""
-    for damage in ("data cluster", "zero cluster", "L2 table"):
+    for damage in ("data cluster", "zero cluster", "compressed cluster", "L2 table"):
         for readonly in (True, False):
             _same_corruption_as_qemu_io(ctx, damage, "read 65536 512", readonly=readonly)
 
