@@ -97,13 +97,20 @@ extension QCOW2Driver {
             guard let mapping = QCOW2Entry.mapping(entry: entry, bitmap: bitmap, subcluster: subcluster,
                                                    clusterBits: UInt32(clusterBits),
                                                    externalData: geometry.externalData) else {
-                throw Corruption(what: "Invalid cluster entry found (\(place))")
+                // Two spaces, as qemu-io 7.2 prints it.
+                throw Corruption(what: "Invalid cluster entry found  (\(place))")
             }
             // Reserved bits are QEMU's check's business, not its reads'.
             switch mapping {
             case .data(let host), .zero(.some(let host)), .unallocatedSubcluster(let host):
                 if host & UInt64(clusterSize - 1) != 0 {
                     throw Corruption(what: "Cluster allocation offset 0x\(String(host, radix: 16)) unaligned (\(place))")
+                }
+                // In an external data file a cluster lives at its guest
+                // offset; QEMU refuses any other (its words, its parenthesis).
+                let guestCluster = UInt64(position - inCluster)
+                if geometry.externalData, host != guestCluster {
+                    throw Corruption(what: "External data file host cluster offset 0x\(String(host, radix: 16)) does not match guest cluster offset: \(guestCluster.alternateHex), L2 index: \(index.alternateHex))")
                 }
             case .compressed where geometry.externalData:
                 throw Corruption(what: "Compressed cluster entry found in image with external data file (\(place))")

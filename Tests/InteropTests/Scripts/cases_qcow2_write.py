@@ -616,10 +616,13 @@ def _misaligned_image(ctx, path, damage):
     the second cluster's entry moved off the grid ("data cluster"), made
     a preallocated zero cluster off the grid ("zero cluster"), made a
     compressed cluster in an image with an external data file ("compressed
-    cluster", which QEMU refuses to read), or the first
+    cluster", which QEMU refuses to read), pointed the second cluster of
+    such an image somewhere other than its guest offset ("data file
+    offset"), or the first
     L2 table's L1 entry moved off the grid ("L2 table"). 1 GiB: writes past
     the first L2 table's reach (512 MiB) touch nothing the damage does."""
-    options = ["-o", "data_file=" + ctx.path("data.raw")] if damage == "compressed cluster" else []
+    with_data_file = damage in ("compressed cluster", "data file offset")
+    options = ["-o", "data_file=" + ctx.path("data.raw")] if with_data_file else []
     qimg(ctx, "create", "-f", "qcow2", *options, path, "1G")
     qio(ctx, path, "write -P 0x11 0 128k")
     with open(path, "r+b") as f:
@@ -629,6 +632,9 @@ def _misaligned_image(ctx, path, damage):
         if damage == "L2 table":
             f.seek(l1_offset)
             f.write(((1 << 63) | (l2_offset + 0x200)).to_bytes(8, "big"))
+        elif damage == "data file offset":
+            f.seek(l2_offset + 8)
+            f.write(((1 << 63) | 0x40000).to_bytes(8, "big"))
         elif damage == "compressed cluster":
             f.seek(l2_offset + 8)
             f.write(((1 << 62) | 0x50000).to_bytes(8, "big"))
@@ -687,7 +693,7 @@ def qcow2_read_of_a_bad_entry_marks_the_image_corrupt(ctx):
     corrupt on disk (the server's stderr has qemu-io's line, word for
     word) and takes no more writes; read-only, the server says so in
     qemu-io's words and leaves the image as it was."""
-    for damage in ("data cluster", "zero cluster", "compressed cluster", "L2 table"):
+    for damage in ("data cluster", "zero cluster", "compressed cluster", "data file offset", "L2 table"):
         for readonly in (True, False):
             _same_corruption_as_qemu_io(ctx, damage, "read 65536 512", readonly=readonly)
 
