@@ -134,15 +134,16 @@ final class ServerProcess {
         }
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
         let temporary = String(cString: template)
+        // The first step that failed names the error: write, close, rename.
         let text = Array("\(getpid())\n".utf8)
         let written = text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        var error = written < 0 ? errno : 0
+        var error = written < 0 ? errno : (written < text.count ? EIO : 0)
         if close(fd) != 0, error == 0 { error = errno }
-        if written == text.count, error == 0, rename(temporary, pidFile) == 0 {
+        if error == 0, rename(temporary, pidFile) != 0 { error = errno }
+        guard error != 0 else {
             ownsPidFile = true
             return
         }
-        if error == 0 { error = written == text.count ? errno : EIO }
         unlink(temporary)
         throw BlockError(errno: EIO, "Failed to write pid file '\(pidFile)': \(String(cString: strerror(error)))")
     }
