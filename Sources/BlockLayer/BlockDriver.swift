@@ -36,6 +36,13 @@ public protocol BlockDriver: AnyObject {
     /// Request flags `writeZeroes` honours (FUA, may-unmap).
     var supportedZeroFlags: BlockRequestFlags { get }
 
+    /// Whether `writeZeroes` also takes a piece narrower than the zero
+    /// alignment (inside one aligned unit, at the request alignment),
+    /// zeroing it without writing data where it can and answering ENOTSUP
+    /// where it cannot. QEMU's qcow2 turns such a piece into a zero
+    /// (sub)cluster when the rest of it reads as zeroes already, so a 4 KiB
+    /// zero write into an empty image allocates nothing.
+    var zeroesPartialUnits: Bool { get }
     /// Zeroes a range efficiently; ENOTSUP makes the caller write zero buffers.
     func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags,
                      completion: @escaping BlockCompletion)
@@ -72,6 +79,7 @@ extension BlockDriver {
     public func refreshLimits(_ limits: inout BlockLimits) {}
     public var supportedWriteFlags: BlockRequestFlags { [] }
     public var supportedZeroFlags: BlockRequestFlags { [] }
+    public var zeroesPartialUnits: Bool { false }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags,
                             completion: @escaping BlockCompletion) {

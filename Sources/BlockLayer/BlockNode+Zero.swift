@@ -22,8 +22,16 @@ extension BlockNode {
         let tailStart = max(alignDown(end, Int(align)), headEnd)
         let hasHead = headEnd > offset
         let hasTail = end > tailStart
-        if (hasHead || hasTail), flags.contains(.noFallback) {
-            // Unaligned edges can only be zeroed by writing data.
+        // An edge narrower than the zero alignment goes to a driver that
+        // takes such pieces when the request alignment allows; otherwise
+        // it can only be zeroed by writing data.
+        let request = Int64(max(limits.requestAlignment, 1))
+        func driverTakes(_ start: Int64, _ end: Int64) -> Bool {
+            driver.zeroesPartialUnits && start % request == 0 && end % request == 0
+        }
+        let headToDriver = hasHead && driverTakes(offset, headEnd)
+        let tailToDriver = hasTail && driverTakes(tailStart, end)
+        if (hasHead && !headToDriver) || (hasTail && !tailToDriver), flags.contains(.noFallback) {
             return completion(.enotsup)
         }
         let fua = flags.contains(.fua)
@@ -33,6 +41,7 @@ extension BlockNode {
         }
         let tail = {
             guard hasTail else { return finish(nil) }
+            if tailToDriver { return self.zeroAligned(at: tailStart, length: end - tailStart, flags: pieceFlags, completion: finish) }
             self.zeroByWriting(at: tailStart, length: end - tailStart, completion: finish)
         }
         let middle = {
@@ -43,10 +52,12 @@ extension BlockNode {
             }
         }
         guard hasHead else { return middle() }
-        zeroByWriting(at: offset, length: headEnd - offset) { error in
+        let afterHead: BlockCompletion = { error in
             if let error { return finish(error) }
             middle()
         }
+        if headToDriver { return zeroAligned(at: offset, length: headEnd - offset, flags: pieceFlags, completion: afterHead) }
+        zeroByWriting(at: offset, length: headEnd - offset, completion: afterHead)
     }
 
     /// Zeroes a sub-alignment piece by writing zeroes (read-modify-write).

@@ -40,6 +40,17 @@ public enum QCOW2Entry {
         return host
     }
 
+    /// Whether QEMU refuses an extended-L2 entry whole, reads and writes
+    /// alike, whatever subcluster they touch: a subcluster both allocated
+    /// and zero in a cluster with host space, or one allocated in a cluster
+    /// without. (Compressed entries are judged elsewhere.)
+    public static func hasInvalidBitmap(entry: UInt64, bitmap: UInt64, externalData: Bool) -> Bool {
+        guard entry & compressed == 0 else { return false }
+        let allocatedBits = bitmap & 0xffff_ffff
+        guard entry & offsetMask != 0 || (externalData && entry & copied != 0) else { return allocatedBits != 0 }
+        return allocatedBits & (bitmap >> 32) != 0
+    }
+
     /// The mapping of subcluster `subcluster` of an entry; `bitmap` is the
     /// extended-L2 bitmap (nil for standard L2). Returns nil for entries a
     /// correct image cannot contain.
@@ -58,14 +69,19 @@ public enum QCOW2Entry {
         }
         let hostOffset = entry & offsetMask
         if let bitmap {
-            let allocated = bitmap & (1 << UInt64(subcluster)) != 0
-            let zero = bitmap & (1 << UInt64(subcluster + 32)) != 0
-            if zero { return .zero(hostOffset: hostOffset == 0 ? nil : hostOffset) }
-            if allocated {
-                guard hostOffset != 0 || externalData else { return nil }
-                return .data(hostOffset: hostOffset)
+            // QEMU judges the whole bitmap whatever the subcluster asked
+            // for: a cluster with host space must not have a subcluster both
+            // allocated and zero, one without must have none allocated. The
+            // zero flag (bit 0) means nothing here.
+            guard !hasInvalidBitmap(entry: entry, bitmap: bitmap, externalData: externalData) else { return nil }
+            let allocatedBits = bitmap & 0xffff_ffff
+            let zeroBits = bitmap >> 32
+            let bit: UInt64 = 1 << UInt64(subcluster)
+            guard hostOffset != 0 || (externalData && entry & copied != 0) else {
+                return zeroBits & bit != 0 ? .zero(hostOffset: nil) : .unallocated
             }
-            return hostOffset == 0 ? .unallocated : .unallocatedSubcluster(hostOffset: hostOffset)
+            if zeroBits & bit != 0 { return .zero(hostOffset: hostOffset) }
+            return allocatedBits & bit != 0 ? .data(hostOffset: hostOffset) : .unallocatedSubcluster(hostOffset: hostOffset)
         }
         if entry & zeroFlag != 0 {
             return .zero(hostOffset: hostOffset == 0 ? nil : hostOffset)

@@ -29,7 +29,8 @@ extension QCOW2Driver {
     var externalData: Bool { geometry.externalData }
 
     public func refreshLimits(_ limits: inout BlockLimits) {
-        limits.zeroAlignment = max(limits.zeroAlignment, header.clusterSize)
+        // QEMU zeroes extended-L2 images a subcluster at a time.
+        limits.zeroAlignment = max(limits.zeroAlignment, header.hasExtendedL2 ? header.subclusterSize : header.clusterSize)
         limits.discardAlignment = max(limits.discardAlignment, header.clusterSize)
     }
 
@@ -249,6 +250,13 @@ extension QCOW2Driver {
                     if let table, let refusal = self.misalignedClusterRefusal(table.entry(slot), guestOffset: offset) {
                         return self.markCorrupt(refusal, completion: completion)
                     }
+                    if let table, self.geometry.extendedL2,
+                       QCOW2Entry.hasInvalidBitmap(entry: table.entry(slot), bitmap: table.bitmap(slot),
+                                                   externalData: self.externalData) {
+                        // One space, unlike the read path's line: QEMU's words.
+                        let place = "L2 offset: 0x\(String(table.offset, radix: 16)), L2 index: \(slot.alternateHex)"
+                        return self.markCorrupt("Invalid cluster entry found (\(place))", completion: completion)
+                    }
                     if let table, self.l1[index] & QCOW2Entry.copied != 0,
                        let host = self.inPlaceHost(table, slot: slot, offset: offset, count: piece.count) {
                         if let refusal = self.inPlaceWriteRefusal(host: host) {
@@ -291,6 +299,7 @@ extension QCOW2Driver {
         let host = entry & QCOW2Entry.offsetMask
         if geometry.extendedL2 {
             let bitmap = table.bitmap(slot)
+            guard !QCOW2Entry.hasInvalidBitmap(entry: entry, bitmap: bitmap, externalData: externalData) else { return nil }
             let sub = geometry.subclusterSize
             let inCluster = geometry.offsetInCluster(offset)
             let first = Int(inCluster / sub)

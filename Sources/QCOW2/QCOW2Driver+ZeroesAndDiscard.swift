@@ -4,17 +4,25 @@ import NIOCore
 import Glibc
 #endif
 
-/// Zero writes and discards, whole clusters at a time: the zero flag (with
-/// or without keeping the allocation) or an unallocated entry, and the
+/// Zero writes and discards, whole clusters at a time (zero writes by
+/// subcluster with extended L2, as in QEMU): the zero flag or bits (with or
+/// without keeping the allocation) or an unallocated entry, and the
 /// references freed once the changed tables are on disk.
 extension QCOW2Driver {
+    public var zeroesPartialUnits: Bool { true }
+
     public func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags,
                             completion: @escaping BlockCompletion) {
         if let refusal = changeRefusal { return completion(refusal) }
-        guard header.version >= 3 || header.hasExtendedL2 else { return completion(.enotsup) }
-        let clusterSize = Int64(header.clusterSize)
-        guard offset % clusterSize == 0, length % clusterSize == 0 || offset + length == self.length else {
+        // Version 2 has no zero flag; without a backing file, an unallocated
+        // cluster reads as zeroes, so QEMU frees clusters instead (but, as
+        // QEMU, never for a request that must not fall back).
+        guard header.version >= 3 || (backingNode == nil && !flags.contains(.noFallback)) else {
             return completion(.enotsup)
+        }
+        let granule = Int64(header.hasExtendedL2 ? header.subclusterSize : header.clusterSize)
+        guard offset % granule == 0, length % granule == 0 || offset + length == self.length else {
+            return zeroWithinGranule(at: offset, length: length, granule: granule, flags: flags, completion: completion)
         }
         if header.autoclearFeatures.contains(.rawExternalData) {
             // A raw data file must always hold the guest's bytes: zero them
@@ -28,10 +36,22 @@ extension QCOW2Driver {
     }
 
     /// Whole clusters become zero in the tables, keeping their allocation
-    /// unless the request may unmap it.
-    private func markZero(at offset: Int64, length: Int64, flags: BlockRequestFlags,
+    /// unless the request may unmap it. Part of a cluster (extended L2)
+    /// gets its subclusters' zero bits set and allocation bits cleared,
+    /// the host cluster kept; compressed data cannot be zeroed in part.
+    /// With `onlyOverNoData`, a cluster whose covered part holds data
+    /// (or compressed data) is left alone and the request fails ENOTSUP.
+    private func markZero(at offset: Int64, length: Int64, flags: BlockRequestFlags, onlyOverNoData: Bool = false,
                           completion: @escaping BlockCompletion) {
-        changeClusters(from: offset, length: length, completion: completion) { entry, bitmap in
+        changeClusters(from: offset, length: length, completion: completion) { entry, bitmap, covered in
+            if onlyOverNoData, self.holdsData(entry: entry, bitmap: bitmap, covered: covered) {
+                throw BlockError.enotsup
+            }
+            if let bitmap, covered != 0xffff_ffff {
+                guard entry & QCOW2Entry.compressed == 0 else { throw BlockError.enotsup }
+                return (entry, (bitmap | covered << 32) & ~covered, false)
+            }
+            if self.header.version < 3 { return (0, nil, true) }
             let owned = entry & QCOW2Entry.copied != 0 && entry & QCOW2Entry.compressed == 0
                 && (entry & QCOW2Entry.offsetMask != 0 || self.externalData)
             let keep = owned && !flags.contains(.mayUnmap)
@@ -41,6 +61,52 @@ extension QCOW2Driver {
             return (keep ? (entry & (QCOW2Entry.offsetMask | QCOW2Entry.copied)) | QCOW2Entry.zeroFlag : QCOW2Entry.zeroFlag,
                     nil, !keep)
         }
+    }
+
+    /// A zero write inside one (sub)cluster, QEMU's way: when the rest of
+    /// the (sub)cluster reads as zeroes already (through the backing chain)
+    /// and it holds no data of its own, all of it becomes zero in the
+    /// table; otherwise ENOTSUP, and the node writes zeroes as data. The
+    /// no-data test is made again as the table changes, so a write landing
+    /// meanwhile is never zeroed over. A raw data file would need its
+    /// bytes zeroed first, outside that test: such images write zeroes.
+    private func zeroWithinGranule(at offset: Int64, length: Int64, granule: Int64, flags: BlockRequestFlags,
+                                   completion: @escaping BlockCompletion) {
+        let start = offset / granule * granule
+        let end = min(start + granule, self.length)
+        guard offset + length <= end, !header.autoclearFeatures.contains(.rawExternalData) else {
+            return completion(.enotsup)
+        }
+        readsAsZero(from: start, to: offset) { before in
+            guard before else { return completion(.enotsup) }
+            self.readsAsZero(from: offset + length, to: end) { after in
+                guard after else { return completion(.enotsup) }
+                self.markZero(at: start, length: end - start, flags: flags, onlyOverNoData: true, completion: completion)
+            }
+        }
+    }
+
+    /// Whether all of `[start, end)` reads as zeroes, as block status
+    /// through the backing chain tells without reading data.
+    private func readsAsZero(from start: Int64, to end: Int64, completion: @escaping (Bool) -> Void) {
+        guard start < end else { return completion(true) }
+        guard let node else { return completion(false) }
+        node.blockStatusAbove(at: start, length: end - start) { result in
+            guard case .success(let status) = result, status.flags.contains(.zero) else { return completion(false) }
+            self.readsAsZero(from: start + status.length, to: end, completion: completion)
+        }
+    }
+
+    /// Whether the `covered` part of an entry's cluster holds data of its
+    /// own (compressed, a plain cluster, or allocated subclusters).
+    private func holdsData(entry: UInt64, bitmap: UInt64?, covered: UInt64) -> Bool {
+        guard entry & QCOW2Entry.compressed == 0 else { return true }
+        if let bitmap {
+            return bitmap & covered != 0
+                || QCOW2Entry.hasInvalidBitmap(entry: entry, bitmap: bitmap, externalData: externalData)
+        }
+        guard entry & QCOW2Entry.zeroFlag == 0 else { return false }
+        return entry & QCOW2Entry.offsetMask != 0 || (externalData && entry & QCOW2Entry.copied != 0)
     }
 
     public func discard(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
@@ -55,18 +121,21 @@ extension QCOW2Driver {
         // the backing file's old data.
         let zero = backingNode != nil
         if zero, header.version < 3 { return completion(nil) }
-        changeClusters(from: offset, length: length, completion: completion) { _, _ in
+        changeClusters(from: offset, length: length, completion: completion) { _, _, _ in
             if self.header.hasExtendedL2 { return (0, zero ? 0xffff_ffff_0000_0000 : 0, true) }
             return (zero ? QCOW2Entry.zeroFlag : 0, nil, true)
         }
     }
 
-    /// Rewrites the entries of whole clusters; `change` returns the new
-    /// entry, the new bitmap (extended L2) and whether the old host cluster
-    /// is released.
+    /// Rewrites the entries of the clusters `[offset, offset + length)`
+    /// touches; `change` gets the entry, its bitmap (extended L2) and the
+    /// subclusters the range covers (all 32 bits for a whole cluster), and
+    /// returns the new entry, the new bitmap and whether the old host
+    /// cluster is released.
     private func changeClusters(from offset: Int64, length: Int64, completion: @escaping BlockCompletion,
-                                change: @escaping (UInt64, UInt64?) -> (UInt64, UInt64?, Bool)) {
+                                change: @escaping (UInt64, UInt64?, UInt64) throws -> (UInt64, UInt64?, Bool)) {
         let clusterSize = Int64(header.clusterSize)
+        let end = offset + length
         let group = PendingGroup(completion: completion)
         var cluster = offset / clusterSize
         let last = (offset + length - 1) / clusterSize
@@ -74,6 +143,7 @@ extension QCOW2Driver {
             let current = cluster
             let index = Int(current * clusterSize / header.bytesPerL2)
             let slot = Int(current % Int64(header.l2Entries))
+            let covered = coveredSubclusters(of: current, from: offset, to: end)
             group.begin()
             func attempt() {
                 whenClusterIdle(current) {
@@ -94,12 +164,13 @@ extension QCOW2Driver {
                                 if existing == nil, self.l1[index] & QCOW2Entry.offsetMask == 0 {
                                     // Nothing allocated under this L1 entry: only a
                                     // backing file could show through.
-                                    let probe = change(0, self.header.hasExtendedL2 ? 0 : nil)
+                                    let probe = try change(0, self.header.hasExtendedL2 ? 0 : nil, covered)
                                     if probe.0 == 0, probe.1 ?? 0 == 0 { return group.end(nil) }
                                 }
                                 let table = try self.writableL2(index, current: existing)
                                 let old = table.entry(slot)
-                                let (entry, bitmap, release) = change(old, self.header.hasExtendedL2 ? table.bitmap(slot) : nil)
+                                let (entry, bitmap, release) = try change(old, self.header.hasExtendedL2 ? table.bitmap(slot) : nil,
+                                                                          covered)
                                 table.setEntry(slot, entry)
                                 if let bitmap { table.setBitmap(slot, bitmap) }
                                 self.dirtyL2[table.offset] = table
@@ -117,5 +188,20 @@ extension QCOW2Driver {
             cluster += 1
         }
         group.finishIssuing()
+    }
+
+    /// The subclusters of `cluster` that `[start, end)` covers, as the low
+    /// 32 bits of an extended-L2 bitmap; all of them for a whole cluster
+    /// (or the part of it before the image's end).
+    private func coveredSubclusters(of cluster: Int64, from start: Int64, to end: Int64) -> UInt64 {
+        guard header.hasExtendedL2 else { return 0xffff_ffff }
+        let clusterStart = cluster * Int64(header.clusterSize)
+        let sub = Int64(header.subclusterSize)
+        let first = (max(start, clusterStart) - clusterStart) / sub
+        let stop = min(end, clusterStart + Int64(header.clusterSize))
+        // The image's end may cut its last subcluster short.
+        let last = stop >= length ? 32 : (stop - clusterStart + sub - 1) / sub
+        guard first > 0 || last < 32 else { return 0xffff_ffff }
+        return ((1 << UInt64(last - first)) - 1) << UInt64(first)
     }
 }

@@ -27,6 +27,14 @@ final class MemoryDriver: BlockDriver {
     var optimalMemoryAlignment = 1
     /// Where each write's buffer started, in order.
     private(set) var writeAddresses: [Int] = []
+    /// The zero alignment the driver states, and whether it takes pieces
+    /// narrower than that (answering ENOTSUP for them when
+    /// `refusesPartialZeroes`), as qcow2 does.
+    var zeroAlignment = 1
+    var zeroesPartialUnits = false
+    var refusesPartialZeroes = false
+    /// Each `writeZeroes` call the driver took: offset and length.
+    private(set) var zeroCalls: [[Int64]] = []
 
     init(size: Int, alignment: Int = 1, nativeFUA: Bool = true, nativeZeroes: Bool = true) {
         data = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
@@ -41,6 +49,7 @@ final class MemoryDriver: BlockDriver {
         limits.requestAlignment = alignment
         limits.memoryAlignment = memoryAlignment
         limits.optimalMemoryAlignment = optimalMemoryAlignment
+        limits.zeroAlignment = zeroAlignment
     }
 
     var supportedWriteFlags: BlockRequestFlags { nativeFUA ? [.fua] : [] }
@@ -103,6 +112,9 @@ final class MemoryDriver: BlockDriver {
                      completion: @escaping BlockCompletion) {
         guard nativeZeroes else { return completion(.enotsup) }
         checkAlignment(offset, Int(length))
+        let partial = offset % Int64(zeroAlignment) != 0 || length % Int64(zeroAlignment) != 0
+        if partial, refusesPartialZeroes || !zeroesPartialUnits { return completion(.enotsup) }
+        zeroCalls.append([offset, length])
         zeroCount += 1
         finish {
             for index in Int(offset)..<Int(offset + length) { self.data[index] = 0 }

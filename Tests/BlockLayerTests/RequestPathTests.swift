@@ -127,6 +127,55 @@ import Testing
         #expect(result == .some(.enotsup))
     }
 
+    /// A driver that takes zero pieces narrower than its zero alignment
+    /// (qcow2) gets the edges as pieces of their own, each inside one
+    /// aligned unit; where it answers ENOTSUP the node writes zeroes, or,
+    /// for FAST_ZERO, answers ENOTSUP too. Edges off the request
+    /// alignment are never offered.
+    @Test func zeroEdgesGoToADriverThatTakesThem() throws {
+        let unit: Int64 = 65536
+        func makeDriver(refusing: Bool) -> MemoryDriver {
+            let driver = MemoryDriver(size: 4 << 20, alignment: 512)
+            driver.zeroAlignment = Int(unit)
+            driver.zeroesPartialUnits = true
+            driver.refusesPartialZeroes = refusing
+            return driver
+        }
+        let taking = makeDriver(refusing: false)
+        let (graph, node) = try makeNode(taking); defer { withExtendedLifetime(graph) {} }
+        var result: BlockError?? = .none
+        node.writeZeroes(at: 4096, length: 2 * unit, flags: []) { result = .some($0) }
+        loop.run()
+        #expect(result == .some(nil))
+        #expect(taking.zeroCalls == [[4096, unit - 4096], [unit, unit], [2 * unit, 4096]])
+        #expect(taking.writeCount == 0)
+        #expect(taking.data[4096..<Int(2 * unit + 4096)].allSatisfy { $0 == 0 })
+
+        let refusing = makeDriver(refusing: true)
+        let (refusingGraph, refusingNode) = try makeNode(refusing); defer { withExtendedLifetime(refusingGraph) {} }
+        refusingNode.writeZeroes(at: 4096, length: 2 * unit, flags: []) { result = .some($0) }
+        loop.run()
+        #expect(result == .some(nil))
+        #expect(refusing.zeroCalls == [[unit, unit]])
+        #expect(refusing.writeCount > 0)
+        #expect(refusing.data[4096..<Int(2 * unit + 4096)].allSatisfy { $0 == 0 })
+        let before = refusing.data
+        refusingNode.writeZeroes(at: 3 * unit + 512, length: 1024, flags: [.noFallback]) { result = .some($0) }
+        loop.run()
+        #expect(result == .some(.enotsup))
+        #expect(refusing.data == before)
+
+        // Off the request alignment, an edge is written as data up front.
+        node.writeZeroes(at: 5 * unit + 100, length: 1000, flags: [.noFallback]) { result = .some($0) }
+        loop.run()
+        #expect(result == .some(.enotsup))
+        node.writeZeroes(at: 5 * unit + 100, length: 1000, flags: []) { result = .some($0) }
+        loop.run()
+        #expect(result == .some(nil))
+        #expect(taking.zeroCalls.count == 3)
+        #expect(taking.data[Int(5 * unit + 100)..<Int(5 * unit + 1100)].allSatisfy { $0 == 0 })
+    }
+
     @Test func fuaIsEmulatedWithFlushWhenTheDriverLacksIt() throws {
         let driver = MemoryDriver(size: 4096, nativeFUA: false)
         let (graph, node) = try makeNode(driver); defer { withExtendedLifetime(graph) {} }

@@ -190,8 +190,31 @@ import Testing
         #expect(QCOW2Entry.mapping(entry: 0x60000, bitmap: bitmap, subcluster: 4, clusterBits: 17) == .zero(hostOffset: 0x60000))
         #expect(QCOW2Entry.mapping(entry: 0x60000, bitmap: bitmap, subcluster: 5, clusterBits: 17)
                 == .unallocatedSubcluster(hostOffset: 0x60000))
-        #expect(QCOW2Entry.mapping(entry: 0, bitmap: bitmap, subcluster: 4, clusterBits: 17) == .zero(hostOffset: nil))
-        #expect(QCOW2Entry.mapping(entry: 0, bitmap: bitmap, subcluster: 5, clusterBits: 17) == .unallocated)
+        // Without host space: zero or unallocated subclusters only.
+        let zeroOnly: UInt64 = 1 << (32 + 4)
+        #expect(QCOW2Entry.mapping(entry: 0, bitmap: zeroOnly, subcluster: 4, clusterBits: 17) == .zero(hostOffset: nil))
+        #expect(QCOW2Entry.mapping(entry: 0, bitmap: zeroOnly, subcluster: 5, clusterBits: 17) == .unallocated)
+        // The zero flag of a standard entry means nothing with extended L2.
+        #expect(QCOW2Entry.mapping(entry: 0x60001, bitmap: bitmap, subcluster: 3, clusterBits: 17) == .data(hostOffset: 0x60001 & ~1))
+        // With an external data file, offset 0 with COPIED is host space.
+        #expect(QCOW2Entry.mapping(entry: 1 << 63, bitmap: bitmap, subcluster: 4, clusterBits: 17, externalData: true)
+                == .zero(hostOffset: 0))
+        #expect(QCOW2Entry.mapping(entry: 1 << 63, bitmap: bitmap, subcluster: 5, clusterBits: 17, externalData: true)
+                == .unallocatedSubcluster(hostOffset: 0))
+    }
+
+    /// QEMU reads a bitmap as a whole: any subcluster both allocated and
+    /// zero, or allocated with no host cluster, makes every subcluster of
+    /// the entry invalid (qemu-io: "Invalid cluster entry found").
+    @Test(arguments: [
+        (entry: UInt64(0x60000), bitmap: UInt64(1 << 3 | 1 << (32 + 3))),
+        (entry: UInt64(0), bitmap: UInt64(1 << 3)),
+        (entry: UInt64(1) << 63, bitmap: UInt64(1 << 3)),
+    ])
+    func anInvalidBitmapSpoilsTheWholeCluster(entry: UInt64, bitmap: UInt64) {
+        for subcluster in [0, 3, 5, 31] {
+            #expect(QCOW2Entry.mapping(entry: entry, bitmap: bitmap, subcluster: subcluster, clusterBits: 17) == nil)
+        }
     }
 
     /// The read path's shortcut answers for plain data only, and then as

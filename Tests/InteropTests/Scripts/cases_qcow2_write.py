@@ -172,6 +172,59 @@ def qcow2_fast_zero(ctx):
                  ctx.run(["qemu-img", "check", img], check=False).returncode)
 
 
+# Zero writes narrower than a cluster (and, with 64 KiB clusters, than an
+# extended-L2 subcluster), in ranges that read as zeroes, hold data, or lie
+# over the backing file's data at 512k..640k; with FAST_ZERO (-n) too.
+SMALL_ZEROES = [
+    "write -z 401k 1k", "write -z 190k 1k", "write -z 700k 100k", "write -z 520k 4k",
+    "write -z 640k 1k", "write -z 1000k 3k", "write -z -u 1100k 1k", "write -z 2047k 1k",
+    "write -z 8k 2k", "write -z -n 1200k 4k", "write -z -n 100k 4k", "write -z -n 1300k 130k",
+    "write -z -n 600k 2k",
+]
+
+
+def _outcome(output):
+    """What qemu-io says of one request: the failure line, or "done"."""
+    failed = re.search(r"write failed: [^\n]*", output)
+    return failed.group(0) if failed else "done"
+
+
+@case
+def qcow2_small_zero_writes_as_in_qemu(ctx):
+    """A zero write inside one cluster (one subcluster with extended L2)
+    does what QEMU does: where the rest of it reads as zeroes already and
+    it holds no data, all of it becomes zero in the table (freed, on a
+    version 2 image without a backing file); elsewhere zeroes are written
+    as data, or, with FAST_ZERO, the request fails ENOTSUP. The same
+    requests through qemu-io and through Strata's export have the same
+    outcome each and end in the same data and the same `qemu-img map`."""
+    base = ctx.path("base.raw")
+    qimg(ctx, "create", "-f", "raw", base, "2M")
+    qio(ctx, base, "write -P 0x55 512k 128k", fmt="raw")
+    backing = ["-b", "base.raw", "-F", "raw"]
+    for name, options in (("plain", []), ("extended L2", ["-o", "extended_l2=on"]),
+                          ("4 KiB clusters", ["-o", "cluster_size=4k"]), ("version 2", ["-o", "compat=0.10"]),
+                          ("over a backing file", backing),
+                          ("extended L2 over a backing file", ["-o", "extended_l2=on"] + backing),
+                          ("version 2 over a backing file", ["-o", "compat=0.10"] + backing)):
+        theirs, ours = ctx.path("theirs.qcow2"), ctx.path("ours.qcow2")
+        for path in (theirs, ours):
+            qimg(ctx, "create", "-f", "qcow2", *options, path, "2M")
+            qio(ctx, path, "write -P 0x11 0 200k")
+        srv = ctx.start_server(ours, fmt="qcow2", discard="unmap")
+        for command in SMALL_ZEROES:
+            expected = ctx.run(["qemu-io", "-f", "qcow2", "-c", command, theirs], check=False)
+            got = ctx.run(["qemu-io", "-f", "raw", "-c", command, srv.uri()], check=False)
+            check_eq("%s: %s" % (name, command), _outcome(expected.out + expected.err), _outcome(got.out + got.err))
+        srv.stop()
+        compared = ctx.run(["qemu-img", "compare", theirs, ours], check=False)
+        check_eq("%s: qemu-img compare" % name, 0, compared.returncode)
+        check_eq("%s: qemu-img map" % name,
+                 ctx.run(["qemu-img", "map", "--output=json", theirs]).out,
+                 ctx.run(["qemu-img", "map", "--output=json", ours]).out)
+        check_eq("%s: qemu-img check exit status" % name, 0, ctx.run(["qemu-img", "check", ours], check=False).returncode)
+
+
 @case
 def qcow2_write_unmap(ctx):
     """--discard=unmap --detect-zeroes=unmap: discards and zero data free
@@ -618,18 +671,29 @@ def _misaligned_image(ctx, path, damage):
     compressed cluster in an image with an external data file ("compressed
     cluster", which QEMU refuses to read), pointed the second cluster of
     such an image somewhere other than its guest offset ("data file
-    offset"), or the first
-    L2 table's L1 entry moved off the grid ("L2 table"). 1 GiB: writes past
-    the first L2 table's reach (512 MiB) touch nothing the damage does."""
+    offset"), the first L2 table's L1 entry moved off the grid ("L2
+    table"), or, with extended L2, the second cluster's first subcluster
+    made both allocated and zero ("subcluster allocated and zero") or its
+    entry's host cluster dropped with a subcluster left allocated
+    ("subcluster without a cluster"). 1 GiB: writes past the first L2
+    table's reach (512 MiB) touch nothing the damage does."""
     with_data_file = damage in ("compressed cluster", "data file offset")
+    extended = damage.startswith("subcluster")
     options = ["-o", "data_file=" + ctx.path("data.raw")] if with_data_file else []
+    options += ["-o", "extended_l2=on"] if extended else []
     qimg(ctx, "create", "-f", "qcow2", *options, path, "1G")
     qio(ctx, path, "write -P 0x11 0 128k")
     with open(path, "r+b") as f:
         l1_offset = int.from_bytes(f.read(48)[40:48], "big")
         f.seek(l1_offset)
         l2_offset = int.from_bytes(f.read(8), "big") & 0x00fffffffffffe00
-        if damage == "L2 table":
+        if damage == "subcluster allocated and zero":
+            f.seek(l2_offset + 24)
+            f.write((0xffffffff | 1 << 32).to_bytes(8, "big"))
+        elif damage == "subcluster without a cluster":
+            f.seek(l2_offset + 16)
+            f.write((0).to_bytes(8, "big") + (1 << 3).to_bytes(8, "big"))
+        elif damage == "L2 table":
             f.seek(l1_offset)
             f.write(((1 << 63) | (l2_offset + 0x200)).to_bytes(8, "big"))
         elif damage == "data file offset":
@@ -687,24 +751,31 @@ def _same_corruption_as_qemu_io(ctx, damage, command, readonly=False):
 
 @case
 def qcow2_read_of_a_bad_entry_marks_the_image_corrupt(ctx):
-    """A read that meets an L2 table or a cluster off the cluster grid, or
-    a compressed cluster where an external data file holds the data, does
+    """A read that meets an L2 table or a cluster off the cluster grid, a
+    compressed cluster where an external data file holds the data, or an
+    extended-L2 bitmap QEMU calls invalid, does
     what it does in QEMU: on a read-write image, the image is marked
     corrupt on disk (the server's stderr has qemu-io's line, word for
     word) and takes no more writes; read-only, the server says so in
     qemu-io's words and leaves the image as it was."""
-    for damage in ("data cluster", "zero cluster", "compressed cluster", "data file offset", "L2 table"):
+    for damage in ("data cluster", "zero cluster", "compressed cluster", "data file offset", "L2 table",
+                   "subcluster allocated and zero", "subcluster without a cluster"):
         for readonly in (True, False):
             _same_corruption_as_qemu_io(ctx, damage, "read 65536 512", readonly=readonly)
 
 
 @case
 def qcow2_write_to_a_misaligned_cluster_marks_the_image_corrupt(ctx):
-    """A write to a cluster the image owns at an offset off the grid fails
-    and marks the image corrupt, in qemu-io's words (which name the guest
-    offset of the part of the write in that cluster)."""
+    """A write to a cluster the image owns at an offset off the grid, or
+    to an extended-L2 cluster whose bitmap QEMU calls invalid (whichever
+    subcluster it touches), fails and marks the image corrupt, in
+    qemu-io's words (which name the guest offset of the part of the write
+    in a misaligned cluster)."""
     for damage, command in (("data cluster", "write 70000 512"), ("zero cluster", "write 70000 512"),
-                            ("data cluster", "write 60000 10000"), ("L2 table", "write 70000 512")):
+                            ("data cluster", "write 60000 10000"), ("L2 table", "write 70000 512"),
+                            ("subcluster allocated and zero", "write 70000 512"),
+                            ("subcluster allocated and zero", "write 65536 65536"),
+                            ("subcluster without a cluster", "write 70000 512")):
         _same_corruption_as_qemu_io(ctx, damage, command)
 
 
