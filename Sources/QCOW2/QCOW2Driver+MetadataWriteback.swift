@@ -130,6 +130,13 @@ extension QCOW2Driver {
 
     public func flush(completion: @escaping BlockCompletion) {
         guard writable else { return file.flush(completion: completion) }
+        // A header write in flight (the corrupt bit a failed read set, say)
+        // is on disk once a flush after it ends, as in QEMU, where the
+        // request that set it waited for it.
+        if headerWritesInFlight > 0, let pending = lastHeaderWrite {
+            pending.whenComplete { _ in self.flush(completion: completion) }
+            return
+        }
         writeBackMetadata { error in
             if let error { return completion(error) }
             // Releasing clusters dirtied refcount blocks: write those too, so

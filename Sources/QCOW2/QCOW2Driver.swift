@@ -103,6 +103,8 @@ public final class QCOW2Driver: BlockDriver {
     var readCorruptionSignalled = false
     /// The header write issued last (see `rewriteHeader`).
     var lastHeaderWrite: EventLoopFuture<Void>?
+    /// Header writes not yet ended; a flush waits for them.
+    var headerWritesInFlight = 0
     /// A grown refcount table the header does not name yet (see the type).
     var tableMove: QCOW2RefcountTableMove?
     /// Why the metadata in memory can no longer be written back (memory ran
@@ -553,6 +555,8 @@ public final class QCOW2Driver: BlockDriver {
             QCOW2Driver.writeBytes(file, bytes, at: 0, zeroFilledTo: clusterSize)
         }
         lastHeaderWrite = write
+        headerWritesInFlight += 1
+        write.whenComplete { _ in self.headerWritesInFlight -= 1 }
         return write
     }
 }

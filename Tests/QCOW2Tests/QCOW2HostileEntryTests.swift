@@ -157,16 +157,19 @@ import Glibc
         loop.run()
         #expect(later?.errno == EIO, "a later write to a sound cluster fails")
 
+        var flushed = false
+        driver.flush { _ in flushed = true }
         var closed = false
         driver.prepareToClose { _ in closed = true }
         loop.run()
+        #expect(!flushed, "a flush waits for the header write")
         #expect(!closed, "the close waits for the header write")
         while let write = file.heldWrites?.first {
             file.heldWrites!.removeFirst()
             write()
             loop.run()
         }
-        #expect(closed)
+        #expect(flushed && closed)
         #expect(try QCOW2Header.parse(file.bytes).incompatibleFeatures.contains(.corrupt), "the header on disk says corrupt")
     }
 
