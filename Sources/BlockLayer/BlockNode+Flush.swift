@@ -1,5 +1,12 @@
 /// Flush with coalescing by write generation (QEMU's write_gen).
 extension BlockNode {
+    /// Counts a change the driver began outside any write request (qcow2
+    /// marking the image corrupt when a read met bad metadata) as a write,
+    /// so that the next flush reaches the driver instead of being skipped.
+    public func noteChangeOutsideRequests() {
+        writeGeneration &+= 1
+    }
+
     /// Makes every write completed before this call stable. Flushes that
     /// arrive while one runs wait for it, and skip the disk entirely when
     /// no write completed since the flush they waited for began.

@@ -23,15 +23,11 @@ extension BlockNode {
         let hasHead = headEnd > offset
         let hasTail = end > tailStart
         // An edge narrower than the zero alignment goes to a driver that
-        // takes such pieces when the request alignment allows; otherwise
-        // it can only be zeroed by writing data.
-        let request = Int64(max(limits.requestAlignment, 1))
-        func driverTakes(_ start: Int64, _ end: Int64) -> Bool {
-            driver.zeroesPartialUnits && start % request == 0 && end % request == 0
-        }
-        let headToDriver = hasHead && driverTakes(offset, headEnd)
-        let tailToDriver = hasTail && driverTakes(tailStart, end)
-        if (hasHead && !headToDriver) || (hasTail && !tailToDriver), flags.contains(.noFallback) {
+        // takes such pieces (whatever the request alignment, as QEMU's
+        // qcow2 keeps its own); otherwise it can only be zeroed by writing
+        // data.
+        let edgesToDriver = driver.zeroesPartialUnits
+        if hasHead || hasTail, !edgesToDriver, flags.contains(.noFallback) {
             return completion(.enotsup)
         }
         let fua = flags.contains(.fua)
@@ -41,7 +37,7 @@ extension BlockNode {
         }
         let tail = {
             guard hasTail else { return finish(nil) }
-            if tailToDriver { return self.zeroAligned(at: tailStart, length: end - tailStart, flags: pieceFlags, completion: finish) }
+            if edgesToDriver { return self.zeroEdge(at: tailStart, length: end - tailStart, flags: pieceFlags, completion: finish) }
             self.zeroByWriting(at: tailStart, length: end - tailStart, completion: finish)
         }
         let middle = {
@@ -56,7 +52,7 @@ extension BlockNode {
             if let error { return finish(error) }
             middle()
         }
-        if headToDriver { return zeroAligned(at: offset, length: headEnd - offset, flags: pieceFlags, completion: afterHead) }
+        if edgesToDriver { return zeroEdge(at: offset, length: headEnd - offset, flags: pieceFlags, completion: afterHead) }
         zeroByWriting(at: offset, length: headEnd - offset, completion: afterHead)
     }
 
@@ -68,6 +64,22 @@ extension BlockNode {
         writeWithoutDetection(at: offset, from: zeroes.bytes, flags: []) { error in
             self.graph.bufferPool.give(zeroes)
             completion(error)
+        }
+    }
+
+    /// An edge narrower than the zero alignment, offered to a driver that
+    /// takes such pieces; where it cannot zero it without data, zeroes are
+    /// written (padded to the request alignment) unless the request must
+    /// not fall back.
+    private func zeroEdge(at offset: Int64, length: Int64, flags: BlockRequestFlags,
+                          completion: @escaping BlockCompletion) {
+        track(start: offset, end: offset + length, serialising: false) { id in
+            let driverFlags = flags.intersection(self.driver.supportedZeroFlags.union(.noFallback))
+            self.driver.writeZeroes(at: offset, length: length, flags: driverFlags) { error in
+                self.finishWrite(id)
+                guard let error, error.isNotSupported, !flags.contains(.noFallback) else { return completion(error) }
+                self.zeroByWriting(at: offset, length: length, completion: completion)
+            }
         }
     }
 

@@ -29,8 +29,9 @@ extension QCOW2Driver {
     var externalData: Bool { geometry.externalData }
 
     public func refreshLimits(_ limits: inout BlockLimits) {
-        // QEMU zeroes extended-L2 images a subcluster at a time.
-        limits.zeroAlignment = max(limits.zeroAlignment, header.hasExtendedL2 ? header.subclusterSize : header.clusterSize)
+        // QEMU zeroes extended-L2 images a subcluster at a time, in the
+        // tables only: the file's own zero alignment does not apply.
+        limits.zeroAlignment = header.hasExtendedL2 ? header.subclusterSize : header.clusterSize
         limits.discardAlignment = max(limits.discardAlignment, header.clusterSize)
     }
 

@@ -191,17 +191,18 @@ extension QCOW2Driver {
     }
 
     /// The subclusters of `cluster` that `[start, end)` covers, as the low
-    /// 32 bits of an extended-L2 bitmap; all of them for a whole cluster
-    /// (or the part of it before the image's end).
+    /// 32 bits of an extended-L2 bitmap; all of them for a whole cluster,
+    /// or for all of the part of it before the image's end. (A range from
+    /// inside the cluster to the image's end covers the subclusters up to
+    /// that end only, which may cut the last one short.)
     private func coveredSubclusters(of cluster: Int64, from start: Int64, to end: Int64) -> UInt64 {
         guard header.hasExtendedL2 else { return 0xffff_ffff }
         let clusterStart = cluster * Int64(header.clusterSize)
         let sub = Int64(header.subclusterSize)
         let first = (max(start, clusterStart) - clusterStart) / sub
         let stop = min(end, clusterStart + Int64(header.clusterSize))
-        // The image's end may cut its last subcluster short.
-        let last = stop >= length ? 32 : (stop - clusterStart + sub - 1) / sub
-        guard first > 0 || last < 32 else { return 0xffff_ffff }
+        let last = (stop - clusterStart + sub - 1) / sub
+        if first == 0, last == 32 || stop >= length { return 0xffff_ffff }
         return ((1 << UInt64(last - first)) - 1) << UInt64(first)
     }
 }

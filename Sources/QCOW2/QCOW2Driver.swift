@@ -557,6 +557,7 @@ public final class QCOW2Driver: BlockDriver {
         lastHeaderWrite = write
         headerWritesInFlight += 1
         write.whenComplete { _ in self.headerWritesInFlight -= 1 }
+        node?.noteChangeOutsideRequests()
         return write
     }
 }

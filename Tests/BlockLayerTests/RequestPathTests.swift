@@ -129,9 +129,9 @@ import Testing
 
     /// A driver that takes zero pieces narrower than its zero alignment
     /// (qcow2) gets the edges as pieces of their own, each inside one
-    /// aligned unit; where it answers ENOTSUP the node writes zeroes, or,
-    /// for FAST_ZERO, answers ENOTSUP too. Edges off the request
-    /// alignment are never offered.
+    /// aligned unit, even off the request alignment; where it answers
+    /// ENOTSUP the node writes zeroes (read-modify-write where the piece is
+    /// off the request alignment), or, for FAST_ZERO, answers ENOTSUP too.
     @Test func zeroEdgesGoToADriverThatTakesThem() throws {
         let unit: Int64 = 65536
         func makeDriver(refusing: Bool) -> MemoryDriver {
@@ -147,33 +147,37 @@ import Testing
         node.writeZeroes(at: 4096, length: 2 * unit, flags: []) { result = .some($0) }
         loop.run()
         #expect(result == .some(nil))
-        #expect(taking.zeroCalls == [[4096, unit - 4096], [unit, unit], [2 * unit, 4096]])
+        node.writeZeroes(at: 5 * unit + 100, length: 1000, flags: [.noFallback]) { result = .some($0) }
+        loop.run()
+        #expect(result == .some(nil), "a piece off the request alignment is the driver's to zero")
+        #expect(taking.zeroCalls == [[4096, unit - 4096], [unit, unit], [2 * unit, 4096], [5 * unit + 100, 1000]])
         #expect(taking.writeCount == 0)
         #expect(taking.data[4096..<Int(2 * unit + 4096)].allSatisfy { $0 == 0 })
+        #expect(taking.data[Int(5 * unit + 100)..<Int(5 * unit + 1100)].allSatisfy { $0 == 0 })
 
         let refusing = makeDriver(refusing: true)
         let (refusingGraph, refusingNode) = try makeNode(refusing); defer { withExtendedLifetime(refusingGraph) {} }
         refusingNode.writeZeroes(at: 4096, length: 2 * unit, flags: []) { result = .some($0) }
         loop.run()
         #expect(result == .some(nil))
-        #expect(refusing.zeroCalls == [[unit, unit]])
+        #expect(refusing.zeroCalls == [[4096, unit - 4096], [unit, unit], [2 * unit, 4096]])
         #expect(refusing.writeCount > 0)
         #expect(refusing.data[4096..<Int(2 * unit + 4096)].allSatisfy { $0 == 0 })
         let before = refusing.data
         refusingNode.writeZeroes(at: 3 * unit + 512, length: 1024, flags: [.noFallback]) { result = .some($0) }
         loop.run()
         #expect(result == .some(.enotsup))
+        #expect(refusing.zeroCalls.last == [3 * unit + 512, 1024], "offered, then refused")
         #expect(refusing.data == before)
-
-        // Off the request alignment, an edge is written as data up front.
-        node.writeZeroes(at: 5 * unit + 100, length: 1000, flags: [.noFallback]) { result = .some($0) }
-        loop.run()
-        #expect(result == .some(.enotsup))
-        node.writeZeroes(at: 5 * unit + 100, length: 1000, flags: []) { result = .some($0) }
+        // Refused off the request alignment: read-modify-write, aligned.
+        refusingNode.writeZeroes(at: 5 * unit + 100, length: 1000, flags: []) { result = .some($0) }
         loop.run()
         #expect(result == .some(nil))
-        #expect(taking.zeroCalls.count == 3)
-        #expect(taking.data[Int(5 * unit + 100)..<Int(5 * unit + 1100)].allSatisfy { $0 == 0 })
+        #expect(refusing.zeroCalls.last == [5 * unit + 100, 1000])
+        #expect(refusing.data[Int(5 * unit + 100)..<Int(5 * unit + 1100)].allSatisfy { $0 == 0 })
+        #expect(refusing.data[Int(5 * unit + 99)] == before[Int(5 * unit + 99)])
+        #expect(refusing.data[Int(5 * unit + 1100)] == before[Int(5 * unit + 1100)])
+        #expect(refusing.misalignedRequests == 0)
     }
 
     @Test func fuaIsEmulatedWithFlushWhenTheDriverLacksIt() throws {

@@ -197,22 +197,35 @@ def qcow2_small_zero_writes_as_in_qemu(ctx):
     version 2 image without a backing file); elsewhere zeroes are written
     as data, or, with FAST_ZERO, the request fails ENOTSUP. The same
     requests through qemu-io and through Strata's export have the same
-    outcome each and end in the same data and the same `qemu-img map`."""
+    outcome each and end in the same data and the same `qemu-img map`,
+    with O_DIRECT too (where the file's 4 KiB alignment is not the
+    image's) and up to an image end inside a cluster."""
     base = ctx.path("base.raw")
     qimg(ctx, "create", "-f", "raw", base, "2M")
     qio(ctx, base, "write -P 0x55 512k 128k", fmt="raw")
     backing = ["-b", "base.raw", "-F", "raw"]
-    for name, options in (("plain", []), ("extended L2", ["-o", "extended_l2=on"]),
-                          ("4 KiB clusters", ["-o", "cluster_size=4k"]), ("version 2", ["-o", "compat=0.10"]),
-                          ("over a backing file", backing),
-                          ("extended L2 over a backing file", ["-o", "extended_l2=on"] + backing),
-                          ("version 2 over a backing file", ["-o", "compat=0.10"] + backing)):
+    extended = ["-o", "extended_l2=on"]
+    # An image ending inside a cluster and inside a subcluster (2 KiB):
+    # zero writes up to the end, from a cluster's start and from inside.
+    short_end = ["write -z 2044k 1k", "write -z 2038k 7k", "write -z 1984k 61k", "write -z 1920k 3k",
+                 "write -z 1930k 2k"]
+    for name, options, size, nocache, commands in (
+            ("plain", [], "2M", False, SMALL_ZEROES),
+            ("extended L2", extended, "2M", False, SMALL_ZEROES),
+            ("extended L2, cache=none", ["-o", "extended_l2=on,cluster_size=256k"], "2M", True, SMALL_ZEROES),
+            ("4 KiB clusters", ["-o", "cluster_size=4k"], "2M", False, SMALL_ZEROES),
+            ("version 2", ["-o", "compat=0.10"], "2M", False, SMALL_ZEROES),
+            ("over a backing file", backing, "2M", False, SMALL_ZEROES),
+            ("extended L2 over a backing file", extended + backing, "2M", False, SMALL_ZEROES),
+            ("version 2 over a backing file", ["-o", "compat=0.10"] + backing, "2M", False, SMALL_ZEROES),
+            ("extended L2, short last cluster", extended, "2045k", False, short_end),
+            ("short last cluster", [], "2045k", False, short_end)):
         theirs, ours = ctx.path("theirs.qcow2"), ctx.path("ours.qcow2")
         for path in (theirs, ours):
-            qimg(ctx, "create", "-f", "qcow2", *options, path, "2M")
-            qio(ctx, path, "write -P 0x11 0 200k")
-        srv = ctx.start_server(ours, fmt="qcow2", discard="unmap")
-        for command in SMALL_ZEROES:
+            qimg(ctx, "create", "-f", "qcow2", *options, path, size)
+            qio(ctx, path, "write -P 0x11 0 200k", "write -P 0x12 1986k 2k")
+        srv = ctx.start_server(ours, fmt="qcow2", discard="unmap", nocache_native=nocache)
+        for command in commands:
             expected = ctx.run(["qemu-io", "-f", "qcow2", "-c", command, theirs], check=False)
             got = ctx.run(["qemu-io", "-f", "raw", "-c", command, srv.uri()], check=False)
             check_eq("%s: %s" % (name, command), _outcome(expected.out + expected.err), _outcome(got.out + got.err))
