@@ -39,9 +39,10 @@ public protocol BlockDriver: AnyObject {
     /// Whether `writeZeroes` also takes a piece narrower than the zero
     /// alignment (inside one aligned unit, and then possibly off the
     /// request alignment too), zeroing it without writing data where it
-    /// can and answering ENOTSUP where it cannot. QEMU's qcow2 turns such a piece into a zero
-    /// (sub)cluster when the rest of it reads as zeroes already, so a 4 KiB
-    /// zero write into an empty image allocates nothing.
+    /// can and answering ENOTSUP where it cannot. QEMU's qcow2 turns such
+    /// a piece into a zero (sub)cluster when the rest of it reads as
+    /// zeroes already, so a 4 KiB zero write into an empty image
+    /// allocates nothing.
     var zeroesPartialUnits: Bool { get }
     /// Zeroes a range efficiently; ENOTSUP makes the caller write zero buffers.
     func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags,
