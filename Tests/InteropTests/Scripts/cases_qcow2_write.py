@@ -212,7 +212,9 @@ def qcow2_small_zero_writes_as_in_qemu(ctx):
     for name, options, size, nocache, commands in (
             ("plain", [], "2M", False, SMALL_ZEROES),
             ("extended L2", extended, "2M", False, SMALL_ZEROES),
-            ("extended L2, cache=none", ["-o", "extended_l2=on,cluster_size=256k"], "2M", True, SMALL_ZEROES),
+            ("extended L2, cache=none", extended, "2M", True, SMALL_ZEROES),
+            ("extended L2, 256 KiB clusters, cache=none", ["-o", "extended_l2=on,cluster_size=256k"], "2M", True,
+             SMALL_ZEROES),
             ("4 KiB clusters", ["-o", "cluster_size=4k"], "2M", False, SMALL_ZEROES),
             ("version 2", ["-o", "compat=0.10"], "2M", False, SMALL_ZEROES),
             ("over a backing file", backing, "2M", False, SMALL_ZEROES),
