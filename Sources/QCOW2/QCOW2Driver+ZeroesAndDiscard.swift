@@ -22,7 +22,7 @@ extension QCOW2Driver {
         }
         let granule = Int64(header.hasExtendedL2 ? header.subclusterSize : header.clusterSize)
         guard offset % granule == 0, length % granule == 0 || offset + length == self.length else {
-            return zeroWithinGranule(at: offset, length: length, granule: granule, flags: flags, completion: completion)
+            return zeroOffTheGrid(at: offset, length: length, granule: granule, flags: flags, completion: completion)
         }
         if header.autoclearFeatures.contains(.rawExternalData) {
             // A raw data file must always hold the guest's bytes: zero them
@@ -63,20 +63,22 @@ extension QCOW2Driver {
         }
     }
 
-    /// A zero write inside one (sub)cluster, QEMU's way: when the rest of
-    /// the (sub)cluster reads as zeroes already (through the backing chain)
-    /// and it holds no data of its own, all of it becomes zero in the
-    /// table; otherwise ENOTSUP, and the node writes zeroes as data. The
-    /// no-data test is made again as the table changes, so a write landing
-    /// meanwhile is never zeroed over. A raw data file would need its
-    /// bytes zeroed first, outside that test: such images write zeroes.
-    private func zeroWithinGranule(at offset: Int64, length: Int64, granule: Int64, flags: BlockRequestFlags,
+    /// A zero write off the (sub)cluster grid, QEMU's way: when the rest of
+    /// the (sub)clusters it touches reads as zeroes already (through the
+    /// backing chain) and they hold no data of their own, all of them
+    /// become zero in the table; otherwise ENOTSUP, and the node writes
+    /// zeroes as data. (The node hands over one piece of its zero
+    /// alignment at most: one (sub)cluster, or a few where the file's
+    /// request alignment is larger, as 4 KiB sectors under O_DIRECT with
+    /// 2 KiB subclusters.) The no-data test is made again as the table
+    /// changes, so a write landing meanwhile is never zeroed over. A raw
+    /// data file would need its bytes zeroed first, outside that test:
+    /// such images write zeroes.
+    private func zeroOffTheGrid(at offset: Int64, length: Int64, granule: Int64, flags: BlockRequestFlags,
                                    completion: @escaping BlockCompletion) {
         let start = offset / granule * granule
-        let end = min(start + granule, self.length)
-        guard offset + length <= end, !header.autoclearFeatures.contains(.rawExternalData) else {
-            return completion(.enotsup)
-        }
+        let end = min((offset + length + granule - 1) / granule * granule, self.length)
+        guard !header.autoclearFeatures.contains(.rawExternalData) else { return completion(.enotsup) }
         readsAsZero(from: start, to: offset) { before in
             guard before else { return completion(.enotsup) }
             self.readsAsZero(from: offset + length, to: end) { after in

@@ -27,6 +27,10 @@ final class RecordingFile: BlockDriver {
     var heldDiscards: [() -> Void]?
 
     init(bytes: [UInt8]) { self.bytes = bytes }
+    /// The request alignment the file states (4096 as a 4 KiB-sector disk
+    /// under O_DIRECT).
+    var requestAlignment = 1
+    func refreshLimits(_ limits: inout BlockLimits) { limits.requestAlignment = max(limits.requestAlignment, requestAlignment) }
 
     /// A new image as `QCOW2ImageBuilder` lays it out.
     convenience init(image options: QCOW2ImageBuilder.Options) throws {
