@@ -288,7 +288,9 @@ extension QCOW2Driver {
         let host = entry & QCOW2Entry.offsetMask
         guard entry & QCOW2Entry.copied != 0, entry & QCOW2Entry.compressed == 0,
               geometry.offsetInCluster(Int64(host)) != 0 else { return nil }
-        let kind = !geometry.extendedL2 && entry & QCOW2Entry.zeroFlag != 0 ? "Preallocated zero" : "Data"
+        // QEMU names the kind by bit 0, with extended L2 too (where it
+        // means nothing else).
+        let kind = entry & QCOW2Entry.zeroFlag != 0 ? "Preallocated zero" : "Data"
         return "\(kind) cluster offset 0x\(String(host, radix: 16)) unaligned (guest offset: \(guestOffset.alternateHex))"
     }
 

@@ -688,12 +688,13 @@ def _misaligned_image(ctx, path, damage):
     such an image somewhere other than its guest offset ("data file
     offset"), the first L2 table's L1 entry moved off the grid ("L2
     table"), or, with extended L2, the second cluster's first subcluster
-    made both allocated and zero ("subcluster allocated and zero") or its
+    made both allocated and zero ("subcluster allocated and zero"), its
     entry's host cluster dropped with a subcluster left allocated
-    ("subcluster without a cluster"). 1 GiB: writes past the first L2
+    ("subcluster without a cluster"), or its entry moved off the grid with
+    bit 0 set ("extended zero cluster", which QEMU names by that bit). 1 GiB: writes past the first L2
     table's reach (512 MiB) touch nothing the damage does."""
     with_data_file = damage in ("compressed cluster", "data file offset")
-    extended = damage.startswith("subcluster")
+    extended = damage.startswith("subcluster") or damage.startswith("extended")
     options = ["-o", "data_file=" + ctx.path("data.raw")] if with_data_file else []
     options += ["-o", "extended_l2=on"] if extended else []
     qimg(ctx, "create", "-f", "qcow2", *options, path, "1G")
@@ -705,6 +706,9 @@ def _misaligned_image(ctx, path, damage):
         if damage == "subcluster allocated and zero":
             f.seek(l2_offset + 24)
             f.write((0xffffffff | 1 << 32).to_bytes(8, "big"))
+        elif damage == "extended zero cluster":
+            f.seek(l2_offset + 16)
+            f.write(((1 << 63) | 0x12345600 | 1).to_bytes(8, "big"))
         elif damage == "subcluster without a cluster":
             f.seek(l2_offset + 16)
             f.write((0).to_bytes(8, "big") + (1 << 3).to_bytes(8, "big"))
@@ -790,7 +794,8 @@ def qcow2_write_to_a_misaligned_cluster_marks_the_image_corrupt(ctx):
                             ("data cluster", "write 60000 10000"), ("L2 table", "write 70000 512"),
                             ("subcluster allocated and zero", "write 70000 512"),
                             ("subcluster allocated and zero", "write 65536 65536"),
-                            ("subcluster without a cluster", "write 70000 512")):
+                            ("subcluster without a cluster", "write 70000 512"),
+                            ("extended zero cluster", "write 70000 512")):
         _same_corruption_as_qemu_io(ctx, damage, command)
 
 
