@@ -75,7 +75,7 @@ extension QCOW2Driver {
     /// data file would need its bytes zeroed first, outside that test:
     /// such images write zeroes.
     private func zeroOffTheGrid(at offset: Int64, length: Int64, granule: Int64, flags: BlockRequestFlags,
-                                   completion: @escaping BlockCompletion) {
+                                completion: @escaping BlockCompletion) {
         let start = offset / granule * granule
         let end = min((offset + length + granule - 1) / granule * granule, self.length)
         guard !header.autoclearFeatures.contains(.rawExternalData) else { return completion(.enotsup) }
