@@ -36,15 +36,7 @@ import Glibc
     }
 
     func open(_ file: RecordingFile) throws -> QCOW2Driver {
-        let graph = BlockGraph(eventLoop: loop)
-        graphs.all.append(graph)
-        let fileNode = try graph.addNode(name: "file", driver: file)
-        let future = QCOW2Driver.open(file: fileNode, options: QCOW2Options(readOnly: false))
-        loop.run()
-        let driver = try future.wait()
-        _ = try graph.addNode(name: "image", driver: driver, options: BlockNodeOptions(readOnly: false),
-                              children: [.init(name: "file", role: .image, node: fileNode)])
-        return driver
+        try openWritableImage(file, on: loop) { graphs.all.append($0) }.0
     }
 
     func run(_ body: (@escaping BlockCompletion) -> Void) -> BlockError? {

@@ -21,15 +21,7 @@ import Testing
         options.extendedL2 = true
         let file = try RecordingFile(image: options)
         file.requestAlignment = 4096
-        let graph = BlockGraph(eventLoop: loop)
-        graphs.all.append(graph)
-        let fileNode = try graph.addNode(name: "file", driver: file)
-        let future = QCOW2Driver.open(file: fileNode, options: QCOW2Options(readOnly: false))
-        loop.run()
-        let driver = try future.wait()
-        let node = try graph.addNode(name: "image", driver: driver, options: BlockNodeOptions(readOnly: false),
-                                     children: [.init(name: "file", role: .image, node: fileNode)])
-        return (driver, node)
+        return try openWritableImage(file, on: loop) { graphs.all.append($0) }
     }
 
     func run(_ body: (@escaping BlockCompletion) -> Void) -> BlockError?? {
