@@ -37,7 +37,7 @@ extension BlockNode {
         }
         let tail = {
             guard hasTail else { return finish(nil) }
-            if edgesToDriver { return self.zeroEdge(at: tailStart, length: end - tailStart, flags: pieceFlags, completion: finish) }
+            if edgesToDriver { return self.zeroAligned(at: tailStart, length: end - tailStart, flags: pieceFlags, completion: finish) }
             self.zeroByWriting(at: tailStart, length: end - tailStart, completion: finish)
         }
         let middle = {
@@ -52,7 +52,7 @@ extension BlockNode {
             if let error { return finish(error) }
             middle()
         }
-        if edgesToDriver { return zeroEdge(at: offset, length: headEnd - offset, flags: pieceFlags, completion: afterHead) }
+        if edgesToDriver { return zeroAligned(at: offset, length: headEnd - offset, flags: pieceFlags, completion: afterHead) }
         zeroByWriting(at: offset, length: headEnd - offset, completion: afterHead)
     }
 
@@ -67,22 +67,10 @@ extension BlockNode {
         }
     }
 
-    /// An edge narrower than the zero alignment, offered to a driver that
-    /// takes such pieces; where it cannot zero it without data, zeroes are
-    /// written (padded to the request alignment) unless the request must
-    /// not fall back.
-    private func zeroEdge(at offset: Int64, length: Int64, flags: BlockRequestFlags,
-                          completion: @escaping BlockCompletion) {
-        track(start: offset, end: offset + length, serialising: false) { id in
-            let driverFlags = flags.intersection(self.driver.supportedZeroFlags.union(.noFallback))
-            self.driver.writeZeroes(at: offset, length: length, flags: driverFlags) { error in
-                self.finishWrite(id)
-                guard let error, error.isNotSupported, !flags.contains(.noFallback) else { return completion(error) }
-                self.zeroByWriting(at: offset, length: length, completion: completion)
-            }
-        }
-    }
-
+    /// Zeroes a range through the driver: an aligned one, or an edge a
+    /// driver that takes such pieces is offered. Where the driver cannot,
+    /// zeroes are written, padded by read-modify-write if the range is off
+    /// the request alignment, unless the request must not fall back.
     private func zeroAligned(at offset: Int64, length: Int64, flags: BlockRequestFlags,
                              completion: @escaping BlockCompletion) {
         track(start: offset, end: offset + length, serialising: false) { id in
@@ -91,6 +79,12 @@ extension BlockNode {
                 guard let error, error.isNotSupported, !flags.contains(.noFallback) else {
                     self.finishWrite(id)
                     return completion(error)
+                }
+                let request = Int64(max(self.limits.requestAlignment, 1))
+                if offset % request != 0 || length % request != 0 {
+                    // Only an edge, narrower than the zero alignment.
+                    self.finishWrite(id)
+                    return self.zeroByWriting(at: offset, length: length, completion: completion)
                 }
                 self.writeZeroBuffers(id, at: offset, length: length, completion: completion)
             }

@@ -93,7 +93,8 @@ extension QCOW2Driver {
             let bitmap = geometry.extendedL2 ? table.bitmap(index) : nil
             let inCluster = position & (clusterSize - 1)
             let subcluster = Int(inCluster / subclusterSize)
-            let place = "L2 offset: 0x\(String(table.offset, radix: 16)), L2 index: \(index.alternateHex)"
+            // Only a corruption report needs the words (no string per lookup).
+            var place: String { QCOW2Driver.entryPlace(table, index) }
             guard let mapping = QCOW2Entry.mapping(entry: entry, bitmap: bitmap, subcluster: subcluster,
                                                    clusterBits: UInt32(clusterBits),
                                                    externalData: geometry.externalData) else {
@@ -157,6 +158,11 @@ extension QCOW2Driver {
             length += min(nextLength, limit - position)
         }
         return Run(mapping: first, length: length, hostOffset: hostStart)
+    }
+
+    /// Where an L2 entry sits, in the words of QEMU's corruption reports.
+    static func entryPlace(_ table: QCOW2L2Table, _ index: Int) -> String {
+        "L2 offset: 0x\(String(table.offset, radix: 16)), L2 index: \(index.alternateHex)"
     }
 
     /// A corruption `run` finds in an entry, told only if the entry

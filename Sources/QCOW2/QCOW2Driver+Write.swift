@@ -255,7 +255,7 @@ extension QCOW2Driver {
                        QCOW2Entry.hasInvalidBitmap(entry: table.entry(slot), bitmap: table.bitmap(slot),
                                                    externalData: self.externalData) {
                         // One space, unlike the read path's line: QEMU's words.
-                        let place = "L2 offset: 0x\(String(table.offset, radix: 16)), L2 index: \(slot.alternateHex)"
+                        let place = QCOW2Driver.entryPlace(table, slot)
                         return self.markCorrupt("Invalid cluster entry found (\(place))", completion: completion)
                     }
                     if let table, self.l1[index] & QCOW2Entry.copied != 0,
