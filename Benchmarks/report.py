@@ -128,6 +128,9 @@ p(f"tools: {meta.get('versions','')}")
 if meta.get("peers_first") == "1":
     p("order: peers first, Strata last in every row set (--peers-first)" if ROUNDS == 1 else
       "order: peers first in odd rounds, Strata first in even rounds (--peers-first)")
+if meta.get("job_major") == "1":
+    p("order: job by job; every server runs a job (on a freshly restored file, freshly started), "
+      "then the next job begins with the server order reversed")
 if ROUNDS > 1:
     order = ("each running every row set, the row sets and the servers in reverse order in even rounds"
              if meta.get("interleaved") == "1" else   # work dirs from before: each row set's rounds in a row
@@ -157,7 +160,8 @@ p(("every raw and qcow2 server serves one file, served.img (chain and alloc: one
   + "restored in place from its row set's image and read once "
   "(O_DIRECT) before it starts, not timed: same blocks, same host cache for all")
 if present_fmts - {"raw"}:
-    p("qcow2 row sets: read jobs run before write jobs. alloc: one pass at most, "
+    p(("qcow2 row sets: every job starts from the row set's image. " if meta.get("job_major") == "1" else
+       "qcow2 row sets: read jobs run before write jobs. ") + "alloc: one pass at most, "
       "fresh = new empty image, cache dropped")
 
 def section(fmt, title, servers, strata):
@@ -316,6 +320,7 @@ if device:
 if checks:
     p("")
     p("== qemu-img check of each server's qcow2 after its jobs (exit 0 = clean) ==")
+    width = 40 if any(c.get("job") for c in checks) else 22   # job-major runs check after every job
     if meta.get("interleaved") == "1":   # rounds mix the row sets: list them apart
         fmt_rank = [f for f, _ in SECTIONS]
         checks.sort(key=lambda c: fmt_rank.index(c["format"]) if c["format"] in fmt_rank else len(fmt_rank))
@@ -329,9 +334,11 @@ if checks:
         verdict = "ok" if c["rc"] == "0" and c.get("note", "") == "" else "FAILED"
         extra = f"  {c['note']}" if c.get("note") else ""
         name = c['format'] + '/' + c['server']
+        if c.get("job"):
+            name += " " + c["job"]
         if ROUNDS > 1:
             name += f" (round {c.get('round') or 1})"
-        p(f"{name:<{32 if ROUNDS > 1 else 22}} exit {c['rc']}: {verdict}{alloc}{extra}")
+        p(f"{name:<{width + 10 if ROUNDS > 1 else width}} exit {c['rc']}: {verdict}{alloc}{extra}")
 
 text = "\n".join(out) + "\n"
 with open(os.path.join(work, "report.txt"), "w") as f:

@@ -4,7 +4,9 @@
 # backing chain, and allocation into an empty qcow2).
 #
 # Every server gets its own unix socket and runs alone: started, waited for,
-# measured, stopped, then the next one. Each job runs twice: cold (page cache
+# measured, stopped, then the next one. Job by job: every server of a row set
+# runs one job, then the next job runs them in the reverse order, so the two
+# sides of a row are measured back to back. Each job runs twice: cold (page cache
 # dropped right before) and warm (repeated at once). Server CPU is read from
 # /proc/PID/stat around each job and divided by the number of requests.
 # Every server of the raw and qcow2 row sets serves the same file,
@@ -34,8 +36,9 @@ Usage: Benchmarks/run.sh [options]
   --build           build Strata (swift build -c release) if the binary is missing
   --keep-image      keep the test images in the work dir after the run
   --peers-first     start each row set with the peers (qemu-nbd, nbdkit, disk)
-                    and run Strata after them, to see whether a row depends
-                    on its place in the run
+                    and run Strata after them in its first job (the next job
+                    reverses the order), to see whether a row depends on its
+                    place in the run
   --rounds N        run every row set N times: each round runs all the
                     selected row sets, and even rounds run the row sets and
                     their servers in reverse order; the tables show each
@@ -457,7 +460,7 @@ start_server() { # start_server ID SOCK [LABEL DRIVER FILE] -> sets SPID
   rm -f "$sock"
   server_cmd "$1" "$sock" "${4:-raw}" "${5:-$IMG}"
   log "starting $id: ${CMD[*]}"
-  echo "# ${CMD[*]}" >"$log"
+  echo "# ${CMD[*]}" >>"$log"   # one server start per job: the log keeps them all
   "${PIN[@]}" "${CMD[@]}" >>"$log" 2>&1 </dev/null &
   SPID=$!
   SERVER_PIDS[$SPID]=$sock
@@ -720,23 +723,23 @@ warm_host_cache() {  # warm_host_cache FILE...
 }
 
 CHECK_FAILED=0
-check_server_image() { # check_server_image FORMAT SERVER IMAGE [BASE-STAMP]
-  local fmt=$1 server=$2 img=$3 stamp=${4:-} lbl rc=0 a t note="" rt=""
-  lbl=$(label "$fmt" "$server")
+check_server_image() { # check_server_image FORMAT SERVER IMAGE BASE-STAMP JOB
+  local fmt=$1 server=$2 img=$3 stamp=$4 job=$5 lbl rc=0 a t note="" rt=""
+  lbl=$(label "$fmt" "$server").$job
   [ "$ROUNDS" -gt 1 ] && rt=" (round $ROUND)"
   qcheck_json "$img" "$LOGS/$lbl.check.json" || rc=$?
   read -r a t <<<"$(qcheck_clusters "$LOGS/$lbl.check.json")"
   if [ -n "$stamp" ] && [ "$(stat -c '%y %s' "$BASE")" != "$stamp" ]; then
     note="base.qcow2 was modified"
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$fmt" "$server" "$rc" "$a" "$t" "$note" "$ROUND" >>"$CHECKS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$fmt" "$server" "$rc" "$a" "$t" "$note" "$ROUND" "$job" >>"$CHECKS"
   if [ "$rc" -ne 0 ] || [ -n "$note" ]; then
     CHECK_FAILED=$((CHECK_FAILED + 1))
     # served.img is about to be overwritten for the next server: keep a copy
     # (next to the base, for the chain, whose backing name is relative)
     local kept=$WORK/$lbl.failed.qcow2
     cp --sparse=always "$img" "$kept" || kept="(copy failed)"
-    warn "qemu-img check of $fmt/$server's image$rt: exit $rc${note:+, $note}; kept as $kept (details: $LOGS/$lbl.check.err)"
+    warn "qemu-img check of $fmt/$server's image after $job$rt: exit $rc${note:+, $note}; kept as $kept (details: $LOGS/$lbl.check.err)"
     sed 's/^/    /' "$LOGS/$lbl.check.err" >&2 || true
     if [ "$fmt" = chain ]; then   # the kept overlay needs its base after exit
       local keep=() f
@@ -744,7 +747,7 @@ check_server_image() { # check_server_image FORMAT SERVER IMAGE [BASE-STAMP]
       CLEAN_FILES=("${keep[@]}")
     fi
   else
-    log "  qemu-img check $fmt/$server$rt: exit 0, $a/$t clusters allocated"
+    log "  qemu-img check $fmt/$server after $job$rt: exit 0, $a/$t clusters allocated"
   fi
 }
 
@@ -766,6 +769,7 @@ versions+="; $(first_line nbdcopy --version)"
   echo "peers_first=$PEERS_FIRST"
   echo "rounds=$ROUNDS"
   echo "interleaved=1"
+  echo "job_major=1"
   echo "fstype=$FSTYPE ($(df -P "$WORK" | awk 'NR==2 {print $1}'))"
   echo "load=$(cut -d' ' -f1-3 /proc/loadavg)"
   echo "clk_tck=$CLK_TCK"
@@ -778,7 +782,7 @@ versions+="; $(first_line nbdcopy --version)"
 } >"$META"
 printf 'server\tmode\tjob\tphase\tunit\tvalue\tios\tcpu_ticks\tcpu_us_per_req\tlat_us_mean\tstatus\tformat\tround\n' >"$RESULTS"
 printf 'server\tmode\tjob\tphase\tformat\tround\treads\twrites\tread_us_per_io\twrite_us_per_io\n' >"$DEVICE"
-printf 'format\tserver\trc\tallocated\ttotal\tnote\tround\n' >"$CHECKS"
+printf 'format\tserver\trc\tallocated\ttotal\tnote\tround\tjob\n' >"$CHECKS"
 
 load1=$(cut -d' ' -f1 /proc/loadavg)
 if python3 -c "import sys; sys.exit(0 if $load1 > 0.5 else 1)"; then
@@ -811,61 +815,66 @@ for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
     fmt_phases "$fmt"
     if [ "$fmt" != raw ] || [ "$ROUNDS" -gt 1 ]; then log "==== row set $fmt ===="; fi
     mapfile -t order < <(in_round_order "${FSERVERS[@]}")
-    for sdef in "${order[@]}"; do
-      IFS='|' read -r server mode <<<"$sdef"
-      lbl=$(label "$fmt" "$server")
-      if [[ "$server" == strata* ]] && [ "$HAVE_STRATA" = 0 ]; then
-        log "skipping $lbl (no Strata binary)"
-        continue
-      fi
-      todo=()
-      for spec in "${FJOBS[@]}"; do
-        if job_applies "$server" "$spec" "$fmt"; then todo+=("$spec"); fi
+    # Job by job: every server runs one job, then the next job begins, in
+    # the reverse server order. The servers compared on a row are measured
+    # a minute apart, not a row set apart, and each is first as often as
+    # second (see README.md, "Job by job").
+    turn=0
+    for spec in "${FJOBS[@]}"; do
+      IFS='|' read -r name _ _ _ unit _ <<<"$spec"
+      runners=()
+      for sdef in "${order[@]}"; do
+        IFS='|' read -r server _ <<<"$sdef"
+        if job_applies "$server" "$spec" "$fmt"; then runners+=("$sdef"); fi
       done
-      [ ${#todo[@]} -gt 0 ] || continue
-
-      drv=raw stamp="" SIMG=""
-      if [ "$server" != nbdkit-null ]; then
-        stage_image "$fmt"
-        warm=("$SIMG")
-        if [ "$fmt" = chain ]; then warm+=("$BASE"); stamp=$(stat -c '%y %s' "$BASE"); fi
-        warm_host_cache "${warm[@]}"
-      fi
-      [ "$fmt" = raw ] || drv=qcow2
-      sock="" SPID=""
-      if [ "$server" != disk ]; then
-        sock=$WORK/$lbl.sock
-        started=0
-        for try in 1 2 3; do
-          if start_server "$server" "$sock" "$lbl" "$drv" "$SIMG"; then started=1; break; fi
-          # a Strata binary that is being rebuilt fails to start: try again
-          if [[ "$server" == strata* ]] && [ "$try" -lt 3 ]; then
-            warn "retrying $lbl in 10 s"
-            sleep 10
-          else
-            break
-          fi
-        done
-        if [ "$started" = 0 ]; then
-          for spec in "${todo[@]}"; do
-            for phase in "${PHASES[@]}"; do
-              IFS='|' read -r name _ _ _ unit _ <<<"$spec"
-              record "$server" "$mode" "$name" "$phase" "$unit" "" 0 0 "" "server-failed-to-start" "$fmt"
-            done
-          done
+      [ ${#runners[@]} -gt 0 ] || continue
+      if [ $((turn % 2)) = 1 ]; then mapfile -t runners < <(printf '%s\n' "${runners[@]}" | tac); fi
+      turn=$((turn + 1))
+      for sdef in "${runners[@]}"; do
+        IFS='|' read -r server mode <<<"$sdef"
+        lbl=$(label "$fmt" "$server")
+        if [[ "$server" == strata* ]] && [ "$HAVE_STRATA" = 0 ]; then
+          [ "$turn" = 1 ] && log "skipping $lbl (no Strata binary)"
           continue
         fi
-      fi
-      log "== $lbl =="
-      for spec in "${todo[@]}"; do
+        drv=raw stamp="" SIMG=""
+        if [ "$server" != nbdkit-null ]; then
+          stage_image "$fmt"
+          warm=("$SIMG")
+          if [ "$fmt" = chain ]; then warm+=("$BASE"); stamp=$(stat -c '%y %s' "$BASE"); fi
+          warm_host_cache "${warm[@]}"
+        fi
+        [ "$fmt" = raw ] || drv=qcow2
+        sock="" SPID=""
+        if [ "$server" != disk ]; then
+          sock=$WORK/$lbl.sock
+          started=0
+          for try in 1 2 3; do
+            if start_server "$server" "$sock" "$lbl" "$drv" "$SIMG"; then started=1; break; fi
+            # a Strata binary that is being rebuilt fails to start: try again
+            if [[ "$server" == strata* ]] && [ "$try" -lt 3 ]; then
+              warn "retrying $lbl in 10 s"
+              sleep 10
+            else
+              break
+            fi
+          done
+          if [ "$started" = 0 ]; then
+            for phase in "${PHASES[@]}"; do
+              record "$server" "$mode" "$name" "$phase" "$unit" "" 0 0 "" "server-failed-to-start" "$fmt"
+            done
+            continue
+          fi
+        fi
+        log "== $lbl: $name =="
         for phase in "${PHASES[@]}"; do
           run_job "$server" "$mode" "$SPID" "$spec" "$phase" "$sock" "$fmt" || break
         done
+        if [ -n "$SPID" ]; then
+          stop_server "$lbl" "$SPID"
+        fi
+        if [ "$fmt" != raw ]; then check_server_image "$fmt" "$server" "$SIMG" "$stamp" "$name"; fi
       done
-      if [ -n "$SPID" ]; then
-        stop_server "$lbl" "$SPID"
-      fi
-      if [ "$fmt" != raw ]; then check_server_image "$fmt" "$server" "$SIMG" "$stamp"; fi
     done
   done
 done
