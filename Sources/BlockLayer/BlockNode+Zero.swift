@@ -35,10 +35,13 @@ extension BlockNode {
         let finish: BlockCompletion = { error in
             if error == nil, fua { self.flush(completion: completion) } else { completion(error) }
         }
+        let zeroEdge = { (start: Int64, count: Int64, done: @escaping BlockCompletion) in
+            if edgesToDriver { return self.zeroAligned(at: start, length: count, flags: pieceFlags, completion: done) }
+            self.zeroByWriting(at: start, length: count, completion: done)
+        }
         let tail = {
             guard hasTail else { return finish(nil) }
-            if edgesToDriver { return self.zeroAligned(at: tailStart, length: end - tailStart, flags: pieceFlags, completion: finish) }
-            self.zeroByWriting(at: tailStart, length: end - tailStart, completion: finish)
+            zeroEdge(tailStart, end - tailStart, finish)
         }
         let middle = {
             guard tailStart > headEnd else { return tail() }
@@ -48,12 +51,10 @@ extension BlockNode {
             }
         }
         guard hasHead else { return middle() }
-        let afterHead: BlockCompletion = { error in
+        zeroEdge(offset, headEnd - offset) { error in
             if let error { return finish(error) }
             middle()
         }
-        if edgesToDriver { return zeroAligned(at: offset, length: headEnd - offset, flags: pieceFlags, completion: afterHead) }
-        zeroByWriting(at: offset, length: headEnd - offset, completion: afterHead)
     }
 
     /// Zeroes a sub-alignment piece by writing zeroes (read-modify-write).

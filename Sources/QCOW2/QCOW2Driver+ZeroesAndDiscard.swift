@@ -89,13 +89,18 @@ extension QCOW2Driver {
     }
 
     /// Whether all of `[start, end)` reads as zeroes, as block status
-    /// through the backing chain tells without reading data.
+    /// through the backing chain tells without reading data. Each further
+    /// answer is asked for a loop tick later: a backing chain whose
+    /// answers are a few bytes long each (a hostile image) must not
+    /// deepen the stack.
     private func readsAsZero(from start: Int64, to end: Int64, completion: @escaping (Bool) -> Void) {
         guard start < end else { return completion(true) }
         guard let node else { return completion(false) }
         node.blockStatusAbove(at: start, length: end - start) { result in
             guard case .success(let status) = result, status.flags.contains(.zero) else { return completion(false) }
-            self.readsAsZero(from: start + status.length, to: end, completion: completion)
+            let next = start + status.length
+            guard next < end else { return completion(true) }
+            node.eventLoop.execute { self.readsAsZero(from: next, to: end, completion: completion) }
         }
     }
 
