@@ -62,8 +62,8 @@ import Testing
     /// asked, up to twice `wmem_max`); TCP connections keep autotuning.
     @Test func unixConnectionsAskForALargerSendBuffer() throws {
         let wmemMax = try sysctl("wmem_max")
-        let defaults = try sendBuffers(asked: NBDServer.unixSendBufferDefault)
-        #expect(defaults.unix == 2 * min(NBDServer.unixSendBufferDefault, wmemMax))
+        let defaults = try sendBuffers(asked: NBDServer.cachedExportUnixSendBuffer)
+        #expect(defaults.unix == 2 * min(NBDServer.cachedExportUnixSendBuffer, wmemMax))
         let odd = 150_000
         let asked = try sendBuffers(asked: odd)
         #expect(asked.unix == 2 * min(odd, wmemMax))
