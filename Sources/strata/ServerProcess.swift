@@ -166,6 +166,7 @@ final class ServerProcess {
         try registry.add(export)
         var configuration = NBDServer.Configuration()
         configuration.maxConnections = options.shared
+        // Page-cache replies gain from a deeper unix socket; O_DIRECT ones lose (see there).
         if !options.cache.direct { configuration.unixSendBuffer = NBDServer.cachedExportUnixSendBuffer }
         configuration.handshakeTimeout = options.handshakeLimit == 0 ? .hours(24 * 365) : .seconds(Int64(options.handshakeLimit))
         configuration.shutdownGrace = options.shutdownLimit == 0 ? nil : .seconds(Int64(options.shutdownLimit))
