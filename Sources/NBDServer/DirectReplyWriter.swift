@@ -26,6 +26,10 @@ import NIOCore
 final class DirectReplyWriter {
     private var descriptor: CInt
     private var batch: [ByteBuffer] = []
+    /// Bytes the batch holds, for the caller's bound on it.
+    private(set) var pendingBytes = 0
+    /// The most bytes one `send` was given, for tests of that bound.
+    private(set) var largestBatch = 0
     /// Reused for every `sendmsg`: no allocation per flush.
     private let vectors: UnsafeMutableBufferPointer<iovec>
 
@@ -93,12 +97,15 @@ final class DirectReplyWriter {
     /// Adds `buffer` to what the next `send` writes.
     func append(_ buffer: ByteBuffer) {
         batch.append(buffer)
+        pendingBytes += buffer.readableBytes
     }
 
     /// Writes the batch, and hands what the socket does not take at once to
     /// `overflow` in order (all of it after an error, which NIO then meets
     /// and reports in its own way).
     func send(overflow: (ByteBuffer) -> Void) {
+        largestBatch = max(largestBatch, pendingBytes)
+        pendingBytes = 0
         var first = 0
         while first < batch.count {
             let count = min(batch.count - first, vectors.count)
@@ -144,6 +151,7 @@ final class DirectReplyWriter {
     /// buffer to `overflow`.
     func close() {
         batch.removeAll()
+        pendingBytes = 0
         guard descriptor >= 0 else { return }
         Glibc.close(descriptor)
         descriptor = -1

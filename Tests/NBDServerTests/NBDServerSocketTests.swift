@@ -1,5 +1,6 @@
 import Foundation
 @testable import NBDServer
+import NBDTestSupport
 import NIOCore
 import NIOPosix
 import Testing
@@ -13,44 +14,39 @@ import Testing
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
         let loop = group.next()
-        var template = "/tmp/strata-sndbuf-XXXXXX".utf8CString
-        let directory = try template.withUnsafeMutableBufferPointer { buffer -> String in
-            guard let made = mkdtemp(buffer.baseAddress!) else { throw POSIXError(.EIO) }
-            return String(cString: made)
-        }
-        defer { try? FileManager.default.removeItem(atPath: directory) }
+        return try withTemporaryDirectory("sndbuf") { directory in
+            var configuration = NBDServer.Configuration()
+            configuration.maxConnections = 0
+            configuration.unixSendBuffer = asked
+            configuration.shutdownGrace = .milliseconds(100)
+            let server = try loop.submit { NBDServer(eventLoop: loop, registry: NBDExportRegistry(), configuration: configuration) }.wait()
+            let path = directory + "/nbd.sock"
+            try loop.flatSubmit { server.listen(unixSocket: path) }.wait()
+            try loop.flatSubmit { server.listen(host: "127.0.0.1", port: 0) }.wait()
+            let port = try #require(try loop.submit { server.localAddresses.compactMap(\.port).first }.wait())
 
-        var configuration = NBDServer.Configuration()
-        configuration.maxConnections = 0
-        configuration.unixSendBuffer = asked
-        configuration.shutdownGrace = .milliseconds(100)
-        let server = try loop.submit { NBDServer(eventLoop: loop, registry: NBDExportRegistry(), configuration: configuration) }.wait()
-        let path = directory + "/nbd.sock"
-        try loop.flatSubmit { server.listen(unixSocket: path) }.wait()
-        try loop.flatSubmit { server.listen(host: "127.0.0.1", port: 0) }.wait()
-        let port = try #require(try loop.submit { server.localAddresses.compactMap(\.port).first }.wait())
-
-        let clients = [
-            try ClientBootstrap(group: group).connect(unixDomainSocketPath: path).wait(),
-            try ClientBootstrap(group: group).connect(host: "127.0.0.1", port: port).wait(),
-        ]
-        defer {
-            for client in clients { try? client.close().wait() }
-            try? loop.flatSubmit { server.shutdown() }.wait()
+            let clients = [
+                try ClientBootstrap(group: group).connect(unixDomainSocketPath: path).wait(),
+                try ClientBootstrap(group: group).connect(host: "127.0.0.1", port: port).wait(),
+            ]
+            defer {
+                for client in clients { try? client.close().wait() }
+                try? loop.flatSubmit { server.shutdown() }.wait()
+            }
+            var channels: [Channel] = []
+            for _ in 0..<500 where channels.count < 2 {
+                channels = try loop.submit { server.connectionChannels }.wait()
+                if channels.count < 2 { usleep(10_000) }
+            }
+            try #require(channels.count == 2)
+            var unix = 0
+            var tcp = 0
+            for channel in channels {
+                let size = Int(try channel.getOption(.socketOption(.so_sndbuf)).wait())
+                if case .unixDomainSocket = channel.localAddress { unix = size } else { tcp = size }
+            }
+            return (unix, tcp)
         }
-        var channels: [Channel] = []
-        for _ in 0..<500 where channels.count < 2 {
-            channels = try loop.submit { server.connectionChannels }.wait()
-            if channels.count < 2 { usleep(10_000) }
-        }
-        try #require(channels.count == 2)
-        var unix = 0
-        var tcp = 0
-        for channel in channels {
-            let size = Int(try channel.getOption(.socketOption(.so_sndbuf)).wait())
-            if case .unixDomainSocket = channel.localAddress { unix = size } else { tcp = size }
-        }
-        return (unix, tcp)
     }
 
     func sysctl(_ name: String) throws -> Int {
