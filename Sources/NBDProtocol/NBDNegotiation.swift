@@ -82,6 +82,7 @@ extension NBDNegotiation.Negotiating {
             guard name.utf8.count <= NBDLimits.maxString, let export = catalog.descriptor(named: name) else {
                 return .close(reason: "NBD_OPT_EXPORT_NAME for unknown export '\(name.prefix(64))'")
             }
+            dropMetaContexts(unlessChosenFor: name)
             let session = makeSession(export)
             out.writeInteger(export.size)
             out.writeInteger(session.transmissionFlags.rawValue)
@@ -113,11 +114,7 @@ extension NBDNegotiation.Negotiating {
             }
             let isGo: Bool
             if case .go = option { isGo = true } else { isGo = false }
-            if isGo, let selectedFor = metaContextExport, selectedFor != name {
-                // Contexts chosen for another export do not carry over.
-                metaContexts = []
-                metaContextExport = nil
-            }
+            if isGo { dropMetaContexts(unlessChosenFor: name) }
             let session = makeSession(export)
             writeInfo(for: export, flags: session.transmissionFlags, requests: requests, option: code, into: &out)
             NBDReplyEncoder.writeOptionReply(option: code, type: .ack, payloadLength: 0, into: &out)
@@ -192,6 +189,13 @@ extension NBDNegotiation.Negotiating {
                                              message: "option \(code) is too long", into: &out)
             return .proceed
         }
+    }
+
+    /// Contexts chosen for another export do not carry over to `name`.
+    private mutating func dropMetaContexts(unlessChosenFor name: String) {
+        guard let selectedFor = metaContextExport, selectedFor != name else { return }
+        metaContexts = []
+        metaContextExport = nil
     }
 
     private func makeSession(_ export: NBDExportDescriptor) -> NBDSession {

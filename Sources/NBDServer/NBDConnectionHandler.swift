@@ -371,11 +371,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             case nil:
                 handle(request)
             case .server:
-                // Received before the shutdown but not started: the spec's answer.
+                // Received before the shutdown but not started: the spec's
+                // answer, to each of them. Not counted as in flight: ending
+                // it would close the connection before the next one is
+                // answered (whoever ends the shutdown closes it).
                 if request.command != .disconnect {
-                    beginRequest(bytes: 0)
                     sendError(cookie: request.cookie, error: .eshutdown, message: "server is shutting down")
-                    endRequest(bytes: 0)
                 }
             case .client:
                 return
@@ -429,6 +430,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         repliesSinceFlush += 1
         scheduleFlush()
         if ending != nil {
+            // Requests queued behind the limits get their ESHUTDOWN first.
+            if ending == .server, readsPaused { updatePause() }
             if inFlight == 0 { finishAndClose() }
             return
         }

@@ -110,11 +110,13 @@ import Testing
         #expect(session.metaContexts.map(\.name) == ["base:allocation"])
     }
 
-    @Test func contextsChosenForAnotherExportAreDropped() {
+    /// By GO or by EXPORT_NAME (which kept them before).
+    @Test(arguments: [NBDOptionRequest.go(exportName: "", requests: []), .exportName("")])
+    func contextsChosenForAnotherExportAreDropped(start: NBDOptionRequest) {
         let (action, _) = negotiated([
             .structuredReply,
             .setMetaContext(exportName: "disk", queries: ["base:allocation"]),
-            .go(exportName: "", requests: []),
+            start,
         ])
         guard case .startTransmission(let session) = action else { Issue.record("\(action)"); return }
         #expect(session.metaContexts.isEmpty)

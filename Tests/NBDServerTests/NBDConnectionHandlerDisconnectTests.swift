@@ -20,6 +20,31 @@ extension NBDConnectionHandlerTests {
         try send(requests)
     }
 
+    /// A server shutting down answers the requests in flight, then every
+    /// request queued behind the in-flight limit with ESHUTDOWN, then
+    /// closes. Queued ones went unanswered before, and with nothing in
+    /// flight only the first got its ESHUTDOWN.
+    @Test func serverShutdownAnswersEveryQueuedRequest() throws {
+        try negotiate()
+        driver.holdCompletions = true
+        var requests = ByteBuffer()
+        for cookie in UInt64(1)...7 {
+            requests.writeImmutableBuffer(Wire.request(type: 0, cookie: cookie, offset: 0, length: 512))
+        }
+        try send(requests)  // four in flight (the suite's limit), three queued
+        handler.serverShutdown()
+        loop.run()
+        #expect(channel.isActive, "the reads in flight are still answered")
+        driver.release()
+        loop.run()
+        let replies = chunks(try outbound())
+        #expect(Set(replies.filter { $0.flags & 1 != 0 }.map(\.cookie)) == Set(UInt64(1)...7))
+        let refused = replies.filter { $0.type == NBDChunkType.error.rawValue }
+        #expect(refused.map(\.cookie) == [5, 6, 7])
+        #expect(refused.allSatisfy { $0.payload.prefix(4) == [0, 0, 0, 108] }, "ESHUTDOWN")
+        #expect(!channel.isActive)
+    }
+
     @Test func disconnectWaitsForRequestsInFlight() throws {
         try sendReadThenDisconnect()
         #expect(channel.isActive, "the read is still in flight")
