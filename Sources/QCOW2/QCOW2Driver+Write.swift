@@ -93,7 +93,12 @@ extension QCOW2Driver {
                 throw Self.retry
             }
         }
-        if let current, entry & QCOW2Entry.copied != 0 { return current }
+        if let current, entry & QCOW2Entry.copied != 0 {
+            if let other = metadataOverlappingL2Table(at: current.offset) {
+                throw corruption("Preventing invalid write on metadata (overlaps with \(other))")
+            }
+            return current
+        }
         guard let refcounter else { throw BlockError.eperm }
         let offset = try refcounter.allocateCluster()
         guard let buffer = AlignedBuffer.zeroed(count: header.clusterSize, alignment: 4096) else { throw BlockError.enomem }

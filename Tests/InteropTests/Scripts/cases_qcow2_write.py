@@ -673,6 +673,44 @@ def qcow2_hostile_metadata(ctx):
     srv.stop()
 
 
+@case
+def qcow2_l2_table_over_metadata_refused(ctx):
+    """An L1 entry with COPIED that names the L1 table's own cluster as its
+    L2 table: a write that would change that table is refused before it
+    lands, the image is marked corrupt in QEMU's words (qemu-io gives
+    "overlaps with active L1 table" too) and the file changes nowhere but
+    in the header's corrupt bit."""
+    img = ctx.path("o.qcow2")
+    qimg(ctx, "create", "-f", "qcow2", img, "16M")
+    qio(ctx, img, "write -P 0x11 0 64k")
+    with open(img, "r+b") as f:
+        l1_offset = int.from_bytes(f.read(72)[40:48], "big")
+        f.seek(l1_offset)
+        f.write(((1 << 63) | l1_offset).to_bytes(8, "big"))
+    with open(img, "rb") as f:
+        before = f.read()
+    srv = ctx.start_server(img, fmt="qcow2")
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    try:
+        # Cluster 1: unallocated in the "table", so the write must add an entry.
+        h.pwrite(b"\x22" * 4096, 65536)
+        h.flush()
+        fail("a write into an L2 table that is the L1 table must fail")
+    except nbd.Error as e:
+        note("write: %s" % e)
+    h.shutdown()
+    srv.stop()
+    check_eq("corruption event", "qcow2: Marking image as corrupt: Preventing invalid write on metadata "
+             "(overlaps with active L1 table); further corruption events will be suppressed",
+             _corruption_event(srv.stderr_text()))
+    with open(img, "rb") as f:
+        after = f.read()
+    changed = [i for i in range(min(len(before), len(after))) if before[i] != after[i]]
+    check(changed == [79], "only the corrupt bit changed: bytes %s" % changed[:8])
+    check(len(after) == len(before), "the file did not grow: %d -> %d" % (len(before), len(after)))
+
+
 def _corruption_event(text):
     """The qcow2 corruption line in a tool's stderr, without any prefix."""
     found = re.search(r"qcow2: (Marking image as corrupt|Image is corrupt): [^\n]*", text)
