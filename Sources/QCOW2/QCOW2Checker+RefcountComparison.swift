@@ -27,7 +27,7 @@ extension QCOW2Checker {
                     // block is not counted; its refcounts are still compared.
                     self.report.corruptions += 1
                     self.report.refcountsNeedRebuild = true
-                    self.report.messages.append("ERROR refcount table entry \(block) has reserved bits set")
+                    self.note("ERROR refcount table entry \(block) has reserved bits set")
                 }
                 guard offset != 0 else { continue }
                 // A block QEMU cannot read (reserved bits or not): its
@@ -71,14 +71,14 @@ extension QCOW2Checker {
         // reference counted for it.
         guard offset % UInt64(clusterSize) == 0 else {
             report.corruptions += 1
-            report.messages.append("ERROR refcount block \(block) is not cluster aligned; refcount table entry corrupted")
+            note("ERROR refcount block \(block) is not cluster aligned; refcount table entry corrupted")
             return false
         }
         // In unsigned arithmetic: the offset may be anything up to 2^64.
         guard offset / UInt64(clusterSize) < UInt64(fileClusters) else {
             report.corruptions += 1
             report.blocksOutsideImage.append((block, offset, report.messages.count))
-            report.messages.append("ERROR refcount block \(block) is outside image")
+            note("ERROR refcount block \(block) is outside image")
             return false
         }
         reference(offset, length: clusterSize)
@@ -89,7 +89,7 @@ extension QCOW2Checker {
         if references != 1 {
             report.corruptions += 1
             report.refcountsNeedRebuild = true
-            report.messages.append("ERROR refcount block \(block) refcount=\(references)")
+            note("ERROR refcount block \(block) refcount=\(references)")
         }
         return true
     }
@@ -112,11 +112,11 @@ extension QCOW2Checker {
         // Reports the unreadable clusters below `end`.
         func reportBlocked(below end: Int64) {
             while let range = blocked.first, range.lowerBound < end {
-                if let event = corruptionEvent(at: range.lowerBound) { report.messages.append(event) }
+                if let event = corruptionEvent(at: range.lowerBound) { note(event) }
                 let stop = min(range.upperBound, end)
                 for cluster in range.lowerBound..<stop {
                     report.checkErrors += 1
-                    report.messages.append("Can't get refcount for cluster \(cluster): Input/output error")
+                    note("Can't get refcount for cluster \(cluster): Input/output error")
                 }
                 if stop == range.upperBound {
                     blocked.removeFirst()
@@ -134,7 +134,7 @@ extension QCOW2Checker {
             guard have != want else { continue }
             let mismatch = RefcountMismatch(cluster: cluster, stored: have, referenced: want)
             report.mismatches.append(mismatch)
-            report.messages.append(mismatch.message())
+            note(mismatch.message())
             if have < want {
                 report.corruptions += 1
                 if have == 0 { report.refcountsNeedRebuild = true }

@@ -124,6 +124,17 @@ public final class QCOW2Checker {
     /// read-only check only calls it corrupt (qemu's two wordings).
     let openedForRepair: Bool
     var report = Report()
+    /// Whether messages are kept in the report. A repair that only needs
+    /// the references (`expectedRefcounts`, `referencesForRebuild`) keeps
+    /// none: a hostile image whose L1 table names one L2 table of bad
+    /// entries millions of times would otherwise fill memory with lines
+    /// nobody reads (qemu-img prints them as it goes).
+    private var keepsMessages = true
+
+    /// Adds a line to the report's messages, unless none are kept.
+    func note(_ message: @autoclosure () -> String) {
+        if keepsMessages { report.messages.append(message()) }
+    }
     var clusterSize: Int64 { Int64(header.clusterSize) }
     /// The clusters one refcount block counts.
     var clustersPerBlock: Int64 { Int64(header.clusterSize * 8 / header.refcountBits) }
@@ -153,7 +164,7 @@ public final class QCOW2Checker {
         // open) it is past any file; no check reads a region past 2^63.
         if offset >= QCOW2Header.maxSize || Int64(offset) + length - file.length >= clusterSize {
             report.corruptions += 1
-            report.messages.append("ERROR: counting reference for region exceeding the end of the file by one "
+            note("ERROR: counting reference for region exceeding the end of the file by one "
                 + "cluster or more: offset 0x\(String(offset, radix: 16)) size 0x\(String(length, radix: 16))")
             return
         }
@@ -165,7 +176,7 @@ public final class QCOW2Checker {
             // and free a cluster in use.
             guard references[cluster, default: 0] < maxReference else {
                 report.corruptions += 1
-                report.messages.append("""
+                note("""
                     ERROR: overflow cluster offset=0x\(String(cluster * clusterSize, radix: 16))
                     Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing
                     """)
@@ -189,7 +200,8 @@ public final class QCOW2Checker {
 
     /// Only the references every cluster should have (for repairs).
     public func expectedRefcounts() -> EventLoopFuture<[Int64: Int]> {
-        collect().flatMap { self.countRefcountBlocks() }.map { self.references }
+        keepsMessages = false
+        return collect().flatMap { self.countRefcountBlocks() }.map { self.references }
     }
 
     /// What a refcount rebuild needs: the references of everything but the
@@ -198,7 +210,8 @@ public final class QCOW2Checker {
     /// (those, and blocks named by entries with reserved bits).
     public func referencesForRebuild()
         -> EventLoopFuture<(references: [Int64: Int], all: [Int64: Int], occupied: Set<Int64>)> {
-        collect(countingRefcountTable: false).flatMap { () -> EventLoopFuture<[Int64: Int]> in
+        keepsMessages = false
+        return collect(countingRefcountTable: false).flatMap { () -> EventLoopFuture<[Int64: Int]> in
             let references = self.references
             self.referenceRefcountTable()
             return self.countRefcountBlocks().map { references }
@@ -246,17 +259,17 @@ public final class QCOW2Checker {
         for dropped in droppedExtraData {
             report.corruptions += 1
             report.droppedSnapshotExtraData += 1
-            report.messages.append("Discarding too much extra metadata in snapshot table entry \(dropped.entry) "
+            note("Discarding too much extra metadata in snapshot table entry \(dropped.entry) "
                                    + "(\(dropped.size) > \(QCOW2SnapshotTable.maxExtraData))")
         }
         if overhangingSnapshots > 0 {
-            report.messages.append("Discarding \(overhangingSnapshots) overhanging snapshots (snapshot table is too big)")
+            note("Discarding \(overhangingSnapshots) overhanging snapshots (snapshot table is too big)")
         }
         guard header.version >= 3 else { return }
         for (index, snapshot) in snapshots.enumerated() where snapshot.extraDataSize < 16 {
             report.corruptions += 1
             report.incompleteSnapshots += 1
-            report.messages.append("ERROR snapshot table entry \(index) is incomplete")
+            note("ERROR snapshot table entry \(index) is incomplete")
         }
     }
 
@@ -284,13 +297,13 @@ public final class QCOW2Checker {
                 let entry = "ERROR snapshot \(snapshot.id) (\(snapshot.name))"
                 if snapshot.l1TableOffset % UInt64(self.clusterSize) != 0 {
                     self.report.corruptions += 1
-                    self.report.messages.append("\(entry) l1_offset=0x\(String(snapshot.l1TableOffset, radix: 16)): "
+                    self.note("\(entry) l1_offset=0x\(String(snapshot.l1TableOffset, radix: 16)): "
                         + "L1 table is not cluster aligned; snapshot table entry corrupted")
                     return loop.makeSucceededVoidFuture()
                 }
                 if UInt64(snapshot.l1Size) * 8 > QCOW2Header.maxL1Bytes {
                     self.report.corruptions += 1
-                    self.report.messages.append("\(entry) l1_size=0x\(String(snapshot.l1Size, radix: 16)): "
+                    self.note("\(entry) l1_size=0x\(String(snapshot.l1Size, radix: 16)): "
                         + "L1 table is too large; snapshot table entry corrupted")
                     return loop.makeSucceededVoidFuture()
                 }
@@ -311,28 +324,44 @@ public final class QCOW2Checker {
         guard size > 0 else { return loop.makeSucceededVoidFuture() }
         reference(offset, length: Int64(size) * 8)
         return loadL1(known, offset: offset, size: size).flatMap { l1 in
-            var chain = loop.makeSucceededVoidFuture()
-            for (index, entry) in l1.enumerated() {
-                if entry & QCOW2Entry.l1ReservedMask != 0 {
-                    self.report.corruptions += 1
-                    self.report.messages.append("ERROR found L1 entry with reserved bits set: \(String(entry, radix: 16))")
-                }
-                // Any bit set makes the entry a table to qemu-img, at
-                // offset 0 too (it then reads the header as one).
-                guard entry != 0 else { continue }
-                let l2Offset = entry & QCOW2Entry.offsetMask
-                // Misplaced, the table still counts for the clusters it
-                // overlaps and its entries are checked, as qemu-img does:
-                // a repair must not free what they hold.
-                self.reference(l2Offset, length: self.clusterSize)
-                if l2Offset % UInt64(self.clusterSize) != 0 {
-                    self.report.corruptions += 1
-                    self.report.messages.append("ERROR l2_offset=\(String(l2Offset, radix: 16)): Table is not cluster aligned; L1 entry corrupted")
-                }
-                chain = chain.flatMap { self.checkL2(at: l2Offset, firstCluster: index * self.header.l2Entries, active: active) }
-            }
-            return chain
+            self.walkL1(l1, from: 0, active: active)
         }
+    }
+
+    /// L1 entries checked per step of `walkL1`.
+    static let l1EntriesPerStep = 8192
+
+    /// Checks the L1 entries from `start` on, each one and then its L2
+    /// table, as qemu-img does (so messages and narrow-refcount overflows
+    /// fall where its do). A step at a time: a hostile L1 table of 4M
+    /// entries that all name one L2 table queues 8192 checks, not 4M.
+    private func walkL1(_ l1: [UInt64], from start: Int, active: Bool) -> EventLoopFuture<Void> {
+        let end = min(start + Self.l1EntriesPerStep, l1.count)
+        var chain = file.eventLoop.makeSucceededVoidFuture()
+        // Any bit set makes the entry a table to qemu-img, at offset 0 too
+        // (it then reads the header as one).
+        for index in start..<end where l1[index] != 0 {
+            chain = chain.flatMap { self.checkL1Entry(l1[index], index: index, active: active) }
+        }
+        guard end < l1.count else { return chain }
+        return chain.flatMap { self.walkL1(l1, from: end, active: active) }
+    }
+
+    private func checkL1Entry(_ entry: UInt64, index: Int, active: Bool) -> EventLoopFuture<Void> {
+        if entry & QCOW2Entry.l1ReservedMask != 0 {
+            report.corruptions += 1
+            note("ERROR found L1 entry with reserved bits set: \(String(entry, radix: 16))")
+        }
+        let l2Offset = entry & QCOW2Entry.offsetMask
+        // Misplaced, the table still counts for the clusters it overlaps
+        // and its entries are checked, as qemu-img does: a repair must not
+        // free what they hold.
+        reference(l2Offset, length: clusterSize)
+        if l2Offset % UInt64(clusterSize) != 0 {
+            report.corruptions += 1
+            note("ERROR l2_offset=\(String(l2Offset, radix: 16)): Table is not cluster aligned; L1 entry corrupted")
+        }
+        return checkL2(at: l2Offset, firstCluster: index * header.l2Entries, active: active)
     }
 
     /// An L1 table: the copy in memory when there is one, else from the file.
@@ -359,7 +388,7 @@ public final class QCOW2Checker {
                     // Reported first, in qemu-img's words; the entry is
                     // checked and counted all the same.
                     self.report.corruptions += 1
-                    self.report.messages.append("ERROR found l2 entry with reserved bits set: \(String(entry, radix: 16))")
+                    self.note("ERROR found l2 entry with reserved bits set: \(String(entry, radix: 16))")
                 }
                 if entry & QCOW2Entry.compressed != 0 {
                     guard case .compressed(let host, let size)? = QCOW2Entry.mapping(
@@ -367,13 +396,13 @@ public final class QCOW2Checker {
                     // qemu-img's checks of compressed entries, in its order.
                     if entry & QCOW2Entry.copied != 0 {
                         self.report.corruptions += 1
-                        self.report.messages.append("ERROR: coffset=0x\(String(host, radix: 16)): copied flag must never be set for compressed clusters")
+                        self.note("ERROR: coffset=0x\(String(host, radix: 16)): copied flag must never be set for compressed clusters")
                     }
                     if self.header.hasExtendedL2, case let bitmap = reader.u64(at: index * self.header.l2EntrySize + 8), bitmap != 0 {
                         // Not counted, as qemu-img does not count it.
                         self.report.corruptions += 1
                         // Printed without COPIED, which qemu-img has reported and cleared by now.
-                        self.report.messages.append("ERROR compressed cluster \(firstCluster + index) with non-zero subcluster allocation bitmap, entry=0x\(String(entry & ~QCOW2Entry.copied, radix: 16))")
+                        self.note("ERROR compressed cluster \(firstCluster + index) with non-zero subcluster allocation bitmap, entry=0x\(String(entry & ~QCOW2Entry.copied, radix: 16))")
                         continue
                     }
                     self.reference(host, length: Int64(size))
@@ -395,13 +424,13 @@ public final class QCOW2Checker {
                 guard allocated else {
                     if bitmap & 0xffff_ffff != 0 {
                         self.report.corruptions += 1
-                        self.report.messages.append("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+                        self.note("ERROR: Unallocated cluster has non-zero subcluster allocation map")
                     }
                     continue
                 }
                 if (bitmap >> 32) & bitmap & 0xffff_ffff != 0 {
                     self.report.corruptions += 1
-                    self.report.messages.append("ERROR offset=\(String(host, radix: 16)): Allocated cluster has corrupted subcluster allocation bitmap")
+                    self.note("ERROR offset=\(String(host, radix: 16)): Allocated cluster has corrupted subcluster allocation bitmap")
                 }
                 // A misaligned entry `-r all` rewrites, with its message.
                 var preallocatedFix: (fix: EntryFix, messageIndex: Int)?
@@ -410,7 +439,8 @@ public final class QCOW2Checker {
                     // named as qemu-img names it, by whether it holds data.
                     let holdsData = self.header.hasExtendedL2 ? bitmap & 0xffff_ffff != 0 : entry & QCOW2Entry.zeroFlag == 0
                     self.report.corruptions += 1
-                    if !holdsData {
+                    if !holdsData, self.keepsMessages {
+                        // (A repair that keeps no messages needs no fixes.)
                         // Nothing is lost without the cluster: qemu-img's
                         // repair makes the entry read as zeroes (with
                         // extended L2, as its zero bits say).
@@ -419,7 +449,7 @@ public final class QCOW2Checker {
                                            l1Index: nil, l2Table: offset, slot: index)
                         preallocatedFix = (fix, self.report.messages.count)
                     }
-                    self.report.messages.append("ERROR offset=\(String(host, radix: 16)): "
+                    self.note("ERROR offset=\(String(host, radix: 16)): "
                         + (holdsData ? "Data" : "Preallocated") + " cluster is not properly aligned; L2 entry corrupted.")
                 }
                 if active {
@@ -494,7 +524,7 @@ public final class QCOW2Checker {
                 if self.refcountReadable(Int64(l2Offset) / self.clusterSize),
                    (refcount == 1) != (entry & QCOW2Entry.copied != 0) {
                     self.report.corruptions += 1
-                    self.report.messages.append("ERROR OFLAG_COPIED L2 cluster: l1_index=\(index) l1_entry=\(String(entry, radix: 16)) refcount=\(refcount)")
+                    self.note("ERROR OFLAG_COPIED L2 cluster: l1_index=\(index) l1_entry=\(String(entry, radix: 16)) refcount=\(refcount)")
                     self.report.copiedFixes.append(EntryFix(
                         entryOffset: self.header.l1TableOffset + UInt64(index * 8),
                         entry: refcount == 1 ? entry | QCOW2Entry.copied : entry & ~QCOW2Entry.copied,
@@ -526,7 +556,7 @@ public final class QCOW2Checker {
                 }
                 guard (refcount == 1) != (entry & QCOW2Entry.copied != 0) else { continue }
                 self.report.corruptions += 1
-                self.report.messages.append("ERROR OFLAG_COPIED data cluster: l2_entry=\(String(entry, radix: 16)) refcount=\(refcount)")
+                self.note("ERROR OFLAG_COPIED data cluster: l2_entry=\(String(entry, radix: 16)) refcount=\(refcount)")
                 self.report.copiedFixes.append(EntryFix(
                     entryOffset: offset + UInt64(slot * self.header.l2EntrySize),
                     entry: refcount == 1 ? entry | QCOW2Entry.copied : entry & ~QCOW2Entry.copied,

@@ -25,7 +25,8 @@ extension QCOW2Driver {
             guard refcounter.needsLargerTable else { return completion(nil) }
             let clusterSize = refcounter.clusterSize
             let oldClusters = (Int64(refcounter.table.count) * 8 + clusterSize - 1) / clusterSize
-            var count = Int64(refcounter.table.count) * 2
+            // (An empty table, which no open lets through, still grows.)
+            var count = max(Int64(refcounter.table.count), 1) * 2
             while (refcounter.allocationEnd / clusterSize + 64 + count * 8 / clusterSize) / refcounter.perBlock >= count {
                 count *= 2
             }

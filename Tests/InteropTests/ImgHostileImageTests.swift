@@ -241,4 +241,28 @@ import Testing
         #expect(ours.stdout == theirs.stdout, "\n\(ours.stdout)--\n\(theirs.stdout)")
         #expect(ours.stderrAsQemuImg() == theirs.stderr, "\n\(ours.stderr)--\n\(theirs.stderr)")
     }
+
+    /// Each L1 entry's messages come before the next entry's, its L2
+    /// table's in between, as qemu-img walks them (an earlier walk gave
+    /// every L1 entry's first).
+    @Test func checkReportsEachL1EntryWithItsL2TableLikeQemuImg() throws {
+        let directory = try Harness.temporaryDirectory("l1order")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("o.qcow2").path
+        // 4 KiB clusters: one L2 table maps 2 MiB, so 4 MiB takes two.
+        #expect(try qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "4M"]).status == 0)
+        _ = try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 4k", "-c", "write -P 2 2M 4k", path])
+        let l1 = try u64(path, at: 40)
+        let first = try u64(path, at: l1), second = try u64(path, at: l1 + 8)
+        // A reserved bit in both L1 entries and in the first table's entry.
+        try write(path, first | 2, width: 8, at: l1)
+        try write(path, second | 2, width: 8, at: l1 + 8)
+        let l2 = first & 0x00ff_ffff_ffff_fe00
+        try write(path, try u64(path, at: l2) | 2, width: 8, at: l2)
+        let ours = try img(["check", path]), theirs = try qemuImg(["check", path])
+        #expect(theirs.status == 2, "\(theirs.stdout)\(theirs.stderr)")
+        #expect(ours.status == theirs.status, "\(ours.stderr)")
+        #expect(ours.stdout == theirs.stdout, "\n\(ours.stdout)--\n\(theirs.stdout)")
+        #expect(ours.stderrAsQemuImg() == theirs.stderr, "\n\(ours.stderr)--\n\(theirs.stderr)")
+    }
 }

@@ -279,4 +279,27 @@ import Testing
         loop.run()
         #expect(try checked.wait().corruptions == 0)
     }
+
+    /// An L1 table of 20,000 entries that all name one L2 table full of
+    /// entries with reserved bits: the references a repair needs are all
+    /// counted, across more than one step of the walk, and no message is
+    /// kept for them (a read-write open of a dirty image repairs this way,
+    /// and with 4M entries the messages alone were tens of gigabytes).
+    @Test func countingReferencesForARepairKeepsNoMessages() throws {
+        let entries = 20_000
+        #expect(entries > QCOW2Checker.l1EntriesPerStep)
+        // 512-byte clusters: an L2 table maps 64 of them, 32 KiB.
+        var image = try image(clusterBits: 9, refcountBits: 16, size: UInt64(entries) << 15)
+        let l2 = image.appendCluster()
+        for slot in 0..<64 { image.setU64(2, at: l2 + UInt64(slot * 8)) }
+        for index in 0..<entries { image.setU64(l2, at: image.header.l1TableOffset + UInt64(index * 8)) }
+        let file = RecordingFile(bytes: image.bytes)
+        let (driver, fileNode) = try openDriver(file, readOnly: true)
+        let checker = QCOW2Checker(driver: driver, file: fileNode)
+        let counted = checker.expectedRefcounts()
+        loop.run()
+        #expect(try counted.wait()[Int64(l2) / 512] == entries)
+        #expect(checker.report.corruptions == entries * 64)
+        #expect(checker.report.messages.isEmpty)
+    }
 }
