@@ -40,9 +40,11 @@ public final class IOURingEngine: FileIOEngine {
         self.burst = burst
         self.ring = ring
         self.eventFD = eventFD
-        self.maxBatch = max(1, maxBatch)
         // One slot per submission entry: the ring can never be full.
         capacity = Int(strata_uring_entries(ring))
+        // No batch is bigger than the ring (and a caller's value past
+        // UInt32 must not reach the C call).
+        self.maxBatch = min(max(1, maxBatch), capacity)
         slots = CompletionSlots(capacity: capacity)
         tags = .allocate(capacity: capacity)
         results = .allocate(capacity: capacity)

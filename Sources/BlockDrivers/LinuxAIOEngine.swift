@@ -71,7 +71,7 @@ public final class LinuxAIOEngine: FileIOEngine {
                  burst: CompletionBurst) {
         self.eventLoop = eventLoop
         self.burst = burst
-        self.maxBatch = max(1, maxBatch)
+        self.maxBatch = min(max(1, maxBatch), capacity)
         self.context = context
         self.eventFD = eventFD
         self.capacity = capacity

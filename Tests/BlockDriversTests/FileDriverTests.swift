@@ -244,7 +244,9 @@ import Testing
         try loop.flatSubmit { engine.close() }.wait()
     }
 
-    @Test(arguments: [false, true], [1, 3, 512])
+    /// A batch bigger than the queue (even past UInt32, as
+    /// `--aio-max-batch` may ask) is the queue's size.
+    @Test(arguments: [false, true], [1, 3, 512, 1 << 32])
     func enginePassesAtMostMaxBatchRequestsPerSubmit(uring: Bool, maxBatch: Int) throws {
         let path = try makeFile(size: 1 << 16, name: "batch-\(uring)-\(maxBatch).raw")
         let engine = try makeEngine(uring: uring, maxBatch: maxBatch)
