@@ -25,7 +25,7 @@ public struct ImageOptions: Sendable {
     /// Serve the image from this byte on (qemu-nbd's `--offset`).
     public var offset: Int64 = 0
     /// A qcow2 internal snapshot to serve read-only (qemu-nbd's `-l`).
-    public var snapshot: String?
+    public var snapshot: SnapshotReference?
     /// QEMU's `l2-cache-size` for qcow2 nodes; nil for the default.
     public var l2CacheSize: Int?
     /// Opened by `check -r all`: a qcow2 refcount structure that can only be
@@ -187,6 +187,9 @@ public enum ImageOpener {
     private static func openRaw(above fileNode: BlockNode, options: ImageOptions, probed: Bool,
                                 graph: BlockGraph) throws -> BlockNode {
         try checkOffset(options, within: fileNode)
+        if options.snapshot != nil {
+            throw BlockError(errno: ENOTSUP, "Block format 'raw' does not support internal snapshots")
+        }
         let raw = RawDriver(offset: options.offset, probed: probed && !options.readOnly)
         var formatOptions = nodeOptions(options)
         formatOptions.detectZeroes = options.detectZeroes

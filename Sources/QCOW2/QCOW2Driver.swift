@@ -8,7 +8,7 @@ import Glibc
 public struct QCOW2Options: Sendable {
     public var readOnly = true
     /// Serve this internal snapshot (name or id), read-only: `qemu-nbd -l`.
-    public var snapshot: String?
+    public var snapshot: SnapshotReference?
     /// Bytes of L2 tables to cache; nil for QEMU's default (enough to map
     /// the whole image, at most 32 MiB).
     public var l2CacheSize: Int?
@@ -27,7 +27,7 @@ public struct QCOW2Options: Sendable {
     /// its limit on the table's size dropped, not refused.
     public var forRepairAll = false
 
-    public init(readOnly: Bool = true, snapshot: String? = nil, l2CacheSize: Int? = nil, forRepair: Bool = false,
+    public init(readOnly: Bool = true, snapshot: SnapshotReference? = nil, l2CacheSize: Int? = nil, forRepair: Bool = false,
                 forCheck: Bool = false) {
         self.readOnly = readOnly
         self.snapshot = snapshot
@@ -209,7 +209,7 @@ public final class QCOW2Driver: BlockDriver {
             var l1Size = header.l1Size
             var size = Int64(header.size)
             if let wanted = options.snapshot {
-                guard let snapshot = snapshots.first(where: { $0.id == wanted }) ?? snapshots.first(where: { $0.name == wanted }) else {
+                guard let snapshot = wanted.select(from: snapshots, id: \.id, name: \.name) else {
                     return loop.makeFailedFuture(QCOW2Error("Can't find snapshot '\(wanted)'").blockError)
                 }
                 guard UInt64(snapshot.l1Size) * 8 <= QCOW2Header.maxL1Bytes, snapshot.l1TableOffset % UInt64(header.clusterSize) == 0 else {

@@ -48,7 +48,8 @@ struct ImgCreate: ParsableCommand {
         var settingsLeft = parseOptions(options)
         let backing = backingFile ?? settingsLeft.removeValue(forKey: "backing_file")
         let backingFmt = backingFormat ?? settingsLeft.removeValue(forKey: "backing_fmt")
-        var sizeText = size ?? settingsLeft.removeValue(forKey: "size")
+        let sizeOption = settingsLeft.removeValue(forKey: "size")
+        var sizeText = size ?? sizeOption
         if let backing {
             // qemu-img's checks, plus the same file under another name.
             guard !backing.isEmpty else { fail("\(filename): Expected backing file name, got empty string") }
@@ -71,11 +72,16 @@ struct ImgCreate: ParsableCommand {
             }
         }
         guard let sizeText else { fail("Image creation needs a size parameter") }
-        guard let parsed = ImageSize.parse(sizeText) else { fail(ImageSize.usage) }
         // qemu-img's bounds, then its rounding up to whole 512-byte sectors.
-        guard parsed <= UInt64(Int64.max) - 511 else {
-            fail("Invalid image size specified. Must be between 0 and \(Int64.max).")
+        let outOfRange = "Invalid image size specified. Must be between 0 and \(Int64.max)."
+        let parsed: UInt64
+        switch ImageSize.read(sizeText) {
+        case .bytes(let bytes) where bytes <= UInt64(Int64.max) - 511: parsed = bytes
+        case .bytes, .outOfRange: fail(outOfRange)
+        case .invalid: fail(ImageSize.usage)
         }
+        // The command line's size read first, as qemu-img reads it.
+        if size != nil, sizeOption != nil { fail("\(filename): The image size must be specified only once") }
         let bytes = (parsed + 511) / 512 * 512
         if format == "raw" {
             if backing != nil { fail("'raw' does not support backing files") }
@@ -141,8 +147,9 @@ struct ImgCreate: ParsableCommand {
 
     private func bool(_ value: String?, _ name: String) -> Bool {
         switch value {
-        case nil, "off", "false": return false
-        case "on", "true": return true
+        // qemu's spellings of a boolean, case and all.
+        case nil, "off", "false", "no", "n": return false
+        case "on", "true", "yes", "y": return true
         default: fail("Parameter '\(name)' expects 'on' or 'off'")
         }
     }

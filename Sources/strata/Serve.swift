@@ -108,14 +108,8 @@ struct Serve: ParsableCommand {
     var verbose = false
 
     /// The snapshot named by `-l`, in either of qemu-nbd's spellings.
-    var snapshotName: String? {
-        guard let loadSnapshot else { return nil }
-        for part in loadSnapshot.split(separator: ",") {
-            for key in ["snapshot.id=", "snapshot.name="] where part.hasPrefix(key) {
-                return String(part.dropFirst(key.count))
-            }
-        }
-        return loadSnapshot
+    var snapshotReference: SnapshotReference? {
+        loadSnapshot.flatMap(SnapshotReference.init(parsing:))
     }
 
     mutating func validate() throws {
@@ -150,6 +144,12 @@ struct Serve: ParsableCommand {
         }
         if exportName.utf8.count > 4096 {
             throw ValidationError("--export-name (-x) is longer than 4096 bytes")
+        }
+        if let loadSnapshot, SnapshotReference(parsing: loadSnapshot) == nil {
+            throw ValidationError("Failed in parsing snapshot param '\(loadSnapshot)': expected NAME, or snapshot.id=ID and/or snapshot.name=NAME")
+        }
+        if description.utf8.count > 4096 {
+            throw ValidationError("--description (-D) is longer than 4096 bytes")
         }
         if snapshot, loadSnapshot != nil {
             throw ValidationError("--snapshot (-s) cannot be combined with --load-snapshot (-l)")

@@ -2,7 +2,12 @@ import ArgumentParser
 import BlockDrivers
 import BlockLayer
 
-extension CacheMode: ExpressibleByArgument {}
+extension CacheMode: ExpressibleByArgument {
+    /// QEMU's names, and "off", which QEMU takes for none.
+    public init?(argument: String) {
+        self.init(rawValue: argument == "off" ? "none" : argument)
+    }
+}
 extension FileAIOMode: ExpressibleByArgument {}
 extension DetectZeroesMode: ExpressibleByArgument {}
 

@@ -96,7 +96,7 @@ final class ServerProcess {
         image.discard = options.discard.mode
         image.detectZeroes = options.detectZeroes
         image.offset = options.offset
-        image.snapshot = options.snapshotName
+        image.snapshot = options.snapshotReference
         image.l2CacheSize = options.l2CacheSize.flatMap(ImageSize.parse).map { Int(min($0, UInt64(Int.max))) }
         image.forceShare = options.forceShare
         return ImageOpener.open(image, graph: graph, io: io, warn: { warning in

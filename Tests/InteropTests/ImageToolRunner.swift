@@ -1,3 +1,5 @@
+import Foundation
+
 /// `strata img` and `qemu-img` side by side, for the suites that compare
 /// the two tools' reports and images.
 protocol ImageToolRunner {}
@@ -9,6 +11,12 @@ extension ImageToolRunner {
 
     func qemuImg(_ arguments: [String]) throws -> Harness.Output {
         try Harness.run("/usr/bin/qemu-img", arguments)
+    }
+
+    /// `qemu-img info --output=json` of `path`, parsed.
+    func qemuInfo(_ path: String) throws -> [String: Any] {
+        let info = try qemuImg(["info", "--output=json", path])
+        return try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any] ?? [:]
     }
 }
 

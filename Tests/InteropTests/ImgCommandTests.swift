@@ -5,11 +5,6 @@ import Testing
 /// check` with the options asked for, and info/map/check agree with
 /// qemu-img on images qemu-img made.
 @Suite struct ImgCommandTests: ImageToolRunner {
-    func qemuInfo(_ path: String) throws -> [String: Any] {
-        let info = try qemuImg(["info", "--output=json", path])
-        return try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any] ?? [:]
-    }
-
     @Test(arguments: [
         ([], "64M"),
         (["-o", "cluster_size=512"], "16M"),
@@ -371,6 +366,24 @@ import Testing
         #expect(theirs["virtual-size"] as? Int64 == 1024)
         #expect(mine["virtual-size"] as? Int64 == theirs["virtual-size"] as? Int64)
         #expect(try img(["map", "--output=json", path]).stdout == (try qemuImg(["map", "--output=json", path])).stdout)
+    }
+
+    /// Human sizes as qemu-img prints them: the next unit from 1000 of the
+    /// current one on ("0.977 GiB", not "1000 MiB"), three significant
+    /// digits, and its "1e+03 KiB" where rounding reaches 1000.
+    @Test func humanSizesMoveToTheNextUnitAt1000LikeQemuImg() throws {
+        let directory = try Harness.temporaryDirectory("human-sizes")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let sizes: [Int64] = [512, 1_023_488, 1_024_000, 1_048_064, 1000 << 20, 1023 << 20, 1 << 30, 1000 << 30, 3 << 40 + 512]
+        for size in sizes {
+            let path = directory.appendingPathComponent("\(size).raw").path
+            #expect(FileManager.default.createFile(atPath: path, contents: nil))
+            #expect(truncate(path, off_t(size)) == 0)
+            let ours = try img(["info", path])
+            let theirs = try qemuImg(["info", path])
+            #expect(ours.status == 0, "\(ours.stderr)")
+            #expect(ours.stdout == theirs.stdout, "\(size):\n\(ours.stdout)\n--\n\(theirs.stdout)")
+        }
     }
 
     /// qemu-img info opens an image without its backing file, so an image

@@ -8,6 +8,10 @@ import Testing
     /// accepts, or wrote an image over its own backing file.
     @Test(arguments: [
         (["-f", "raw", "TARGET", "8E"], "Invalid image size specified. Must be between 0 and 9223372036854775807."),
+        (["-f", "raw", "TARGET", "99999999999E"], "Invalid image size specified. Must be between 0 and 9223372036854775807."),
+        (["-f", "raw", "TARGET", "99999999999999999999999"], "Invalid image size specified. Must be between 0 and 9223372036854775807."),
+        (["-f", "raw", "TARGET", "1.5"], "suffixes for\nstrata img: kilobytes, megabytes"),
+        (["-f", "qcow2", "-o", "size=2M", "TARGET", "1M"], "The image size must be specified only once"),
         (["-f", "qcow2", "TARGET", "2E"], "The image size is too large for file format 'qcow2' (try using a larger cluster size)"),
         (["-f", "qcow2", "-o", "cluster_size=512", "TARGET", "1P"], "The image size is too large for file format 'qcow2'"),
         (["-f", "qcow2", "-o", "=", "TARGET", "1M"], "Invalid parameter ''"),
@@ -36,6 +40,20 @@ import Testing
         #expect(created.status == 1, "\(created.status) \(created.stderr)")
         #expect(created.stderr.contains(message), "\(created.stderr)")
         #expect(try Data(contentsOf: URL(fileURLWithPath: target)) == before)
+    }
+
+    /// Booleans in any of qemu's spellings (on/off, yes/no, y/n,
+    /// true/false), as qemu-img takes them.
+    @Test(arguments: [("yes", true), ("y", true), ("true", true), ("no", false), ("n", false)])
+    func booleanOptionsTakeQemusSpellings(value: String, expected: Bool) throws {
+        let directory = try Harness.temporaryDirectory("create-bool")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("b.qcow2").path
+        let created = try img(["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=\(value),extended_l2=\(value)", path, "1M"])
+        #expect(created.status == 0, "\(created.stderr)")
+        let specific = (try qemuInfo(path)["format-specific"] as? [String: Any])?["data"] as? [String: Any] ?? [:]
+        #expect(specific["lazy-refcounts"] as? Bool == expected)
+        #expect(specific["extended-l2"] as? Bool == expected)
     }
 
     /// qemu-img rounds the size up to whole 512-byte sectors and shows the

@@ -18,12 +18,59 @@ import Testing
         (["--poll-max-ns=-1"], "--poll-max-ns"),
         (["--shutdown-limit=-1"], "--shutdown-limit"),
         (["-s", "-l", "snap"], "--load-snapshot"),
+        (["-l", "snapshot.bogus=1"], "Failed in parsing snapshot param"),
+        (["-D", String(repeating: "d", count: 4097)], "--description"),
         (["-s", "-o", "512"], "--offset"),
     ])
     func badOptionsNameTheOption(arguments: [String], mentions: String) throws {
         let result = try Harness.run(Harness.strata, ["serve"] + arguments + ["/nonexistent.raw"])
         #expect(result.status == 1, "usage errors exit 1, as in qemu-nbd")
         #expect(result.stderr.contains(mentions), "stderr: \(result.stderr)")
+    }
+
+    /// `-l` as qemu-nbd reads it: a bare argument is an id, else a name;
+    /// `snapshot.id=` and `snapshot.name=` each match only their own field,
+    /// and both given must both match. A raw image has no snapshots.
+    @Test func loadSnapshotPicksTheSnapshotQemuNbdPicks() throws {
+        let directory = try Harness.temporaryDirectory("load-snapshot")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = directory.appendingPathComponent("s.qcow2").path
+        #expect(try Harness.run("/usr/bin/qemu-img", ["create", "-q", "-f", "qcow2", image, "1M"]).status == 0)
+        // Snapshot id 1 is named "2", id 2 is named "foo".
+        for (pattern, name) in [(1, "2"), (2, "foo")] {
+            #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P \(pattern) 0 64k", image]).status == 0)
+            #expect(try Harness.run("/usr/bin/qemu-img", ["snapshot", "-c", name, image]).status == 0)
+        }
+        #expect(try Harness.run("/usr/bin/qemu-io", ["-f", "qcow2", "-c", "write -P 3 0 64k", image]).status == 0)
+        let copy = directory.appendingPathComponent("copy.raw").path
+        for (argument, pattern) in [("2", 2), ("foo", 2), ("snapshot.name=2", 1), ("snapshot.id=2", 2),
+                                    ("snapshot.id=1,snapshot.name=2", 1)] {
+            let served = try ServedImage(image: image, options: ["-f", "qcow2", "-l", argument], directory: directory)
+            let copied = try Harness.run("/usr/bin/nbdcopy", [served.uri, copy])
+            #expect(copied.status == 0, "-l \(argument): \(copied.stderr)")
+            #expect(served.stop() == 0)
+            try? FileManager.default.removeItem(atPath: served.socket)
+            let first = try FileHandle(forReadingFrom: URL(fileURLWithPath: copy)).read(upToCount: 1)
+            #expect(first == Data([UInt8(pattern)]), "-l \(argument)")
+        }
+        let mismatched = try Harness.run(Harness.strata, ["serve", "-f", "qcow2", "-k", directory.path + "/m.sock",
+                                                          "-l", "snapshot.id=1,snapshot.name=foo", image])
+        #expect(mismatched.status == 1)
+        #expect(mismatched.stderr.contains("Can't find snapshot"), "\(mismatched.stderr)")
+        let raw = try Harness.makeImage(in: directory)
+        let refused = try Harness.run(Harness.strata, ["serve", "-f", "raw", "-k", directory.path + "/r.sock", "-l", "x", raw])
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("does not support internal snapshots"), "\(refused.stderr)")
+    }
+
+    /// qemu-nbd takes `--cache=off` for none (O_DIRECT).
+    @Test func cacheOffIsCacheNone() throws {
+        let directory = try Harness.temporaryDirectory("cache-off")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = try Harness.makeImage(in: directory)
+        let served = try ServedImage(image: image, options: ["-f", "raw", "--cache=off", "--aio=native"], directory: directory)
+        #expect(try Harness.waitForSize(served.uri) == "16777216")
+        #expect(served.stop() == 0)
     }
 
     @Test func snapshotOfAMissingImageIsAClearErrorAndLeavesNothing() throws {
