@@ -85,6 +85,12 @@ final class ImageSession {
 
 /// Prints errors the way qemu-img does and exits with its status.
 func fail(_ message: String, status: Int32 = 1) -> Never {
-    StandardError.write("strata img: \(message)\n")
+    fail(lines: [message], status: status)
+}
+
+/// Prints each line as an error line of its own (qemu-img reports some
+/// errors in several), then exits with `status`.
+func fail(lines: [String], status: Int32 = 1) -> Never {
+    StandardError.write(lines.map { "strata img: \($0)\n" }.joined())
     exit(status)
 }

@@ -90,10 +90,9 @@ enum ImageSize {
         return carried ? .outOfRange : .bytes(total)
     }
 
-    /// qemu-img's two lines (each after the tool's name) for a size it
-    /// cannot read.
-    static let usage = "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
-        + "strata img: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+    /// qemu-img's two error lines for a size it cannot read.
+    static let usage = ["Invalid image size specified. You may use k, M, G, T, P or E suffixes for",
+                        "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."]
 
     /// qemu-img's human sizes: "64 MiB", "1.26 MiB", "0.977 GiB". As in
     /// qemu-img, a unit is left from 1000 of it on, not 1024 (1000 MiB is

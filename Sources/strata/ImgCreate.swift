@@ -78,7 +78,7 @@ struct ImgCreate: ParsableCommand {
         switch ImageSize.read(sizeText) {
         case .bytes(let bytes) where bytes <= UInt64(Int64.max) - 511: parsed = bytes
         case .bytes, .outOfRange: fail(outOfRange)
-        case .invalid: fail(ImageSize.usage)
+        case .invalid: fail(lines: ImageSize.usage)
         }
         // The command line's size read first, as qemu-img reads it.
         if size != nil, sizeOption != nil { fail("\(filename): The image size must be specified only once") }
