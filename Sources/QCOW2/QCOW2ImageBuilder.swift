@@ -63,39 +63,54 @@ public struct QCOW2ImageBuilder {
         self.options = options
     }
 
-    /// Checks option combinations with qemu-img's messages.
+    /// Checks option combinations with qemu-img's messages, in its order
+    /// (so a list with several faults gets its first complaint).
     func validate() throws {
         let o = options
+        func refuse(_ message: String) -> BuildError { .invalid(message) }
+        let useV3 = "(use version=v3 or greater)"
+        if o.extendedL2, o.version == 2 {
+            throw refuse("Extended L2 entries are only supported with compatibility level 1.1 and above \(useV3)")
+        }
         guard (9...21).contains(o.clusterBits) else {
-            throw BuildError.invalid("Cluster size must be a power of two between 512 and 2048k")
-        }
-        guard [1, 2, 4, 8, 16, 32, 64].contains(o.refcountBits) else {
-            throw BuildError.invalid("Refcount width must be a power of two and may not exceed 64 bits")
-        }
-        guard o.size <= QCOW2Header.maxSize else { throw BuildError.invalid("Image size is too large") }
-        if o.version == 2 {
-            if o.lazyRefcounts { throw BuildError.invalid("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)") }
-            if o.refcountBits != 16 { throw BuildError.invalid("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)") }
-            if o.extendedL2 { throw BuildError.invalid("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)") }
-            if o.compression != .zlib { throw BuildError.invalid("Compression type selection is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)") }
-            if o.dataFile != nil { throw BuildError.invalid("External data files are only supported with compatibility level 1.1 and above") }
+            throw refuse("Cluster size must be a power of two between 512 and 2048k")
         }
         if o.extendedL2, o.clusterBits < 14 {
-            throw BuildError.invalid("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
-        }
-        if o.dataFileRaw, o.dataFile == nil {
-            throw BuildError.invalid("data-file-raw requires data-file")
-        }
-        if o.dataFile != nil, o.backingFile != nil {
-            throw BuildError.invalid("Backing file and data file cannot be used at the same time")
+            throw refuse("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
         }
         if o.preallocateMetadata, o.backingFile != nil, !o.extendedL2 {
             // A preallocated cluster would hide the backing file's data;
             // extended L2 preallocates with every subcluster unallocated.
-            throw BuildError.invalid("Backing file and preallocation can only be used at the same time if extended_l2 is on")
+            throw refuse("Backing file and preallocation can only be used at the same time if extended_l2 is on")
         }
+        if o.backingFormat != nil, o.backingFile == nil {
+            throw refuse("Backing format cannot be used without backing file")
+        }
+        if o.lazyRefcounts, o.version == 2 {
+            throw refuse("Lazy refcounts only supported with compatibility level 1.1 and above \(useV3)")
+        }
+        guard [1, 2, 4, 8, 16, 32, 64].contains(o.refcountBits) else {
+            throw refuse("Refcount width must be a power of two and may not exceed 64 bits")
+        }
+        if o.refcountBits != 16, o.version == 2 {
+            throw refuse("Different refcount widths than 16 bits require compatibility level 1.1 or above \(useV3)")
+        }
+        if o.dataFileRaw, o.dataFile == nil {
+            throw refuse("data-file-raw requires data-file")
+        }
+        if o.dataFileRaw, o.backingFile != nil {
+            // Raw data has no unallocated clusters for a backing file to show through.
+            throw refuse("Backing file and data-file-raw cannot be used at the same time")
+        }
+        if o.dataFile != nil, o.version == 2 {
+            throw refuse("External data files are only supported with compatibility level 1.1 and above \(useV3)")
+        }
+        if o.compression != .zlib, o.version == 2 {
+            throw refuse("Non-zlib compression type is only supported with compatibility level 1.1 and above \(useV3)")
+        }
+        guard o.size <= QCOW2Header.maxSize else { throw refuse("Image size is too large") }
         if let backing = o.backingFile, backing.utf8.count > 1023 {
-            throw BuildError.invalid("Backing file name too long")
+            throw refuse("Backing file name too long")
         }
     }
 

@@ -88,6 +88,13 @@ func fail(_ message: String, status: Int32 = 1) -> Never {
     fail(lines: [message], status: status)
 }
 
+/// Prints an error with lines under it that are not error lines (QEMU's
+/// hints), then exits with `status`.
+func fail(_ message: String, hint: [String], status: Int32 = 1) -> Never {
+    StandardError.write("strata img: \(message)\n" + hint.map { "\($0)\n" }.joined())
+    exit(status)
+}
+
 /// Prints each line as an error line of its own (qemu-img reports some
 /// errors in several), then exits with `status`.
 func fail(lines: [String], status: Int32 = 1) -> Never {

@@ -42,100 +42,88 @@ struct ImgCreate: ParsableCommand {
     var size: String?
 
     func run() throws {
-        guard ["raw", "qcow2"].contains(format) else {
-            fail("Unknown file format '\(format)' (supported: raw, qcow2)")
+        for list in options where !CreateOptions.isValidList(list) { fail("Invalid option list: \(list)") }
+        // qemu-img reads the size on the command line first, then the rest.
+        var commandLineSize: UInt64?
+        if let size {
+            switch ImageSize.read(size) {
+            case .bytes(let bytes) where bytes <= UInt64(Int64.max) - 511: commandLineSize = bytes
+            case .bytes, .outOfRange: fail(Self.outOfRange)
+            case .invalid: fail(lines: ImageSize.usage)
+            }
         }
-        var settingsLeft = parseOptions(options)
-        let backing = backingFile ?? settingsLeft.removeValue(forKey: "backing_file")
-        let backingFmt = backingFormat ?? settingsLeft.removeValue(forKey: "backing_fmt")
-        let sizeOption = settingsLeft.removeValue(forKey: "size")
-        var sizeText = size ?? sizeOption
+        guard ["raw", "qcow2"].contains(format) else { fail("\(filename): Unknown file format '\(format)'") }
+        var settings: CreateOptions
+        do throws(CreateOptions.Failure) {
+            settings = try CreateOptions(format: format, lists: options)
+            if let commandLineSize {
+                if settings.number("size") != nil { fail("\(filename): The image size must be specified only once") }
+                try settings.set("size", String(commandLineSize))
+            }
+            if let backingFile {
+                guard format == "qcow2" else { fail("\(filename): Backing file not supported for file format '\(format)'") }
+                try settings.set("backing_file", backingFile)
+            }
+            if let backingFormat {
+                guard format == "qcow2" else {
+                    fail("\(filename): Backing file format not supported for file format '\(format)'")
+                }
+                try settings.set("backing_fmt", backingFormat)
+            }
+        } catch {
+            fail("\(filename): \(error.message)", hint: error.hint)
+        }
+        let backing = settings.text("backing_file")
+        let backingFmt = settings.text("backing_fmt")
+        var requested = settings.number("size")
         if let backing {
             // qemu-img's checks, plus the same file under another name.
-            guard !backing.isEmpty else { fail("\(filename): Expected backing file name, got empty string") }
             let path = ImageOpener.resolve(backing, relativeTo: ImageOpener.directory(of: filename))
             if backing == filename || Self.sameFile(path, filename) {
                 fail("\(filename): Error: Trying to create an image with the same filename as the backing file")
             }
-            if format == "qcow2", !unsafeBacking {
-                // As qemu-img without -u: the backing file must open; it
-                // gives the size when none is given.
-                guard let backingFmt else { fail("Backing file specified without backing format") }
+            guard !backing.isEmpty else { fail("\(filename): Expected backing file name, got empty string") }
+            if !unsafeBacking {
+                // As qemu-img without -u: the backing file must open (its
+                // format probed when not given, to name it in the error);
+                // it gives the size when none is given.
+                let opened: (length: Int64, format: String)
                 do {
-                    let virtual = try ImageSession().withImage(path, format: backingFmt, forceShare: true) { node in
-                        node.eventLoop.makeSucceededFuture(node.length)
+                    opened = try ImageSession().withImage(path, format: backingFmt, forceShare: true) { node in
+                        node.eventLoop.makeSucceededFuture((node.length, node.formatName))
                     }
-                    if sizeText == nil { sizeText = String(virtual) }
                 } catch {
-                    fail("Could not open backing image '\(backing)': \(error)")
+                    fail("\(filename): \(error)", hint: ["Could not open backing image."])
                 }
+                guard backingFmt != nil else {
+                    fail("\(filename): Backing file specified without backing format",
+                         hint: ["Detected format of \(opened.format)."])
+                }
+                if requested == nil {
+                    requested = UInt64(opened.length)
+                    try? settings.set("size", String(opened.length))
+                }
+            } else if backingFmt == nil {
+                fail("\(filename): Backing file specified without backing format")
             }
         }
-        guard let sizeText else { fail("Image creation needs a size parameter") }
+        guard let requested else { fail("\(filename): Image creation needs a size parameter") }
         // qemu-img's bounds, then its rounding up to whole 512-byte sectors.
-        let outOfRange = "Invalid image size specified. Must be between 0 and \(Int64.max)."
-        let parsed: UInt64
-        switch ImageSize.read(sizeText) {
-        case .bytes(let bytes) where bytes <= UInt64(Int64.max) - 511: parsed = bytes
-        case .bytes, .outOfRange: fail(outOfRange)
-        case .invalid: fail(lines: ImageSize.usage)
+        guard requested <= UInt64(Int64.max) - 511 else { fail(Self.outOfRange) }
+        let bytes = (requested + 511) / 512 * 512
+        // As qemu-img, the line comes before the format checks the options.
+        if !quiet {
+            print(settings.formattingLine(filename: filename, format: format))
+            fflush(stdout)  // before any error the checks print
         }
-        // The command line's size read first, as qemu-img reads it.
-        if size != nil, sizeOption != nil { fail("\(filename): The image size must be specified only once") }
-        let bytes = (parsed + 511) / 512 * 512
         if format == "raw" {
-            if backing != nil { fail("'raw' does not support backing files") }
-            try createRaw(bytes: bytes, requested: parsed, settings: settingsLeft)
+            try createRaw(bytes: bytes, settings: settings)
         } else {
-            if backing != nil, backingFmt == nil { fail("Backing file specified without backing format") }
-            try createQCOW2(bytes: bytes, requested: parsed, settings: settingsLeft, backing: backing,
-                            backingFormat: backingFmt)
+            try createQCOW2(bytes: bytes, settings: settings)
         }
     }
 
-    /// `-o` options, as qemu-img reads them: `key=value` pairs separated by
-    /// commas (`,,` is a comma within a value), a bare `key` meaning
-    /// `key=on` and `nokey` `key=off`; an empty value stays empty (and is
-    /// refused where one is needed).
-    func parseOptions(_ options: [String]) -> [String: String] {
-        var settings: [String: String] = [:]
-        for option in options {
-            guard !option.hasPrefix(",") else { fail("Invalid option list: \(option)") }
-            for chunk in Self.splitOptionList(option) {
-                guard !chunk.isEmpty else { fail("Invalid option list: \(option)") }
-                guard let equals = chunk.firstIndex(of: "=") else {
-                    if chunk.hasPrefix("no") { settings[String(chunk.dropFirst(2))] = "off" } else { settings[String(chunk)] = "on" }
-                    continue
-                }
-                let key = String(chunk[..<equals])
-                guard !key.isEmpty else { fail("\(filename): Invalid parameter ''") }
-                settings[key] = String(chunk[chunk.index(after: equals)...])
-            }
-        }
-        return settings
-    }
-
-    /// Splits at single commas; `,,` stands for a comma.
-    static func splitOptionList(_ text: String) -> [Substring] {
-        var chunks: [Substring] = []
-        var current = ""
-        var characters = text[...]
-        while let character = characters.popFirst() {
-            if character == "," {
-                if characters.first == "," {
-                    characters.removeFirst()
-                    current.append(",")
-                } else {
-                    chunks.append(current[...])
-                    current = ""
-                }
-            } else {
-                current.append(character)
-            }
-        }
-        chunks.append(current[...])
-        return chunks
-    }
+    static let outOfRange = "Invalid image size specified. Must be between 0 and \(Int64.max)."
 
     /// Whether two paths name one existing file (device and inode).
     private static func sameFile(_ first: String, _ second: String) -> Bool {
@@ -145,25 +133,14 @@ struct ImgCreate: ParsableCommand {
         return a.st_dev == b.st_dev && a.st_ino == b.st_ino
     }
 
-    private func bool(_ value: String?, _ name: String) -> Bool {
-        switch value {
-        // qemu's spellings of a boolean, case and all.
-        case nil, "off", "false", "no", "n": return false
-        case "on", "true", "yes", "y": return true
-        default: fail("Parameter '\(name)' expects 'on' or 'off'")
+    /// `bytes` is the size rounded up to whole sectors.
+    private func createRaw(bytes: UInt64, settings: CreateOptions) throws {
+        let preallocation = settings.text("preallocation") ?? "off"
+        switch preallocation {
+        case "off", "falloc", "full": break
+        case "metadata": fail("\(filename): Unsupported preallocation mode: metadata")
+        default: fail("\(filename): invalid parameter value: \(preallocation)")
         }
-    }
-
-    /// `bytes` is the size rounded up to whole sectors, `requested` the
-    /// size asked for, which the "Formatting" line shows, as qemu-img's does.
-    private func createRaw(bytes: UInt64, requested: UInt64, settings: [String: String]) throws {
-        var settings = settings
-        let preallocation = settings.removeValue(forKey: "preallocation") ?? "off"
-        if let unknown = settings.keys.sorted().first { fail("Invalid parameter '\(unknown)'") }
-        guard ["off", "falloc", "full"].contains(preallocation) else {
-            fail("Invalid value '\(preallocation)' for preallocation: expected off, falloc or full")
-        }
-        if !quiet { print("Formatting '\(filename)', fmt=raw size=\(requested)") }
         let fd = Glibc.open(filename, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else { fail("\(filename): Could not create image: \(String(cString: strerror(errno)))") }
         defer { Glibc.close(fd) }
@@ -193,65 +170,48 @@ struct ImgCreate: ParsableCommand {
         }
     }
 
-    private func createQCOW2(bytes: UInt64, requested: UInt64, settings: [String: String], backing: String?,
-                             backingFormat: String?) throws {
-        var settings = settings
+    private func createQCOW2(bytes: UInt64, settings: CreateOptions) throws {
         var builder = QCOW2ImageBuilder.Options(size: bytes)
-        builder.backingFile = backing
-        builder.backingFormat = backingFormat
-        if let value = settings.removeValue(forKey: "cluster_size") {
-            guard let cluster = ImageSize.parse(value), cluster.nonzeroBitCount == 1 else {
-                fail("Cluster size must be a power of two between 512 and 2048k")
-            }
-            builder.clusterBits = UInt32(cluster.trailingZeroBitCount)
-        }
-        builder.lazyRefcounts = bool(settings.removeValue(forKey: "lazy_refcounts"), "lazy_refcounts")
-        builder.extendedL2 = bool(settings.removeValue(forKey: "extended_l2"), "extended_l2")
-        switch settings.removeValue(forKey: "compression_type") ?? "zlib" {
-        case "zlib": builder.compression = .zlib
-        case "zstd": builder.compression = .zstd
-        case let other: fail("Invalid value '\(other)' for compression_type: expected zlib or zstd")
-        }
-        if let value = settings.removeValue(forKey: "refcount_bits") {
-            guard let bits = Int(value) else { fail("Invalid value '\(value)' for refcount_bits") }
-            builder.refcountBits = bits
-        }
-        switch settings.removeValue(forKey: "compat") ?? "1.1" {
+        builder.backingFile = settings.text("backing_file")
+        builder.backingFormat = settings.text("backing_fmt")
+        // QEMU reads these three as enumerations first, in this order.
+        switch settings.text("compat") ?? "1.1" {
         case "0.10", "v2": builder.version = 2
         case "1.1", "v3": builder.version = 3
-        case let other: fail("Invalid compatibility level: '\(other)'")
+        case let other: fail("\(filename): Parameter 'version' does not accept value '\(other)'")
         }
-        let preallocation = settings.removeValue(forKey: "preallocation") ?? "off"
+        let preallocation = settings.text("preallocation") ?? "off"
         guard ["off", "metadata", "falloc", "full"].contains(preallocation) else {
-            fail("Invalid value '\(preallocation)' for preallocation: expected off, metadata, falloc or full")
+            fail("\(filename): Parameter 'preallocation' does not accept value '\(preallocation)'")
+        }
+        switch settings.text("compression_type") ?? "zlib" {
+        case "zlib": builder.compression = .zlib
+        case "zstd": builder.compression = .zstd
+        case let other: fail("\(filename): Parameter 'compression-type' does not accept value '\(other)'")
+        }
+        if let cluster = settings.number("cluster_size") {
+            // 0 for no power of two, which the builder refuses in its turn.
+            builder.clusterBits = cluster.nonzeroBitCount == 1 ? UInt32(cluster.trailingZeroBitCount) : 0
+        }
+        builder.lazyRefcounts = settings.flag("lazy_refcounts")
+        builder.extendedL2 = settings.flag("extended_l2")
+        if let text = settings.text("refcount_bits") {
+            // QEMU reads it again here, as a signed integer (its option
+            // parser took it as an unsigned one).
+            errno = 0
+            let width = strtoll(text, nil, 0)
+            if errno == ERANGE { fail("\(filename): Parameter 'refcount-bits' expects integer") }
+            builder.refcountBits = Int(width)
         }
         builder.preallocateMetadata = preallocation != "off"
-        builder.dataFile = settings.removeValue(forKey: "data_file")
-        builder.dataFileRaw = bool(settings.removeValue(forKey: "data_file_raw"), "data_file_raw")
-        if let unknown = settings.keys.sorted().first { fail("Invalid parameter '\(unknown)'") }
+        builder.dataFile = settings.text("data_file")
+        builder.dataFileRaw = settings.flag("data_file_raw")
 
         let layout: QCOW2ImageBuilder.Layout
         do {
             layout = try QCOW2ImageBuilder(options: builder).build()
         } catch {
             fail("\(filename): \(error)")
-        }
-        if !quiet {
-            var line = "Formatting '\(filename)', fmt=qcow2 cluster_size=\(1 << builder.clusterBits)"
-            if builder.version == 3 {
-                line += " extended_l2=\(builder.extendedL2 ? "on" : "off") compression_type=\(builder.compression == .zstd ? "zstd" : "zlib")"
-            }
-            if preallocation != "off" { line += " preallocation=\(preallocation)" }
-            line += " size=\(requested)"
-            if let backing { line += " backing_file=\(backing)" }
-            if let backingFormat { line += " backing_fmt=\(backingFormat)" }
-            if let dataFile = builder.dataFile {
-                line += " data_file=\(dataFile)"
-                if builder.dataFileRaw { line += " data_file_raw=on" }
-            }
-            if builder.version == 3 { line += " lazy_refcounts=\(builder.lazyRefcounts ? "on" : "off")" }
-            line += " refcount_bits=\(builder.refcountBits)"
-            print(line)
         }
         if let dataFile = builder.dataFile {
             // As qemu-img: a relative data file name is relative to the

@@ -15,7 +15,7 @@ import Testing
         (["-f", "qcow2", "TARGET", "2E"], "The image size is too large for file format 'qcow2' (try using a larger cluster size)"),
         (["-f", "qcow2", "-o", "cluster_size=512", "TARGET", "1P"], "The image size is too large for file format 'qcow2'"),
         (["-f", "qcow2", "-o", "=", "TARGET", "1M"], "Invalid parameter ''"),
-        (["-f", "qcow2", "-o", "a=1,==", "TARGET", "1M"], "Invalid parameter ''"),
+        (["-f", "qcow2", "-o", "a=1,==", "TARGET", "1M"], "Invalid parameter 'a'"),
         (["-f", "qcow2", "-o", "cluster_size=4k,", "TARGET", "1M"], "Invalid option list: cluster_size=4k,"),
         (["-f", "qcow2", "-o", "lazy_refcounts=", "TARGET", "1M"], "Parameter 'lazy_refcounts' expects 'on' or 'off'"),
         (["-f", "qcow2", "-o", "backing_file=", "TARGET", "1M"], "Expected backing file name, got empty string"),
