@@ -147,13 +147,17 @@ extension QCOW2Driver {
             // ends once they are the allocator's again, so writes after it
             // reuse them (as they would in QEMU, which frees at once)
             // instead of growing the file.
-            self.afterPunches {
-                if self.dataFile !== self.file {
-                    self.dataFile.flush(completion: completion)
-                } else {
-                    completion(nil)
-                }
-            }
+            // (An external data file was synced by the writeback's first step.)
+            self.afterPunches { completion(nil) }
+        }
+    }
+
+    /// Syncs an external data file, then the image file.
+    private func syncDataAndImage(completion: @escaping BlockCompletion) {
+        guard dataFile !== file else { return file.flush(completion: completion) }
+        dataFile.flush { error in
+            if let error { return completion(error) }
+            self.file.flush(completion: completion)
         }
     }
 
@@ -212,10 +216,12 @@ extension QCOW2Driver {
             }
             endMetadataWork(error, completion: completion)
         }
-        // 1. refcount blocks (and all data written so far), synced.
+        // 1. refcount blocks, and all data written so far, synced: in an
+        // external data file too, so that no L2 entry reaches the disk
+        // before the data (copied from a backing file, say) it maps.
         writeAll(blocks.map { (Int64($0.0), $0.1.bytes) }) { error in
             if let error { return finish(error) }
-            self.file.flush { error in
+            self.syncDataAndImage { error in
                 if let error { return finish(error) }
                 // 2. refcount table clusters that name new blocks.
                 let table = tableClusters.map { cluster -> (Int64, UnsafeRawBufferPointer) in

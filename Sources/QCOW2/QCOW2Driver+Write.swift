@@ -100,8 +100,8 @@ extension QCOW2Driver {
             return current
         }
         guard let refcounter else { throw BlockError.eperm }
-        let offset = try refcounter.allocateCluster()
         guard let buffer = AlignedBuffer.zeroed(count: header.clusterSize, alignment: 4096) else { throw BlockError.enomem }
+        let offset = try refcounter.allocateCluster()
         let table = QCOW2L2Table(offset: offset, buffer: buffer, entrySize: header.l2EntrySize)
         if let current {
             // A shared table: copy it; its clusters stay shared (no COPIED).
@@ -376,7 +376,7 @@ extension QCOW2Driver {
         }
         let regionLength = regionEnd - regionStart
         guard let bounce = node?.graph.bufferPool.take(count: regionLength, alignment: 4096) else {
-            return completion(.enomem)
+            return abandon(ownCluster ? nil : host, error: .enomem, completion: completion)
         }
         // Keep this table object the one every lookup finds until the new
         // entry is in it.

@@ -284,17 +284,35 @@ final class QCOW2Refcounter {
             throw BlockError(errno: ENOSPC, "The refcount table is full")
         }
         guard table[tableIndex] == 0 else { return }
-        let blockOffset = UInt64(try claimAtEnd(clusterSize))
         guard let buffer = AlignedBuffer.zeroed(count: Int(clusterSize), alignment: 4096) else {
             throw BlockError.enomem
+        }
+        let blockOffset: UInt64
+        do {
+            blockOffset = UInt64(try claimAtEnd(clusterSize))
+        } catch {
+            buffer.deallocate()
+            throw error
         }
         blocks[blockOffset] = buffer
         table[tableIndex] = blockOffset
         dirtyBlocks.insert(blockOffset)
         dirtyTableClusters.insert(tableIndex * 8 / Int(clusterSize))
         metadataClusters.insert(Int64(blockOffset) / clusterSize)
-        try ensureBlock(for: Int64(blockOffset) / clusterSize)
-        try adjust(Int64(blockOffset) / clusterSize, by: 1)
+        do {
+            try ensureBlock(for: Int64(blockOffset) / clusterSize)
+            try adjust(Int64(blockOffset) / clusterSize, by: 1)
+        } catch {
+            // No memory for the block that would count this one: take this
+            // one back, so that it never reaches the disk uncounted. (Its
+            // place in the file stays unused until the image is reopened.)
+            table[tableIndex] = 0
+            blocks[blockOffset] = nil
+            buffer.deallocate()
+            dirtyBlocks.remove(blockOffset)
+            metadataClusters.remove(Int64(blockOffset) / clusterSize)
+            throw error
+        }
     }
 
     /// Drops one reference to `cluster`; at zero (true) the cluster is free

@@ -88,6 +88,7 @@ final class RecordingFile: BlockDriver {
         // The caller keeps its buffer until the completion: a held write
         // copies it when it runs.
         let perform = {
+            self.log?("write \(offset)")
             self.writes.append((offset, buffer.count))
             let end = Int(offset) + buffer.count
             if end > self.bytes.count { self.bytes += [UInt8](repeating: 0, count: end - self.bytes.count) }
@@ -97,7 +98,14 @@ final class RecordingFile: BlockDriver {
         if heldWrites != nil { heldWrites!.append(perform) } else { perform() }
     }
 
-    func flush(completion: @escaping BlockCompletion) { completion(nil) }
+    /// When set, told of each write ("write OFFSET") and flush ("flush")
+    /// as it lands: one log for several files shows their order.
+    var log: ((String) -> Void)?
+
+    func flush(completion: @escaping BlockCompletion) {
+        log?("flush")
+        completion(nil)
+    }
 
     func discard(at offset: Int64, length: Int64, completion: @escaping BlockCompletion) {
         let perform = {
