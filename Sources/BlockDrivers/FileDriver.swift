@@ -68,8 +68,9 @@ public final class FileDriver: BlockDriver {
     /// at the readahead front again (see there).
     var frontCheckBytes: Int64 = 0
     /// Once fdatasync fails, the kernel forgets the error and may have
-    /// dropped the dirty pages: every later flush fails too, so no client
-    /// is told that lost data is safe.
+    /// dropped the dirty pages: every later flush fails too, with the same
+    /// error, so no client is told that lost data is safe. (As in QEMU; not
+    /// with O_DIRECT, where no dirty pages were lost.)
     var flushFailure: BlockError?
     /// Engine I/O records that have ended, for the next I/O to take.
     var idleRequests: [FileRequest] = []
@@ -344,7 +345,8 @@ public final class FileDriver: BlockDriver {
         let done = { (result: Int) in
             guard result < 0 else { return completion(nil) }
             let error = BlockError(errno: Int32(-result))
-            self.flushFailure = BlockError(errno: EIO)
+            // O_DIRECT writes bypass the page cache: nothing was dropped.
+            if !self.options.direct { self.flushFailure = error }
             completion(error)
         }
         if let uring = engine as? IOURingEngine { return uring.fdatasync(fd: fd, completion: done) }
