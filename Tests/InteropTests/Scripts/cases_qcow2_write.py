@@ -66,11 +66,9 @@ import common  # noqa: E402
 common.Context.qemu_img_compare_fmt = _compare
 
 
-def run_clients_and_compare(ctx, srv, img, clients, work, expected):
+def run_clients(srv, clients, work):
     """Runs one thread per client number in `clients`, each connected to
-    `srv` and running `work(n, handle)`, then a flush; stops the server,
-    then requires a clean `qemu-img check` and the image to equal
-    `expected` byte for byte."""
+    `srv` and running `work(n, handle)`, then a flush; fails if any did."""
     errors = []
 
     def client(n):
@@ -89,6 +87,12 @@ def run_clients_and_compare(ctx, srv, img, clients, work, expected):
     for t in threads:
         t.join(120)
     check(not errors, "; ".join(errors))
+
+
+def run_clients_and_compare(ctx, srv, img, clients, work, expected):
+    """`run_clients`, then stops the server and requires a clean
+    `qemu-img check` and the image to equal `expected` byte for byte."""
+    run_clients(srv, clients, work)
     srv.stop()
     ref = ctx.path("expected.raw")
     with open(ref, "wb") as f:

@@ -128,6 +128,7 @@ from common import CASE_TIMEOUTS, CASES, CaseFailure, Context, Options  # noqa: 
 import cases_nbdinfo  # noqa: E402,F401
 import cases_qcow2  # noqa: E402,F401
 import cases_qcow2_write  # noqa: E402,F401
+import cases_qcow2_write_edges  # noqa: E402,F401
 import cases_copy  # noqa: E402,F401
 import cases_libnbd  # noqa: E402,F401
 import cases_handshake  # noqa: E402,F401
