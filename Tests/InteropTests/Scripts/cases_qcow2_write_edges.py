@@ -17,7 +17,7 @@ import nbd
 
 from common import MiB, case, case_timeout, check, check_eq, fail, note
 from cases_qcow2 import check_served, qimg, qio
-from cases_qcow2_write import extension_types, run_clients, writer_check
+from cases_qcow2_write import extension_types, image_bytes, run_clients, unexpected_sectors, writer_check
 
 
 def _mixed_data(size, seed):
@@ -224,12 +224,7 @@ def qcow2_write_concurrent_overlapping(ctx):
         srv.stop()
         check_eq("qemu-img check exit status (%s)" % (options or "64k clusters"), 0,
                  ctx.run(["qemu-img", "check", img], check=False).returncode)
-        out = ctx.path("ov.raw")
-        if os.path.exists(out):
-            os.unlink(out)
-        qimg(ctx, "convert", "-O", "raw", img, out)
-        with open(out, "rb") as f:
-            data = f.read()
+        data = image_bytes(ctx, img, "ov.raw")
         untouched = 0x61 if backing else 0
         for s, who in enumerate(owners):
             sector = data[s * 512:(s + 1) * 512]
@@ -429,21 +424,8 @@ def qcow2_crash_kill9_pipelined(ctx):
             check(res.returncode in (0, 3),
                   "lazy_refcounts=%s, kill %d: qemu-img check exit %d (%s)" % (lazy, round_ + 1, res.returncode,
                                                                                res.out[-400:]))
-            out = ctx.path("storm.raw")
-            if os.path.exists(out):
-                os.unlink(out)
-            qimg(ctx, "convert", "-O", "raw", img, out)
-            with open(out, "rb") as f:
-                data = f.read()
-            # Replay in issue order: a durable write makes its bytes known,
-            # any other write makes them unknown (old or new may be there).
-            expected = bytearray(before)
-            known = bytearray(b"\x01") * size
-            for offset, length, value, durable in writes:
-                expected[offset:offset + length] = bytes([value]) * length
-                known[offset:offset + length] = (b"\x01" if durable else b"\x00") * length
-            wrong = [i for i in range(0, size, 512)
-                     if known[i] and data[i:i + 512] != expected[i:i + 512]]
+            data = image_bytes(ctx, img, "storm.raw")
+            wrong = unexpected_sectors(data, writes, before)
             durable = sum(1 for w in writes if w[3])
             note("lazy_refcounts=%s, kill %d: check exit %d, %d of %d writes durable"
                  % (lazy, round_ + 1, res.returncode, durable, len(writes)))
