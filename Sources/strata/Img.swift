@@ -11,7 +11,7 @@ struct Img: ParsableCommand {
 
 /// The arguments every inspecting `img` command takes.
 struct ImageArguments: ParsableArguments {
-    @Option(name: .customShort("f"), help: "Image format (probed when omitted).")
+    @Option(name: [.customShort("f"), .customLong("format")], help: "Image format (probed when omitted).")
     var format: String?
 
     @Option(help: "Output format: human or json.")
@@ -90,9 +90,27 @@ enum ImageSize {
         return carried ? .outOfRange : .bytes(total)
     }
 
-    /// qemu-img's two error lines for a size it cannot read.
-    static let usage = ["Invalid image size specified. You may use k, M, G, T, P or E suffixes for",
-                        "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."]
+    /// qemu-img's two error lines for a size it cannot read, `name` being
+    /// what it is ("image size", "start offset").
+    static func usage(_ name: String) -> [String] {
+        ["Invalid \(name) specified. You may use k, M, G, T, P or E suffixes for",
+         "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."]
+    }
+
+    /// qemu-img's error for a size past 63 bits.
+    static func outOfRange(_ name: String) -> String {
+        "Invalid \(name) specified. Must be between 0 and \(Int64.max)."
+    }
+
+    /// A size argument as qemu-img reads one (its `cvtnum`): the bytes, or
+    /// its error and exit.
+    static func argument(_ text: String, name: String) -> Int64 {
+        switch read(text) {
+        case .bytes(let bytes) where bytes <= UInt64(Int64.max): return Int64(bytes)
+        case .bytes, .outOfRange: fail(outOfRange(name))
+        case .invalid: fail(lines: usage(name))
+        }
+    }
 
     /// qemu-img's human sizes: "64 MiB", "1.26 MiB", "0.977 GiB". As in
     /// qemu-img, a unit is left from 1000 of it on, not 1024 (1000 MiB is

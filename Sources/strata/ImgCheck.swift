@@ -14,8 +14,11 @@ struct ImgCheck: ParsableCommand {
 
     @OptionGroup var image: ImageArguments
 
-    @Option(name: .customShort("r"), help: "Repair: leaks, or all (leaks and corrupted refcounts).")
+    @Option(name: [.customShort("r"), .customLong("repair")], help: "Repair: leaks, or all (leaks and corrupted refcounts).")
     var repair: String?
+
+    @Flag(name: .customShort("q"), help: "Quiet: print no report (what was found still goes to stderr).")
+    var quiet = false
 
     func run() throws {
         if let repair, !["leaks", "all"].contains(repair) {
@@ -89,8 +92,11 @@ struct ImgCheck: ParsableCommand {
         if outcome.fixed == nil || fixed.leaks > 0 || fixed.corruptions > 0 {
             printToStandardError(report.messages)
         }
-        switch image.output {
-        case .json:
+        // -q prints no report, as qemu-img's; the exit status still tells.
+        switch quiet ? nil : image.output {
+        case nil:
+            break
+        case .json?:
             var object: [String: QemuJSON] = [
                 "filename": .string(image.filename), "format": .string(outcome.format),
                 "check-errors": .int(Int64(report.checkErrors)), "image-end-offset": .int(report.imageEndOffset),
@@ -102,7 +108,7 @@ struct ImgCheck: ParsableCommand {
                           "leaks-fixed": fixed.leaks, "corruptions-fixed": fixed.corruptions]
             for (key, count) in counts where count > 0 { object[key] = .int(Int64(count)) }
             print(QemuJSON.object(object, order: QemuKeyOrder.check).rendered())
-        case .human:
+        case .human?:
             if fixed.leaks > 0 || fixed.corruptions > 0 {
                 print("The following inconsistencies were found and repaired:\n")
                 print("    \(fixed.leaks) leaked clusters")

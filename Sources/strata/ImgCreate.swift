@@ -17,7 +17,7 @@ struct ImgCreate: ParsableCommand {
             """
     )
 
-    @Option(name: .customShort("f"), help: "Image format: raw or qcow2.")
+    @Option(name: [.customShort("f"), .customLong("format")], help: "Image format: raw or qcow2.")
     var format: String = "raw"
 
     @Option(name: .customShort("b"), help: "Backing file (qcow2).")
@@ -48,8 +48,8 @@ struct ImgCreate: ParsableCommand {
         if let size {
             switch ImageSize.read(size) {
             case .bytes(let bytes) where bytes <= UInt64(Int64.max) - 511: commandLineSize = bytes
-            case .bytes, .outOfRange: fail(Self.outOfRange)
-            case .invalid: fail(lines: ImageSize.usage)
+            case .bytes, .outOfRange: fail(ImageSize.outOfRange("image size"))
+            case .invalid: fail(lines: ImageSize.usage("image size"))
             }
         }
         guard ["raw", "qcow2"].contains(format) else { fail("\(filename): Unknown file format '\(format)'") }
@@ -109,7 +109,7 @@ struct ImgCreate: ParsableCommand {
         }
         guard let requested else { fail("\(filename): Image creation needs a size parameter") }
         // qemu-img's bounds, then its rounding up to whole 512-byte sectors.
-        guard requested <= UInt64(Int64.max) - 511 else { fail(Self.outOfRange) }
+        guard requested <= UInt64(Int64.max) - 511 else { fail(ImageSize.outOfRange("image size")) }
         let bytes = (requested + 511) / 512 * 512
         // As qemu-img, the line comes before the format checks the options.
         if !quiet {
@@ -122,8 +122,6 @@ struct ImgCreate: ParsableCommand {
             try createQCOW2(bytes: bytes, settings: settings)
         }
     }
-
-    static let outOfRange = "Invalid image size specified. Must be between 0 and \(Int64.max)."
 
     /// Whether two paths name one existing file (device and inode).
     private static func sameFile(_ first: String, _ second: String) -> Bool {

@@ -125,6 +125,7 @@ struct ImgInfo: ParsableCommand {
             "disk size: \(ImageSize.human(number("actual-size")))",
         ]
         if info["cluster-size"] != nil { lines.append("cluster_size: \(number("cluster-size"))") }
+        if case .bool(true)? = info["dirty-flag"] { lines.append("cleanly shut down: no") }
         if let backing = text("backing-filename") {
             let full = text("full-backing-filename") ?? backing
             lines.append("backing file: \(backing)" + (full == backing ? "" : " (actual path: \(full))"))

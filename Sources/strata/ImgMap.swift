@@ -11,6 +11,11 @@ struct ImgMap: ParsableCommand {
 
     @OptionGroup var image: ImageArguments
 
+    @Option(name: .customLong("start-offset"), help: "Map from this guest offset on (k, M, G suffixes).")
+    var startOffset: String?
+
+    @Option(name: .customLong("max-length"), help: "Map at most this many bytes.")
+    var maxLength: String?
 
     struct Entry: Equatable {
         var start: Int64
@@ -40,11 +45,17 @@ struct ImgMap: ParsableCommand {
     }
 
     func run() throws {
+        let start = startOffset.map { ImageSize.argument($0, name: "start offset") } ?? 0
+        let length = maxLength.map { ImageSize.argument($0, name: "max length") }
         let printer = MapPrinter(output: image.output)
         do {
             try ImageSession().withImage(image.filename, format: image.format, forceShare: image.forceShare) { node in
                 printer.start()
-                return Self.map(node, emit: printer.add).flatMapErrorThrowing { error in
+                // As qemu-img: the range ends at the image's end, or earlier;
+                // an end past 2^63 wraps there, mapping nothing.
+                let (sum, overflow) = start.addingReportingOverflow(length ?? node.length)
+                let end = overflow ? start : min(sum, node.length)
+                return Self.map(node, from: start, to: end, emit: printer.add).flatMapErrorThrowing { error in
                     throw WalkFailed(error: error as? BlockError ?? .eio)
                 }
             }
@@ -57,16 +68,18 @@ struct ImgMap: ParsableCommand {
             printer.abandon()
             fail("Could not open '\(image.filename)': \((error as? BlockError)?.description ?? "\(error)")")
         }
-        if let refusal = printer.finish() { fail(refusal) }
+        if let refusal = printer.finish(start: start) { fail(refusal) }
     }
 
-    /// Walks the whole image, extent by extent, handing each to `emit`
-    /// until it answers false.
-    static func map(_ top: BlockNode, emit: @escaping (Entry) -> Bool) -> EventLoopFuture<Void> {
+    /// Walks the image from `start` to `end` (its end by default), extent
+    /// by extent, handing each to `emit` until it answers false.
+    static func map(_ top: BlockNode, from start: Int64 = 0, to end: Int64? = nil,
+                    emit: @escaping (Entry) -> Bool) -> EventLoopFuture<Void> {
         let promise = top.eventLoop.makePromise(of: Void.self)
+        let end = end ?? top.length
         func next(_ offset: Int64) {
-            guard offset < top.length else { return promise.succeed(()) }
-            extent(top, at: offset, length: top.length - offset, depth: 0) { result in
+            guard offset < end else { return promise.succeed(()) }
+            extent(top, at: offset, length: end - offset, depth: 0) { result in
                 switch result {
                 case .failure(let error):
                     promise.fail(error)
@@ -77,7 +90,7 @@ struct ImgMap: ParsableCommand {
                 }
             }
         }
-        next(0)
+        next(start)
         return promise.futureResult
     }
 

@@ -37,14 +37,15 @@ final class MapPrinter: @unchecked Sendable {
         return refusal == nil
     }
 
-    /// Ends the output; returns the error to exit with, if any.
-    func finish() -> String? {
+    /// Ends the output; returns the error to exit with, if any. `start`
+    /// is where the map began (`--start-offset`).
+    func finish(start: Int64 = 0) -> String? {
         if let pending, refusal == nil { write(pending, last: true) }
         pending = nil
         if output == .json {
-            // An empty image is one empty entry to qemu-img, not none.
+            // An empty range is one empty entry to qemu-img, not none.
             if printed == 0 {
-                write(ImgMap.Entry(start: 0, length: 0, depth: 0, present: false, zero: false, data: false,
+                write(ImgMap.Entry(start: start, length: 0, depth: 0, present: false, zero: false, data: false,
                                    offset: nil, file: ""), last: true)
             }
             append("]\n")
