@@ -433,3 +433,66 @@ def qcow2_crash_kill9_pipelined(ctx):
             check(not wrong, "sectors that a completed FLUSH covered, or that no write touched, read back wrong;"
                   " first at offsets %s" % ", ".join(str(i) for i in wrong[:5]))
             before = bytearray(data)
+
+
+@case
+def qcow2_hostile_refcounts_served_read_write(ctx):
+    """Refcount structures a hostile image can have, served read-write:
+    a table past the end of the file or over the header, a table size past
+    any file, a refcount block over the L1 table or at an unaligned offset.
+    Each is refused with a message naming it, or the server goes on without
+    writing over metadata; never a crash. A real LUKS-encrypted qcow2 made
+    by qemu-img is refused as not supported."""
+    good = ctx.path("rc-good.qcow2")
+    qimg(ctx, "create", "-f", "qcow2", good, "16M")
+    qio(ctx, good, "write -P 0x11 0 128k")
+    with open(good, "rb") as f:
+        original = bytearray(f.read())
+    table = int.from_bytes(original[48:56], "big")
+    l1 = int.from_bytes(original[40:48], "big")
+
+    def put(data, offset, value, size):
+        data[offset:offset + size] = value.to_bytes(size, "big")
+
+    variants = {
+        "table past the end": lambda d: put(d, 48, 1 << 40, 8),
+        "table over the header": lambda d: put(d, 48, 0, 8),
+        "table of 2^32 clusters": lambda d: put(d, 56, 0xffffffff, 4),
+        "block over the L1 table": lambda d: put(d, table, l1, 8),
+        "unaligned block": lambda d: put(d, table, 0x20000 + 512, 8),
+    }
+    for name, damage in variants.items():
+        data = bytearray(original)
+        damage(data)
+        img = ctx.path("rc-damaged.qcow2")
+        with open(img, "wb") as f:
+            f.write(data)
+        srv = ctx.start_server(img, fmt="qcow2", wait=False)
+        status = srv.wait_exit(2)
+        text = srv.stderr_text()
+        check("Fatal error" not in text and (status is None or status > 0),
+              "%s: refused or served, no crash (exit %s): %s" % (name, status, text[-300:]))
+        if status is None:
+            # It opened: a write must not land on metadata.
+            srv.wait_ready()
+            res = ctx.run(["qemu-io", "-f", "raw", "-c", "write -P 0x22 1M 64k", srv.uri()], check=False)
+            srv.stop()
+            check(srv.proc.returncode is not None and srv.proc.returncode >= 0,
+                  "%s: the server ended by itself, not by a signal" % name)
+            with open(img, "rb") as f:
+                after = f.read()
+            check(after[l1:l1 + 512] == data[l1:l1 + 512] and after[:48] == data[:48],
+                  "%s: the header and L1 table are as they were" % name)
+            note("%s: served; a write: %s" % (name, (res.out + res.err).strip().splitlines()[-1:]))
+        else:
+            check("strata:" in text and len(text.strip()) > len("strata:"), "%s: a message: %s" % (name, text))
+            note("%s: %s" % (name, text.strip().splitlines()[-1]))
+    luks = ctx.path("luks.qcow2")
+    ctx.run(["qemu-img", "create", "-f", "qcow2", "--object", "secret,id=sec0,data=strata-test",
+             "-o", "encrypt.format=luks,encrypt.key-secret=sec0", luks, "16M"])
+    for readonly in (True, False):
+        srv = ctx.start_server(luks, fmt="qcow2", readonly=readonly, wait=False)
+        status = srv.wait_exit(20)
+        text = srv.stderr_text()
+        check(status is not None and status > 0 and "not supported" in text,
+              "a LUKS image is refused as not supported (exit %s): %s" % (status, text[-300:]))
