@@ -310,7 +310,7 @@ import Testing
         let directory = try Harness.temporaryDirectory("check1")
         defer { try? FileManager.default.removeItem(at: directory) }
         let truncated = directory.appendingPathComponent("truncated.qcow2").path
-        FileManager.default.createFile(atPath: truncated, contents: Data([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3]))
+        #expect(FileManager.default.createFile(atPath: truncated, contents: Data([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3])))
         for image in [directory.appendingPathComponent("missing.qcow2").path, truncated] {
             let ours = try img(["check", "-f", "qcow2", image])
             let theirs = try qemuImg(["check", "-f", "qcow2", image])
@@ -368,7 +368,7 @@ import Testing
         let directory = try Harness.temporaryDirectory("info-unaligned")
         defer { try? FileManager.default.removeItem(at: directory) }
         let path = directory.appendingPathComponent("odd.raw").path
-        FileManager.default.createFile(atPath: path, contents: Data(repeating: 0x5a, count: 1000))
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(repeating: 0x5a, count: 1000)))
         let ours = try img(["info", "--output=json", path])
         #expect(ours.status == 0, "\(ours.stderr)")
         let mine = try JSONSerialization.jsonObject(with: Data(ours.stdout.utf8)) as? [String: Any] ?? [:]

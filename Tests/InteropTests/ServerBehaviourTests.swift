@@ -248,7 +248,7 @@ import Testing
         let directory = try Harness.temporaryDirectory("behind")
         defer { try? FileManager.default.removeItem(at: directory) }
         let image = directory.appendingPathComponent("disk.raw").path
-        FileManager.default.createFile(atPath: image, contents: Data((0..<(16 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 131 ^ $0 >> 9) }))
+        #expect(FileManager.default.createFile(atPath: image, contents: Data((0..<(16 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 131 ^ $0 >> 9) })))
         let served = try ServedImage(image: image, options: ["-f", "raw"] + options, directory: directory)
         defer { served.stop() }
         let script = """
