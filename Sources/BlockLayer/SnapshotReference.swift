@@ -18,7 +18,10 @@ public enum SnapshotReference: Sendable, Equatable, CustomStringConvertible {
         }
         var id: String?
         var name: String?
-        for part in Self.splitOptions(text) {
+        var parts = QemuOptionList.split(text)
+        // A comma at the end adds nothing.
+        if parts.count > 1, parts.last == "" { parts.removeLast() }
+        for part in parts {
             let equals = part.firstIndex(of: "=")
             let value = equals.map { String(part[part.index(after: $0)...]) } ?? "on"
             switch part[..<(equals ?? part.endIndex)] {
@@ -29,30 +32,6 @@ public enum SnapshotReference: Sendable, Equatable, CustomStringConvertible {
         }
         guard id != nil || name != nil else { return nil }
         self = .exact(id: id, name: name)
-    }
-
-    /// QEMU's option-list split: `,` separates, `,,` stands for a comma.
-    private static func splitOptions(_ text: String) -> [String] {
-        var parts: [String] = []
-        var current = ""
-        var characters = text.makeIterator()
-        var pending = characters.next()
-        while let character = pending {
-            pending = characters.next()
-            if character == "," {
-                if pending == "," {
-                    current.append(",")
-                    pending = characters.next()
-                } else {
-                    parts.append(current)
-                    current = ""
-                }
-            } else {
-                current.append(character)
-            }
-        }
-        if !current.isEmpty || parts.isEmpty { parts.append(current) }
-        return parts
     }
 
     /// The snapshot of `items` this names, by their `id` and `name`.

@@ -14,7 +14,9 @@ extension QCOW2Driver {
         let clusterSize = UInt64(header.clusterSize)
         let cluster = offset / clusterSize
         func covers(_ start: UInt64, _ length: UInt64) -> Bool {
-            length > 0 && start / clusterSize <= cluster && cluster <= (start + length - 1) / clusterSize
+            // (Offsets come from the image: a sum past 2^64 reaches its end.)
+            let (last, past) = start.addingReportingOverflow(length &- 1)
+            return length > 0 && start / clusterSize <= cluster && (past || cluster <= last / clusterSize)
         }
         if cluster == 0 { return "qcow2_header" }
         if covers(header.l1TableOffset, UInt64(l1.count) * 8) { return "active L1 table" }

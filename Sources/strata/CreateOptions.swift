@@ -1,3 +1,4 @@
+import BlockLayer
 import Glibc
 
 /// `qemu-img create -o`, read as QEMU's option parser reads it: only the
@@ -61,13 +62,12 @@ struct CreateOptions {
     private var numbers: [String: UInt64] = [:]
 
     /// Reads `-o` lists, in order, as QEMU does: `key=value` pairs split at
-    /// single commas (`,,` is a comma within a value).
+    /// single commas (`,,` is a comma within a value). Each list has passed
+    /// `isValidList`, so no part is empty.
     init(format: String, lists: [String]) throws(Failure) {
         options = Self.options(of: format)
         for list in lists {
-            guard !list.hasPrefix(",") else { throw Failure(message: "Invalid option list: \(list)") }
-            for chunk in Self.splitOptionList(list) {
-                guard !chunk.isEmpty else { throw Failure(message: "Invalid option list: \(list)") }
+            for chunk in QemuOptionList.split(list) {
                 guard let equals = chunk.firstIndex(of: "=") else {
                     if chunk.hasPrefix("no") {
                         try set(String(chunk.dropFirst(2)), "off")
@@ -163,27 +163,5 @@ struct CreateOptions {
         if failed { throw Failure(message: "Parameter '\(name)' expects a number") }
         if tooLarge { throw Failure(message: "Value '\(text)' is too large for parameter '\(name)'") }
         return value
-    }
-
-    /// Splits at single commas; `,,` stands for a comma.
-    static func splitOptionList(_ text: String) -> [Substring] {
-        var chunks: [Substring] = []
-        var current = ""
-        var characters = text[...]
-        while let character = characters.popFirst() {
-            if character == "," {
-                if characters.first == "," {
-                    characters.removeFirst()
-                    current.append(",")
-                } else {
-                    chunks.append(current[...])
-                    current = ""
-                }
-            } else {
-                current.append(character)
-            }
-        }
-        chunks.append(current[...])
-        return chunks
     }
 }

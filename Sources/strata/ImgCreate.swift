@@ -44,14 +44,7 @@ struct ImgCreate: ParsableCommand {
     func run() throws {
         for list in options where !CreateOptions.isValidList(list) { fail("Invalid option list: \(list)") }
         // qemu-img reads the size on the command line first, then the rest.
-        var commandLineSize: UInt64?
-        if let size {
-            switch ImageSize.read(size) {
-            case .bytes(let bytes) where bytes <= UInt64(Int64.max) - 511: commandLineSize = bytes
-            case .bytes, .outOfRange: fail(ImageSize.outOfRange("image size"))
-            case .invalid: fail(lines: ImageSize.usage("image size"))
-            }
-        }
+        let commandLineSize = size.map { UInt64(ImageSize.argument($0, name: "image size")) }
         guard ["raw", "qcow2"].contains(format) else { fail("\(filename): Unknown file format '\(format)'") }
         var settings: CreateOptions
         do throws(CreateOptions.Failure) {

@@ -71,12 +71,11 @@ struct ImgMap: ParsableCommand {
         if let refusal = printer.finish(start: start) { fail(refusal) }
     }
 
-    /// Walks the image from `start` to `end` (its end by default), extent
-    /// by extent, handing each to `emit` until it answers false.
-    static func map(_ top: BlockNode, from start: Int64 = 0, to end: Int64? = nil,
+    /// Walks the image from `start` to `end`, extent by extent, handing
+    /// each to `emit` until it answers false.
+    static func map(_ top: BlockNode, from start: Int64, to end: Int64,
                     emit: @escaping (Entry) -> Bool) -> EventLoopFuture<Void> {
         let promise = top.eventLoop.makePromise(of: Void.self)
-        let end = end ?? top.length
         func next(_ offset: Int64) {
             guard offset < end else { return promise.succeed(()) }
             extent(top, at: offset, length: end - offset, depth: 0) { result in
